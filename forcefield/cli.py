@@ -1,0 +1,168 @@
+"""``oreo``: train, evaluate, export, inspect models, fetch data. Parses arguments and calls the library."""
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import yaml
+
+
+def _apply_overrides(cfg_dict: dict, overrides: List[str]) -> dict:
+    """``section.key=value`` pairs (value parsed as YAML) into a nested config dict."""
+    for item in overrides or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise SystemExit(f"--set expects section.key=value (e.g. optim.max_minutes=30), got '{item}'")
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        cfg_dict.setdefault(section, {})[name] = yaml.safe_load(value)
+    return cfg_dict
+
+
+def cmd_train(args) -> int:
+    from .train import Trainer, config_from_dict
+    cfg_dict = {}
+    if args.config:
+        p = Path(args.config)
+        if not p.is_file():
+            raise SystemExit(f"config file {p} not found; see examples/configs/ for ready-made ones")
+        cfg_dict = yaml.safe_load(p.read_text()) or {}
+    elif args.resume and (Path(args.out) / "config.yaml").is_file():
+        cfg_dict = yaml.safe_load((Path(args.out) / "config.yaml").read_text())
+    cfg_dict = _apply_overrides(cfg_dict, args.set)
+    if args.data_dir:
+        cfg_dict.setdefault("data", {})["data_dir"] = args.data_dir
+    cfg = config_from_dict(cfg_dict)
+    trainer = Trainer(cfg, Path(args.out), progress=not args.no_progress)
+    metrics = trainer.fit(resume=args.resume)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .data import load_ase, load_rmd17
+    from .evaluate import evaluate, parity_plot
+    from .io import load_potential
+    pot = load_potential(args.model, device=args.device)
+    if args.path:
+        cset = load_ase(args.path, energy_unit=args.energy_unit)
+    else:
+        molecule = args.molecule or json.loads(pot.metadata_json).get("molecule")
+        if not molecule:
+            raise SystemExit("say which frames to evaluate on: --molecule NAME (rMD17) or --path FILE")
+        cset = load_rmd17(molecule, split=args.split, split_index=args.split_index, data_dir=args.data_dir)
+    if args.max_frames:
+        cset = cset.subset(list(range(min(args.max_frames, len(cset)))))
+    metrics, pred = evaluate(pot, cset, batch_size=args.batch_size, device=args.device, progress=True)
+    metrics["model"] = str(args.model)
+    metrics["data"] = cset.source
+    text = json.dumps(metrics, indent=2)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(text)
+        parity_plot(pred, cset, out / "parity.png", title=f"{Path(str(args.model)).name} on {cset.source}")
+        print(f"wrote {out / 'metrics.json'} and {out / 'parity.png'}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import torch
+    from .export import export_torchscript
+    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
+    path = export_torchscript(args.model, args.output, dtype=dtype)
+    print(f"wrote TorchScript model {path} (load with torch.jit.load; forces included)")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .io import load_potential
+    pot = load_potential(args.model)
+    meta = json.loads(pot.metadata_json)
+    meta.pop("train_frame_ids", None)
+    meta.pop("val_frame_ids", None)
+    print(json.dumps({"cutoff_A": pot.cutoff, **meta}, indent=2))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .io import shipped_models
+    for name, path in shipped_models().items():
+        card = path.with_suffix(".md")
+        print(f"{name:14s} {path}" + (f"  (card: {card.name})" if card.exists() else ""))
+    return 0
+
+
+def cmd_data(args) -> int:
+    from .data import registry
+    if args.action == "download":
+        registry.download(args.name, args.data_dir, molecules=args.molecules)
+    elif args.action == "verify":
+        report = registry.verify(args.data_dir, names=[args.name] if args.name else None)
+        print(report if isinstance(report, str) else json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="oreo", description="oreo machine-learning force field")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a potential on energies and forces")
+    t.add_argument("--config", help="YAML config (see examples/configs/)")
+    t.add_argument("--out", default="runs/train", help="output folder (checkpoints, logs, plots)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    t.add_argument("--data-dir", help="data folder (default: $OREO_DATA_DIR)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="energy/force errors of a model on labelled frames")
+    e.add_argument("model", help="model file, checkpoint, export or shipped name")
+    e.add_argument("--molecule", help="rMD17 molecule (default: the model's training molecule)")
+    e.add_argument("--split", default="test", choices=["train", "test", "all"])
+    e.add_argument("--split-index", type=int, default=1)
+    e.add_argument("--path", help="evaluate on a file ase.io reads instead of rMD17")
+    e.add_argument("--energy-unit", default="eV")
+    e.add_argument("--max-frames", type=int)
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--data-dir")
+    e.add_argument("--out", help="folder for metrics.json and parity.png")
+    e.set_defaults(func=cmd_evaluate)
+
+    x = sub.add_parser("export", help="TorchScript export (loads with torch.jit.load alone)")
+    x.add_argument("model")
+    x.add_argument("-o", "--output", required=True)
+    x.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    x.set_defaults(func=cmd_export)
+
+    i = sub.add_parser("info", help="print a model's metadata")
+    i.add_argument("model")
+    i.set_defaults(func=cmd_info)
+
+    m = sub.add_parser("models", help="list the shipped models")
+    m.set_defaults(func=cmd_models)
+
+    d = sub.add_parser("data", help="download or verify reference data")
+    d.add_argument("action", choices=["download", "verify"])
+    d.add_argument("name", nargs="?", default=None, help="dataset name, e.g. rmd17")
+    d.add_argument("--molecules", nargs="*")
+    d.add_argument("--data-dir")
+    d.set_defaults(func=cmd_data)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "data" and args.action == "download" and not args.name:
+        raise SystemExit("oreo data download: name the dataset, e.g. `oreo data download rmd17`")
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"oreo {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

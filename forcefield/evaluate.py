@@ -1,0 +1,76 @@
+"""Energy/force errors of a potential on labelled frames, and a parity plot."""
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import numpy as np
+import torch
+
+from .data.conformations import ConformationSet
+
+
+def predict(potential, cset: ConformationSet, batch_size: int = 64, device="cpu",
+            progress: bool = False) -> Dict[str, np.ndarray]:
+    """Energies (F,) eV and forces (A, 3) eV/Å of every frame, in float64 numpy."""
+    dtype = next((b.dtype for b in potential.parameters()), torch.float32)
+    energies, forces = [], []
+    starts = range(0, len(cset), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        starts = tqdm(starts, desc="evaluate", unit="batch")
+    for s in starts:
+        b = cset.collate(np.arange(s, min(s + batch_size, len(cset))), dtype=dtype, device=device)
+        out = potential(b.numbers, b.positions, b.batch, b.cell, b.pbc)
+        energies.append(out["energy"].detach().double().cpu().numpy())
+        forces.append(out["forces"].detach().double().cpu().numpy())
+    return {"energy": np.concatenate(energies), "forces": np.concatenate(forces)}
+
+
+def error_metrics(pred: Dict[str, np.ndarray], cset: ConformationSet) -> Dict[str, float]:
+    """MAE/RMSE in meV (energy, also per atom) and meV/Å (force components)."""
+    m: Dict[str, float] = {"n_frames": len(cset)}
+    if cset.energy is not None:
+        de = pred["energy"] - cset.energy
+        m.update(energy_mae_meV=1e3 * float(np.mean(np.abs(de))), energy_rmse_meV=1e3 * float(np.sqrt(np.mean(de ** 2))),
+                 energy_per_atom_mae_meV=1e3 * float(np.mean(np.abs(de / cset.n_atoms))))
+    if cset.forces is not None:
+        df = pred["forces"] - cset.forces
+        m.update(forces_mae_meV_per_A=1e3 * float(np.mean(np.abs(df))),
+                 forces_rmse_meV_per_A=1e3 * float(np.sqrt(np.mean(df ** 2))))
+    return m
+
+
+def evaluate(potential, cset: ConformationSet, batch_size: int = 64, device="cpu", progress: bool = False):
+    pred = predict(potential, cset, batch_size, device, progress)
+    return error_metrics(pred, cset), pred
+
+
+def parity_plot(pred: Dict[str, np.ndarray], cset: ConformationSet, path: Union[str, Path],
+                title: Optional[str] = None) -> Path:
+    """Two panels: energies (relative to the reference mean) and force components."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    panels = []
+    if cset.energy is not None:
+        off = cset.energy.mean()
+        panels.append((axes[0], cset.energy - off, pred["energy"] - off, "energy − mean (eV)", "meV",
+                       1e3 * np.mean(np.abs(pred["energy"] - cset.energy))))
+    if cset.forces is not None:
+        panels.append((axes[1], cset.forces.ravel(), pred["forces"].ravel(), "force component (eV/Å)", "meV/Å",
+                       1e3 * np.mean(np.abs(pred["forces"] - cset.forces))))
+    for ax, ref, prd, label, unit, mae in panels:
+        lo, hi = float(min(ref.min(), prd.min())), float(max(ref.max(), prd.max()))
+        ax.plot([lo, hi], [lo, hi], color="0.6", lw=1)
+        ax.scatter(ref, prd, s=2, alpha=0.4, rasterized=True)
+        ax.set_xlabel("reference " + label)
+        ax.set_ylabel("model " + label)
+        ax.set_title(f"MAE {mae:.1f} {unit}")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,22 @@
+"""Backbones (representations) and output heads. ``create_backbone`` builds one from a config dict."""
+from typing import Any, Dict
+
+from torch import nn
+
+from .et import EquivariantTransformer
+from .heads import EquivariantScalarHead, EquivariantVectorHead
+
+BACKBONES = {"et": EquivariantTransformer}
+
+
+def create_backbone(config: Dict[str, Any]) -> nn.Module:
+    """Build a backbone from ``{"name": "et", **hyperparameters}``."""
+    cfg = dict(config)
+    name = cfg.pop("name", "et").lower()
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone '{name}'; available: {', '.join(sorted(BACKBONES))}")
+    return BACKBONES[name](**cfg)
+
+
+__all__ = ["EquivariantTransformer", "EquivariantScalarHead", "EquivariantVectorHead", "create_backbone",
+           "BACKBONES"]

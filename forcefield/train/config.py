@@ -1,0 +1,97 @@
+"""Training configuration: dataclasses with defaults, loaded from YAML (unknown keys are errors)."""
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    """Where the frames come from. Either an rMD17 ``molecule`` or a ``path`` that ase.io reads."""
+    molecule: Optional[str] = "aspirin"
+    path: Optional[str] = None
+    energy_unit: str = "eV"          # for ``path`` sources
+    labels: str = "revised"          # rMD17: "revised" or "original" (MD17) labels
+    split_index: int = 1             # rMD17 split file 01..05
+    train_size: int = 950
+    val_size: int = 50
+    test_size: Optional[int] = None  # None: the whole rMD17 test file (or the rest of ``path``)
+    data_dir: Optional[str] = None
+
+
+@dataclass
+class ModelConfig:
+    name: str = "et"
+    hidden: int = 128
+    num_layers: int = 6
+    num_heads: int = 8
+    num_rbf: int = 32
+    cutoff: float = 5.0
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 3000
+    batch_size: int = 8
+    lr: float = 4e-4
+    lr_warmup_steps: int = 1000
+    lr_factor: float = 0.8           # reduce-on-plateau factor
+    lr_patience: int = 15            # epochs without improvement before the lr drops
+    lr_min: float = 1e-7
+    weight_decay: float = 0.0
+    ema_decay: float = 0.99
+    grad_clip: float = 10.0
+    energy_weight: float = 0.05
+    forces_weight: float = 0.95
+    early_stop_patience: int = 150   # epochs without improvement
+    seed: int = 1
+    max_minutes: Optional[float] = None  # wall-clock budget of this invocation; --resume continues
+    dtype: str = "float32"
+    threads: Optional[int] = None
+    eval_batch_size: int = 64
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def _build(cls, values: Dict[str, Any], where: str):
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config section '{where}' must be a mapping, got {type(values).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(where + '.' + k for k in unknown)}; "
+                         f"valid keys in '{where}': {', '.join(known)}")
+    kw = {}
+    for name, value in values.items():
+        default = getattr(cls(), name)
+        if is_dataclass(default):
+            kw[name] = _build(type(default), value, name)
+        else:
+            kw[name] = value
+    return cls(**kw)
+
+
+def config_from_dict(d: Dict[str, Any]) -> Config:
+    return _build(Config, d, "config")
+
+
+def load_config(path: Union[str, Path]) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found; see examples/ for ready-made configs")
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
+    return config_from_dict(d)

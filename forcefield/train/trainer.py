@@ -1,0 +1,317 @@
+"""Energy + force training: AdamW, linear warm-up, reduce-on-plateau, EMA weights, gradient clipping,
+early stopping; a CSV log, a learning-curve PNG and an atomic checkpoint every epoch; ``resume=True``
+continues exactly where a killed run stopped (same shuffles, same optimiser state).
+
+Files in ``out``: ``config.yaml``, ``last.pt`` (full training state), ``best.pt`` (EMA model with the best
+validation loss, an oreo model file), ``metrics.csv``, ``learning_curve.png``, ``test_metrics.json``.
+"""
+import copy
+import csv
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import torch
+import yaml
+
+from .. import __version__
+from ..data.conformations import ConformationSet
+from ..evaluate import evaluate, parity_plot
+from ..io import atomic_torch_save, model_record, save_model
+from ..potential import Potential
+from .config import Config
+from .datasets import Splits, build_splits
+from .statistics import energy_scale, fit_reference_energies, reference_energy
+
+CHECKPOINT_FORMAT = "oreo-checkpoint"
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+CSV_FIELDS = ["epoch", "step", "lr", "train_loss", "val_loss", "val_energy_mae_meV", "val_forces_mae_meV_per_A",
+              "elapsed_s"]
+
+
+class Trainer:
+    def __init__(self, config: Config, out: Path, splits: Optional[Splits] = None,
+                 init_model: Optional[Potential] = None, progress: bool = True,
+                 log: Callable[[str], None] = print):
+        self.cfg = config
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.progress = progress
+        self.log = log
+        o = config.optim
+        if o.dtype not in DTYPES:
+            raise ValueError(f"optim.dtype must be one of {', '.join(DTYPES)}, got '{o.dtype}'")
+        self.dtype = DTYPES[o.dtype]
+        if o.threads:
+            torch.set_num_threads(int(o.threads))
+        self.splits = splits if splits is not None else build_splits(config.data, o.seed)
+        tr = self.splits.train
+        if len(tr) == 0 or len(self.splits.val) == 0:
+            raise ValueError("training needs at least one training and one validation frame")
+        if tr.forces is None and o.forces_weight > 0:
+            raise ValueError("the training frames have no forces; set optim.forces_weight: 0")
+        if tr.energy is None and o.energy_weight > 0:
+            raise ValueError("the training frames have no energies; set optim.energy_weight: 0")
+
+        torch.manual_seed(o.seed)
+        if init_model is None:
+            elements = sorted(set(tr.elements) | set(self.splits.val.elements))
+            atomref = fit_reference_energies(tr, elements)
+            scale, shift = energy_scale(tr, atomref)
+            mc = config.model
+            init_model = Potential(
+                backbone={"name": mc.name, "hidden": mc.hidden, "num_layers": mc.num_layers,
+                          "num_heads": mc.num_heads, "num_rbf": mc.num_rbf, "cutoff": mc.cutoff},
+                elements=elements, atomref=atomref, scale=scale, shift=shift)
+        self.model = init_model.to(self.dtype)
+        self.model.atomref.data = self.model.atomref.data.double()
+        self.ema = copy.deepcopy(self.model).eval()
+        for p in self.ema.parameters():
+            p.requires_grad_(False)
+        self.atomref = {z: float(self.model.atomref[z]) for z in self.model.elements}
+        self.model.set_metadata(**self._metadata())
+        self.ema.set_metadata(**self._metadata())
+
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="min", factor=o.lr_factor, patience=o.lr_patience, min_lr=o.lr_min)
+        self.epoch = 0
+        self.step = 0
+        self.best_val = math.inf
+        self.epochs_since_best = 0
+        self.elapsed = 0.0
+        self.stop_reason = ""
+        # residual energy targets (E - sum of reference energies) in float64: total energies are large
+        self._train_resid = self._residual(tr)
+
+    # ------------------------------------------------------------------ helpers
+    def _metadata(self) -> Dict:
+        d = self.cfg.data
+        return {"molecule": d.molecule if not d.path else None, "source": d.path or f"rMD17 {d.molecule}",
+                "labels": d.labels, "split_index": d.split_index, "units": {"energy": "eV", "length": "Å",
+                                                                            "forces": "eV/Å"},
+                "train_frame_ids": self.splits.train.frame_id.tolist(),
+                "val_frame_ids": self.splits.val.frame_id.tolist(),
+                "level_of_theory": self.splits.train.meta.get("level_of_theory"), "oreo_version": __version__}
+
+    def _residual(self, cset: ConformationSet) -> Optional[np.ndarray]:
+        return None if cset.energy is None else cset.energy - reference_energy(cset, self.atomref)
+
+    def _set_warmup_lr(self) -> None:
+        o = self.cfg.optim
+        if o.lr_warmup_steps > 0 and self.step <= o.lr_warmup_steps:
+            for g in self.optimizer.param_groups:
+                g["lr"] = o.lr * min(1.0, (self.step + 1) / o.lr_warmup_steps)
+
+    def _loss(self, out: Dict[str, torch.Tensor], e_target: Optional[torch.Tensor],
+              f_target: Optional[torch.Tensor]) -> torch.Tensor:
+        o = self.cfg.optim
+        loss = out["energy"].new_zeros(())
+        if o.energy_weight > 0 and e_target is not None:
+            loss = loss + o.energy_weight * (out["energy"] - e_target).pow(2).mean()
+        if o.forces_weight > 0 and f_target is not None:
+            loss = loss + o.forces_weight * (out["forces"] - f_target).pow(2).mean()
+        return loss
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        d = self.cfg.optim.ema_decay
+        ema_p = list(self.ema.parameters())
+        torch._foreach_lerp_(ema_p, [p.detach() for p in self.model.parameters()], 1.0 - d)
+
+    # ------------------------------------------------------------------ one epoch
+    def train_epoch(self) -> float:
+        o = self.cfg.optim
+        tr = self.splits.train
+        self.model.train()
+        order = np.random.default_rng([o.seed, self.epoch]).permutation(len(tr))
+        batches = [order[s:s + o.batch_size] for s in range(0, len(order), o.batch_size)]
+        it = batches
+        if self.progress:
+            from tqdm.auto import tqdm
+            it = tqdm(batches, desc=f"epoch {self.epoch + 1}", unit="batch", leave=False)
+        total, count = 0.0, 0
+        for idx in it:
+            b = tr.collate(idx, dtype=self.dtype)
+            e_t = None if self._train_resid is None else torch.as_tensor(self._train_resid[idx], dtype=self.dtype)
+            self._set_warmup_lr()
+            out = self.model(b.numbers, b.positions, b.batch, b.cell, b.pbc, with_reference=False)
+            loss = self._loss(out, e_t, b.forces)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss.item()} at step {self.step}; lower optim.lr "
+                                         f"or optim.grad_clip and resume from {self.out / 'last.pt'}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if o.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
+            self.optimizer.step()
+            self._update_ema()
+            self.step += 1
+            total += loss.item() * len(idx)
+            count += len(idx)
+            if self.progress:
+                it.set_postfix(loss=f"{total / count:.4g}")
+        return total / max(count, 1)
+
+    def validate(self) -> Dict[str, float]:
+        o = self.cfg.optim
+        m, pred = evaluate(self.ema, self.splits.val, batch_size=o.eval_batch_size)
+        val = self.splits.val
+        loss = 0.0
+        if o.energy_weight > 0 and val.energy is not None:
+            loss += o.energy_weight * float(np.mean((pred["energy"] - val.energy) ** 2))
+        if o.forces_weight > 0 and val.forces is not None:
+            loss += o.forces_weight * float(np.mean((pred["forces"] - val.forces) ** 2))
+        m["loss"] = loss
+        return m
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self) -> Dict:
+        return {"format": CHECKPOINT_FORMAT, "oreo_version": __version__, "config": self.cfg.to_dict(),
+                "model": model_record(self.ema), "train_model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "epoch": self.epoch, "step": self.step, "best_val": self.best_val,
+                "epochs_since_best": self.epochs_since_best, "elapsed": self.elapsed,
+                "frame_ids": self.splits.frame_ids(), "torch_rng": torch.get_rng_state()}
+
+    def save_checkpoint(self) -> Path:
+        return atomic_torch_save(self.state(), self.out / "last.pt")
+
+    def load_checkpoint(self, path: Path) -> None:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        if ck.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not an oreo training checkpoint")
+        saved_ids = ck["frame_ids"]
+        if saved_ids != self.splits.frame_ids():
+            raise ValueError(f"cannot resume from {path}: its data split differs from this config's "
+                             f"(different data, seed or sizes). Use the original config or a new --out folder.")
+        self.model.load_state_dict(ck["train_model"])
+        self.ema.load_state_dict(ck["model"]["state_dict"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        self.epoch, self.step = ck["epoch"], ck["step"]
+        self.best_val, self.epochs_since_best = ck["best_val"], ck["epochs_since_best"]
+        self.elapsed = ck["elapsed"]
+        torch.set_rng_state(ck["torch_rng"])
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, resume: bool = False) -> Dict:
+        o = self.cfg.optim
+        (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        csv_path = self.out / "metrics.csv"
+        if resume:
+            last = self.out / "last.pt"
+            if not last.is_file():
+                raise FileNotFoundError(f"--resume: no checkpoint {last}; start without --resume")
+            self.load_checkpoint(last)
+            self._truncate_csv(csv_path, self.epoch)
+            self.log(f"resumed from {last} at epoch {self.epoch}, step {self.step}")
+        elif csv_path.exists() or (self.out / "last.pt").exists():
+            raise FileExistsError(f"{self.out} already holds a training run; pass --resume to continue it "
+                                  f"or choose another --out")
+        self.log(f"model: {self.model.describe()}")
+        self.log(f"data: {len(self.splits.train)} train / {len(self.splits.val)} val / "
+                 f"{len(self.splits.test)} test frames")
+        started = time.perf_counter()
+        elapsed0 = self.elapsed
+        while self.epoch < o.epochs:
+            loss = self.train_epoch()
+            val = self.validate()
+            self.epoch += 1
+            if self.step > o.lr_warmup_steps:
+                self.scheduler.step(val["loss"])
+            improved = val["loss"] < self.best_val
+            if improved:
+                self.best_val = val["loss"]
+                self.epochs_since_best = 0
+                save_model(self.ema, self.out / "best.pt")
+            else:
+                self.epochs_since_best += 1
+            self.elapsed = elapsed0 + time.perf_counter() - started
+            lr = self.optimizer.param_groups[0]["lr"]
+            self._append_csv(csv_path, {"epoch": self.epoch, "step": self.step, "lr": lr, "train_loss": loss,
+                                        "val_loss": val["loss"],
+                                        "val_energy_mae_meV": val.get("energy_mae_meV", float("nan")),
+                                        "val_forces_mae_meV_per_A": val.get("forces_mae_meV_per_A", float("nan")),
+                                        "elapsed_s": self.elapsed})
+            self.save_checkpoint()
+            self.log(f"epoch {self.epoch:4d}  loss {loss:.4g}  val E {val.get('energy_mae_meV', float('nan')):.2f} meV"
+                     f"  F {val.get('forces_mae_meV_per_A', float('nan')):.2f} meV/Å  lr {lr:.2e}"
+                     f"{'  *' if improved else ''}")
+            if self.epoch % 10 == 0:
+                self.plot_learning_curve()
+            if self.epochs_since_best >= o.early_stop_patience:
+                self.stop_reason = f"early stop: no improvement for {o.early_stop_patience} epochs"
+                break
+            if lr <= o.lr_min * 1.0001 and self.step > o.lr_warmup_steps:
+                self.stop_reason = f"learning rate reached its minimum {o.lr_min:g}"
+                break
+            if o.max_minutes is not None and time.perf_counter() - started > 60 * o.max_minutes:
+                self.stop_reason = f"time budget of {o.max_minutes:g} min reached (continue with --resume)"
+                break
+        else:
+            self.stop_reason = f"all {o.epochs} epochs done"
+        self.log(self.stop_reason)
+        self.plot_learning_curve()
+        return self.test()
+
+    def test(self) -> Dict:
+        """Errors of the best model on the held-out frames -> test_metrics.json + parity.png."""
+        from ..io import load_potential
+        best = load_potential(self.out / "best.pt", dtype=self.dtype)
+        m, pred = evaluate(best, self.splits.test, batch_size=self.cfg.optim.eval_batch_size)
+        m.update(epochs=self.epoch, steps=self.step, train_minutes=self.elapsed / 60, stop_reason=self.stop_reason)
+        (self.out / "test_metrics.json").write_text(json.dumps(m, indent=2))
+        parity_plot(pred, self.splits.test, self.out / "parity.png", title=f"{self.splits.test.source} test")
+        self.log("test: " + ", ".join(f"{k} {v:.2f}" for k, v in m.items() if k.endswith(("meV", "_A"))))
+        return m
+
+    # ------------------------------------------------------------------ logs and plots
+    @staticmethod
+    def _append_csv(path: Path, row: Dict) -> None:
+        new = not path.exists()
+        with open(path, "a", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    @staticmethod
+    def _truncate_csv(path: Path, epoch: int) -> None:
+        """Drop rows written after the checkpoint (the killed run may have logged an epoch it did not save)."""
+        if not path.exists():
+            return
+        with open(path) as fh:
+            rows = [r for r in csv.DictReader(fh) if int(r["epoch"]) <= epoch]
+        with open(path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+
+    def plot_learning_curve(self) -> Optional[Path]:
+        path = self.out / "metrics.csv"
+        if not path.exists():
+            return None
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        with open(path) as fh:
+            rows = list(csv.DictReader(fh))
+        if not rows:
+            return None
+        ep = [int(r["epoch"]) for r in rows]
+        fig, ax = plt.subplots(1, 2, figsize=(9, 3.8))
+        ax[0].semilogy(ep, [float(r["train_loss"]) for r in rows], label="train")
+        ax[0].semilogy(ep, [float(r["val_loss"]) for r in rows], label="validation (EMA)")
+        ax[0].set_xlabel("epoch"); ax[0].set_ylabel("loss"); ax[0].legend()
+        ax[1].semilogy(ep, [float(r["val_forces_mae_meV_per_A"]) for r in rows], label="force MAE (meV/Å)")
+        ax[1].semilogy(ep, [float(r["val_energy_mae_meV"]) for r in rows], label="energy MAE (meV)")
+        ax[1].set_xlabel("epoch"); ax[1].set_title("validation"); ax[1].legend()
+        fig.tight_layout()
+        out = self.out / "learning_curve.png"
+        fig.savefig(out, dpi=110)
+        plt.close(fig)
+        return out

@@ -1,0 +1,128 @@
+"""Simulation settings: one dataclass with MDsim's MD17 defaults, validated in one place."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Dict, Optional
+
+from .errors import MDInputError
+from .integrators import THERMOSTATS
+
+#: settings that may change when a run is resumed (everything else must match the run directory)
+RESUMABLE_CHANGES = ("ps", "device", "data_dir", "checkpoint_every", "analyze", "force_frames")
+
+
+@dataclass
+class SimulationConfig:
+    """Settings of one ``oreo-md simulate`` run (units: ps, fs, K, 1/fs, Å).
+
+    Defaults follow MDsim for MD17: 500 K, 0.5 fs, Nosé–Hoover with coupling time 20 steps,
+    5 replicas started from held-out frames, a frame logged every 100 steps (0.05 ps).
+    """
+    molecule: Optional[str] = None        #: rMD17 molecule (initial + reference frames)
+    structure: Optional[str] = None       #: or: an ASE-readable file (initial + reference frames)
+    model: Optional[str] = None           #: checkpoint/export path, shipped name, or py:module:factory
+    ps: float = 300.0                     #: simulated time per replica
+    replicas: int = 5
+    temperature: float = 500.0            #: K (thermostat target and Maxwell–Boltzmann start)
+    timestep: float = 0.5                 #: fs
+    thermostat: str = "nose-hoover"       #: nose-hoover | langevin | nve
+    tau_steps: float = 20.0               #: Nosé–Hoover coupling time in steps (Q = 3 N kT (tau_steps dt)²)
+    friction: float = 0.01                #: Langevin friction, 1/fs
+    seed: int = 123
+    log_every: int = 100                  #: steps between logged frames
+    checkpoint_every: Optional[int] = None  #: steps between checkpoints (multiple of log_every; default 10 x log_every)
+    stop_unstable: bool = True            #: stop replicas whose bonds deviate > bond_threshold
+    bond_threshold: float = 0.5           #: Å
+    max_temperature_factor: float = 10.0  #: stop replicas hotter than this × temperature
+    split_index: int = 1                  #: rMD17 split (held-out = test split of this index)
+    data_dir: Optional[str] = None
+    device: str = "cpu"
+    dtype: str = "float32"                #: dtype the potential is called in
+    analyze: bool = True                  #: run the analysis at the end
+    force_frames: int = 1000              #: held-out frames for the force MAE in the analysis
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def n_steps(self) -> int:
+        return int(round(self.ps * 1000.0 / self.timestep))
+
+    @property
+    def checkpoint_interval(self) -> int:
+        return int(self.checkpoint_every or 10 * self.log_every)
+
+    @property
+    def system_name(self) -> str:
+        if self.molecule:
+            return self.molecule
+        from pathlib import Path
+        return Path(self.structure).stem if self.structure else "system"
+
+    @property
+    def model_spec(self) -> str:
+        return self.model or (self.molecule or "")
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> "SimulationConfig":
+        """Raise :class:`MDInputError` naming the bad setting and the fix; returns self."""
+        from .data import canonical_molecule
+        if bool(self.molecule) == bool(self.structure):
+            raise MDInputError("give exactly one of --molecule NAME (rMD17) or --structure FILE")
+        if self.molecule:
+            self.molecule = canonical_molecule(self.molecule)
+        if self.structure and not self.model:
+            raise MDInputError("--structure needs --model (there is no shipped model for your own system)")
+        if self.thermostat not in THERMOSTATS:
+            raise MDInputError(f"unknown thermostat '{self.thermostat}'; use --thermostat "
+                               f"{' | '.join(THERMOSTATS)}")
+        checks = [
+            (self.ps > 0, f"--ps must be > 0 (simulated picoseconds), got {self.ps}"),
+            (self.replicas >= 1, f"--replicas must be >= 1, got {self.replicas}"),
+            (self.timestep > 0, f"--timestep must be > 0 fs, got {self.timestep}"),
+            (self.temperature > 0 or self.thermostat == "nve",
+             f"--temperature must be > 0 K for {self.thermostat}, got {self.temperature}"),
+            (self.temperature >= 0, f"--temperature must be >= 0 K, got {self.temperature}"),
+            (self.tau_steps > 0, f"--tau-steps must be > 0, got {self.tau_steps}"),
+            (self.friction > 0 or self.thermostat != "langevin",
+             f"--friction must be > 0 (1/fs) for Langevin, got {self.friction}"),
+            (self.log_every >= 1, f"--log-every must be >= 1 step, got {self.log_every}"),
+            (self.bond_threshold > 0, f"--bond-threshold must be > 0 Å, got {self.bond_threshold}"),
+            (self.max_temperature_factor > 1, f"--max-temperature-factor must be > 1, got {self.max_temperature_factor}"),
+            (self.force_frames >= 0, f"--force-frames must be >= 0, got {self.force_frames}"),
+            (self.dtype in ("float32", "float64"), f"--dtype must be float32 or float64, got {self.dtype}"),
+            (self.n_steps >= 1, f"--ps {self.ps} is shorter than one timestep of {self.timestep} fs"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise MDInputError(msg)
+        if self.checkpoint_every is not None and (self.checkpoint_every < self.log_every
+                                                  or self.checkpoint_every % self.log_every):
+            raise MDInputError(f"--checkpoint-every ({self.checkpoint_every}) must be a multiple of "
+                               f"--log-every ({self.log_every})")
+        return self
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> Dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, object]) -> "SimulationConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise MDInputError(f"unknown simulation settings {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+    def resume_conflicts(self, stored: "SimulationConfig", given: Dict[str, object]) -> Dict[str, tuple]:
+        """Settings explicitly ``given`` now that differ from the ``stored`` run (except the
+        ones in :data:`RESUMABLE_CHANGES`): ``{name: (stored, given)}``."""
+        out = {}
+        for k, v in given.items():
+            if k in RESUMABLE_CHANGES or v is None:
+                continue
+            old = getattr(stored, k)
+            if k == "molecule" and v:
+                from .data import canonical_molecule
+                v = canonical_molecule(v)
+            if old != v:
+                out[k] = (old, v)
+        return out

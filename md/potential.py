@@ -1,0 +1,188 @@
+"""Adapter between :mod:`md` and any batched potential.
+
+A *potential* is any callable ``pot(numbers, positions, batch, cell=None, pbc=None)`` that
+returns a dict with ``"energy"`` (B,) eV and ``"forces"`` (N, 3) eV/Å, computing forces with
+autograd inside (so it is called with gradients enabled). :class:`ForceField` feeds it
+positions in the potential's own dtype and device and hands back float64 results, calling it
+only on the systems that are still active (one forward/backward for all of them).
+
+:func:`load_model` turns a model spec into such a potential:
+
+- a path to a checkpoint / export, or a shipped model's bare name (``"aspirin"``,
+  ``"aspirin.pt"``) -> ``forcefield.load_potential(spec, device=..., dtype=...)``;
+- ``"py:package.module:factory"`` -> ``factory(**kwargs)``, where ``factory`` may declare any
+  of the keyword arguments ``molecule``, ``data_dir``, ``device``, ``dtype`` (for analytic or
+  custom potentials; see :mod:`md.analytic`).
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import warnings
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from .errors import MDInputError
+
+
+def potential_dtype(pot) -> torch.dtype:
+    """The floating dtype ``pot`` expects: its ``dtype`` attribute, else that of its first
+    floating parameter or buffer, else torch's default dtype."""
+    dt = getattr(pot, "dtype", None)
+    if isinstance(dt, torch.dtype):
+        return dt
+    if isinstance(pot, torch.nn.Module):
+        for t in list(pot.parameters()) + list(pot.buffers()):
+            if t.is_floating_point():
+                return t.dtype
+    return torch.get_default_dtype()
+
+
+def potential_device(pot, fallback="cpu") -> torch.device:
+    """The device of ``pot``'s first parameter or buffer (``fallback`` if it has none)."""
+    if isinstance(pot, torch.nn.Module):
+        for t in list(pot.parameters()) + list(pot.buffers()):
+            return t.device
+    dev = getattr(pot, "device", None)
+    return torch.device(dev) if dev is not None else torch.device(fallback)
+
+
+class ForceField:
+    """Calls a batched potential on the active systems of a batch and returns float64 results.
+
+    ``forcefield(positions, numbers, batch, n_systems, cell=None, pbc=None, active=None)``
+    -> ``(energy (B,) float64 eV, forces (N, 3) float64 eV/Å)`` on the device of ``positions``.
+    Inactive systems get zero energy and zero forces and are not passed to the potential.
+    """
+
+    def __init__(self, potential: Callable, device=None, dtype: Optional[torch.dtype] = None):
+        if not callable(potential):
+            raise MDInputError(f"the potential must be callable as pot(numbers, positions, batch, cell, pbc); "
+                               f"got {type(potential).__name__}")
+        self.potential = potential
+        if hasattr(potential, "eval") and callable(potential.eval):
+            potential.eval()
+        self.dtype = dtype or potential_dtype(potential)
+        self.device = torch.device(device) if device is not None else potential_device(potential)
+        self.cutoff = getattr(potential, "cutoff", None)
+        self.metadata = dict(getattr(potential, "metadata", None) or {})
+        self.n_calls = 0
+
+    def __call__(self, positions: torch.Tensor, numbers: torch.Tensor, batch: torch.Tensor, n_systems: int,
+                 cell: Optional[torch.Tensor] = None, pbc: Optional[torch.Tensor] = None,
+                 active: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        out_device = positions.device
+        energy = torch.zeros(n_systems, dtype=torch.float64, device=out_device)
+        forces = torch.zeros(positions.shape[0], 3, dtype=torch.float64, device=out_device)
+        if active is None or bool(active.all()):
+            sel_atoms, sub_batch, sel_sys = None, batch, None
+            n_sub = n_systems
+        else:
+            if not bool(active.any()):
+                return energy, forces
+            sel_sys = torch.nonzero(active).squeeze(1)
+            new_id = torch.cumsum(active.long(), 0) - 1
+            sel_atoms = active[batch]
+            sub_batch = new_id[batch[sel_atoms]]
+            n_sub = int(sel_sys.numel())
+        pos = positions if sel_atoms is None else positions[sel_atoms]
+        num = numbers if sel_atoms is None else numbers[sel_atoms]
+        c = cell if (cell is None or sel_sys is None) else cell[sel_sys]
+        p = pbc if (pbc is None or sel_sys is None) else pbc[sel_sys]
+        dev, dt = self.device, self.dtype
+        args = dict(cell=None if c is None else c.to(dev, dt), pbc=None if p is None else p.to(dev))
+        with torch.enable_grad():
+            out = self.potential(num.to(dev), pos.detach().to(dev, dt), sub_batch.to(dev), **args)
+        self.n_calls += 1
+        e, f = self._check(out, n_sub, pos.shape[0])
+        e = e.detach().to(out_device, torch.float64)
+        f = f.detach().to(out_device, torch.float64)
+        if sel_atoms is None:
+            return e, f
+        energy[sel_sys] = e
+        forces[sel_atoms] = f
+        return energy, forces
+
+    def _check(self, out, n_sys: int, n_atoms: int):
+        if not isinstance(out, dict) or "energy" not in out or "forces" not in out:
+            got = sorted(out.keys()) if isinstance(out, dict) else type(out).__name__
+            raise MDInputError(f"the potential must return a dict with 'energy' (B,) and 'forces' (N, 3); got {got}")
+        e, f = out["energy"], out["forces"]
+        if e is None or f is None:
+            raise MDInputError("the potential returned energy or forces = None; MD needs both "
+                               "(load the potential with forces enabled)")
+        e = e.reshape(-1)
+        if e.shape[0] != n_sys or tuple(f.shape) != (n_atoms, 3):
+            raise MDInputError(f"the potential returned energy {tuple(e.shape)} and forces {tuple(f.shape)} "
+                               f"for {n_sys} systems with {n_atoms} atoms; expected ({n_sys},) and ({n_atoms}, 3)")
+        return e, f
+
+
+def _dtype(name) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    table = {"float32": torch.float32, "float64": torch.float64, "float": torch.float32, "double": torch.float64}
+    if name not in table:
+        raise MDInputError(f"unknown dtype '{name}'; use float32 or float64")
+    return table[name]
+
+
+def load_model(spec: str, molecule: Optional[str] = None, data_dir=None, device="cpu",
+               dtype="float32") -> Callable:
+    """Load a potential from a model spec (see the module docstring). Errors name the fix."""
+    if not spec:
+        raise MDInputError("empty model spec; pass --model PATH (checkpoint/export) or a shipped model name")
+    dt = _dtype(dtype)
+    if spec.startswith("py:"):
+        target = spec[3:]
+        if ":" not in target:
+            raise MDInputError(f"model spec '{spec}' must look like py:package.module:factory")
+        mod_name, attr = target.split(":", 1)
+        try:
+            factory = getattr(importlib.import_module(mod_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise MDInputError(f"cannot import '{attr}' from '{mod_name}' for model spec '{spec}': {exc}. "
+                               f"Check the module is on PYTHONPATH and defines that callable") from exc
+        ctx = dict(molecule=molecule, data_dir=data_dir, device=device, dtype=dt)
+        params = inspect.signature(factory).parameters
+        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            kwargs = ctx
+        else:
+            kwargs = {k: v for k, v in ctx.items() if k in params}
+        pot = factory(**kwargs)
+        if isinstance(pot, torch.nn.Module):
+            pot = pot.to(device)
+        return pot
+    try:
+        from forcefield import load_potential
+    except ImportError as exc:
+        raise MDInputError(f"cannot import forcefield.load_potential to load model '{spec}' ({exc}); "
+                           f"install the oreo package (pip install -e .) or pass a py:module:factory spec") from exc
+    try:
+        pot = load_potential(spec, device=device, dtype=dt)
+    except FileNotFoundError as exc:
+        raise MDInputError(f"model '{spec}' not found ({exc}); pass --model PATH to a checkpoint or export, "
+                           f"or the name of a shipped model") from exc
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise MDInputError(f"could not load model '{spec}': {exc}") from exc
+    meta = dict(getattr(pot, "metadata", None) or {})
+    trained_on = meta.get("molecule")
+    if molecule and trained_on and str(trained_on).lower() != str(molecule).lower():
+        warnings.warn(f"model '{spec}' was trained on '{trained_on}' but you simulate '{molecule}'", stacklevel=2)
+    return pot
+
+
+def model_metadata(pot) -> Dict[str, object]:
+    """JSON-friendly view of ``pot.metadata`` plus ``cutoff`` (for run.json / summary.json)."""
+    meta = {}
+    for k, v in dict(getattr(pot, "metadata", None) or {}).items():
+        if isinstance(v, (str, int, float, bool)) or v is None:
+            meta[k] = v
+    cutoff = getattr(pot, "cutoff", None)
+    if cutoff is not None:
+        try:
+            meta["cutoff"] = float(cutoff)
+        except (TypeError, ValueError):
+            pass
+    return meta

@@ -1,0 +1,358 @@
+"""Run a batched, resumable MD simulation of several replicas (``oreo-md simulate``).
+
+:func:`run_simulation` does everything between a :class:`~md.config.SimulationConfig` and a
+finished run directory (layout in :mod:`md.io`): it picks seeded initial frames, draws
+Maxwell–Boltzmann velocities, integrates all replicas as one batch, logs, checkpoints,
+stops replicas that become unstable or too hot, and finally runs the analysis.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from . import io
+from .config import RESUMABLE_CHANGES, SimulationConfig
+from .errors import MDInputError
+from .integrators import compute_forces, conserved_energy, make_integrator
+from .metrics import find_bonds, max_bond_deviation
+from .potential import ForceField, load_model, model_metadata
+from .state import MDState, make_state, maxwell_boltzmann_velocities
+
+CHECKPOINT_FORMAT = "oreo-md-checkpoint"
+CHECKPOINT_VERSION = 1
+_RUN_FILES = ("run.json", "checkpoint.pt", "thermo.csv", "summary.json", "hr.png", "thermo.png",
+              "dft_check.json", "dft_parity.png")
+
+
+# ---------------------------------------------------------------------------------- frames
+def load_system_frames(config: SimulationConfig):
+    """``(held_out, reference)`` ConformationSets: rMD17 test split and all frames of the
+    molecule, or every frame of ``config.structure`` for both."""
+    from .data import frames_from_file, load_frames
+    if config.structure:
+        frames = frames_from_file(config.structure)
+        return frames, frames
+    held_out = load_frames(config.molecule, "test", config.data_dir, config.split_index)
+    reference = load_frames(config.molecule, "all", config.data_dir, config.split_index)
+    return held_out, reference
+
+
+def pick_initial_frames(n_frames: int, replicas: int, seed: int) -> np.ndarray:
+    """Seeded choice of one held-out frame per replica (without replacement when possible)."""
+    if n_frames == 0:
+        raise MDInputError("no held-out frames to start from; check --data-dir / --structure")
+    rng = np.random.default_rng(seed)
+    return rng.choice(n_frames, size=replicas, replace=replicas > n_frames).astype(np.int64)
+
+
+def reference_bonds(numbers: np.ndarray, first_positions: np.ndarray, reference, cell=None, pbc=None):
+    """Bonds (M, 2) of a replica's first frame and their mean length (M,) over the reference
+    frames of the same molecule (ASE natural cutoffs, MDsim's definition)."""
+    from .data import frame_stack, same_molecule
+    bonds = find_bonds(numbers, first_positions, cell, pbc)
+    idx = same_molecule(reference, numbers)
+    if len(idx) == 0:
+        raise MDInputError("no reference frame has the same atoms (in the same order) as the simulated system; "
+                           "reference frames must be the same molecule")
+    if len(bonds) == 0:
+        return bonds, np.zeros(0)
+    from .metrics import bond_lengths
+    ref_cell = None if reference.cell is None else reference.cell[idx[0]]
+    ref_pbc = None if reference.pbc is None else reference.pbc[idx[0]]
+    lengths = bond_lengths(frame_stack(reference, idx), bonds, ref_cell, ref_pbc)
+    return bonds, lengths.mean(axis=0)
+
+
+# ---------------------------------------------------------------------------------- run directory
+def _explicit_conflicts(stored: SimulationConfig, config: SimulationConfig) -> Dict[str, tuple]:
+    out = {}
+    for k, v in config.to_dict().items():
+        if k not in RESUMABLE_CHANGES and getattr(stored, k) != v:
+            out[k] = (getattr(stored, k), v)
+    return out
+
+
+def prepare_run_dir(out_dir: Path, config: SimulationConfig, resume: Optional[bool], overwrite: bool):
+    """Create/clean ``out_dir``; return the checkpoint dict to resume from, or ``None``.
+
+    ``resume=None`` resumes automatically when a checkpoint exists; ``True`` requires one;
+    ``False`` refuses to touch an existing run (use ``overwrite``).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / io.CHECKPOINT
+    if overwrite:
+        for name in _RUN_FILES:
+            (out_dir / name).unlink(missing_ok=True)
+        for p in out_dir.glob("traj_*.extxyz"):
+            p.unlink()
+        if resume:
+            raise MDInputError("--resume and --overwrite contradict each other; pick one")
+        return None
+    has_files = ckpt_path.exists() or any(out_dir.glob("traj_*.extxyz")) or (out_dir / io.THERMO_CSV).exists()
+    if not ckpt_path.exists():
+        if resume:
+            raise MDInputError(f"--resume: no checkpoint in '{out_dir}'; drop --resume to start a new run there")
+        if has_files:
+            raise MDInputError(f"'{out_dir}' holds trajectory files but no checkpoint; pass --overwrite to start "
+                               f"over there or choose another --out")
+        return None
+    if resume is False:
+        raise MDInputError(f"'{out_dir}' already holds a run; resume it (drop --no-resume), "
+                           f"pass --overwrite to start over, or choose another --out")
+    ckpt = io.load_checkpoint(ckpt_path)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise MDInputError(f"'{ckpt_path}' is not an oreo-md checkpoint; choose another --out")
+    stored = SimulationConfig.from_dict(ckpt["config"])
+    conflicts = _explicit_conflicts(stored, config)
+    if conflicts:
+        desc = ", ".join(f"{k}: run has {a!r}, you gave {b!r}" for k, (a, b) in conflicts.items())
+        raise MDInputError(f"cannot resume '{out_dir}' with different settings ({desc}); drop those options, "
+                           f"pass --overwrite to start over, or choose another --out")
+    if config.n_steps < int(ckpt["state"]["step"]):
+        raise MDInputError(f"--ps {config.ps} is shorter than the {int(ckpt['state']['step']) * config.timestep / 1000:g} ps "
+                           f"already simulated in '{out_dir}'; give a longer --ps or analyse with oreo-md analyze")
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------- the run
+class _Run:
+    """Mutable bookkeeping of one simulation (status per replica, timing)."""
+
+    def __init__(self, config: SimulationConfig, out_dir: Path, forcefield: ForceField, files: io.RunFiles,
+                 generator: torch.Generator, progress_bar, on_log=None):
+        self.config, self.out_dir, self.ff, self.files = config, out_dir, forcefield, files
+        self.generator, self.bar, self.on_log = generator, progress_bar, on_log
+        self.status: List[dict] = []
+        self.bonds: List[Tuple[np.ndarray, np.ndarray]] = []
+        self.wall_s = 0.0
+        self.steps_timed = 0
+        self.model_meta: Dict[str, object] = {}
+
+    # .............................................................. records
+    def time_ps(self, step: int) -> float:
+        return step * self.config.timestep / 1000.0
+
+    def stop(self, state: MDState, r: int, reason: str) -> None:
+        st = self.status[r]
+        st.update(active=False, stop_step=state.step, stop_time_ps=self.time_ps(state.step), reason=reason)
+        msg = f"replica {r} stopped at {st['stop_time_ps']:.3f} ps (step {state.step}): {reason}"
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg)
+
+    def log(self, state: MDState) -> None:
+        """Append one frame per active replica and their thermo rows."""
+        cfg = self.config
+        t = self.time_ps(state.step)
+        temp = state.temperature().cpu().numpy()
+        ekin = state.kinetic_energy().cpu().numpy()
+        epot = state.energy.cpu().numpy()
+        econs = conserved_energy(state, cfg.temperature).cpu().numpy()
+        pos = state.positions.cpu().numpy()
+        frc = state.forces.cpu().numpy()
+        num = state.numbers.cpu().numpy()
+        batch = state.batch.cpu().numpy()
+        rows = []
+        for r in range(state.n_systems):
+            if not self.status[r]["active"]:
+                continue
+            sel = batch == r
+            cell = pbc = None
+            if state.cell is not None:
+                cell, pbc = state.cell[r].cpu().numpy(), state.pbc[r].cpu().numpy()
+            info = {"step": int(state.step), "time_ps": float(t), "replica": r, "energy": float(epot[r])}
+            self.files.write_frame(r, io.format_extxyz_frame(num[sel], pos[sel], frc[sel], info, cell, pbc))
+            rows.append((int(state.step), t, r, temp[r], epot[r], ekin[r], epot[r] + ekin[r], econs[r]))
+        self.files.write_log_rows(rows)
+        self.files.flush()
+
+    def check_step(self, state: MDState) -> MDState:
+        """Stop replicas with non-finite values or a temperature above the limit (every step)."""
+        cfg = self.config
+        finite_atom = torch.isfinite(state.positions).all(1) & torch.isfinite(state.forces).all(1) \
+            & torch.isfinite(state.velocities).all(1)
+        finite = (state.system_sum((~finite_atom).to(torch.float64)) == 0) & torch.isfinite(state.energy)
+        temp = state.temperature()
+        hot = temp > cfg.max_temperature_factor * cfg.temperature if cfg.temperature > 0 \
+            else torch.zeros_like(finite)
+        bad = state.active & (~finite | hot)
+        if not bool(bad.any()):
+            return state
+        active = state.active.clone()
+        for r in torch.nonzero(bad).squeeze(1).tolist():
+            if not bool(finite[r]):
+                reason = "non-finite energy, forces or positions"
+            else:
+                reason = (f"temperature {float(temp[r]):.0f} K exceeds {cfg.max_temperature_factor:g} x "
+                          f"the target {cfg.temperature:g} K")
+            self.stop(state, r, reason)
+            active[r] = False
+        return replace(state, active=active)
+
+    def check_bonds(self, state: MDState) -> MDState:
+        """Stop replicas whose max bond deviation exceeds the threshold (at log steps)."""
+        cfg = self.config
+        if not cfg.stop_unstable:
+            return state
+        pos = state.positions.cpu().numpy()
+        batch = state.batch.cpu().numpy()
+        active = state.active.clone()
+        for r in range(state.n_systems):
+            if not self.status[r]["active"]:
+                continue
+            bonds, ref = self.bonds[r]
+            cell = pbc = None
+            if state.cell is not None:
+                cell, pbc = state.cell[r].cpu().numpy(), state.pbc[r].cpu().numpy()
+            dev = float(max_bond_deviation(pos[batch == r][None], bonds, ref, cell, pbc)[0])
+            if dev > cfg.bond_threshold:
+                self.stop(state, r, f"unstable: max bond deviation {dev:.3f} A > {cfg.bond_threshold:g} A")
+                active[r] = False
+        return replace(state, active=active)
+
+    def speed(self) -> Dict[str, float]:
+        steps_per_s = self.steps_timed / self.wall_s if self.wall_s > 0 else float("nan")
+        return {"steps_per_s": steps_per_s,
+                "replica_steps_per_s": steps_per_s * self.config.replicas,
+                "ns_per_day": steps_per_s * self.config.timestep * 86400.0 / 1e6,
+                "wall_s": self.wall_s, "timed_steps": self.steps_timed}
+
+    def checkpoint(self, state: MDState, completed: bool = False) -> None:
+        cfg = self.config
+        payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": cfg.to_dict(),
+                   "state": state.to_dict(), "generator": self.generator.get_state(),
+                   "files": self.files.sizes(), "status": [dict(s) for s in self.status],
+                   "wall_s": self.wall_s, "steps_timed": self.steps_timed}
+        self.files.flush(fsync=True)
+        io.save_checkpoint(self.out_dir / io.CHECKPOINT, payload)
+        self.write_run_json(state, completed)
+
+    def write_run_json(self, state: MDState, completed: bool) -> None:
+        cfg = self.config
+        io.write_json(self.out_dir / io.RUN_JSON, {
+            "config": cfg.to_dict(), "model": self.model_meta, "step": int(state.step), "n_steps": cfg.n_steps,
+            "time_ps": self.time_ps(state.step), "completed": completed,
+            "n_atoms": [int(n) for n in state.atoms_per_system.cpu().tolist()],
+            "replicas": [dict(s) for s in self.status], "speed": self.speed()})
+
+
+def _make_generator(device: str, seed: int) -> torch.Generator:
+    dev = torch.device(device)
+    gen = torch.Generator(device=dev) if dev.type != "cpu" else torch.Generator()
+    return gen.manual_seed(int(seed))
+
+
+def run_simulation(config: SimulationConfig, out_dir, potential=None, frames=None, resume: Optional[bool] = None,
+                   overwrite: bool = False, progress: Optional[bool] = None,
+                   on_log: Optional[Callable[[MDState], None]] = None) -> Path:
+    """Run (or resume) the simulation described by ``config`` in ``out_dir``; returns ``out_dir``.
+
+    ``potential``: a ready potential object (else ``config.model_spec`` is loaded);
+    ``frames``: ``(held_out, reference)`` ConformationSets (else :func:`load_system_frames`);
+    ``resume``: None = automatic, True = require a checkpoint, False = refuse an existing run;
+    ``progress``: tqdm bar (None = only on a terminal); ``on_log(state)`` is called after every
+    logged frame (tests use it to interrupt a run).
+    """
+    from tqdm.auto import tqdm
+
+    config = SimulationConfig.from_dict(config.to_dict()).validate()
+    out_dir = Path(out_dir)
+    ckpt = prepare_run_dir(out_dir, config, resume, overwrite)
+    if potential is None:
+        potential = load_model(config.model_spec, molecule=config.molecule, data_dir=config.data_dir,
+                               device=config.device, dtype=config.dtype)
+    ff = ForceField(potential, device=config.device)
+    held_out, reference = frames if frames is not None else load_system_frames(config)
+    generator = _make_generator(config.device, config.seed)
+    files = io.RunFiles(out_dir, config.replicas)
+
+    if ckpt is None:
+        picks = pick_initial_frames(len(held_out), config.replicas, config.seed)
+        cells = pbcs = None
+        if held_out.cell is not None and bool(np.any(held_out.pbc[picks])):
+            cells, pbcs = held_out.cell[picks], held_out.pbc[picks]
+        state = make_state([held_out.frame_numbers(int(f)) for f in picks],
+                           [held_out.frame_positions(int(f)) for f in picks], cells, pbcs,
+                           remove_com=config.thermostat != "langevin", device=config.device)
+        state = replace(state, velocities=maxwell_boltzmann_velocities(
+            state.masses, state.batch, state.n_systems, config.temperature, generator, remove_com=True))
+        status = [{"replica": r, "initial_frame": int(f), "initial_frame_id": int(held_out.frame_id[f]),
+                   "active": True, "stop_step": None, "stop_time_ps": None, "reason": None}
+                  for r, f in enumerate(picks)]
+        files.truncate({})
+    else:
+        state = MDState.from_dict(ckpt["state"], device=config.device)
+        generator.set_state(ckpt["generator"])
+        status = ckpt["status"]
+        files.truncate(ckpt["files"])
+
+    integrator = make_integrator(config.thermostat, ff, config.timestep, config.temperature,
+                                 tau=config.tau_steps * config.timestep, friction=config.friction,
+                                 generator=generator)
+    total_ps = config.n_steps * config.timestep / 1000.0
+    bar = tqdm(total=total_ps, initial=state.step * config.timestep / 1000.0, unit="ps", dynamic_ncols=True,
+               disable=(not progress) if progress is not None else None, desc=f"MD {config.system_name}",
+               bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} ps [{elapsed}<{remaining}, {rate_fmt}]")
+    run = _Run(config, out_dir, ff, files, generator, bar if not bar.disable else None, on_log)
+    run.status = status
+    run.model_meta = model_metadata(potential)
+    if ckpt is not None:
+        run.wall_s, run.steps_timed = float(ckpt["wall_s"]), int(ckpt["steps_timed"])
+    for r in range(state.n_systems):
+        sel = (state.batch == r).cpu().numpy()
+        first = held_out.frame_positions(status[r]["initial_frame"])
+        cell = None if state.cell is None else state.cell[r].cpu().numpy()
+        pbc = None if state.pbc is None else state.pbc[r].cpu().numpy()
+        run.bonds.append(reference_bonds(state.numbers.cpu().numpy()[sel], first, reference, cell, pbc))
+
+    files.open()
+    try:
+        if ckpt is None:
+            state = integrator.init(compute_forces(state, ff))
+            run.log(state)
+            state = run.check_bonds(run.check_step(state))
+            run.checkpoint(state)
+        state = _loop(run, state, integrator)
+        run.checkpoint(state, completed=True)
+    finally:
+        files.close()
+        bar.close()
+    if config.analyze:
+        from .analysis import analyze_run
+        analyze_run(out_dir, forcefield=ff, frames=(held_out, reference))
+    return out_dir
+
+
+def _loop(run: _Run, state: MDState, integrator) -> MDState:
+    cfg = run.config
+    n_steps, log_every, ckpt_every = cfg.n_steps, cfg.log_every, cfg.checkpoint_interval
+    t0, steps0 = time.perf_counter(), state.step
+    last_logged = state.step
+    while state.step < n_steps and bool(state.active.any()):
+        state = run.check_step(integrator.step(state))
+        if state.step % log_every == 0 or state.step == n_steps:
+            run.log(state)
+            state = run.check_bonds(state)
+            last_logged = state.step
+            now = time.perf_counter()
+            run.wall_s += now - t0
+            run.steps_timed += state.step - steps0
+            t0, steps0 = now, state.step
+            if state.step % ckpt_every == 0 or state.step == n_steps:
+                run.checkpoint(state)
+            if run.bar is not None:
+                run.bar.update(run.time_ps(state.step) - run.bar.n)
+            if run.on_log is not None:
+                run.on_log(state)
+    if state.step != last_logged:   # every replica stopped between two log steps
+        run.wall_s += time.perf_counter() - t0
+        run.steps_timed += state.step - steps0
+    return state

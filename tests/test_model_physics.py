@@ -1,0 +1,147 @@
+"""Physics of the potential: symmetries, forces = -dE/dr, smoothness at the cutoff, TorchScript = eager."""
+import numpy as np
+import pytest
+import torch
+
+from forcefield.graph import radius_graph
+from tests.helpers import ETHANOL_R, ETHANOL_Z, random_rotation, tiny_potential
+
+
+def _run(pot, z, r, batch=None, cell=None, pbc=None):
+    z = torch.as_tensor(z, dtype=torch.long)
+    r = torch.as_tensor(r, dtype=torch.float64)
+    return pot(z, r, batch, cell, pbc)
+
+
+@pytest.fixture(scope="module")
+def pot():
+    return tiny_potential()
+
+
+def test_rotation_translation_invariance_and_force_equivariance(pot):
+    out = _run(pot, ETHANOL_Z, ETHANOL_R)
+    rot = random_rotation(3)
+    r2 = torch.as_tensor(ETHANOL_R) @ rot.T + torch.tensor([1.3, -7.2, 0.4], dtype=torch.float64)
+    out2 = _run(pot, ETHANOL_Z, r2)
+    assert torch.allclose(out["energy"], out2["energy"], atol=1e-9, rtol=0)
+    assert torch.allclose(out["forces"] @ rot.T, out2["forces"], atol=1e-9)
+    # a reflection is a symmetry of the energy too (the model is E(3)-invariant)
+    out3 = _run(pot, ETHANOL_Z, ETHANOL_R * np.array([-1.0, 1.0, 1.0]))
+    assert torch.allclose(out["energy"], out3["energy"], atol=1e-9, rtol=0)
+
+
+def test_permutation_equivariance(pot):
+    perm = np.random.default_rng(0).permutation(len(ETHANOL_Z))
+    out = _run(pot, ETHANOL_Z, ETHANOL_R)
+    out_p = _run(pot, ETHANOL_Z[perm], ETHANOL_R[perm])
+    assert torch.allclose(out["energy"], out_p["energy"], atol=1e-10, rtol=0)
+    assert torch.allclose(out["forces"][perm], out_p["forces"], atol=1e-10)
+
+
+def test_model_is_not_trivially_symmetric(pot):
+    """Guards the tests above: moving one atom does change the energy and the forces are not zero."""
+    out = _run(pot, ETHANOL_Z, ETHANOL_R)
+    r = ETHANOL_R.copy()
+    r[0, 0] += 0.05
+    assert abs(float(_run(pot, ETHANOL_Z, r)["energy"] - out["energy"])) > 1e-6
+    assert float(out["forces"].abs().max()) > 1e-4
+
+
+def test_forces_match_finite_differences(pot):
+    out = _run(pot, ETHANOL_Z, ETHANOL_R)
+    h = 1e-5
+    fd = np.zeros_like(ETHANOL_R)
+    for a in range(len(ETHANOL_Z)):
+        for k in range(3):
+            rp, rm = ETHANOL_R.copy(), ETHANOL_R.copy()
+            rp[a, k] += h
+            rm[a, k] -= h
+            fd[a, k] = -(float(_run(pot, ETHANOL_Z, rp)["energy"]) - float(_run(pot, ETHANOL_Z, rm)["energy"])) / (2 * h)
+    np.testing.assert_allclose(out["forces"].detach().numpy(), fd, atol=1e-7, rtol=1e-5)
+
+
+def test_energy_and_forces_continuous_across_cutoff(pot):
+    """Two fragments pulled apart: energy and force are continuous at r = cutoff."""
+    rc = pot.cutoff
+    def config(d):
+        return np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 1.1], [d, 0.0, 0.0]])
+    z = np.array([6, 8, 1])
+    # atom 2 interacts only with atom 0 near d = rc (atom 1 is farther)
+    e_in = _run(pot, z, config(rc - 1e-6))
+    e_out = _run(pot, z, config(rc + 1e-6))
+    assert abs(float(e_in["energy"] - e_out["energy"])) < 1e-9
+    assert float((e_in["forces"] - e_out["forces"]).abs().max()) < 1e-5
+    # and the interaction is real just inside the cutoff region
+    e_mid = _run(pot, z, config(rc - 0.5))
+    assert abs(float(e_mid["energy"] - e_out["energy"])) > 1e-7
+
+
+def test_batched_equals_single(pot):
+    z = np.concatenate([ETHANOL_Z, ETHANOL_Z[:5]])
+    r = np.concatenate([ETHANOL_R, ETHANOL_R[:5] + 0.1])
+    batch = torch.tensor([0] * 9 + [1] * 5)
+    out = _run(pot, z, r, batch)
+    a = _run(pot, ETHANOL_Z, ETHANOL_R)
+    b = _run(pot, ETHANOL_Z[:5], ETHANOL_R[:5] + 0.1)
+    assert torch.allclose(out["energy"], torch.cat([a["energy"], b["energy"]]), atol=1e-10)
+    assert torch.allclose(out["forces"], torch.cat([a["forces"], b["forces"]]), atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torchscript_equals_eager(dtype):
+    pot = tiny_potential(dtype=dtype)
+    scripted = torch.jit.script(pot)
+    z = torch.as_tensor(ETHANOL_Z)
+    r = torch.as_tensor(ETHANOL_R, dtype=dtype)
+    a, b = pot(z, r), scripted(z, r)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert torch.allclose(a["energy"], b["energy"], atol=tol, rtol=0)
+    assert torch.allclose(a["forces"], b["forces"], atol=tol)
+
+
+def test_periodic_box_larger_than_cutoff_equals_molecule(pot):
+    cell = torch.eye(3, dtype=torch.float64).unsqueeze(0) * 30.0
+    pbc = torch.tensor([[True, True, True]])
+    a = _run(pot, ETHANOL_Z, ETHANOL_R)
+    b = _run(pot, ETHANOL_Z, ETHANOL_R + 10.0, None, cell, pbc)
+    assert torch.allclose(a["energy"], b["energy"], atol=1e-9)
+    assert torch.allclose(a["forces"], b["forces"], atol=1e-9)
+
+
+def test_periodic_images_and_neighbour_list_against_ase(pot):
+    from ase import Atoms
+    from ase.neighborlist import neighbor_list
+    rng = np.random.default_rng(1)
+    cell = np.array([[4.2, 0.0, 0.0], [0.7, 3.9, 0.0], [0.3, -0.4, 4.5]])
+    frac = rng.random((6, 3))
+    pos = frac @ cell
+    atoms = Atoms(numbers=[6, 1, 1, 8, 1, 6], positions=pos, cell=cell, pbc=True)
+    i_ase, j_ase, d_ase = neighbor_list("ijd", atoms, pot.cutoff)
+    ei, vec = radius_graph(torch.as_tensor(pos), torch.zeros(6, dtype=torch.long), pot.cutoff,
+                           torch.as_tensor(cell).unsqueeze(0), torch.tensor([[True, True, True]]))
+    ours = sorted(zip(ei[0].tolist(), ei[1].tolist(), vec.norm(dim=1).tolist()))
+    ref = sorted(zip(i_ase.tolist(), j_ase.tolist(), d_ase.tolist()))
+    assert len(ours) == len(ref) > 0
+    assert [o[:2] for o in ours] == [r[:2] for r in ref]
+    np.testing.assert_allclose([o[2] for o in ours], [r[2] for r in ref], atol=1e-10)
+    # moving an atom by a lattice vector changes nothing
+    z = atoms.numbers
+    c = torch.as_tensor(cell).unsqueeze(0)
+    pbc = torch.tensor([[True, True, True]])
+    shifted = pos.copy()
+    shifted[2] += cell[0] - cell[2]
+    a, b = _run(pot, z, pos, None, c, pbc), _run(pot, z, shifted, None, c, pbc)
+    assert torch.allclose(a["energy"], b["energy"], atol=1e-9)
+    assert torch.allclose(a["forces"], b["forces"], atol=1e-9)
+
+
+def test_unknown_element_and_nan_positions_raise_clear_errors(pot):
+    with pytest.raises(ValueError, match="atomic number 9 was not in this model's training data"):
+        _run(pot, np.array([6, 9]), np.array([[0.0, 0, 0], [1.2, 0, 0]]))
+    bad = ETHANOL_R.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        _run(pot, ETHANOL_Z, bad)
+    scripted = torch.jit.script(pot)
+    with pytest.raises(Exception, match="atomic number 9"):
+        scripted(torch.tensor([6, 9]), torch.tensor([[0.0, 0, 0], [1.2, 0, 0]], dtype=torch.float64))
