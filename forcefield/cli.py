@@ -97,11 +97,16 @@ def cmd_models(args) -> int:
 def cmd_data(args) -> int:
     from .data import registry
     if args.action == "download":
-        registry.download(args.name, args.data_dir, molecules=args.molecules)
-    elif args.action == "verify":
-        report = registry.verify(args.data_dir, names=[args.name] if args.name else None)
-        print(report if isinstance(report, str) else json.dumps(report, indent=2, default=str))
-    return 0
+        paths = registry.download(args.name, args.data_dir, molecules=args.molecules)
+        print(f"{len(paths)} file(s) ready under {registry.resolve_data_dir(args.data_dir)}")
+        return 0
+    statuses = registry.verify(args.data_dir, names=[args.name] if args.name else None,
+                               molecules=args.molecules, present_only=True)
+    bad = [s for s in statuses if s.status in ("mismatch", "missing")]
+    for s in statuses:
+        print(f"{s.status:10s} {s.dataset:14s} {s.path}")
+    print(f"{len(statuses)} file(s) checked, {len(bad)} bad")
+    return 1 if bad else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="download or verify reference data")
     d.add_argument("action", choices=["download", "verify"])
-    d.add_argument("name", nargs="?", default=None, help="dataset name, e.g. rmd17")
+    d.add_argument("name", nargs="?", default=None,
+                   help="dataset: rmd17 (per-split npz, 110 MB), rmd17-figshare (upstream tarball, 1 GB), md17")
     d.add_argument("--molecules", nargs="*")
     d.add_argument("--data-dir")
     d.set_defaults(func=cmd_data)

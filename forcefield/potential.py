@@ -119,7 +119,7 @@ class Potential(nn.Module):
             ref = torch.zeros(num_graphs, dtype=torch.float64, device=energy.device).index_add_(
                 0, batch, self.atomref[numbers].to(torch.float64))
             energy = energy.to(torch.float64) + ref  # float64: total energies are large
-        out["energy"] = energy
+        out["energy"] = energy if create_graph else energy.detach()
         return out
 
     # ------------------------------------------------------------------ serialisation helpers

@@ -45,7 +45,6 @@ def load_run(run_dir) -> dict:
 
 def analyze_replica(traj_atoms, reference, status: dict, bond_threshold: float, h_ref: np.ndarray) -> dict:
     """Stability and h(r) of one replica from its frames (list of ``ase.Atoms``)."""
-    from .data import frame_stack, same_molecule
     from .simulate import reference_bonds
 
     out = {"replica": status["replica"], "n_frames": len(traj_atoms), "stop_reason": status.get("reason"),

@@ -7,11 +7,13 @@ benchmarks (model spec ``py:md.analytic:<factory>``).
 
 - :class:`LennardJones` — all pairs within each system, optional periodic minimum image.
 - :class:`BondNetwork` — harmonic or Morse springs between pairs of a reference geometry
-  (an elastic network of a molecule; Morse springs can break).
+  (an elastic network of a molecule; Morse springs can break);
+  :func:`bond_network` builds one on the bonds and angles of an rMD17 molecule
+  (``--model py:md.analytic:bond_network``).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 import torch
@@ -89,19 +91,24 @@ class BondNetwork(_Analytic):
     """
 
     def __init__(self, ref_numbers, ref_positions, cutoff: float = 2.6, k: float = 20.0,
-                 kind: str = "harmonic", depth: float = 4.0, dtype=torch.float64):
+                 kind: str = "harmonic", depth: float = 4.0, pairs=None, dtype=torch.float64):
         super().__init__(dtype)
         z = np.asarray(ref_numbers, dtype=np.int64).reshape(-1)
         x = np.asarray(ref_positions, dtype=np.float64).reshape(-1, 3)
         if kind not in ("harmonic", "morse"):
             raise ValueError(f"BondNetwork kind must be 'harmonic' or 'morse', got '{kind}'")
-        ii, jj = np.triu_indices(len(z), 1)
+        if pairs is None:
+            ii, jj = np.triu_indices(len(z), 1)
+            keep = np.linalg.norm(x[jj] - x[ii], axis=1) < cutoff
+            ii, jj = ii[keep], jj[keep]
+        else:
+            pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+            ii, jj = pairs[:, 0], pairs[:, 1]
         r0 = np.linalg.norm(x[jj] - x[ii], axis=1)
-        keep = r0 < cutoff
         self.register_buffer("ref_numbers", torch.as_tensor(z))
-        self.register_buffer("pi", torch.as_tensor(ii[keep]))
-        self.register_buffer("pj", torch.as_tensor(jj[keep]))
-        self.register_buffer("r0", torch.as_tensor(r0[keep], dtype=dtype))
+        self.register_buffer("pi", torch.as_tensor(ii))
+        self.register_buffer("pj", torch.as_tensor(jj))
+        self.register_buffer("r0", torch.as_tensor(r0, dtype=dtype))
         self.k, self.kind, self.depth, self.cutoff = float(k), kind, float(depth), float(cutoff)
         self._a = float(np.sqrt(self.k / (2.0 * self.depth)))
 
@@ -120,12 +127,32 @@ class BondNetwork(_Analytic):
         return self.depth * (1.0 - torch.exp(-self._a * (r - r0))) ** 2
 
 
-def bond_network(molecule: str, data_dir=None, dtype=torch.float64, **kw) -> BondNetwork:
-    """Model-spec factory (``py:md.analytic:bond_network``): a harmonic :class:`BondNetwork`
-    around the first training frame of the rMD17 ``molecule``."""
+def bond_network(molecule: str, data_dir=None) -> BondNetwork:
+    """Model-spec factory (``py:md.analytic:bond_network``): a float64 harmonic
+    :class:`BondNetwork` on the bonds and bond angles (1-2 and 1-3 pairs, see
+    :func:`topology_pairs`) of the first training frame of the rMD17 ``molecule``. Torsions are
+    free, so any conformer of the molecule is a low-energy start."""
     from .data import load_frames
+    if not molecule:
+        raise ValueError("py:md.analytic:bond_network needs --molecule")
     frames = load_frames(molecule, "train", data_dir)
-    pot = BondNetwork(frames.frame_numbers(0), frames.frame_positions(0), dtype=dtype, **kw)
+    z, x = frames.frame_numbers(0), frames.frame_positions(0)
+    pot = BondNetwork(z, x, pairs=topology_pairs(z, x))
     pot.metadata = {"molecule": molecule, "kind": "analytic bond network"}
     return pot
 
+
+
+def topology_pairs(numbers, positions) -> np.ndarray:
+    """1-2 (bonded, ASE natural cutoffs) and 1-3 (sharing a bonded neighbour) atom pairs (P, 2), i < j."""
+    from .metrics import find_bonds
+    bonds = find_bonds(numbers, positions)
+    neighbours = {}
+    for i, j in bonds.tolist():
+        neighbours.setdefault(i, set()).add(j)
+        neighbours.setdefault(j, set()).add(i)
+    pairs = {tuple(b) for b in bonds.tolist()}
+    for centre, nbrs in neighbours.items():
+        nbrs = sorted(nbrs)
+        pairs.update((a, b) for n, a in enumerate(nbrs) for b in nbrs[n + 1:])
+    return np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2)

@@ -90,6 +90,8 @@ class SimulationConfig:
             (self.force_frames >= 0, f"--force-frames must be >= 0, got {self.force_frames}"),
             (self.dtype in ("float32", "float64"), f"--dtype must be float32 or float64, got {self.dtype}"),
             (self.n_steps >= 1, f"--ps {self.ps} is shorter than one timestep of {self.timestep} fs"),
+            (1 <= self.split_index <= 5, f"--split-index must be 1..5 (the published rMD17 splits), "
+                                         f"got {self.split_index}"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -13,21 +13,13 @@ import numpy as np
 
 from .errors import MDInputError
 
-#: rMD17 molecules, by the names the rMD17 files use.
-RMD17_MOLECULES = ("aspirin", "azobenzene", "benzene", "ethanol", "malonaldehyde", "naphthalene",
-                   "paracetamol", "salicylic", "toluene", "uracil")
-_ALIASES = {"salicylic_acid": "salicylic", "salicylic-acid": "salicylic", "salicylicacid": "salicylic",
-            "salicylic acid": "salicylic", "malondialdehyde": "malonaldehyde", "acetaminophen": "paracetamol"}
-
-
 def canonical_molecule(name: str) -> str:
-    """Normalise a molecule name (case, aliases such as ``salicylic_acid``) or raise a clear error."""
-    key = str(name).strip().lower()
-    key = _ALIASES.get(key, key)
-    if key not in RMD17_MOLECULES:
-        raise MDInputError(f"unknown molecule '{name}'; choose one of: {', '.join(RMD17_MOLECULES)} "
-                           f"(or pass --structure FILE for your own system)")
-    return key
+    """Normalise an rMD17 molecule name (case, ``salicylic acid`` aliases) or raise a clear error."""
+    from forcefield.data.rmd17 import canonical_molecule as _canonical
+    try:
+        return _canonical(name)
+    except ValueError as exc:
+        raise MDInputError(f"{exc}; or pass --structure FILE (with --model) for your own system") from None
 
 
 def load_frames(molecule: str, split: str = "test", data_dir=None, split_index: int = 1):
@@ -44,6 +36,8 @@ def load_frames(molecule: str, split: str = "test", data_dir=None, split_index: 
     except FileNotFoundError as exc:
         raise MDInputError(f"rMD17 data for '{molecule}' not found ({exc}); pass --data-dir DIR or set "
                            f"OREO_DATA_DIR to the folder holding rmd17/") from exc
+    except ValueError as exc:
+        raise MDInputError(f"cannot load rMD17 '{molecule}' ({split} split {split_index}): {exc}") from exc
 
 
 def frames_from_file(path) -> "object":

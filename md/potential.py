@@ -66,7 +66,7 @@ class ForceField:
         self.dtype = dtype or potential_dtype(potential)
         self.device = torch.device(device) if device is not None else potential_device(potential)
         self.cutoff = getattr(potential, "cutoff", None)
-        self.metadata = dict(getattr(potential, "metadata", None) or {})
+        self.metadata = potential_metadata(potential)
         self.n_calls = 0
 
     def __call__(self, positions: torch.Tensor, numbers: torch.Tensor, batch: torch.Tensor, n_systems: int,
@@ -166,17 +166,32 @@ def load_model(spec: str, molecule: Optional[str] = None, data_dir=None, device=
                            f"or the name of a shipped model") from exc
     except (ValueError, KeyError, RuntimeError) as exc:
         raise MDInputError(f"could not load model '{spec}': {exc}") from exc
-    meta = dict(getattr(pot, "metadata", None) or {})
-    trained_on = meta.get("molecule")
+    trained_on = potential_metadata(pot).get("molecule")
     if molecule and trained_on and str(trained_on).lower() != str(molecule).lower():
         warnings.warn(f"model '{spec}' was trained on '{trained_on}' but you simulate '{molecule}'", stacklevel=2)
     return pot
 
 
+def potential_metadata(pot) -> Dict[str, object]:
+    """``pot.metadata`` (or the JSON in ``pot.metadata_json`` of TorchScript exports), ``{}`` if none."""
+    meta = getattr(pot, "metadata", None)
+    if isinstance(meta, dict):
+        return dict(meta)
+    text = getattr(pot, "metadata_json", None)
+    if isinstance(text, str):
+        import json
+        try:
+            meta = json.loads(text)
+        except ValueError:
+            return {}
+        return dict(meta) if isinstance(meta, dict) else {}
+    return {}
+
+
 def model_metadata(pot) -> Dict[str, object]:
-    """JSON-friendly view of ``pot.metadata`` plus ``cutoff`` (for run.json / summary.json)."""
+    """JSON-friendly view of the potential's metadata plus ``cutoff`` (for run.json / summary.json)."""
     meta = {}
-    for k, v in dict(getattr(pot, "metadata", None) or {}).items():
+    for k, v in potential_metadata(pot).items():
         if isinstance(v, (str, int, float, bool)) or v is None:
             meta[k] = v
     cutoff = getattr(pot, "cutoff", None)

@@ -7,8 +7,7 @@ stops replicas that become unstable or too hot, and finally runs the analysis.
 """
 from __future__ import annotations
 
-import math
-import shutil
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +27,7 @@ from .state import MDState, make_state, maxwell_boltzmann_velocities
 CHECKPOINT_FORMAT = "oreo-md-checkpoint"
 CHECKPOINT_VERSION = 1
 _RUN_FILES = ("run.json", "checkpoint.pt", "thermo.csv", "summary.json", "hr.png", "thermo.png",
-              "dft_check.json", "dft_parity.png")
+              "dft_check.json", "dft_parity.png", "dft_forces.npz")
 
 
 # ---------------------------------------------------------------------------------- frames
@@ -229,6 +228,7 @@ class _Run:
         cfg = self.config
         payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": cfg.to_dict(),
                    "state": state.to_dict(), "generator": self.generator.get_state(),
+                   "generator_device": self.generator.device.type,
                    "files": self.files.sizes(), "status": [dict(s) for s in self.status],
                    "wall_s": self.wall_s, "steps_timed": self.steps_timed}
         self.files.flush(fsync=True)
@@ -242,6 +242,35 @@ class _Run:
             "time_ps": self.time_ps(state.step), "completed": completed,
             "n_atoms": [int(n) for n in state.atoms_per_system.cpu().tolist()],
             "replicas": [dict(s) for s in self.status], "speed": self.speed()})
+
+
+def initial_state(config: SimulationConfig, held_out, generator: torch.Generator) -> Tuple[MDState, List[dict]]:
+    """Replicas started from seeded held-out frames with Maxwell–Boltzmann velocities (COM momentum
+    removed), and their initial status records."""
+    picks = pick_initial_frames(len(held_out), config.replicas, config.seed)
+    cells = pbcs = None
+    if held_out.cell is not None and bool(np.any(held_out.pbc[picks])):
+        cells, pbcs = held_out.cell[picks], held_out.pbc[picks]
+    state = make_state([held_out.frame_numbers(int(f)) for f in picks],
+                       [held_out.frame_positions(int(f)) for f in picks], cells, pbcs,
+                       remove_com=config.thermostat != "langevin", device=config.device)
+    state = replace(state, velocities=maxwell_boltzmann_velocities(
+        state.masses, state.batch, state.n_systems, config.temperature, generator, remove_com=True))
+    status = [{"replica": r, "initial_frame": int(f), "initial_frame_id": int(held_out.frame_id[f]),
+               "active": True, "stop_step": None, "stop_time_ps": None, "reason": None}
+              for r, f in enumerate(picks)]
+    return state, status
+
+
+def _restore(ckpt: dict, config: SimulationConfig, generator: torch.Generator) -> Tuple[MDState, List[dict]]:
+    state = MDState.from_dict(ckpt["state"], device=config.device)
+    saved_on = ckpt.get("generator_device", "cpu")
+    if saved_on == torch.device(config.device).type:
+        generator.set_state(ckpt["generator"])
+    elif config.thermostat == "langevin":
+        raise MDInputError(f"this Langevin run was checkpointed on {saved_on}; resume it with --device {saved_on} "
+                           f"(its noise stream is device-specific)")
+    return state, ckpt["status"]
 
 
 def _make_generator(device: str, seed: int) -> torch.Generator:
@@ -264,34 +293,23 @@ def run_simulation(config: SimulationConfig, out_dir, potential=None, frames=Non
     from tqdm.auto import tqdm
 
     config = SimulationConfig.from_dict(config.to_dict()).validate()
+    if config.molecule and config.data_dir is None and os.environ.get("OREO_DATA_DIR"):
+        config.data_dir = str(Path(os.environ["OREO_DATA_DIR"]).resolve())   # recorded for later analysis
     out_dir = Path(out_dir)
     ckpt = prepare_run_dir(out_dir, config, resume, overwrite)
+    held_out, reference = frames if frames is not None else load_system_frames(config)
     if potential is None:
         potential = load_model(config.model_spec, molecule=config.molecule, data_dir=config.data_dir,
                                device=config.device, dtype=config.dtype)
     ff = ForceField(potential, device=config.device)
-    held_out, reference = frames if frames is not None else load_system_frames(config)
     generator = _make_generator(config.device, config.seed)
     files = io.RunFiles(out_dir, config.replicas)
 
     if ckpt is None:
-        picks = pick_initial_frames(len(held_out), config.replicas, config.seed)
-        cells = pbcs = None
-        if held_out.cell is not None and bool(np.any(held_out.pbc[picks])):
-            cells, pbcs = held_out.cell[picks], held_out.pbc[picks]
-        state = make_state([held_out.frame_numbers(int(f)) for f in picks],
-                           [held_out.frame_positions(int(f)) for f in picks], cells, pbcs,
-                           remove_com=config.thermostat != "langevin", device=config.device)
-        state = replace(state, velocities=maxwell_boltzmann_velocities(
-            state.masses, state.batch, state.n_systems, config.temperature, generator, remove_com=True))
-        status = [{"replica": r, "initial_frame": int(f), "initial_frame_id": int(held_out.frame_id[f]),
-                   "active": True, "stop_step": None, "stop_time_ps": None, "reason": None}
-                  for r, f in enumerate(picks)]
+        state, status = initial_state(config, held_out, generator)
         files.truncate({})
     else:
-        state = MDState.from_dict(ckpt["state"], device=config.device)
-        generator.set_state(ckpt["generator"])
-        status = ckpt["status"]
+        state, status = _restore(ckpt, config, generator)
         files.truncate(ckpt["files"])
 
     integrator = make_integrator(config.thermostat, ff, config.timestep, config.temperature,
@@ -300,7 +318,7 @@ def run_simulation(config: SimulationConfig, out_dir, potential=None, frames=Non
     total_ps = config.n_steps * config.timestep / 1000.0
     bar = tqdm(total=total_ps, initial=state.step * config.timestep / 1000.0, unit="ps", dynamic_ncols=True,
                disable=(not progress) if progress is not None else None, desc=f"MD {config.system_name}",
-               bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} ps [{elapsed}<{remaining}, {rate_fmt}]")
+               bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} ps [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]")
     run = _Run(config, out_dir, ff, files, generator, bar if not bar.disable else None, on_log)
     run.status = status
     run.model_meta = model_metadata(potential)
@@ -349,6 +367,9 @@ def _loop(run: _Run, state: MDState, integrator) -> MDState:
             if state.step % ckpt_every == 0 or state.step == n_steps:
                 run.checkpoint(state)
             if run.bar is not None:
+                speed = run.speed()
+                run.bar.set_postfix_str(f"{speed['steps_per_s']:.0f} steps/s, {speed['ns_per_day']:.2f} ns/day",
+                                        refresh=False)
                 run.bar.update(run.time_ps(state.step) - run.bar.n)
             if run.on_log is not None:
                 run.on_log(state)

@@ -1,8 +1,6 @@
 """Synthetic systems for tests and demos (no dataset files needed)."""
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import torch
 

@@ -1,0 +1,116 @@
+"""Copy trained runs into the package as shipped models, each with a model card and its frame ids.
+
+    python benchmarks/ship_models.py runs/aspirin runs/ethanol ...
+
+For every run folder (written by ``oreo train``) this writes ``forcefield/pretrained/<molecule>.pt``
+(EMA weights of the best validation epoch, an oreo model file), ``<molecule>.md`` (the card) and
+``<molecule>.splits.json`` (rMD17 frame ids of the training, validation and test frames).
+The test errors quoted in the card are re-computed here on every frame of the test file.
+"""
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from forcefield.evaluate import evaluate  # noqa: E402
+from forcefield.io import PRETRAINED_DIR, load_potential, save_model  # noqa: E402
+from forcefield.train.config import config_from_dict  # noqa: E402
+from forcefield.train.datasets import build_splits  # noqa: E402
+
+CARD = """# oreo model card: {molecule} (revised MD17)
+
+| | |
+|---|---|
+| file | `forcefield/pretrained/{molecule}.pt` (load: `OreoCalculator("{molecule}.pt")`) |
+| architecture | {arch} |
+| data | revised MD17 {molecule}, PBE/def2-SVP (Christensen & von Lilienfeld 2020), split file {split:02d} |
+| training frames | {n_train} (seeded draw from `rmd17_{molecule}_train_{split:02d}`; ids in `{molecule}.splits.json`) |
+| validation frames | {n_val} (same file, disjoint) |
+| test frames | {n_test} (all of `rmd17_{molecule}_test_{split:02d}`, disjoint from training) |
+| elements | {elements} |
+| **test force MAE** | **{f_mae:.1f} meV/Å** (RMSE {f_rmse:.1f}) |
+| test energy MAE | {e_mae:.1f} meV (RMSE {e_rmse:.1f}) |
+| training | {epochs} epochs, {steps} steps, {minutes:.0f} min of wall time on a 2-core CPU, 1 thread ({stop}) |
+
+Hyperparameters (the run's `config.yaml`):
+
+```yaml
+{config}```
+
+Reproduce (training; `optim.max_minutes` caps one invocation, `--resume` continues the same run):
+
+```bash
+export OREO_DATA_DIR=/path/to/data          # holds rmd17/ (oreo data download rmd17)
+oreo train --config examples/configs/rmd17_{molecule}.yaml --out runs/{molecule}
+oreo train --config examples/configs/rmd17_{molecule}.yaml --out runs/{molecule} --resume   # to continue
+python benchmarks/ship_models.py runs/{molecule}
+```
+
+Check the quoted test errors:
+
+```bash
+oreo evaluate {molecule}.pt --molecule {molecule} --split test
+```
+
+Limits: trained on one molecule at one level of theory; it knows only the elements above and only the
+conformations that 500 K MD of {molecule} visits. Outside them (bond breaking, other molecules) its
+forces are not to be trusted.
+"""
+
+
+def ship(run: Path, dest: Path) -> dict:
+    cfg_dict = yaml.safe_load((run / "config.yaml").read_text())
+    cfg = config_from_dict(cfg_dict)
+    molecule = cfg.data.molecule
+    splits = build_splits(cfg.data, cfg.optim.seed)
+    pot = load_potential(run / "best.pt", dtype=torch.float32)
+    metrics, _ = evaluate(pot, splits.test)
+    with open(run / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    ck = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    stop = json.loads((run / "test_metrics.json").read_text()).get("stop_reason", "") \
+        if (run / "test_metrics.json").exists() else ""
+    dest.mkdir(parents=True, exist_ok=True)
+    full = load_potential(run / "best.pt", dtype=None)  # keep the stored dtype
+    save_model(full, dest / f"{molecule}.pt")
+    (dest / f"{molecule}.splits.json").write_text(json.dumps(splits.frame_ids()))
+    from ase.data import chemical_symbols
+    b = cfg.model
+    card = CARD.format(
+        molecule=molecule, split=cfg.data.split_index,
+        arch=f"Equivariant Transformer {b.num_layers} layers x {b.hidden}, {b.num_heads} heads, {b.num_rbf} "
+             f"ExpNormal RBF, cosine cutoff {b.cutoff:g} Å; {sum(p.numel() for p in pot.parameters()):,} parameters",
+        n_train=len(splits.train), n_val=len(splits.val), n_test=len(splits.test),
+        elements=", ".join(chemical_symbols[z] for z in pot.elements),
+        f_mae=metrics["forces_mae_meV_per_A"], f_rmse=metrics["forces_rmse_meV_per_A"],
+        e_mae=metrics["energy_mae_meV"], e_rmse=metrics["energy_rmse_meV"],
+        epochs=ck["epoch"], steps=ck["step"], minutes=ck["elapsed"] / 60, stop=stop or "see metrics.csv",
+        config=yaml.safe_dump(cfg_dict, sort_keys=False))
+    (dest / f"{molecule}.md").write_text(card)
+    return {"molecule": molecule, **metrics, "epochs": ck["epoch"], "minutes": ck["elapsed"] / 60,
+            "val_rows": len(rows)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--dest", type=Path, default=PRETRAINED_DIR)
+    args = ap.parse_args(argv)
+    summary = [ship(r, args.dest) for r in args.runs]
+    print("| molecule | test force MAE (meV/Å) | test energy MAE (meV) | epochs | minutes |")
+    print("|---|---|---|---|---|")
+    for s in summary:
+        print(f"| {s['molecule']} | {s['forces_mae_meV_per_A']:.1f} | {s['energy_mae_meV']:.1f} | {s['epochs']} | "
+              f"{s['minutes']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""Pretraining (ET-OREO, ET-ORO, 3D-EMGP, coordinate denoising) and fine-tuning.
+
+- :mod:`.corpus` - sources tagged equilibrium / off-equilibrium, one frame table, the sharded epoch sampler
+- :mod:`.leakage` - strict / paper leakage protocols against the fine-tuning targets
+- :mod:`.noise` - Gaussian and Riemann-Gaussian perturbations and their score targets
+- :mod:`.objectives` - one small loss module per objective, the presets, :class:`PretrainTask`
+- :mod:`.trainer` - :class:`Pretrainer` (single process or DistributedDataParallel), configs
+- :mod:`.finetune` - force-field and QM9-property fine-tuning
+- :mod:`.distributed` - process groups (torchrun, gloo/NCCL), a local multi-process launcher
+- :mod:`.cli` - ``oreo pretrain`` / ``oreo finetune``
+"""
+from .corpus import Corpus, CorpusConfig, EpochSampler, SourceConfig, build_corpus, load_source
+from .finetune import (FinetuneOptions, PropertyConfig, PropertyModel, finetune_forcefield, finetune_property,
+                       load_pretrained, load_property_model)
+from .leakage import LeakageConfig, apply_leakage_filter
+from .objectives import METHODS, ObjectivesConfig, PretrainTask, build_objectives
+from .trainer import PretrainConfig, Pretrainer, load_pretrain_config, pretrain_config_from_dict
+
+__all__ = ["Corpus", "CorpusConfig", "EpochSampler", "SourceConfig", "build_corpus", "load_source",
+           "FinetuneOptions", "PropertyConfig", "PropertyModel", "finetune_forcefield", "finetune_property",
+           "load_pretrained", "load_property_model", "LeakageConfig", "apply_leakage_filter", "METHODS",
+           "ObjectivesConfig", "PretrainTask", "build_objectives", "PretrainConfig", "Pretrainer",
+           "load_pretrain_config", "pretrain_config_from_dict"]

@@ -1,0 +1,208 @@
+"""``oreo pretrain`` and ``oreo finetune``: argument parsing only; the work is done by the library.
+
+Wire into ``forcefield/cli.py``::
+
+    from .pretrain.cli import register_subcommands
+    register_subcommands(sub)          # inside build_parser(), after the other sub-parsers
+
+Multi-process: ``torchrun --nproc_per_node=N $(which oreo) pretrain --config ... --out ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+__all__ = ["register_subcommands", "add_pretrain_parser", "add_finetune_parser", "cmd_pretrain", "cmd_finetune",
+           "apply_overrides"]
+
+
+def apply_overrides(cfg: Dict[str, Any], overrides: Optional[List[str]]) -> Dict[str, Any]:
+    """``section.key=value`` (value parsed as YAML) into a nested dict."""
+    for item in overrides or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise SystemExit(f"--set expects section.key=value (e.g. optim.max_steps=1000), got '{item}'")
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        if not isinstance(cfg.get(section), dict):
+            cfg[section] = {}
+        cfg[section][name] = yaml.safe_load(value)
+    return cfg
+
+
+def _read_yaml(path: Optional[str], what: str) -> Any:
+    if not path:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"{what} file {p} not found; see examples/configs/pretrain_*.yaml")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise SystemExit(f"{what} file {p} is not valid YAML: {exc}") from None
+
+
+# ---------------------------------------------------------------------------- pretrain
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .distributed import cleanup, init_distributed
+    from .trainer import Pretrainer, pretrain_config_from_dict
+    out = Path(args.out)
+    d = _read_yaml(args.config, "config")
+    if d is None and args.resume and (out / "config.yaml").is_file():
+        d = yaml.safe_load((out / "config.yaml").read_text())
+    d = dict(d or {})
+    corpus = _read_yaml(args.corpus, "corpus")
+    if corpus is not None:
+        d["corpus"] = corpus
+    if args.method:
+        d.setdefault("objectives", {})
+        d["objectives"] = dict(d["objectives"] or {}, method=args.method)
+    if args.max_steps is not None:
+        d["optim"] = dict(d.get("optim") or {}, max_steps=args.max_steps)
+    if args.device:
+        d["optim"] = dict(d.get("optim") or {}, device=args.device)
+    d = apply_overrides(d, args.set)
+    if args.data_dir:
+        d["corpus"] = dict(d["corpus"] if isinstance(d.get("corpus"), dict) else {"sources": d.get("corpus") or []},
+                           data_dir=args.data_dir)
+    cfg = pretrain_config_from_dict(d)
+    info = init_distributed(cfg.optim.device)
+    try:
+        result = Pretrainer(cfg, out, dist_info=info, progress=not args.no_progress).fit(resume=args.resume)
+    finally:
+        cleanup(info)
+    if info.is_main:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def add_pretrain_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("pretrain", help="pretrain a model on a corpus of equilibrium and off-equilibrium data "
+                                        "(ET-OREO, ET-ORO, 3D-EMGP, denoising)")
+    p.add_argument("--config", help="pretraining YAML (corpus, model, objectives, optim); "
+                                    "see examples/configs/pretrain_*.yaml")
+    p.add_argument("--corpus", help="corpus YAML (a list of sources, or {sources, leakage}); replaces the "
+                                    "config's corpus")
+    p.add_argument("--method", help="et-oreo | et-oro | 3d-emgp | denoise (overrides objectives.method)")
+    p.add_argument("--out", default="runs/pretrain", help="output folder (last.pt, pretrained.pt, metrics.csv)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
+    p.add_argument("--device", help="auto | cpu | cuda")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    p.add_argument("--data-dir", help="data folder for relative source paths (default: $OREO_DATA_DIR)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_pretrain)
+    return p
+
+
+# ---------------------------------------------------------------------------- finetune
+def cmd_finetune(args: argparse.Namespace) -> int:
+    d = dict(_read_yaml(args.config, "config") or {})
+    pretrained = args.pretrained or d.pop("from", None)
+    d.pop("from", None)
+    out = Path(args.out)
+    if args.property or "property" in d:
+        return _finetune_property(args, d, pretrained, out)
+    from ..train import config_from_dict
+    from .finetune import FinetuneOptions, finetune_forcefield
+    if not pretrained:
+        raise SystemExit("oreo finetune: say which pretrained model to start from: --from PATH (pretrained.pt)")
+    if args.resume and not args.config and (out / "config.yaml").is_file():
+        d = yaml.safe_load((out / "config.yaml").read_text()) or {}   # what the run was started with
+        if (out / "finetune.yaml").is_file():
+            d.update(yaml.safe_load((out / "finetune.yaml").read_text()) or {})
+    opts = dict(d.pop("finetune", None) or {})
+    if args.layer_decay is not None:
+        opts["layer_decay"] = args.layer_decay
+    if args.backbone_lr_factor is not None:
+        opts["backbone_lr_factor"] = args.backbone_lr_factor
+    if args.reuse_head:
+        opts["reuse_head"] = True
+    data = dict(d.get("data") or {})
+    for key, val in (("molecule", args.molecule), ("train_size", args.train_size), ("val_size", args.val_size),
+                     ("split_index", args.split_index), ("data_dir", args.data_dir)):
+        if val is not None:
+            data[key] = val
+    d["data"] = data
+    optim = dict(d.get("optim") or {})
+    for key, val in (("epochs", args.epochs), ("max_minutes", args.max_minutes)):
+        if val is not None:
+            optim[key] = val
+    d["optim"] = optim
+    d = apply_overrides(d, args.set)
+    d.pop("model", None)  # the architecture comes from the pretrained model
+    cfg = config_from_dict(d)
+    options = FinetuneOptions(**opts)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "finetune.yaml").write_text(yaml.safe_dump({"finetune": opts}, sort_keys=False))
+    metrics = finetune_forcefield(pretrained, cfg, out, options, resume=args.resume, progress=not args.no_progress)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _finetune_property(args, d: Dict[str, Any], pretrained, out: Path) -> int:
+    from .finetune import PropertyConfig, finetune_property
+    pc = dict(d.get("property") or {}) if isinstance(d.get("property"), dict) else {}
+    if isinstance(d.get("property"), str):
+        pc["property"] = d["property"]
+    for key, val in (("property", args.property), ("train_size", args.train_size), ("val_size", args.val_size),
+                     ("epochs", args.epochs), ("max_minutes", args.max_minutes), ("layer_decay", args.layer_decay),
+                     ("backbone_lr_factor", args.backbone_lr_factor), ("source", args.qm9_source),
+                     ("data_dir", args.data_dir)):
+        if val is not None:
+            pc[key] = val
+    pc = apply_overrides({"property": pc}, args.set)["property"]
+    metrics = finetune_property(pretrained, PropertyConfig.from_dict(pc), out, resume=args.resume,
+                                progress=not args.no_progress)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def add_finetune_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("finetune", help="fine-tune a pretrained model on a force field (rMD17 molecule) or a "
+                                        "QM9 property")
+    p.add_argument("--from", dest="pretrained", help="pretrained.pt (or last.pt) of `oreo pretrain`; for "
+                                                     "--property, leave out to train from scratch")
+    p.add_argument("--config", help="YAML: a training config (data, optim) plus optional 'from' and 'finetune' "
+                                    "(reuse_head, layer_decay, backbone_lr_factor); or 'property: {...}'")
+    p.add_argument("--molecule", help="rMD17 molecule, e.g. aspirin")
+    p.add_argument("--train-size", type=int, help="number of fine-tuning training frames (molecules for --property)")
+    p.add_argument("--val-size", type=int)
+    p.add_argument("--split-index", type=int, help="rMD17 split file 1..5")
+    p.add_argument("--property", help="QM9 property instead of a force field: homo, lumo, gap, ...")
+    p.add_argument("--qm9-source", help="QM9 data for --property (default: qm9pack or $OREO_DATA_DIR/qm9)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-minutes", type=float)
+    p.add_argument("--layer-decay", type=float, help="layer-wise lr decay, e.g. 0.8 (head: lr, first layer "
+                                                     "smallest)")
+    p.add_argument("--backbone-lr-factor", type=float, help="multiply every backbone lr by this")
+    p.add_argument("--reuse-head", action="store_true", help="keep the pretrained energy head")
+    p.add_argument("--out", default="runs/finetune")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    p.add_argument("--data-dir")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_finetune)
+    return p
+
+
+def register_subcommands(sub) -> None:
+    """Add ``pretrain`` and ``finetune`` to the ``oreo`` sub-parsers."""
+    add_pretrain_parser(sub)
+    add_finetune_parser(sub)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Stand-alone entry (``python -m forcefield.pretrain.cli pretrain ...``) until the lead wires the commands."""
+    parser = argparse.ArgumentParser(prog="oreo")
+    register_subcommands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""The pretraining corpus: many sources, each tagged equilibrium or off-equilibrium, in one frame table.
+
+A corpus file is YAML, either a plain list of sources or a mapping with ``sources`` and ``leakage``::
+
+    leakage: {protocol: strict, targets: [aspirin, ethanol, naphthalene, salicylic]}
+    sources:
+      - {reader: qm9, kind: equilibrium, split: train}                     # qm9pack, or path: archive/db
+      - {reader: rmd17, kind: off-equilibrium, molecules: all, split: train, split_indices: [1]}
+      - {reader: ase, kind: off-equilibrium, path: botnet/dataset_3BPA/train_300K.xyz}
+      - {reader: ani, kind: off-equilibrium, path: alkane_goodpaster/C2H6_DFT+Force_NMS.h5,
+         forces_unit: hartree/bohr}
+      - {reader: pcqm, kind: equilibrium, path: pcqm4m-v2-train.sdf.tar.gz, max_frames: 200000}
+
+Relative paths are taken below the data directory (``--data-dir`` / ``$OREO_DATA_DIR``). Readers: ``qm9``,
+``rmd17``, ``md17``, ``ase`` (extxyz, ASE db, anything ase.io reads), ``ani`` (ANI-1/ANI-1x HDF5), ``pcqm``
+(PCQM4Mv2 SDF), ``sdf``.
+
+Energies are dropped: sources come from different levels of theory and no pretraining objective needs them.
+Off-equilibrium sources must have forces. ``weight`` scales how often a source's frames are drawn per epoch
+(1: each frame once; 0.25: a quarter of them, redrawn every epoch; 3: each three times).
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ..data.conformations import ConformationSet
+from ..data.paths import resolve_data_dir
+from .leakage import LeakageConfig, apply_leakage_filter, resolve_targets
+
+__all__ = ["SourceConfig", "CorpusConfig", "Corpus", "PretrainBatch", "EpochSampler", "load_source",
+           "build_corpus", "corpus_config_from_obj", "KINDS", "READERS"]
+
+KINDS = ("equilibrium", "off-equilibrium")
+READERS = ("qm9", "rmd17", "md17", "ase", "ani", "pcqm", "sdf")
+
+
+@dataclass
+class SourceConfig:
+    reader: str
+    kind: str
+    name: Optional[str] = None
+    path: Optional[str] = None
+    molecules: Optional[Union[str, List[str]]] = None   # rmd17 / md17: names or "all"
+    split: Optional[str] = None                         # rmd17: train|test|all; qm9: train|val|test|all
+    split_indices: List[int] = field(default_factory=lambda: [1])   # rmd17 split files 1..5
+    labels: str = "revised"                             # rmd17
+    index: str = ":"                                    # ase
+    energy_unit: str = "eV"                             # ase (ani: hartree)
+    length_unit: str = "Å"
+    forces_unit: Optional[str] = None                   # ani: ENERGY/LENGTH
+    forces_key: str = "forces"
+    level: Optional[str] = None                         # ani-1x level of theory
+    max_frames: Optional[int] = None                    # random subset (seeded)
+    stride: int = 1
+    weight: float = 1.0
+
+
+@dataclass
+class CorpusConfig:
+    sources: List[SourceConfig] = field(default_factory=list)
+    leakage: LeakageConfig = field(default_factory=LeakageConfig)
+    data_dir: Optional[str] = None
+    seed: int = 0
+
+
+def _dataclass_from(cls, values: Dict[str, Any], where: str):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; valid: {', '.join(sorted(known))}")
+    return cls(**values)
+
+
+def corpus_config_from_obj(obj: Any) -> CorpusConfig:
+    """A YAML-loaded corpus: a list of sources, or {sources, leakage, data_dir, seed}."""
+    if isinstance(obj, CorpusConfig):
+        return obj
+    if isinstance(obj, list):
+        obj = {"sources": obj}
+    if not isinstance(obj, dict):
+        raise ValueError("a corpus is a list of sources or a mapping with 'sources'")
+    obj = dict(obj)
+    sources = []
+    for k, s in enumerate(obj.pop("sources", []) or []):
+        if isinstance(s, SourceConfig):
+            sources.append(s)
+            continue
+        if not isinstance(s, dict):
+            raise ValueError(f"corpus source {k} must be a mapping, got {s!r}")
+        src = _dataclass_from(SourceConfig, s, f"corpus source {k}")
+        if src.reader not in READERS:
+            raise ValueError(f"corpus source {k}: reader must be one of {READERS}, got '{src.reader}'")
+        if src.kind not in KINDS:
+            raise ValueError(f"corpus source {k}: kind must be 'equilibrium' or 'off-equilibrium', got '{src.kind}'")
+        if isinstance(src.split_indices, int):
+            src.split_indices = [src.split_indices]
+        sources.append(src)
+    leak = obj.pop("leakage", None) or {}
+    if not isinstance(leak, LeakageConfig):
+        leak = _dataclass_from(LeakageConfig, leak, "corpus leakage")
+    cfg = _dataclass_from(CorpusConfig, obj, "corpus")
+    cfg.sources, cfg.leakage = sources, leak
+    return cfg
+
+
+# ---------------------------------------------------------------------------- sources
+def _path(spec: SourceConfig, data_dir) -> Path:
+    if not spec.path:
+        raise ValueError(f"corpus source '{spec.name or spec.reader}' needs a 'path'")
+    p = Path(spec.path).expanduser()
+    return p if p.is_absolute() else resolve_data_dir(data_dir) / p
+
+
+def load_source(spec: SourceConfig, data_dir=None, seed: int = 0) -> ConformationSet:
+    """One source as a :class:`ConformationSet` with ``equilibrium`` set from its kind and no energies."""
+    from ..data import load_ase, load_md17, load_rmd17
+    r = spec.reader
+    if r == "qm9":
+        from ..data.qm9 import load_qm9
+        split = spec.split or "train"
+        cset = load_qm9(spec.path if spec.path in (None, "qm9pack") else str(_path(spec, data_dir)),
+                        split=split, data_dir=data_dir, properties=())
+    elif r in ("rmd17", "md17"):
+        mols = spec.molecules or "all"
+        if r == "rmd17":
+            from ..data.rmd17 import RMD17_MOLECULES
+            names = list(RMD17_MOLECULES) if mols == "all" else ([mols] if isinstance(mols, str) else list(mols))
+            parts = []
+            for m in names:
+                per = [load_rmd17(m, spec.split or "train", k, data_dir=data_dir, labels=spec.labels)
+                       for k in spec.split_indices]
+                one = ConformationSet.concatenate(per, source=f"rmd17/{m}")
+                _, first = np.unique(one.frame_id, return_index=True)  # split files overlap: unique frames
+                parts.append(one.subset(np.sort(first)))
+        else:
+            from ..data.md17 import MD17_MOLECULES
+            names = list(MD17_MOLECULES) if mols == "all" else ([mols] if isinstance(mols, str) else list(mols))
+            parts = [load_md17(m, data_dir=data_dir) for m in names]
+        cset = ConformationSet.concatenate(parts, source=f"{r}/" + ",".join(names))
+    elif r == "ase":
+        cset = load_ase(_path(spec, data_dir), index=spec.index, energy_unit=spec.energy_unit,
+                        length_unit=spec.length_unit, forces_key=spec.forces_key)
+    elif r == "ani":
+        from ..data.ani import load_ani
+        cset = load_ani(_path(spec, data_dir), level=spec.level,
+                        energy_unit=spec.energy_unit if spec.energy_unit != "eV" else "hartree",
+                        forces_unit=spec.forces_unit,
+                        forces=spec.kind == "off-equilibrium" or "auto")
+    elif r in ("pcqm", "sdf"):
+        from ..data.pcqm import load_pcqm4mv2, load_sdf
+        loader = load_pcqm4mv2 if r == "pcqm" else load_sdf
+        # read only what is needed when a random subset is asked for: a prefix large enough, then subsample
+        cset = loader(_path(spec, data_dir), max_molecules=None if spec.max_frames is None else 4 * spec.max_frames)
+    else:
+        raise ValueError(f"unknown reader '{r}'; valid: {READERS}")
+    if spec.kind == "off-equilibrium" and cset.forces is None:
+        raise ValueError(f"corpus source '{spec.name or cset.source}' is tagged off-equilibrium but has no forces")
+    frames = np.arange(0, len(cset), max(int(spec.stride), 1))
+    if spec.max_frames is not None and len(frames) > spec.max_frames:
+        rng = np.random.default_rng([seed, zlib.crc32((spec.name or cset.source).encode())])
+        frames = np.sort(rng.choice(frames, size=spec.max_frames, replace=False))
+    cset = cset.subset(frames)
+    cset.energy = None
+    cset.equilibrium = np.full(len(cset), spec.kind == "equilibrium")
+    cset.source = spec.name or cset.source
+    return cset
+
+
+# ---------------------------------------------------------------------------- batches
+@dataclass
+class PretrainBatch:
+    """A collated batch: per-atom ``numbers`` (N,), ``positions`` (N, 3) Å, ``batch`` (N,), ``forces`` (N, 3)
+    eV/Å (zeros where a frame has none); per-frame ``has_forces``, ``equilibrium`` (B,) bool, ``source`` (B,)."""
+    numbers: torch.Tensor
+    positions: torch.Tensor
+    batch: torch.Tensor
+    forces: torch.Tensor
+    has_forces: torch.Tensor
+    equilibrium: torch.Tensor
+    source: torch.Tensor
+    cell: Optional[torch.Tensor] = None
+    pbc: Optional[torch.Tensor] = None
+
+    @property
+    def num_graphs(self) -> int:
+        return int(self.has_forces.shape[0])
+
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "PretrainBatch":
+        def mv(x):
+            if x is None:
+                return None
+            if dtype is not None and x.is_floating_point():
+                return x.to(device=device, dtype=dtype)
+            return x.to(device=device)
+        return PretrainBatch(**{k: mv(getattr(self, k)) for k in self.__dataclass_fields__})
+
+    def select(self, frame_mask: torch.Tensor) -> "PretrainBatch":
+        """The frames where ``frame_mask`` (B,) is True, renumbered 0..B'-1."""
+        atom_mask = frame_mask[self.batch]
+        new_index = torch.cumsum(frame_mask.to(torch.long), 0) - 1
+        pick = lambda t: None if t is None else t[frame_mask]
+        return PretrainBatch(numbers=self.numbers[atom_mask], positions=self.positions[atom_mask],
+                             batch=new_index[self.batch[atom_mask]], forces=self.forces[atom_mask],
+                             has_forces=self.has_forces[frame_mask], equilibrium=self.equilibrium[frame_mask],
+                             source=self.source[frame_mask], cell=pick(self.cell), pbc=pick(self.pbc))
+
+
+class Corpus:
+    """All sources in one :class:`ConformationSet` plus per-frame ``source_index`` and ``has_forces``."""
+
+    def __init__(self, sets: Sequence[ConformationSet], weights: Optional[Sequence[float]] = None,
+                 names: Optional[Sequence[str]] = None, report: Optional[Dict[str, Any]] = None):
+        sets = list(sets)
+        if not sets or all(len(s) == 0 for s in sets):
+            raise ValueError("the pretraining corpus is empty (every source is empty or was filtered out)")
+        self.names = list(names) if names is not None else [s.source for s in sets]
+        self.weights = np.asarray(weights if weights is not None else [1.0] * len(sets), dtype=np.float64)
+        filled, has_f, src = [], [], []
+        for k, s in enumerate(sets):
+            f = s.forces if s.forces is not None else np.zeros_like(s.positions)
+            filled.append(ConformationSet(numbers=s.numbers, positions=s.positions, ptr=s.ptr, forces=f,
+                                          cell=s.cell, pbc=s.pbc, frame_id=s.frame_id,
+                                          equilibrium=s.equilibrium, source=s.source))
+            has_f.append(np.full(len(s), s.forces is not None))
+            src.append(np.full(len(s), k, dtype=np.int64))
+        self.frames = ConformationSet.concatenate([s for s in filled if len(s)], source="corpus") \
+            if any(len(s) for s in filled) else filled[0]
+        self.has_forces = np.concatenate(has_f)
+        self.source_index = np.concatenate(src)
+        self.report = report or {}
+
+    # ------------------------------------------------------------------ info
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    @property
+    def elements(self) -> List[int]:
+        return self.frames.elements
+
+    def source_frames(self, k: int) -> np.ndarray:
+        return np.flatnonzero(self.source_index == k)
+
+    def force_rms(self) -> Optional[float]:
+        """RMS force component over frames with forces (eV/Å), or None."""
+        if not self.has_forces.any():
+            return None
+        atoms = self.frames.atom_index(np.flatnonzero(self.has_forces))
+        return float(np.sqrt(np.mean(self.frames.forces[atoms] ** 2)))
+
+    def summary(self) -> List[Dict[str, Any]]:
+        out = []
+        for k, name in enumerate(self.names):
+            idx = self.source_frames(k)
+            out.append({"name": name, "frames": int(len(idx)),
+                        "kind": "equilibrium" if len(idx) and self.frames.equilibrium[idx[0]] else "off-equilibrium",
+                        "forces": bool(len(idx) and self.has_forces[idx[0]]), "weight": float(self.weights[k])})
+        return out
+
+    # ------------------------------------------------------------------ batches
+    def collate(self, frames, dtype: torch.dtype = torch.float32, device="cpu") -> PretrainBatch:
+        frames = np.asarray(frames, dtype=np.int64).reshape(-1)
+        b = self.frames.collate(frames, dtype=dtype, device=device)
+        t = lambda a, dt: torch.as_tensor(a, dtype=dt, device=device)
+        return PretrainBatch(numbers=b.numbers, positions=b.positions, batch=b.batch, forces=b.forces,
+                             has_forces=t(self.has_forces[frames], torch.bool), equilibrium=b.equilibrium,
+                             source=t(self.source_index[frames], torch.long), cell=b.cell, pbc=b.pbc)
+
+
+def build_corpus(cfg: Union[CorpusConfig, Dict, List], data_dir=None, log=print) -> Corpus:
+    """Load every source, apply the leakage protocol, and assemble the :class:`Corpus`."""
+    cfg = corpus_config_from_obj(cfg)
+    data_dir = data_dir or cfg.data_dir
+    if not cfg.sources:
+        raise ValueError("the corpus lists no sources")
+    for s in cfg.sources:
+        if s.reader == "qm9" and (s.split or "train") in ("test", "all") and cfg.leakage.protocol != "none":
+            raise ValueError("QM9 source with split '%s' would put QM9 test molecules into pretraining; use "
+                             "split: train (or leakage protocol 'none' on purpose)" % (s.split or "train"))
+    targets = resolve_targets(cfg.leakage, data_dir) if cfg.leakage.protocol != "none" else []
+    sets, report = [], {"leakage": asdict(cfg.leakage), "sources": []}
+    for k, spec in enumerate(cfg.sources):
+        cset = load_source(spec, data_dir, cfg.seed)
+        keep, rep = apply_leakage_filter(cset, cfg.leakage, targets)
+        name = spec.name or cset.source
+        sets.append(cset.subset(np.flatnonzero(keep)))
+        report["sources"].append({"name": name, "reader": spec.reader, "kind": spec.kind, **rep})
+        log(f"corpus: {name}: {rep['kept']} of {rep['frames']} frames kept ({spec.kind})"
+            + (f", dropped {rep['dropped']}" if any(rep["dropped"].values()) else ""))
+    return Corpus(sets, [s.weight for s in cfg.sources], [s.name or c.source for s, c in zip(cfg.sources, sets)],
+                  report)
+
+
+# ---------------------------------------------------------------------------- sampler
+class EpochSampler:
+    """Deterministic batches of corpus frames per epoch, sharded over ranks.
+
+    Epoch ``e`` draws ``weight * n_s`` frames of each source ``s`` (whole copies plus a random remainder),
+    shuffles them all together with ``default_rng([seed, e])`` and cuts batches of ``batch_size`` frames; the
+    batch list is truncated to a multiple of ``world_size`` and rank ``r`` takes batches ``r, r + W, ...``, so
+    every rank runs the same number of steps and no frame is seen twice in one epoch (for weights <= 1).
+    """
+
+    def __init__(self, corpus: Corpus, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = True):
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.corpus, self.batch_size, self.seed = corpus, int(batch_size), int(seed)
+        self.rank, self.world_size, self.drop_last = int(rank), int(world_size), drop_last
+        n_total = sum(self._count(k) for k in range(len(corpus.names)))
+        n_batches = n_total // self.batch_size if drop_last else math.ceil(n_total / self.batch_size)
+        if n_batches < world_size:
+            raise ValueError(f"the corpus gives {n_batches} batches of {batch_size} frames per epoch, fewer than "
+                             f"the {world_size} processes; lower batch_size or add data")
+
+    def _count(self, k: int) -> int:
+        return int(round(self.corpus.weights[k] * len(self.corpus.source_frames(k))))
+
+    def epoch_frames(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, int(epoch)])
+        chosen = []
+        for k in range(len(self.corpus.names)):
+            idx = self.corpus.source_frames(k)
+            w = float(self.corpus.weights[k])
+            if len(idx) == 0 or w <= 0:
+                continue
+            whole, frac = int(math.floor(w)), w - math.floor(w)
+            parts = [idx] * whole
+            n_extra = int(round(frac * len(idx)))
+            if n_extra:
+                parts.append(rng.choice(idx, size=n_extra, replace=False))
+            chosen.extend(parts)
+        frames = np.concatenate(chosen) if chosen else np.zeros(0, np.int64)
+        return frames[rng.permutation(len(frames))]
+
+    def epoch_batches(self, epoch: int) -> List[np.ndarray]:
+        frames = self.epoch_frames(epoch)
+        n = len(frames) // self.batch_size if self.drop_last else math.ceil(len(frames) / self.batch_size)
+        n -= n % self.world_size
+        batches = [frames[b * self.batch_size:(b + 1) * self.batch_size] for b in range(n)]
+        return batches[self.rank::self.world_size]
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank."""
+        return len(self.epoch_batches(0))

@@ -1,0 +1,365 @@
+"""The pretraining loop: one model, many sources, several objectives; single process or DistributedDataParallel.
+
+Files in ``out`` (written by rank 0 only, atomically): ``config.yaml``, ``corpus_report.json``,
+``last.pt`` (full state: weights, heads, optimiser, scheduler, position in the epoch), ``pretrained.pt`` (an
+oreo model file of the pretrained :class:`~forcefield.potential.Potential`, loadable by
+:func:`forcefield.io.load_potential`, with the heads and the pretraining record under ``"pretrain"``), and
+``metrics.csv`` (one row every ``log_every`` steps, averaged over ranks).
+
+Resuming (``resume=True``) continues exactly: batches depend only on (seed, epoch), the noise of step ``s`` on
+rank ``r`` only on (seed, s, r), and the optimiser and scheduler states are restored.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import numpy as np
+import torch
+import yaml
+
+from .. import __version__
+from ..io import atomic_torch_save, model_record
+from ..potential import Potential
+from .corpus import Corpus, CorpusConfig, EpochSampler, build_corpus, corpus_config_from_obj
+from .distributed import DistInfo, all_reduce_mean, barrier
+from .objectives import ObjectivesConfig, PretrainTask, build_objectives
+
+__all__ = ["PretrainOptim", "PretrainConfig", "pretrain_config_from_dict", "load_pretrain_config", "Pretrainer",
+           "PRETRAIN_CHECKPOINT_FORMAT", "DEFAULT_MODEL"]
+
+PRETRAIN_CHECKPOINT_FORMAT = "oreo-pretrain-checkpoint"
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DEFAULT_MODEL = {"name": "et", "hidden": 128, "num_layers": 6, "num_heads": 8, "num_rbf": 32, "cutoff": 5.0}
+
+
+@dataclass
+class PretrainOptim:
+    batch_size: int = 32
+    lr: float = 5e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 1000
+    epochs: int = 100
+    max_steps: Optional[int] = None      # overrides epochs
+    weight_decay: float = 0.0
+    grad_clip: float = 5.0
+    seed: int = 1
+    dtype: str = "float32"
+    threads: Optional[int] = None
+    device: str = "auto"                 # auto | cpu | cuda
+    checkpoint_every: int = 500          # steps
+    log_every: int = 50                  # steps
+    max_minutes: Optional[float] = None  # wall-clock budget of this invocation; --resume continues
+
+
+@dataclass
+class PretrainConfig:
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    model: Dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_MODEL))
+    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
+    optim: PretrainOptim = field(default_factory=PretrainOptim)
+    elements: List[int] = field(default_factory=list)   # extra elements the model accepts (besides the corpus')
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def _build(cls, values, where: str):
+    if values is None:
+        return cls()
+    if is_dataclass(values):
+        return values
+    if not isinstance(values, dict):
+        raise ValueError(f"config section '{where}' must be a mapping")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(where + '.' + k for k in unknown)}; valid: {', '.join(sorted(known))}")
+    return cls(**values)
+
+
+def pretrain_config_from_dict(d: Dict[str, Any]) -> PretrainConfig:
+    d = dict(d or {})
+    unknown = sorted(set(d) - {"corpus", "model", "objectives", "optim", "elements"})
+    if unknown:
+        raise ValueError(f"unknown pretraining config section(s) {unknown}; valid: corpus, model, objectives, "
+                         "optim, elements")
+    model = dict(DEFAULT_MODEL) if d.get("model") is None else dict(d["model"])
+    if "name" not in model:
+        model["name"] = "et"
+    return PretrainConfig(corpus=corpus_config_from_obj(d.get("corpus") or []), model=model,
+                          objectives=_build(ObjectivesConfig, d.get("objectives"), "objectives"),
+                          optim=_build(PretrainOptim, d.get("optim"), "optim"),
+                          elements=[int(z) for z in d.get("elements") or []])
+
+
+def load_pretrain_config(path: Union[str, Path], corpus: Optional[Union[str, Path]] = None) -> PretrainConfig:
+    """A pretraining YAML (sections corpus, model, objectives, optim); ``corpus`` (a YAML list of sources or a
+    corpus mapping) replaces its corpus section."""
+    d = yaml.safe_load(Path(path).read_text()) or {} if path else {}
+    if corpus:
+        d["corpus"] = yaml.safe_load(Path(corpus).read_text())
+    return pretrain_config_from_dict(d)
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return int(np.random.SeedSequence([int(seed), int(step), int(rank)]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class Pretrainer:
+    def __init__(self, config: PretrainConfig, out: Union[str, Path], corpus: Optional[Corpus] = None,
+                 dist_info: Optional[DistInfo] = None, progress: bool = True, log: Callable[[str], None] = print,
+                 data_dir=None):
+        from ..models.egnn import register_egnn
+        register_egnn()
+        self.cfg = config
+        self.dist = dist_info or DistInfo()
+        self.out = Path(out)
+        self.is_main = self.dist.is_main
+        self.log = log if self.is_main else (lambda *_: None)
+        self.progress = progress and self.is_main
+        o = config.optim
+        if o.dtype not in DTYPES:
+            raise ValueError(f"optim.dtype must be one of {', '.join(DTYPES)}, got '{o.dtype}'")
+        self.dtype = DTYPES[o.dtype]
+        if o.threads:
+            torch.set_num_threads(int(o.threads))
+        if self.dist.enabled:
+            self.device = self.dist.device
+        elif o.device == "auto":
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            self.device = torch.device(o.device)
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.corpus = corpus if corpus is not None else build_corpus(config.corpus, data_dir, log=self.log)
+
+        torch.manual_seed(o.seed)
+        elements = sorted(set(self.corpus.elements) | set(int(z) for z in config.elements))
+        rms = self.corpus.force_rms()
+        weights = config.objectives.resolved_weights()
+        potential = Potential(backbone=dict(config.model), elements=elements, atomref=None,
+                              scale=rms if rms else 1.0, shift=0.0)
+        objectives = build_objectives(config.objectives, int(potential.backbone.hidden))
+        self.task = PretrainTask(potential, objectives).to(device=self.device, dtype=self.dtype)
+        self.task.potential.atomref.data = self.task.potential.atomref.data.double()
+        self.weights = weights
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DDP(self.task, device_ids=ids, output_device=ids[0] if ids else None)
+        else:
+            self.model = self.task
+        self.optimizer = torch.optim.AdamW(self.task.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        self.sampler = EpochSampler(self.corpus, o.batch_size, o.seed, self.dist.rank, self.dist.world_size)
+        self.steps_per_epoch = len(self.sampler)
+        self.total_steps = int(o.max_steps) if o.max_steps is not None else int(o.epochs) * self.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.elapsed = 0.0
+        self.stop_reason = ""
+        self.part_names = list(weights) + (["noise_level/accuracy"] if "noise_level" in weights else [])
+        self.csv_fields = ["step", "epoch", "lr", "loss"] + self.part_names + ["frames", "elapsed_s", "steps_per_s"]
+
+    # ------------------------------------------------------------------ schedule
+    def _lr_factor(self, step: int) -> float:
+        o = self.cfg.optim
+        if o.warmup_steps > 0 and step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        span = max(self.total_steps - o.warmup_steps, 1)
+        progress = min(max(step - o.warmup_steps, 0) / span, 1.0)
+        floor = o.min_lr / o.lr if o.lr > 0 else 0.0
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, frames: np.ndarray) -> Dict[str, float]:
+        o = self.cfg.optim
+        batch = self.corpus.collate(frames, dtype=self.dtype, device=self.device)
+        gen = torch.Generator().manual_seed(_step_seed(o.seed, self.step, self.dist.rank))
+        self.model.train()
+        loss, parts = self.model(batch, gen)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"pretraining loss became {loss.item()} at step {self.step} ({ {k: float(v) for k, v in parts.items()} }); "
+                                     f"lower optim.lr or optim.grad_clip and resume from {self.out / 'last.pt'}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if o.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.task.parameters(), o.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return {"loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()}}
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> Dict[str, Any]:
+        return {"format": PRETRAIN_CHECKPOINT_FORMAT, "oreo_version": __version__, "config": self.cfg.to_dict(),
+                "potential": model_record(self._cpu_potential()), "heads": self.task.heads_state(),
+                "task": {k: v.detach().cpu() for k, v in self.task.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "elapsed": self.elapsed, "world_size": self.dist.world_size, "total_steps": self.total_steps,
+                "corpus": self.corpus.summary(), "objective_weights": self.weights}
+
+    def _cpu_potential(self) -> Potential:
+        pot = copy.deepcopy(self.task.potential).cpu()
+        pot.set_metadata(pretrained=self.pretrain_record())
+        return pot
+
+    def pretrain_record(self) -> Dict[str, Any]:
+        method = self.cfg.objectives.method
+        return {"method": method if isinstance(method, str) else "+".join(method),
+                "objectives": self.weights, "steps": self.step, "epochs": self.epoch,
+                "batch_size": self.cfg.optim.batch_size, "world_size": self.dist.world_size,
+                "corpus": self.corpus.summary(),
+                "leakage": self.corpus.report.get("leakage", {}), "oreo_version": __version__}
+
+    def save_checkpoint(self) -> Optional[Path]:
+        if not self.is_main:
+            return None
+        st = self.state()
+        atomic_torch_save(st, self.out / "last.pt")
+        rec = dict(st["potential"])
+        rec["pretrain"] = {**self.pretrain_record(), "heads": st["heads"], "config": st["config"]}
+        return atomic_torch_save(rec, self.out / "pretrained.pt")
+
+    def load_checkpoint(self, path: Path) -> None:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        if ck.get("format") != PRETRAIN_CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not an oreo pretraining checkpoint")
+        if ck["corpus"] != self.corpus.summary():
+            raise ValueError(f"cannot resume from {path}: the corpus differs from the one it was trained on "
+                             f"({ck['corpus']} vs {self.corpus.summary()}); use the original config or a new --out")
+        if ck["world_size"] != self.dist.world_size:
+            self.log(f"warning: {path} was written by {ck['world_size']} process(es), now {self.dist.world_size}: "
+                     "training continues, but not step for step as the original run would have")
+        self.task.load_state_dict(ck["task"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        self.step, self.epoch, self.batch_in_epoch = ck["step"], ck["epoch"], ck["batch_in_epoch"]
+        self.elapsed = ck["elapsed"]
+
+    # ------------------------------------------------------------------ logging
+    def _reduce(self, sums: Dict[str, float], counts: Dict[str, int]) -> Dict[str, float]:
+        keys = ["loss"] + self.part_names
+        flat = {}
+        for k in keys:
+            flat["s:" + k] = sums.get(k, 0.0)
+            flat["c:" + k] = float(counts.get(k, 0))
+        red = all_reduce_mean(flat, self.dist)   # mean of sums / mean of counts = pooled mean
+        return {k: (red["s:" + k] / red["c:" + k] if red["c:" + k] > 0 else float("nan")) for k in keys}
+
+    def _append_csv(self, row: Dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        path = self.out / "metrics.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=self.csv_fields)
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    def _truncate_csv(self) -> None:
+        path = self.out / "metrics.csv"
+        if not self.is_main or not path.exists():
+            return
+        with open(path) as fh:
+            rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= self.step]
+        with open(path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=self.csv_fields)
+            w.writeheader()
+            w.writerows(rows)
+
+    def _should_stop(self, started: float) -> bool:
+        o = self.cfg.optim
+        if o.max_minutes is None:
+            return False
+        flag = 1.0 if time.perf_counter() - started > 60 * o.max_minutes else 0.0
+        return all_reduce_mean({"stop": flag}, self.dist)["stop"] > 0
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, resume: bool = False) -> Dict[str, Any]:
+        o = self.cfg.optim
+        last = self.out / "last.pt"
+        if resume:
+            if not last.is_file():
+                raise FileNotFoundError(f"--resume: no checkpoint {last}; start without --resume")
+            self.load_checkpoint(last)
+            self._truncate_csv()
+            self.log(f"resumed from {last} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
+        elif self.is_main and (last.exists() or (self.out / "metrics.csv").exists()):
+            raise FileExistsError(f"{self.out} already holds a pretraining run; pass --resume to continue it or "
+                                  "choose another --out")
+        barrier(self.dist)
+        if self.is_main:
+            (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False,
+                                                                  allow_unicode=True))
+            (self.out / "corpus_report.json").write_text(json.dumps(
+                {"summary": self.corpus.summary(), **self.corpus.report}, indent=2, default=str))
+        self.log(f"model: {self.task.potential.describe()}; objectives: {self.weights}")
+        self.log(f"corpus: {len(self.corpus)} frames; {self.steps_per_epoch} steps per epoch per process, "
+                 f"{self.total_steps} steps, {self.dist.world_size} process(es) on {self.device}")
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="pretrain", unit="step")
+        started = time.perf_counter()
+        elapsed0 = self.elapsed
+        sums: Dict[str, float] = {}
+        counts: Dict[str, int] = {}
+        n_frames = 0
+        window_start, window_step = time.perf_counter(), self.step
+        while self.step < self.total_steps and not self.stop_reason:
+            batches = self.sampler.epoch_batches(self.epoch)
+            while self.batch_in_epoch < len(batches) and self.step < self.total_steps:
+                vals = self.train_step(batches[self.batch_in_epoch])
+                self.batch_in_epoch += 1
+                n_frames += len(batches[self.batch_in_epoch - 1])
+                for k, v in vals.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{vals['loss']:.4g}")
+                if self.batch_in_epoch >= len(batches):
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+                self.elapsed = elapsed0 + time.perf_counter() - started
+                if self.step % o.log_every == 0 or self.step >= self.total_steps:
+                    self._log_row(sums, counts, n_frames, window_start, window_step)
+                    sums, counts, n_frames = {}, {}, 0
+                    window_start, window_step = time.perf_counter(), self.step
+                if self.step % o.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if self._should_stop(started):
+                    self.stop_reason = f"time budget of {o.max_minutes:g} min reached (continue with --resume)"
+                    break
+                if self.batch_in_epoch == 0:
+                    break  # next epoch: new batch list
+        if counts:
+            self._log_row(sums, counts, n_frames, window_start, window_step)
+        if bar is not None:
+            bar.close()
+        self.stop_reason = self.stop_reason or f"all {self.total_steps} steps done"
+        self.save_checkpoint()
+        barrier(self.dist)
+        self.log(self.stop_reason)
+        return {"steps": self.step, "epochs": self.epoch, "stop_reason": self.stop_reason,
+                "pretrained": str(self.out / "pretrained.pt"), "minutes": self.elapsed / 60}
+
+    def _log_row(self, sums, counts, n_frames, window_start, window_step) -> None:
+        means = self._reduce(sums, counts)
+        frames = all_reduce_mean({"f": float(n_frames)}, self.dist)["f"] * self.dist.world_size
+        dt = max(time.perf_counter() - window_start, 1e-9)
+        row = {"step": self.step, "epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"],
+               **means, "frames": int(round(frames)), "elapsed_s": round(self.elapsed, 3),
+               "steps_per_s": (self.step - window_step) / dt}
+        self._append_csv(row)

@@ -1,0 +1,221 @@
+"""``oreo-md``: simulate, analyze and DFT-check MD runs. Only parses arguments and calls md/ functions.
+
+Examples::
+
+    oreo-md simulate --molecule aspirin --ps 300            # shipped model 'aspirin', 5 replicas, 500 K NH
+    oreo-md simulate --molecule ethanol --model runs/ethanol.pt --thermostat langevin --friction 0.02
+    oreo-md simulate --out runs/md/aspirin_x                 # resume a killed run (automatic)
+    oreo-md analyze runs/md/aspirin_x
+    oreo-md dft-check runs/md/aspirin_x --frames 10
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from .errors import MDInputError
+from .integrators import THERMOSTATS
+
+PROG = "oreo-md"
+
+
+def _molecule(name: str) -> str:
+    from .data import canonical_molecule
+    try:
+        return canonical_molecule(name)
+    except MDInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got '{text}'") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return v
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Molecular dynamics with oreo force fields (MDsim-style "
+                                "stability / h(r) benchmark).")
+    sub = p.add_subparsers(dest="command", metavar="{simulate,analyze,dft-check}")
+    sub.required = True
+
+    s = sub.add_parser("simulate", help="run (or resume) batched MD replicas",
+                       description="Run MD replicas as one batch; resumes automatically when --out has a checkpoint. "
+                                   "Defaults follow MDsim for MD17 (500 K, 0.5 fs, Nose-Hoover, 5 replicas).")
+    sys_ = s.add_mutually_exclusive_group()
+    sys_.add_argument("--molecule", type=_molecule, help="rMD17 molecule (initial frames: held-out test split)")
+    sys_.add_argument("--structure", help="ASE-readable file with the initial/reference frames (e.g. periodic)")
+    s.add_argument("--model", help="checkpoint/export path, shipped model name (default: the molecule's name), "
+                                   "or py:module:factory")
+    s.add_argument("--ps", type=_positive(float), help="picoseconds per replica (default 300)")
+    s.add_argument("--replicas", type=_positive(int), help="number of replicas (default 5)")
+    s.add_argument("--temperature", type=float, help="K (default 500)")
+    s.add_argument("--timestep", type=_positive(float), help="fs (default 0.5)")
+    s.add_argument("--thermostat", choices=THERMOSTATS, help="default nose-hoover")
+    s.add_argument("--tau-steps", type=_positive(float), help="Nose-Hoover coupling time in steps (default 20)")
+    s.add_argument("--friction", type=_positive(float), help="Langevin friction in 1/fs (default 0.01)")
+    s.add_argument("--seed", type=int, help="seed for initial frames, velocities and noise (default 123)")
+    s.add_argument("--out", help="run directory (default runs/md/<system>_<model>_<thermostat>_<T>K_seed<seed>)")
+    s.add_argument("--data-dir", help="folder holding rmd17/ (default $OREO_DATA_DIR)")
+    s.add_argument("--split-index", type=_positive(int), help="rMD17 split 1-5 for the held-out frames (default 1)")
+    s.add_argument("--device", help="torch device (default cpu)")
+    s.add_argument("--dtype", choices=("float32", "float64"), help="dtype of the potential (default float32)")
+    s.add_argument("--log-every", type=_positive(int), help="steps between logged frames (default 100)")
+    s.add_argument("--checkpoint-every", type=_positive(int), help="steps between checkpoints (default 10 x log-every)")
+    s.add_argument("--stop-unstable", action=argparse.BooleanOptionalAction, default=None,
+                   help="stop replicas whose max bond deviation exceeds --bond-threshold (default on)")
+    s.add_argument("--bond-threshold", type=_positive(float), help="Å (default 0.5)")
+    s.add_argument("--max-temperature-factor", type=_positive(float),
+                   help="stop replicas hotter than this x --temperature (default 10)")
+    s.add_argument("--force-frames", type=_non_negative_int,
+                   help="held-out frames for the force MAE in the analysis (default 1000; 0 skips)")
+    s.add_argument("--analyze", action=argparse.BooleanOptionalAction, default=None,
+                   help="analyze the run at the end (default on)")
+    s.add_argument("--resume", action="store_true", help="require a checkpoint in --out and continue it")
+    s.add_argument("--overwrite", action="store_true", help="delete a previous run in --out and start over")
+    s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="tqdm progress bar (default: on when stderr is a terminal)")
+
+    a = sub.add_parser("analyze", help="stability, h(r), force MAE and speed of a run",
+                       description="Write summary.json, hr.png and thermo.png of a run directory.")
+    a.add_argument("run_dir", help="run directory (--out of simulate)")
+    a.add_argument("--force-frames", type=_non_negative_int, help="held-out frames for the force MAE (0 skips)")
+    a.add_argument("--batch-size", type=_positive(int), default=64, help="frames per force evaluation (default 64)")
+    a.add_argument("--device", help="torch device for the force MAE (default: the run's)")
+    a.add_argument("--data-dir", help="folder holding rmd17/ (default: the run's, or $OREO_DATA_DIR)")
+    a.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+
+    d = sub.add_parser("dft-check", help="PySCF forces on frames of the model's own trajectory",
+                       description="Recompute forces of sampled trajectory frames at PBE/def2-SVP (rMD17's level) "
+                                   "with PySCF and report the model's force MAE. Needs: pip install 'oreo[dft]'.")
+    d.add_argument("run_dir", help="run directory (--out of simulate)")
+    d.add_argument("--frames", type=_positive(int), default=10, help="frames to check (default 10)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the frame sample (default 0)")
+    d.add_argument("--replica", type=_non_negative_int, help="only frames of this replica")
+    d.add_argument("--xc", default="pbe", help="exchange-correlation functional (default pbe)")
+    d.add_argument("--basis", default="def2-svp", help="basis set (default def2-svp)")
+    d.add_argument("--grid-level", type=_non_negative_int, default=4, help="PySCF DFT grid level (default 4)")
+    d.add_argument("--conv-tol", type=_positive(float), default=1e-10, help="SCF convergence, Hartree (default 1e-10)")
+    d.add_argument("--max-memory", type=_positive(int), help="PySCF memory limit in MB")
+    return p
+
+
+# ---------------------------------------------------------------------------------- commands
+def _default_out(cfg) -> Path:
+    model = Path(cfg.model_spec.replace("py:", "").replace(":", "-")).stem or "model"
+    return Path("runs") / "md" / f"{cfg.system_name}_{model}_{cfg.thermostat}_{cfg.temperature:g}K_seed{cfg.seed}"
+
+
+def _simulate(args) -> int:
+    from . import io
+    from .config import SimulationConfig
+    from .simulate import run_simulation
+
+    names = {f.name for f in fields(SimulationConfig)}
+    given: Dict[str, object] = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    out = Path(args.out) if args.out else None
+    stored = None
+    if out is not None and (out / io.CHECKPOINT).is_file() and not args.overwrite:
+        ckpt = io.load_checkpoint(out / io.CHECKPOINT)
+        stored = SimulationConfig.from_dict(ckpt["config"])
+    if stored is None:
+        if args.resume and out is None:
+            raise MDInputError("--resume needs --out DIR (the run directory to continue)")
+        if args.resume:
+            raise MDInputError(f"--resume: no checkpoint in '{out}'; drop --resume to start a new run there")
+        if not given.get("molecule") and not given.get("structure"):
+            raise MDInputError("give --molecule NAME (rMD17) or --structure FILE, or --out DIR of a run to resume")
+        cfg = SimulationConfig(**given).validate()
+        out = out or _default_out(cfg)
+        if (out / io.CHECKPOINT).is_file() and not args.overwrite:
+            stored = SimulationConfig.from_dict(io.load_checkpoint(out / io.CHECKPOINT)["config"])
+    if stored is not None:
+        cfg = replace(stored, **given)
+        print(f"resuming the run in {out}")
+    run_simulation(cfg, out, resume=True if args.resume else None, overwrite=args.overwrite, progress=args.progress)
+    print(f"run directory: {out}")
+    if cfg.analyze:
+        _print_summary(io.read_json(out / io.SUMMARY_JSON))
+    return 0
+
+
+def _analyze(args) -> int:
+    from .analysis import analyze_run
+    summary = analyze_run(args.run_dir, force_frames=args.force_frames, batch_size=args.batch_size,
+                          device=args.device, data_dir=args.data_dir, plots=not args.no_plots)
+    _print_summary(summary)
+    print(f"wrote {Path(args.run_dir) / 'summary.json'}")
+    return 0
+
+
+def _dft_check(args) -> int:
+    from .dft import dft_check
+    report = dft_check(args.run_dir, n_frames=args.frames, seed=args.seed, replica=args.replica, xc=args.xc,
+                       basis=args.basis, grid_level=args.grid_level, conv_tol=args.conv_tol,
+                       max_memory=args.max_memory)
+    print(f"DFT check ({args.xc}/{args.basis}) on {report['n_frames']} frames: force MAE "
+          f"{report['force_mae_meV_per_A']:.1f} meV/Å (RMSE {report['force_rmse_meV_per_A']:.1f})")
+    print(f"wrote {Path(args.run_dir) / 'dft_check.json'} and dft_parity.png")
+    return 0
+
+
+def _fmt(stats: dict, digits: int = 2) -> str:
+    if not stats or stats.get("mean") is None:
+        return "n/a"
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+
+
+def _print_summary(summary: dict) -> None:
+    print(f"{summary['system']} with {summary['model']} ({summary['thermostat']}, {summary['temperature_K']:g} K, "
+          f"{summary['simulated_ps']:g} ps of {summary['requested_ps']:g})")
+    for rep in summary["replicas"]:
+        hr = "n/a" if rep["hr_mae"] is None else f"{rep['hr_mae']:.3f}"
+        why = f"  [{rep['stop_reason']}]" if rep.get("stop_reason") else ""
+        print(f"  replica {rep['replica']}: stability {rep['stability_ps']:.2f} ps, h(r) MAE {hr}{why}")
+    force = summary.get("force_mae_meV_per_A")
+    speed = summary.get("speed") or {}
+    print(f"  stability {_fmt(summary['stability_ps'])} ps | h(r) MAE {_fmt(summary['hr_mae'], 3)} | force MAE "
+          f"{'n/a' if force is None else f'{force:.1f} meV/Å'} | "
+          f"{speed.get('steps_per_s', float('nan')):.1f} steps/s ({speed.get('ns_per_day', float('nan')):.3f} ns/day)")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"simulate": _simulate, "analyze": _analyze, "dft-check": _dft_check}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            return handlers[args.command](args)
+    except MDInputError as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted; the last checkpoint is kept - run the same command again to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

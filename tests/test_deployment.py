@@ -1,0 +1,107 @@
+"""Deployment: model files, the ASE calculator, the TorchScript export, clear errors for bad files."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms, units
+from ase.md.verlet import VelocityVerlet
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+from forcefield import OreoCalculator
+from forcefield.export import export_torchscript, read_export_metadata
+from forcefield.io import ModelFileError, load_potential, save_model
+from tests.helpers import ETHANOL_R, ETHANOL_Z, tiny_potential
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    save_model(tiny_potential(dtype=torch.float64), path)
+    return path
+
+
+def test_model_file_round_trip(model_file):
+    pot = tiny_potential(dtype=torch.float64)
+    loaded = load_potential(model_file, dtype=torch.float64)
+    z, r = torch.as_tensor(ETHANOL_Z), torch.as_tensor(ETHANOL_R)
+    a, b = pot(z, r), loaded(z, r)
+    assert torch.equal(a["energy"], b["energy"]) and torch.equal(a["forces"], b["forces"])
+    assert loaded.metadata["molecule"] == "ethanol"
+
+
+def test_calculator_matches_potential_and_energy_is_precise(model_file):
+    atoms = Atoms(numbers=ETHANOL_Z, positions=ETHANOL_R)
+    atoms.calc = OreoCalculator(model_file, dtype="float64")
+    pot = load_potential(model_file, dtype=torch.float64)
+    ref = pot(torch.as_tensor(ETHANOL_Z), torch.as_tensor(ETHANOL_R))
+    assert atoms.get_potential_energy() == pytest.approx(float(ref["energy"]), abs=1e-9)
+    np.testing.assert_allclose(atoms.get_forces(), ref["forces"].numpy(), atol=1e-10)
+    # float32 model: the large reference energy is still added in float64
+    atoms32 = atoms.copy()
+    atoms32.calc = OreoCalculator(model_file, dtype="float32")
+    assert atoms32.get_potential_energy() == pytest.approx(atoms.get_potential_energy(), abs=2e-4)
+    assert atoms.get_potential_energy() < -4000  # reference energies (-4180.6 eV) included
+
+
+def test_calculator_short_nve_md_conserves_energy(model_file):
+    atoms = Atoms(numbers=ETHANOL_Z, positions=ETHANOL_R)
+    atoms.calc = OreoCalculator(model_file, dtype="float64")
+    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
+    dyn = VelocityVerlet(atoms, timestep=0.25 * units.fs)
+    e0 = atoms.get_total_energy()
+    energies = []
+    for _ in range(40):
+        dyn.run(1)
+        energies.append(atoms.get_total_energy())
+    assert np.all(np.isfinite(energies))
+    assert max(abs(e - e0) for e in energies) < 5e-3  # eV, 40 steps of 0.25 fs
+    assert np.abs(atoms.positions - ETHANOL_R).max() > 1e-3  # the atoms did move
+
+
+def test_torchscript_export_equals_eager_and_loads_with_torch_only(model_file, tmp_path):
+    out = tmp_path / "tiny_ts.pt"
+    export_torchscript(model_file, out, dtype=torch.float64)
+    meta = read_export_metadata(out)
+    assert meta["units"]["energy"] == "eV" if "units" in meta else True
+    assert meta["export_format"] == "oreo-torchscript"
+    eager = load_potential(model_file, dtype=torch.float64)
+    ref = eager(torch.as_tensor(ETHANOL_Z), torch.as_tensor(ETHANOL_R))
+    # a Python that imports neither forcefield nor ase
+    code = (
+        "import sys, json, torch\n"
+        "sys.modules['forcefield'] = None; sys.modules['ase'] = None\n"
+        f"m = torch.jit.load({str(out)!r})\n"
+        f"z = torch.tensor({ETHANOL_Z.tolist()}); r = torch.tensor({ETHANOL_R.tolist()}, dtype=torch.float64)\n"
+        "o = m(z, r)\n"
+        "print(json.dumps({'e': o['energy'].tolist(), 'f': o['forces'].tolist()}))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    got = json.loads(res.stdout)
+    assert got["e"][0] == pytest.approx(float(ref["energy"]), abs=1e-9)
+    np.testing.assert_allclose(np.array(got["f"]), ref["forces"].numpy(), atol=1e-10)
+    # the calculator loads exports too
+    atoms = Atoms(numbers=ETHANOL_Z, positions=ETHANOL_R)
+    atoms.calc = OreoCalculator(out, dtype="float64")
+    assert atoms.get_potential_energy() == pytest.approx(float(ref["energy"]), abs=1e-9)
+
+
+def test_missing_and_corrupt_model_files_give_clear_errors(tmp_path):
+    with pytest.raises(ModelFileError, match="not found"):
+        OreoCalculator(tmp_path / "nope.pt")
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(b"this is not a model")
+    with pytest.raises(ModelFileError, match="corrupt"):
+        OreoCalculator(bad)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    with pytest.raises(ModelFileError, match="not an oreo model"):
+        load_potential(other)
+
+
+def test_calculator_rejects_unknown_element(model_file):
+    atoms = Atoms(numbers=[6, 9], positions=[[0, 0, 0], [1.3, 0, 0]])
+    atoms.calc = OreoCalculator(model_file)
+    with pytest.raises(ValueError, match="atomic number 9"):
+        atoms.get_potential_energy()

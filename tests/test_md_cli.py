@@ -1,0 +1,174 @@
+"""``oreo-md`` command line and the MD17 benchmark script: clear errors, end-to-end runs on real rMD17 frames."""
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase.io import read
+
+from md.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rmd17_available():
+    d = os.environ.get("OREO_DATA_DIR")
+    return bool(d) and any(Path(d, "rmd17").glob("rmd17_ethanol_test_01*"))
+
+
+needs_data = pytest.mark.skipif(not rmd17_available(), reason="rMD17 ethanol files not found under $OREO_DATA_DIR")
+
+
+def run_cli(capsys, *argv):
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:          # argparse errors
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# ------------------------------------------------------------------------------------------- errors
+def test_unknown_molecule_is_a_clear_parse_error(capsys):
+    code, _, err = run_cli(capsys, "simulate", "--molecule", "unobtainium")
+    assert code == 2
+    assert "unobtainium" in err and "aspirin" in err and "ethanol" in err   # names the problem and the choices
+
+
+def test_bad_thermostat_is_a_clear_parse_error(capsys):
+    code, _, err = run_cli(capsys, "simulate", "--molecule", "aspirin", "--thermostat", "berendsen")
+    assert code == 2
+    assert "berendsen" in err and "nose-hoover" in err and "langevin" in err and "nve" in err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--molecule", "aspirin", "--ps", "-3"], ["--ps", "must be > 0"]),
+    (["--molecule", "aspirin", "--replicas", "two"], ["--replicas", "'two'"]),
+    (["--molecule", "aspirin", "--structure", "x.xyz"], ["not allowed with"]),
+])
+def test_bad_numbers_and_combinations(capsys, args, words):
+    code, _, err = run_cli(capsys, "simulate", *args)
+    assert code == 2 and all(w in err for w in words), err
+
+
+def test_missing_system_and_bad_settings(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "simulate", "--ps", "1")
+    assert code == 2 and "--molecule" in err and "--structure" in err
+    code, _, err = run_cli(capsys, "simulate", "--molecule", "ethanol", "--thermostat", "nose-hoover",
+                           "--temperature", "0", "--out", str(tmp_path / "x"))
+    assert code == 2 and "--temperature must be > 0" in err
+    code, _, err = run_cli(capsys, "simulate", "--molecule", "ethanol", "--log-every", "100",
+                           "--checkpoint-every", "150", "--out", str(tmp_path / "x"))
+    assert code == 2 and "multiple of --log-every" in err
+    code, _, err = run_cli(capsys, "simulate", "--structure", str(tmp_path / "missing.xyz"), "--model", "m.pt",
+                           "--out", str(tmp_path / "y"))
+    assert code == 2 and "does not exist" in err
+
+
+def test_analyze_and_dft_check_need_a_run_directory(capsys, tmp_path):
+    for cmd in ("analyze", "dft-check"):
+        code, _, err = run_cli(capsys, cmd, str(tmp_path))
+        assert code == 2 and "not an oreo-md run directory" in err
+
+
+def test_dft_check_without_pyscf_says_how_to_install(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyscf", None)               # makes `import pyscf` fail
+    (tmp_path / "run.json").write_text("{}")
+    code, _, err = run_cli(capsys, "dft-check", str(tmp_path), "--frames", "2")
+    assert code == 2
+    assert "pip install 'oreo[dft]'" in err and "pip install pyscf" in err
+
+
+@needs_data
+def test_missing_model_file_is_clear(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "simulate", "--molecule", "ethanol", "--model", str(tmp_path / "nope.pt"),
+                           "--out", str(tmp_path / "run"), "--ps", "0.01")
+    assert code == 2 and "nope.pt" in err and "not found" in err
+
+
+# ------------------------------------------------------------------------------------------- end to end
+SIM = ["--molecule", "ethanol", "--model", "py:md.analytic:bond_network", "--replicas", "2", "--log-every", "10",
+       "--force-frames", "10", "--no-progress", "--temperature", "300"]
+
+
+@needs_data
+def test_cli_simulate_extend_equals_straight_and_analyze(capsys, tmp_path):
+    straight, extended = tmp_path / "straight", tmp_path / "extended"
+    code, out, err = run_cli(capsys, "simulate", *SIM, "--ps", "0.04", "--out", str(straight))
+    assert code == 0, err
+    assert "stability" in out and "force MAE" in out
+    code, _, err = run_cli(capsys, "simulate", *SIM, "--ps", "0.02", "--out", str(extended))
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "simulate", "--out", str(extended), "--ps", "0.04", "--no-progress")
+    assert code == 0 and "resuming" in out, err
+    for name in ("thermo.csv", "traj_000.extxyz", "traj_001.extxyz"):
+        assert (straight / name).read_bytes() == (extended / name).read_bytes(), name
+    # a changed setting on resume is refused with the fix named
+    code, _, err = run_cli(capsys, "simulate", "--out", str(extended), "--seed", "7")
+    assert code == 2 and "seed" in err and "--overwrite" in err
+    code, out, err = run_cli(capsys, "analyze", str(straight), "--force-frames", "5", "--no-plots")
+    assert code == 0, err
+    summary = json.loads((straight / "summary.json").read_text())
+    assert summary["force"]["n_frames"] == 5 and summary["system"] == "ethanol"
+    assert summary["stability_ps"]["n"] == 2
+    # initial frames are held-out (test split) frames
+    from forcefield.data import load_rmd17
+    test = load_rmd17("ethanol", split="test")
+    run = json.loads((straight / "run.json").read_text())
+    first = read(straight / "traj_000.extxyz", index=0)
+    np.testing.assert_allclose(first.positions, test.frame_positions(run["replicas"][0]["initial_frame"]), atol=1e-9)
+    assert run["replicas"][0]["initial_frame_id"] in set(test.frame_id.tolist())
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("md17_simulation", ROOT / "benchmarks" / "md17_simulation.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@needs_data
+def test_benchmark_script_end_to_end_with_random_weight_model(tmp_path, capsys):
+    """A tiny random-weight oreo Potential, saved as a model file, through the whole benchmark (and reused)."""
+    potential = pytest.importorskip("forcefield.potential")
+    from forcefield.io import save_model
+    torch.manual_seed(0)
+    pot = potential.Potential(backbone={"name": "et", "hidden": 8, "num_layers": 1, "num_heads": 2, "num_rbf": 8,
+                                        "cutoff": 4.0}, elements=[1, 6, 8], metadata={"molecule": "ethanol"})
+    model = save_model(pot, tmp_path / "tiny.pt")
+    bench = load_benchmark()
+    argv = ["--models", f"ethanol={model}", "--ps", "0.01", "--replicas", "2", "--log-every", "10",
+            "--force-frames", "8", "--out", str(tmp_path / "bench"), "--no-progress"]
+    assert bench.main(argv) == 0
+    table = (tmp_path / "bench" / "md17_simulation.md").read_text()
+    row = [line for line in table.splitlines() if line.startswith("| ethanol")]
+    assert len(row) == 1 and "tiny.pt" in row[0]
+    data = json.loads((tmp_path / "bench" / "md17_simulation.json").read_text())
+    assert data[0]["force_mae_meV_per_A"] > 0 and data[0]["stability_ps"]["n"] == 2
+    summary = tmp_path / "bench" / "ethanol__tiny" / "summary.json"
+    before = summary.stat().st_mtime_ns
+    capsys.readouterr()
+    assert bench.main(argv) == 0
+    assert "reusing finished run" in capsys.readouterr().out and summary.stat().st_mtime_ns == before
+    assert bench.main(["--models", "ethanol-path", "--out", str(tmp_path / "b2")]) == 2   # no MOLECULE=MODEL
+    assert "MOLECULE=MODEL" in capsys.readouterr().err
+
+
+@needs_data
+def test_dft_check_with_pyscf(tmp_path, capsys):
+    pytest.importorskip("pyscf")
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "simulate", *SIM, "--ps", "0.01", "--out", str(out))
+    assert code == 0, err
+    code, text, err = run_cli(capsys, "dft-check", str(out), "--frames", "1", "--basis", "sto-3g", "--grid-level", "1",
+                              "--conv-tol", "1e-8")
+    assert code == 0, err
+    report = json.loads((out / "dft_check.json").read_text())
+    arrays = np.load(out / "dft_forces.npz")
+    mae = 1000 * np.abs(arrays["model_0"] - arrays["dft_0"]).mean()
+    assert report["n_frames"] == 1 and report["force_mae_meV_per_A"] == pytest.approx(mae)
+    assert (out / "dft_parity.png").is_file()

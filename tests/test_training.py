@@ -1,0 +1,86 @@
+"""Training: the loss goes down, a killed run resumes exactly, configs and the CLI fail clearly."""
+import json
+
+import pytest
+import torch
+
+from forcefield.cli import main as oreo
+from forcefield.io import load_potential
+from forcefield.train import Trainer, config_from_dict
+
+TINY_CFG = {
+    "data": {"molecule": "ethanol", "train_size": 24, "val_size": 8, "test_size": 16},
+    "model": {"hidden": 16, "num_layers": 2, "num_heads": 2, "num_rbf": 8, "cutoff": 4.0},
+    "optim": {"epochs": 6, "batch_size": 4, "lr": 5e-3, "lr_warmup_steps": 2, "ema_decay": 0.5, "seed": 3},
+}
+
+
+def _cfg(**optim):
+    d = json.loads(json.dumps(TINY_CFG))
+    d["optim"].update(optim)
+    return config_from_dict(d)
+
+
+def test_training_lowers_the_error(tmp_path):
+    trainer = Trainer(_cfg(), tmp_path / "run", progress=False, log=lambda s: None)
+    before = trainer.validate()["forces_mae_meV_per_A"]
+    metrics = trainer.fit()
+    after = trainer.validate()["forces_mae_meV_per_A"]
+    assert after < 0.9 * before
+    assert metrics["forces_mae_meV_per_A"] > 0
+    for name in ("best.pt", "last.pt", "metrics.csv", "learning_curve.png", "parity.png", "test_metrics.json"):
+        assert (tmp_path / "run" / name).is_file(), name
+    meta = load_potential(tmp_path / "run" / "best.pt").metadata
+    assert len(meta["train_frame_ids"]) == 24 and meta["molecule"] == "ethanol"
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = Trainer(_cfg(epochs=3), tmp_path / "a", progress=False, log=lambda s: None)
+    straight.fit()
+    # "killed" after one epoch: a run whose budget ended, then resumed with the full budget
+    first = Trainer(_cfg(epochs=1), tmp_path / "b", progress=False, log=lambda s: None)
+    first.fit()
+    resumed = Trainer(_cfg(epochs=3), tmp_path / "b", progress=False, log=lambda s: None)
+    resumed.fit(resume=True)
+    for (k, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    for (k, a), (_, b) in zip(straight.ema.state_dict().items(), resumed.ema.state_dict().items()):
+        assert torch.equal(a, b), k
+    rows = (tmp_path / "b" / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 3  # header + one row per epoch, no duplicates
+
+
+def test_resume_refuses_a_different_split(tmp_path):
+    Trainer(_cfg(epochs=1), tmp_path / "r", progress=False, log=lambda s: None).fit()
+    other = _cfg(epochs=2, seed=4)
+    with pytest.raises(ValueError, match="split differs"):
+        Trainer(other, tmp_path / "r", progress=False, log=lambda s: None).fit(resume=True)
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(_cfg(epochs=1), tmp_path / "r", progress=False, log=lambda s: None).fit()
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ValueError, match="optim.learning_rate"):
+        config_from_dict({"optim": {"learning_rate": 1e-3}})
+    with pytest.raises(ValueError, match="unknown backbone 'painn'"):
+        Trainer(config_from_dict({**TINY_CFG, "model": {"name": "painn"}}), "/tmp/never", progress=False)
+
+
+def test_cli_train_evaluate_export(tmp_path, capsys):
+    import yaml
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(TINY_CFG))
+    out = tmp_path / "cli"
+    assert oreo(["train", "--config", str(cfg), "--out", str(out), "--no-progress",
+                 "--set", "optim.epochs=1"]) == 0
+    assert oreo(["evaluate", str(out / "best.pt"), "--max-frames", "10", "--out", str(tmp_path / "ev")]) == 0
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["n_frames"] == 10 and metrics["forces_mae_meV_per_A"] > 0
+    assert (tmp_path / "ev" / "parity.png").stat().st_size > 1000
+    assert oreo(["export", str(out / "best.pt"), "-o", str(tmp_path / "m.pt")]) == 0
+    assert torch.jit.load(str(tmp_path / "m.pt")) is not None
+    # bad inputs: a clear message and exit code 2, no traceback
+    assert oreo(["evaluate", str(tmp_path / "missing.pt")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert oreo(["evaluate", str(out / "best.pt"), "--molecule", "caffeine"]) == 2
+    assert "caffeine" in capsys.readouterr().err
