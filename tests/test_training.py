@@ -59,6 +59,18 @@ def test_resume_refuses_a_different_split(tmp_path):
         Trainer(_cfg(epochs=1), tmp_path / "r", progress=False, log=lambda s: None).fit()
 
 
+def test_config_numbers_from_yaml_strings():
+    cfg = config_from_dict({"optim": {"lr": "3e-4", "epochs": "7"}})  # YAML 1.1 reads 3e-4 as a string
+    assert cfg.optim.lr == 3e-4 and cfg.optim.epochs == 7
+
+
+def test_resume_with_a_new_learning_rate(tmp_path):
+    Trainer(_cfg(epochs=1), tmp_path / "lr", progress=False, log=lambda s: None).fit()
+    t = Trainer(_cfg(epochs=2, lr=1e-4), tmp_path / "lr", progress=False, log=lambda s: None)
+    t.load_checkpoint(tmp_path / "lr" / "last.pt")
+    assert t.optimizer.param_groups[0]["lr"] == 1e-4
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match="optim.learning_rate"):
         config_from_dict({"optim": {"learning_rate": 1e-3}})

@@ -78,8 +78,23 @@ def _build(cls, values: Dict[str, Any], where: str):
         if is_dataclass(default):
             kw[name] = _build(type(default), value, name)
         else:
-            kw[name] = value
+            kw[name] = _coerce(value, known[name].type, f"{where}.{name}")
     return cls(**kw)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """YAML reads ``1e-3`` as a string and ``5`` as an int: convert to the field's numeric type."""
+    text = str(annotation)
+    if value is None or isinstance(value, bool):
+        return value
+    try:
+        if "float" in text and isinstance(value, (int, float, str)):
+            return float(value)
+        if "int" in text and isinstance(value, (int, str)) and not isinstance(value, bool):
+            return int(value)
+    except ValueError:
+        raise ValueError(f"config key {key} must be a number, got {value!r}") from None
+    return value
 
 
 def config_from_dict(d: Dict[str, Any]) -> Config:

@@ -192,10 +192,24 @@ class Trainer:
         self.ema.load_state_dict(ck["model"]["state_dict"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
+        self._apply_changed_schedule(ck["config"]["optim"])
         self.epoch, self.step = ck["epoch"], ck["step"]
         self.best_val, self.epochs_since_best = ck["best_val"], ck["epochs_since_best"]
         self.elapsed = ck["elapsed"]
         torch.set_rng_state(ck["torch_rng"])
+
+    def _apply_changed_schedule(self, saved: Dict) -> None:
+        """Resuming with a new optim.lr (or plateau settings) restarts the schedule from there: the way to
+        continue a run that stopped on its time budget with a lower learning rate."""
+        o = self.cfg.optim
+        if o.lr != saved["lr"]:
+            for g in self.optimizer.param_groups:
+                g["lr"] = o.lr
+            self.scheduler.num_bad_epochs = 0
+            self.log(f"learning rate set to {o.lr:g} (was {saved['lr']:g} in the checkpoint's config)")
+        self.scheduler.patience = o.lr_patience
+        self.scheduler.factor = o.lr_factor
+        self.scheduler.min_lrs = [o.lr_min] * len(self.optimizer.param_groups)
 
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: bool = False) -> Dict:
