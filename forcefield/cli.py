@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--molecules", nargs="*")
     d.add_argument("--data-dir")
     d.set_defaults(func=cmd_data)
+
+    from .pretrain.cli import register_subcommands  # oreo pretrain / oreo finetune
+    register_subcommands(sub)
     return p
 
 

@@ -196,33 +196,43 @@ def _qm9pack_files(path: Optional[Path]) -> List[Path]:
 
 
 def _read_qm9pack(files: Sequence[Path], properties: Sequence[str]) -> _Records:
-    import pandas as pd
+    """qm9pack CSVs with the standard library's csv module (no pandas needed)."""
+    import csv
+    import sys
+    csv.field_size_limit(sys.maxsize)
     cols = ["Index", "Elements", "XYZ_Ang"] + [QM9_PROPERTIES[p].qm9pack for p in properties]
-    frames = []
+    table: List[List[str]] = [[] for _ in cols]
     for f in files:
-        head = pd.read_csv(f, nrows=0).columns
-        missing = [c for c in cols if c not in head]
-        if missing:
-            raise ValueError(f"{f} is not a qm9pack CSV: missing columns {missing}")
-        frames.append(pd.read_csv(f, usecols=cols))
-    df = pd.concat(frames, ignore_index=True)
+        with open(f, newline="") as fh:
+            reader = csv.reader(fh)
+            head = next(reader, [])
+            missing = [c for c in cols if c not in head]
+            if missing:
+                raise ValueError(f"{f} is not a qm9pack CSV: missing columns {missing}")
+            pick = [head.index(c) for c in cols]
+            for row in reader:
+                if row:
+                    for k, j in enumerate(pick):
+                        table[k].append(row[j])
     strip = str.maketrans("", "", "[] '\"")
-    symbols = ",".join(df["Elements"].values).translate(strip).split(",")
+    elements, xyz_text = table[1], table[2]
+    symbols = ",".join(elements).translate(strip).split(",") if elements else []
     try:
         numbers = np.array([_SYMBOL_TO_Z[s] for s in symbols], dtype=np.int64)
     except KeyError as exc:
         raise ValueError(f"qm9pack CSV: unknown element symbol {exc}") from None
-    xyz = np.array(",".join(df["XYZ_Ang"].values).translate(strip).split(","), dtype=np.float64).reshape(-1, 3)
-    counts = np.array([s.count(",") + 1 for s in df["Elements"].values], dtype=np.int64)
+    xyz = (np.array(",".join(xyz_text).translate(strip).split(","), dtype=np.float64).reshape(-1, 3)
+           if xyz_text else np.zeros((0, 3)))
+    counts = np.array([e.count(",") + 1 for e in elements], dtype=np.int64)
     if counts.sum() != len(numbers) or len(xyz) != len(numbers):
         raise ValueError("qm9pack CSV: element lists and coordinate lists disagree in length")
     rec = _Records()
     starts = np.concatenate([[0], np.cumsum(counts)])
-    rec.index = df["Index"].astype(np.int64).tolist()
+    rec.index = [int(float(i)) for i in table[0]]
     rec.numbers = [numbers[starts[k]:starts[k + 1]] for k in range(len(counts))]
     rec.positions = [xyz[starts[k]:starts[k + 1]] for k in range(len(counts))]
-    for p in properties:
-        rec.props[p] = (df[QM9_PROPERTIES[p].qm9pack].to_numpy(np.float64) * QM9_PROPERTIES[p].factor).tolist()
+    for k, p in enumerate(properties):
+        rec.props[p] = (np.asarray(table[3 + k], dtype=np.float64) * QM9_PROPERTIES[p].factor).tolist()
     return rec
 
 

@@ -3,10 +3,11 @@ from typing import Any, Dict
 
 from torch import nn
 
+from .egnn import EGNN
 from .et import EquivariantTransformer
 from .heads import EquivariantScalarHead, EquivariantVectorHead
 
-BACKBONES = {"et": EquivariantTransformer}
+BACKBONES = {"et": EquivariantTransformer, "egnn": EGNN}
 
 
 def create_backbone(config: Dict[str, Any]) -> nn.Module:
@@ -18,5 +19,5 @@ def create_backbone(config: Dict[str, Any]) -> nn.Module:
     return BACKBONES[name](**cfg)
 
 
-__all__ = ["EquivariantTransformer", "EquivariantScalarHead", "EquivariantVectorHead", "create_backbone",
+__all__ = ["EquivariantTransformer", "EGNN", "EquivariantScalarHead", "EquivariantVectorHead", "create_backbone",
            "BACKBONES"]

@@ -108,12 +108,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         return _finetune_property(args, d, pretrained, out)
     from ..train import config_from_dict
     from .finetune import FinetuneOptions, finetune_forcefield
-    if not pretrained:
-        raise SystemExit("oreo finetune: say which pretrained model to start from: --from PATH (pretrained.pt)")
     if args.resume and not args.config and (out / "config.yaml").is_file():
         d = yaml.safe_load((out / "config.yaml").read_text()) or {}   # what the run was started with
         if (out / "finetune.yaml").is_file():
             d.update(yaml.safe_load((out / "finetune.yaml").read_text()) or {})
+        pretrained = pretrained or d.get("from")
+        d.pop("from", None)
+    if not pretrained:
+        raise SystemExit("oreo finetune: say which pretrained model to start from: --from PATH (pretrained.pt)")
     opts = dict(d.pop("finetune", None) or {})
     if args.layer_decay is not None:
         opts["layer_decay"] = args.layer_decay
@@ -137,7 +139,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     cfg = config_from_dict(d)
     options = FinetuneOptions(**opts)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "finetune.yaml").write_text(yaml.safe_dump({"finetune": opts}, sort_keys=False))
+    (out / "finetune.yaml").write_text(yaml.safe_dump({"from": str(pretrained), "finetune": opts}, sort_keys=False))
     metrics = finetune_forcefield(pretrained, cfg, out, options, resume=args.resume, progress=not args.no_progress)
     print(json.dumps(metrics, indent=2))
     return 0

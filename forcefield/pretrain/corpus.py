@@ -308,10 +308,11 @@ class EpochSampler:
     """
 
     def __init__(self, corpus: Corpus, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = True):
+                 drop_last: bool = True, weights: Optional[Sequence[float]] = None):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.corpus, self.batch_size, self.seed = corpus, int(batch_size), int(seed)
+        self.weights = np.asarray(corpus.weights if weights is None else weights, dtype=np.float64)
         self.rank, self.world_size, self.drop_last = int(rank), int(world_size), drop_last
         n_total = sum(self._count(k) for k in range(len(corpus.names)))
         n_batches = n_total // self.batch_size if drop_last else math.ceil(n_total / self.batch_size)
@@ -320,14 +321,14 @@ class EpochSampler:
                              f"the {world_size} processes; lower batch_size or add data")
 
     def _count(self, k: int) -> int:
-        return int(round(self.corpus.weights[k] * len(self.corpus.source_frames(k))))
+        return int(round(self.weights[k] * len(self.corpus.source_frames(k))))
 
     def epoch_frames(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, int(epoch)])
         chosen = []
         for k in range(len(self.corpus.names)):
             idx = self.corpus.source_frames(k)
-            w = float(self.corpus.weights[k])
+            w = float(self.weights[k])
             if len(idx) == 0 or w <= 0:
                 continue
             whole, frac = int(math.floor(w)), w - math.floor(w)

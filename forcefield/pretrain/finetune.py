@@ -16,7 +16,6 @@ checkpoint (its backbone is used).
 """
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import math
@@ -30,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
-from ..io import atomic_torch_save, model_record
+from ..io import atomic_torch_save
 from ..potential import Potential
 from ..train.config import Config
 from ..train.trainer import Trainer

@@ -126,6 +126,7 @@ class StepContext:
                  runner: Optional[Callable[[PretrainBatch, Tensor, bool], Outputs]] = None):
         self.potential, self.batch, self.generator, self.training = potential, batch, generator, training
         self.runner = runner   # replaces the potential (tests use analytic models)
+        self.clean_frames: Optional[Tensor] = None   # (B,) frames the clean pass covers (None: all)
         self._cache: Dict[object, object] = {}
 
     def run(self, sub: PretrainBatch, positions: Optional[Tensor] = None, forces: bool = True) -> Outputs:
@@ -136,10 +137,18 @@ class StepContext:
                                  forces=forces, create_graph=self.training)
 
     def clean(self) -> Outputs:
-        """Forward pass over the whole batch at its own geometries (forces on demand)."""
+        """Forward pass at the batch's own geometries over ``clean_frames`` (forces on demand)."""
         if "clean" not in self._cache:
-            self._cache["clean"] = self.run(self.batch, forces=True)
+            sub = self.batch if self.clean_frames is None else self.batch.select(self.clean_frames)
+            self._cache["clean"] = self.run(sub, forces=True)
         return self._cache["clean"]
+
+    def clean_atoms(self, frames: Tensor) -> Tensor:
+        """Mask over the clean pass's atoms of the atoms of ``frames`` (B,) bool (a subset of ``clean_frames``)."""
+        atoms = frames[self.batch.batch]
+        if self.clean_frames is None:
+            return atoms
+        return atoms[self.clean_frames[self.batch.batch]]
 
     def cached(self, key, fn: Callable[[], object]):
         if key not in self._cache:
@@ -162,8 +171,11 @@ class StepContext:
 # ---------------------------------------------------------------------------- objectives
 class Objective(nn.Module):
     """``forward(ctx)`` -> {name: loss} (unweighted; empty when no frame of the batch applies) and optional
-    metrics under ``name/...`` (not part of the loss)."""
+    metrics under ``name/...`` (not part of the loss). ``which``: the frames it applies to (all, equilibrium,
+    forces); ``uses_clean``: whether it reads the forward pass at the clean geometries."""
     name = "objective"
+    which = "all"
+    uses_clean = False
 
     def __init__(self, weight: float = 1.0):
         super().__init__()
@@ -172,24 +184,27 @@ class Objective(nn.Module):
 
 class ForceMatching(Objective):
     name = "force_matching"
+    which = "forces"
+    uses_clean = True
 
     def forward(self, ctx: StepContext) -> Dict[str, Tensor]:
-        frames = ctx.frames("forces")
+        frames = ctx.frames(self.which)
         if not bool(frames.any()):
             return {}
-        atoms = frames[ctx.batch.batch]
-        err = ctx.clean().forces[atoms] - ctx.batch.forces[atoms]
+        err = ctx.clean().forces[ctx.clean_atoms(frames)] - ctx.batch.forces[frames[ctx.batch.batch]]
         return {self.name: err.pow(2).mean()}
 
 
 class ZeroForce(Objective):
     name = "zero_force"
+    which = "equilibrium"
+    uses_clean = True
 
     def forward(self, ctx: StepContext) -> Dict[str, Tensor]:
-        frames = ctx.frames("equilibrium")
+        frames = ctx.frames(self.which)
         if not bool(frames.any()):
             return {}
-        return {self.name: ctx.clean().forces[frames[ctx.batch.batch]].pow(2).mean()}
+        return {self.name: ctx.clean().forces[ctx.clean_atoms(frames)].pow(2).mean()}
 
 
 class ForceDenoising(Objective):
@@ -269,6 +284,7 @@ class RiemannScoreMatching(Objective):
     def __init__(self, perturbation: RiemannPerturbation, weight: float = 1.0):
         super().__init__(weight)
         self.perturbation = perturbation
+        self.which = perturbation.which
 
     def forward(self, ctx: StepContext) -> Dict[str, Tensor]:
         s, out = self.perturbation.get(ctx)
@@ -284,10 +300,12 @@ class NoiseLevelClassification(Objective):
     """3D-EMGP: which noise level produced x~, from invariant pooled features of the clean and the perturbed
     geometry (node MLP, sum over atoms, concatenation, MLP -> logits over the levels)."""
     name = "noise_level"
+    uses_clean = True
 
     def __init__(self, perturbation: RiemannPerturbation, hidden: int, weight: float = 0.2):
         super().__init__(weight)
         self.perturbation = perturbation
+        self.which = perturbation.which
         self.node_dec = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.classifier = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.SiLU(),
                                         nn.Linear(hidden, perturbation.num_levels))
@@ -305,7 +323,7 @@ class NoiseLevelClassification(Objective):
         s, out = self.perturbation.get(ctx)
         if s is None:
             return {}
-        x_clean = ctx.clean().x[s.frames[ctx.batch.batch]]
+        x_clean = ctx.clean().x[ctx.clean_atoms(s.frames)]
         logits = self.logits(x_clean, out.x, s.sub.batch, s.sub.num_graphs)
         loss = F.cross_entropy(logits, s.level)
         acc = (logits.argmax(-1) == s.level).to(logits.dtype).mean().detach()
@@ -368,9 +386,24 @@ class PretrainTask(nn.Module):
         self.potential = potential
         self.objectives = nn.ModuleDict(objectives)
 
-    def forward(self, batch: PretrainBatch, generator: Optional[torch.Generator] = None
-                ) -> Tuple[Tensor, Dict[str, Tensor]]:
-        ctx = StepContext(self.potential, batch, generator, self.training)
+    def frames_used(self, has_forces, equilibrium):
+        """Which frames any objective uses, from per-frame ``has_forces`` and ``equilibrium`` (bool arrays or
+        tensors); the sampler skips sources no objective uses."""
+        used = has_forces & False
+        for obj in self.objectives.values():
+            used = used | {"all": has_forces | True, "forces": has_forces, "equilibrium": equilibrium,
+                           "off-equilibrium": ~equilibrium}[obj.which]
+        return used
+
+    def forward(self, batch: PretrainBatch, generator: Optional[torch.Generator] = None,
+                runner=None) -> Tuple[Tensor, Dict[str, Tensor]]:
+        ctx = StepContext(self.potential, batch, generator, self.training, runner)
+        clean = [o for o in self.objectives.values() if o.uses_clean]
+        if clean:
+            mask = ctx.frames(clean[0].which)
+            for o in clean[1:]:
+                mask = mask | ctx.frames(o.which)
+            ctx.clean_frames = None if bool(mask.all()) else mask
         dtype = batch.positions.dtype
         total = torch.zeros((), dtype=dtype, device=batch.positions.device)
         parts: Dict[str, Tensor] = {}

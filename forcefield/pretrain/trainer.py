@@ -157,7 +157,16 @@ class Pretrainer:
         else:
             self.model = self.task
         self.optimizer = torch.optim.AdamW(self.task.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-        self.sampler = EpochSampler(self.corpus, o.batch_size, o.seed, self.dist.rank, self.dist.world_size)
+        # sources that no objective uses (e.g. equilibrium geometries for ET-ORO) are not drawn at all
+        used = self.task.frames_used(self.corpus.has_forces, self.corpus.frames.equilibrium)
+        self.source_weights = self.corpus.weights.copy()
+        for k, name in enumerate(self.corpus.names):
+            idx = self.corpus.source_frames(k)
+            if len(idx) and not used[idx].any() and self.source_weights[k] > 0:
+                self.source_weights[k] = 0.0
+                self.log(f"corpus: no objective of {', '.join(self.weights)} uses source '{name}': not sampled")
+        self.sampler = EpochSampler(self.corpus, o.batch_size, o.seed, self.dist.rank, self.dist.world_size,
+                                    weights=self.source_weights)
         self.steps_per_epoch = len(self.sampler)
         self.total_steps = int(o.max_steps) if o.max_steps is not None else int(o.epochs) * self.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -218,7 +227,7 @@ class Pretrainer:
         return {"method": method if isinstance(method, str) else "+".join(method),
                 "objectives": self.weights, "steps": self.step, "epochs": self.epoch,
                 "batch_size": self.cfg.optim.batch_size, "world_size": self.dist.world_size,
-                "corpus": self.corpus.summary(),
+                "corpus": self.corpus.summary(), "source_weights": self.source_weights.tolist(),
                 "leakage": self.corpus.report.get("leakage", {}), "oreo_version": __version__}
 
     def save_checkpoint(self) -> Optional[Path]:
@@ -295,7 +304,7 @@ class Pretrainer:
             self.load_checkpoint(last)
             self._truncate_csv()
             self.log(f"resumed from {last} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
-        elif self.is_main and (last.exists() or (self.out / "metrics.csv").exists()):
+        elif last.exists() or (self.out / "metrics.csv").exists():  # checked on every rank (shared folder)
             raise FileExistsError(f"{self.out} already holds a pretraining run; pass --resume to continue it or "
                                   "choose another --out")
         barrier(self.dist)
@@ -340,7 +349,7 @@ class Pretrainer:
                 if self.step % o.checkpoint_every == 0:
                     self.save_checkpoint()
                 if self._should_stop(started):
-                    self.stop_reason = f"time budget of {o.max_minutes:g} min reached (continue with --resume)"
+                    self.stop_reason = f"time budget of {o.max_minutes} min reached (continue with --resume)"
                     break
                 if self.batch_in_epoch == 0:
                     break  # next epoch: new batch list

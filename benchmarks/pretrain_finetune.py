@@ -1,0 +1,299 @@
+"""Pretraining benchmark: does pretraining help fine-tuning, and which objective helps most?
+
+Pretrains one model per method on the same corpus with the same compute (same backbone, batch size and number of
+optimiser steps, or the same wall-clock budget with ``--budget minutes``), then fine-tunes every method - and a
+model trained from scratch with the same fine-tuning budget - on rMD17 aspirin, ethanol, naphthalene and salicylic
+acid with 50, 200 and 950 training frames, and on QM9 HOMO, LUMO and gap. Writes
+
+    OUT/pretrain/<method>/            pretraining runs (last.pt, pretrained.pt, metrics.csv)
+    OUT/finetune/<mol>/<n>/<method>/  fine-tuning runs (test_metrics.json, metrics.csv, learning_curve.png)
+    OUT/qm9/<property>/<method>/      property runs (test_metrics.json)
+    OUT/results.json, OUT/results.md  force MAE (meV/Å) and QM9 MAE (meV) tables
+    OUT/learning_curves.png           test force MAE against the number of training frames, per molecule
+
+Every run is resumable and finished runs are skipped, so the script can be killed and restarted at will::
+
+    python benchmarks/pretrain_finetune.py --out runs/bench                  # the full grid (GPU-sized)
+    python benchmarks/pretrain_finetune.py --out runs/bench-smoke --smoke    # tiny, for a check on a CPU
+
+Leakage: the corpus drops the fine-tuning molecules (strict protocol) unless the corpus file says otherwise.
+"""
+import argparse
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from forcefield.pretrain.finetune import FinetuneOptions, PropertyConfig, finetune_forcefield, finetune_property  # noqa: E402
+from forcefield.pretrain.trainer import Pretrainer, pretrain_config_from_dict  # noqa: E402
+from forcefield.train import Trainer, config_from_dict  # noqa: E402
+
+CONFIGS = ROOT / "examples" / "configs"
+METHOD_CONFIGS = {
+    "et-oro": "pretrain_et_oro.yaml",
+    "et-oreo": "pretrain_et_oreo.yaml",
+    "3d-emgp": "pretrain_3dmgp_et.yaml",
+    "3d-emgp-egnn": "pretrain_3dmgp_egnn.yaml",
+    "denoise": "pretrain_denoise.yaml",
+}
+SCRATCH = {"scratch": "et", "scratch-egnn": "egnn"}   # from-scratch baselines and the backbone they use
+DEFAULT_METHODS = ["scratch", "et-oro", "et-oreo", "3d-emgp", "denoise"]
+MOLECULES = ["aspirin", "ethanol", "naphthalene", "salicylic"]
+SIZES = [50, 200, 950]
+PROPERTIES = ["homo", "lumo", "gap"]
+
+FINETUNE_OPTIM = {"epochs": 3000, "batch_size": 8, "lr": 4e-4, "lr_warmup_steps": 300, "lr_factor": 0.7,
+                  "lr_patience": 6, "lr_min": 1e-6, "ema_decay": 0.99, "energy_weight": 0.05, "forces_weight": 0.95,
+                  "early_stop_patience": 60, "seed": 1}
+
+
+def smoke_settings(data_dir: Path) -> Dict[str, Any]:
+    """A grid that runs in about a minute on a busy CPU."""
+    qm9_db = data_dir / "schnetpack_testdata" / "test_qm9.db"
+    return {
+        "corpus": {"leakage": {"protocol": "strict", "targets": ["ethanol"], "split_indices": [1]},
+                   "sources": [{"name": "qm9", "reader": "qm9", "kind": "equilibrium", "path": str(qm9_db),
+                                "split": "train"},
+                               {"name": "rmd17", "reader": "rmd17", "kind": "off-equilibrium",
+                                "molecules": ["malonaldehyde", "uracil"], "max_frames": 16}]},
+        "model": {"name": "et", "hidden": 16, "num_layers": 2, "num_heads": 2, "num_rbf": 8, "cutoff": 4.0},
+        "egnn_model": {"name": "egnn", "hidden": 16, "num_layers": 2, "cutoff": None, "num_rbf": 8},
+        "pretrain_optim": {"batch_size": 4, "max_steps": 3, "warmup_steps": 1, "log_every": 1,
+                           "checkpoint_every": 3},
+        "molecules": ["ethanol"], "sizes": [8, 16], "val_size": 4, "test_size": 8,
+        "finetune_optim": {"epochs": 2, "batch_size": 4, "lr_warmup_steps": 2, "early_stop_patience": 5},
+        "properties": ["gap"],
+        "property": {"source": str(qm9_db), "split": "random", "train_size": 8, "val_size": 4, "test_size": 4,
+                     "epochs": 2, "batch_size": 4, "lr_warmup_steps": 2},
+    }
+
+
+# ---------------------------------------------------------------------------- runs
+def _done(path: Path) -> bool:
+    return (path / "test_metrics.json").is_file()
+
+
+def pretrain_config(method: str, args, smoke: Optional[Dict]) -> Dict[str, Any]:
+    d = yaml.safe_load((CONFIGS / METHOD_CONFIGS[method]).read_text())
+    d["corpus"] = yaml.safe_load(Path(args.corpus).read_text()) if not smoke else copy.deepcopy(smoke["corpus"])
+    if smoke:
+        d["model"] = dict(smoke["egnn_model"] if d["model"]["name"] == "egnn" else smoke["model"])
+        d["optim"] = {**d.get("optim", {}), **smoke["pretrain_optim"]}
+    else:
+        # equal compute: every method gets the same batch size and the same number of steps (or minutes)
+        o = dict(d.get("optim", {}))
+        o["batch_size"] = args.pretrain_batch_size
+        if args.budget == "steps":
+            o["max_steps"] = args.pretrain_steps
+        else:
+            o.pop("max_steps", None)
+            o["epochs"] = 10 ** 6
+            o["max_minutes"] = args.pretrain_minutes
+        d["optim"] = o
+    return d
+
+
+def run_pretrain(method: str, args, smoke, log) -> Path:
+    out = Path(args.out) / "pretrain" / method
+    cfg = pretrain_config_from_dict(pretrain_config(method, args, smoke))
+    last = out / "last.pt"
+    if last.is_file():
+        ck = torch.load(last, map_location="cpu", weights_only=False)
+        finished = ck["step"] >= ck["total_steps"] or (args.budget == "minutes" and not smoke
+                                                        and ck["elapsed"] >= 60 * args.pretrain_minutes)
+        if finished:
+            log(f"[pretrain {method}] done ({ck['step']} steps)")
+            return out / "pretrained.pt"
+        log(f"[pretrain {method}] resuming at step {ck['step']}")
+        Pretrainer(cfg, out, progress=not args.no_progress, log=log, data_dir=args.data_dir).fit(resume=True)
+    else:
+        log(f"[pretrain {method}] starting")
+        Pretrainer(cfg, out, progress=not args.no_progress, log=log, data_dir=args.data_dir).fit()
+    return out / "pretrained.pt"
+
+
+def finetune_config(molecule: str, size: int, args, smoke, model: Dict) -> Dict[str, Any]:
+    optim = dict(FINETUNE_OPTIM)
+    data = {"molecule": molecule, "train_size": size, "val_size": 50, "split_index": 1}
+    if smoke:
+        optim.update(smoke["finetune_optim"])
+        data.update(val_size=smoke["val_size"], test_size=smoke["test_size"])
+    if args.finetune_minutes:
+        optim["max_minutes"] = args.finetune_minutes
+    if args.finetune_epochs:
+        optim["epochs"] = args.finetune_epochs
+    if args.data_dir:
+        data["data_dir"] = args.data_dir
+    m = {k: v for k, v in model.items() if k in ("name", "hidden", "num_layers", "num_heads", "num_rbf", "cutoff")}
+    return {"data": data, "model": m, "optim": optim}
+
+
+def run_finetune(molecule: str, size: int, method: str, pretrained: Optional[Path], args, smoke, log) -> Dict:
+    out = Path(args.out) / "finetune" / molecule / str(size) / method
+    if _done(out):
+        return json.loads((out / "test_metrics.json").read_text())
+    resume = (out / "last.pt").is_file()
+    log(f"[finetune {molecule} n={size} {method}] " + ("resuming" if resume else "starting"))
+    if method in SCRATCH:
+        model = (smoke["egnn_model"] if SCRATCH[method] == "egnn" else smoke["model"]) if smoke else \
+            yaml.safe_load((CONFIGS / (METHOD_CONFIGS["3d-emgp-egnn"] if SCRATCH[method] == "egnn"
+                                       else METHOD_CONFIGS["et-oreo"])).read_text())["model"]
+        d = finetune_config(molecule, size, args, smoke, model)
+        if SCRATCH[method] == "egnn":
+            # ModelConfig knows ET hyper-parameters only: build the EGNN potential here, train with the same Trainer
+            from forcefield.models.egnn import register_egnn
+            from forcefield.potential import Potential
+            from forcefield.train.datasets import build_splits
+            from forcefield.train.statistics import energy_scale, fit_reference_energies
+            register_egnn()
+            cfg = config_from_dict({k: v for k, v in d.items() if k != "model"})
+            splits = build_splits(cfg.data, cfg.optim.seed)
+            els = sorted(set(splits.train.elements) | set(splits.val.elements))
+            ref = fit_reference_energies(splits.train, els)
+            scale, shift = energy_scale(splits.train, ref)
+            torch.manual_seed(cfg.optim.seed)
+            pot = Potential(backbone=model, elements=els, atomref=ref, scale=scale, shift=shift)
+            return Trainer(cfg, out, splits=splits, init_model=pot, progress=not args.no_progress,
+                           log=log).fit(resume=resume)
+        d["model"].setdefault("num_heads", 8)
+        return Trainer(config_from_dict(d), out, progress=not args.no_progress, log=log).fit(resume=resume)
+    d = finetune_config(molecule, size, args, smoke, {})
+    d.pop("model")
+    return finetune_forcefield(pretrained, config_from_dict(d), out, FinetuneOptions(layer_decay=args.layer_decay),
+                               resume=resume, progress=not args.no_progress, log=log)
+
+
+def run_property(prop: str, method: str, pretrained: Optional[Path], args, smoke, log) -> Dict:
+    out = Path(args.out) / "qm9" / prop / method
+    if _done(out):
+        return json.loads((out / "test_metrics.json").read_text())
+    resume = (out / "last.pt").is_file()
+    log(f"[qm9 {prop} {method}] " + ("resuming" if resume else "starting"))
+    pc: Dict[str, Any] = {"property": prop, "layer_decay": args.layer_decay}
+    if smoke:
+        pc.update(smoke["property"])
+    else:
+        pc.update(epochs=args.qm9_epochs, max_minutes=args.finetune_minutes, data_dir=args.data_dir)
+        if args.qm9_train_size:
+            pc["train_size"] = args.qm9_train_size
+    if method in SCRATCH:
+        model = (smoke["egnn_model"] if SCRATCH[method] == "egnn" else smoke["model"]) if smoke else \
+            yaml.safe_load((CONFIGS / (METHOD_CONFIGS["3d-emgp-egnn"] if SCRATCH[method] == "egnn"
+                                       else METHOD_CONFIGS["et-oreo"])).read_text())["model"]
+        pc["model"] = model
+        pretrained = None
+    return finetune_property(pretrained, PropertyConfig.from_dict(pc), out, resume=resume,
+                             progress=not args.no_progress, log=log)
+
+
+# ---------------------------------------------------------------------------- report
+def write_report(out: Path, results: List[Dict], qm9: List[Dict], methods: List[str]) -> None:
+    (out / "results.json").write_text(json.dumps({"forcefield": results, "qm9": qm9}, indent=2, default=str))
+    lines = ["# Pretraining benchmark", "", "## Force MAE on the rMD17 test frames (meV/Å)", "",
+             "| molecule | train frames | " + " | ".join(methods) + " |",
+             "|---|---:|" + "---:|" * len(methods)]
+    table: Dict[tuple, Dict[str, float]] = {}
+    for r in results:
+        table.setdefault((r["molecule"], r["size"]), {})[r["method"]] = r["forces_mae_meV_per_A"]
+    for (mol, size), row in sorted(table.items()):
+        best = min(row.values())
+        cells = [("**%.1f**" if row.get(m) == best else "%.1f") % row[m] if m in row else "–" for m in methods]
+        lines.append(f"| {mol} | {size} | " + " | ".join(cells) + " |")
+    if qm9:
+        lines += ["", "## QM9 test MAE (meV)", "", "| property | " + " | ".join(methods) + " |",
+                  "|---|" + "---:|" * len(methods)]
+        qt: Dict[str, Dict[str, float]] = {}
+        for r in qm9:
+            qt.setdefault(r["property"], {})[r["method"]] = r["test_mae"]
+        for prop, row in qt.items():
+            lines.append(f"| {prop} | " + " | ".join("%.1f" % row[m] if m in row else "–" for m in methods) + " |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    if not results:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    mols = sorted({r["molecule"] for r in results})
+    fig, axes = plt.subplots(1, len(mols), figsize=(4.2 * len(mols), 3.8), squeeze=False)
+    for ax, mol in zip(axes[0], mols):
+        for m in methods:
+            pts = sorted((r["size"], r["forces_mae_meV_per_A"]) for r in results
+                         if r["molecule"] == mol and r["method"] == m)
+            if pts:
+                ax.loglog(*zip(*pts), "o-", label=m)
+        sizes = sorted({r["size"] for r in results if r["molecule"] == mol})
+        ax.set_xticks(sizes)
+        ax.set_xticks([], minor=True)
+        ax.set_xticklabels([str(n) for n in sizes])
+        ax.set_title(mol)
+        ax.set_xlabel("training frames")
+        ax.set_ylabel("test force MAE (meV/Å)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "learning_curves.png", dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/pretrain_benchmark")
+    p.add_argument("--smoke", action="store_true", help="tiny corpus, model and grid (a CPU check)")
+    p.add_argument("--methods", nargs="*", default=DEFAULT_METHODS,
+                   help=f"from {list(SCRATCH) + list(METHOD_CONFIGS)}")
+    p.add_argument("--molecules", nargs="*", default=MOLECULES)
+    p.add_argument("--sizes", nargs="*", type=int, default=SIZES)
+    p.add_argument("--properties", nargs="*", default=PROPERTIES, help="QM9 properties ([] to skip QM9)")
+    p.add_argument("--corpus", default=str(CONFIGS / "pretrain_corpus.yaml"))
+    p.add_argument("--budget", choices=["steps", "minutes"], default="steps",
+                   help="equal compute as equal optimiser steps or equal wall-clock minutes")
+    p.add_argument("--pretrain-steps", type=int, default=100_000)
+    p.add_argument("--pretrain-minutes", type=float, default=600.0)
+    p.add_argument("--pretrain-batch-size", type=int, default=64)
+    p.add_argument("--finetune-epochs", type=int)
+    p.add_argument("--finetune-minutes", type=float, help="wall-clock cap per fine-tuning run")
+    p.add_argument("--qm9-epochs", type=int, default=300)
+    p.add_argument("--qm9-train-size", type=int, help="default: the whole QM9 train split")
+    p.add_argument("--layer-decay", type=float, help="layer-wise lr decay when fine-tuning")
+    p.add_argument("--data-dir", default=os.environ.get("OREO_DATA_DIR"))
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    unknown = [m for m in args.methods if m not in METHOD_CONFIGS and m not in SCRATCH]
+    if unknown:
+        p.error(f"unknown methods {unknown}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    smoke = None
+    if args.smoke:
+        smoke = smoke_settings(Path(args.data_dir or ROOT.parent / "shared" / "data"))
+        args.molecules, args.sizes = smoke["molecules"], smoke["sizes"]
+        args.properties = [q for q in args.properties if q in smoke["properties"]] or smoke["properties"]
+    log = print
+    pretrained = {m: run_pretrain(m, args, smoke, log) for m in args.methods if m in METHOD_CONFIGS}
+    results = []
+    for mol in args.molecules:
+        for size in args.sizes:
+            for m in args.methods:
+                r = run_finetune(mol, size, m, pretrained.get(m), args, smoke, log)
+                results.append({"molecule": mol, "size": size, "method": m, **r})
+                write_report(out, results, [], args.methods)
+    qm9 = []
+    for prop in args.properties:
+        for m in args.methods:
+            r = run_property(prop, m, pretrained.get(m), args, smoke, log)
+            qm9.append({"method": m, **r})
+    write_report(out, results, qm9, args.methods)
+    print((out / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""The pretraining loop (loss goes down, exact resume, files), fine-tuning from its checkpoint, the CLI."""
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from forcefield.data.conformations import ConformationSet
+from forcefield.pretrain.corpus import Corpus
+from forcefield.pretrain.finetune import (
+    FinetuneOptions, PropertyConfig, PropertyTrainer, finetune_forcefield, layerwise_param_groups, load_pretrained,
+    make_finetune_potential,
+)
+from forcefield.pretrain.trainer import Pretrainer, pretrain_config_from_dict
+from forcefield.train.config import config_from_dict
+from tests.helpers import ETHANOL_R, ETHANOL_Z
+
+DATA = Path(os.environ["OREO_DATA_DIR"])
+QM9_DB = DATA / "schnetpack_testdata" / "test_qm9.db"
+have_rmd17 = pytest.mark.skipif(not (DATA / "rmd17" / "rmd17_ethanol_train_01.npz").is_file(),
+                                reason="rMD17 reference data not found")
+TINY_ET = {"name": "et", "hidden": 16, "num_layers": 2, "num_heads": 2, "num_rbf": 8, "cutoff": 4.0}
+TINY_EGNN = {"name": "egnn", "hidden": 16, "num_layers": 2, "cutoff": None, "num_rbf": 8}
+
+
+def tiny_corpus(seed=0):
+    """Off-equilibrium 'ethanol' with forces of a harmonic well, and equilibrium water."""
+    rng = np.random.default_rng(seed)
+    disp = 0.05 * rng.normal(size=(6, 9, 3))
+    eth = ConformationSet.from_arrays(ETHANOL_Z, ETHANOL_R[None] + disp, forces=-2.0 * disp, source="eth")
+    water = np.array([[0.0, 0.0, 0.1173], [0.0, 0.7572, -0.4692], [0.0, -0.7572, -0.4692]])
+    wat = ConformationSet.from_arrays([8, 1, 1], water[None] + 0.01 * rng.normal(size=(4, 3, 3)),
+                                      equilibrium=np.ones(4, bool), source="water")
+    return Corpus([eth, wat], names=["eth", "water"])
+
+
+def tiny_config(method="et-oreo", model=TINY_ET, objectives=None, **optim):
+    o = {"batch_size": 4, "max_steps": 6, "warmup_steps": 1, "lr": 2e-3, "log_every": 2, "checkpoint_every": 3,
+         "seed": 5}
+    o.update(optim)
+    return pretrain_config_from_dict({"model": dict(model), "objectives": {"method": method, **(objectives or {})},
+                                      "optim": o})
+
+
+def _eval_loss(trainer, seeds=(11, 12, 13, 14, 15, 16)):
+    """Loss on all frames, averaged over fixed noise draws (the same before and after training)."""
+    b = trainer.corpus.collate(np.arange(len(trainer.corpus)), dtype=trainer.dtype)
+    trainer.task.eval()
+    total = 0.0
+    with torch.enable_grad():
+        for s in seeds:
+            loss, _ = trainer.task(b, torch.Generator().manual_seed(s))
+            total += float(loss.detach())
+    return total / len(seeds)
+
+
+@pytest.mark.parametrize("method,model", [("et-oreo", TINY_ET), ("et-oro", TINY_ET), ("3d-emgp", TINY_EGNN),
+                                          ("3d-emgp", TINY_ET), ("denoise", TINY_ET)])
+def test_a_few_pretraining_steps_lower_the_loss(tmp_path, method, model):
+    # denoising a 0.04 Å noise takes a tiny model far more than 25 steps; 0.2 Å shows the trend quickly
+    extra = {"denoise_sigma": 0.2} if method == "denoise" else None
+    tr = Pretrainer(tiny_config(method, model, extra, max_steps=25, lr=3e-3, min_lr=3e-3, batch_size=6),
+                    tmp_path, corpus=tiny_corpus(), progress=False, log=lambda s: None)
+    before = _eval_loss(tr)
+    tr.fit()
+    after = _eval_loss(tr)
+    assert after < before, (method, before, after)
+
+
+def _weights(trainer):
+    return {k: v.clone() for k, v in trainer.task.state_dict().items()}
+
+
+def test_resume_continues_exactly_and_files_are_written(tmp_path, monkeypatch):
+    cfg = tiny_config(dtype="float64")
+    straight = Pretrainer(cfg, tmp_path / "a", corpus=tiny_corpus(), progress=False, log=lambda s: None)
+    straight.fit()
+
+    first = Pretrainer(cfg, tmp_path / "b", corpus=tiny_corpus(), progress=False, log=lambda s: None)
+    monkeypatch.setattr(Pretrainer, "_should_stop", lambda self, started: self.step == 3)  # "killed" at step 3
+    first.fit()
+    assert first.step == 3
+    monkeypatch.undo()
+    second = Pretrainer(cfg, tmp_path / "b", corpus=tiny_corpus(), progress=False, log=lambda s: None)
+    with pytest.raises(FileExistsError):
+        second.fit()
+    second.fit(resume=True)
+    assert second.step == 6
+    a, b = _weights(straight), _weights(second)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("config.yaml", "corpus_report.json", "last.pt", "pretrained.pt", "metrics.csv"):
+        assert (tmp_path / "b" / name).is_file()
+    with open(tmp_path / "b" / "metrics.csv") as fh:
+        steps = [int(r["step"]) for r in csv.DictReader(fh)]
+    assert steps == [2, 3, 4, 6]      # the interrupted run logged step 3; nothing is logged twice
+
+
+def test_finetune_starts_from_the_pretrained_backbone(tmp_path):
+    tr = Pretrainer(tiny_config(max_steps=3), tmp_path / "pre", corpus=tiny_corpus(), progress=False,
+                    log=lambda s: None)
+    tr.fit()
+    ref = {k: v for k, v in tr.task.potential.state_dict().items()}
+    for name in ("pretrained.pt", "last.pt"):
+        pot, info = load_pretrained(tmp_path / "pre" / name)
+        assert info["method"] == "et-oreo" and info["steps"] == 3
+        assert all(torch.equal(pot.state_dict()[k], ref[k].float()) for k in ref if k.startswith("backbone."))
+    pot, _ = load_pretrained(tmp_path / "pre" / "pretrained.pt")
+    train = tiny_corpus().frames.subset(np.arange(6))
+    train.energy = np.linspace(-10.0, -9.0, 6)
+    new = make_finetune_potential(pot, train)
+    same_head = make_finetune_potential(pot, train, options=FinetuneOptions(reuse_head=True))
+    sd, sd2, old = new.state_dict(), same_head.state_dict(), pot.state_dict()
+    assert all(torch.equal(sd[k], old[k]) for k in old if k.startswith("backbone."))
+    assert not all(torch.equal(sd[k], old[k]) for k in old if k.startswith("head."))
+    assert all(torch.equal(sd2[k], old[k]) for k in old if k.startswith("head."))
+    assert new.elements == [1, 6, 8] and new.metadata["pretrained"]["method"] == "et-oreo"
+    groups = layerwise_param_groups(new, 1e-3, layer_decay=0.5)
+    lrs = [g["lr"] for g in groups]
+    assert lrs[0] == 1e-3 and lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(1e-3 * 0.5 ** 3)
+    assert sum(len(g["params"]) for g in groups) == len(list(new.parameters()))
+
+
+@have_rmd17
+def test_finetune_forcefield_runs_with_the_training_trainer(tmp_path):
+    tr = Pretrainer(tiny_config(max_steps=2), tmp_path / "pre", corpus=tiny_corpus(), progress=False,
+                    log=lambda s: None)
+    tr.fit()
+    cfg = config_from_dict({"data": {"molecule": "ethanol", "train_size": 4, "val_size": 2, "test_size": 3},
+                            "optim": {"epochs": 1, "batch_size": 2, "lr_warmup_steps": 1}})
+    m = finetune_forcefield(tmp_path / "pre" / "pretrained.pt", cfg, tmp_path / "ft",
+                            FinetuneOptions(layer_decay=0.8), progress=False, log=lambda s: None)
+    assert m["n_frames"] == 3 and np.isfinite(m["forces_mae_meV_per_A"])
+    from forcefield.io import load_potential
+    best = load_potential(tmp_path / "ft" / "best.pt")
+    assert best.metadata["pretrained"]["method"] == "et-oreo" and best.metadata["molecule"] == "ethanol"
+
+
+@pytest.mark.skipif(not QM9_DB.is_file(), reason="SchNetPack QM9 test database not found")
+def test_property_finetune_loads_backbone_and_reports_meV(tmp_path):
+    tr = Pretrainer(tiny_config(max_steps=2), tmp_path / "pre", corpus=tiny_corpus(), progress=False,
+                    log=lambda s: None)
+    tr.fit()
+    cfg = PropertyConfig(property="homo", source=str(QM9_DB), split="random", train_size=8, val_size=4,
+                         test_size=4, epochs=1, batch_size=4, lr_warmup_steps=1)
+    pt = PropertyTrainer(cfg, tmp_path / "homo", pretrained=tmp_path / "pre" / "pretrained.pt", progress=False,
+                         log=lambda s: None)
+    ref = tr.task.potential.state_dict()
+    assert all(torch.equal(v, ref[k].float()) for k, v in pt.model.state_dict().items() if k.startswith("backbone."))
+    m = pt.fit()
+    assert m["unit"] == "meV" and np.isfinite(m["test_mae"]) and m["n_test"] == 4
+    assert json.loads((tmp_path / "homo" / "test_metrics.json").read_text())["property"] == "homo"
+
+
+@have_rmd17
+@pytest.mark.skipif(not QM9_DB.is_file(), reason="SchNetPack QM9 test database not found")
+def test_cli_pretrain_and_finetune(tmp_path, capsys):
+    from forcefield.pretrain.cli import main
+    corpus = {"leakage": {"protocol": "strict", "targets": ["ethanol"], "split_indices": [1]},
+              "sources": [{"reader": "qm9", "kind": "equilibrium", "path": str(QM9_DB), "split": "train"},
+                          {"reader": "rmd17", "kind": "off-equilibrium", "molecules": ["malonaldehyde"],
+                           "max_frames": 6}]}
+    (tmp_path / "corpus.yaml").write_text(yaml.safe_dump(corpus))
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({"model": TINY_ET, "optim": {
+        "batch_size": 4, "max_steps": 2, "warmup_steps": 1, "log_every": 1}}))
+    assert main(["pretrain", "--config", str(tmp_path / "cfg.yaml"), "--corpus", str(tmp_path / "corpus.yaml"),
+                 "--out", str(tmp_path / "pre"), "--no-progress", "--method", "et-oreo"]) == 0
+    report = json.loads((tmp_path / "pre" / "corpus_report.json").read_text())
+    assert report["sources"][0]["dropped"]["ethanol"] == 1      # QM9's ethanol left out of pretraining
+    assert main(["finetune", "--from", str(tmp_path / "pre" / "pretrained.pt"), "--molecule", "ethanol",
+                 "--train-size", "4", "--val-size", "2", "--epochs", "1", "--set", "data.test_size=2",
+                 "--set", "optim.batch_size=2", "--out", str(tmp_path / "ft"), "--no-progress"]) == 0
+    assert (tmp_path / "ft" / "test_metrics.json").is_file()
+
+
+def test_sources_no_objective_uses_are_not_sampled(tmp_path):
+    tr = Pretrainer(tiny_config("et-oro", batch_size=2), tmp_path, corpus=tiny_corpus(), progress=False,
+                    log=lambda s: None)
+    assert tr.source_weights.tolist() == [1.0, 0.0]         # ET-ORO never draws the equilibrium water frames
+    assert all((f < 6).all() for f in tr.sampler.epoch_batches(0))
+    oreo = Pretrainer(tiny_config("et-oreo", batch_size=2), tmp_path / "b", corpus=tiny_corpus(), progress=False,
+                      log=lambda s: None)
+    assert oreo.source_weights.tolist() == [1.0, 1.0]
