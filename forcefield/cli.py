@@ -71,6 +71,12 @@ def cmd_export(args) -> int:
     import torch
     from .export import export_torchscript
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
+    if args.format == "aoti":
+        from .compiled import export_compiled
+        path = export_compiled(args.model, args.output, dtype=dtype)
+        print(f"wrote AOTInductor package {path} (load with OreoCalculator or forcefield.load_potential; "
+              f"same torch version needed)")
+        return 0
     path = export_torchscript(args.model, args.output, dtype=dtype)
     print(f"wrote TorchScript model {path} (load with torch.jit.load; forces included)")
     return 0
@@ -140,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("model")
     x.add_argument("-o", "--output", required=True)
     x.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    x.add_argument("--format", default="torchscript", choices=["torchscript", "aoti"],
+                   help="torchscript (loads with torch.jit.load alone) or aoti (compiled .pt2, faster; needs g++)")
     x.set_defaults(func=cmd_export)
 
     i = sub.add_parser("info", help="print a model's metadata")

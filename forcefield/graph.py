@@ -4,6 +4,11 @@ Convention: ``edge_index[0] = i`` is the receiving (centre) atom, ``edge_index[1
 neighbour, and ``edge_vec = r_j - r_i (+ periodic shift)``. Edges are directed and both
 directions are present. Neighbour search runs without gradients; ``edge_vec`` is rebuilt from
 ``positions`` so forces flow through it.
+
+Layout ("symmetric"): the first E/2 edges are one direction of each pair, the last E/2 the same
+pairs reversed in the same order, ``edge_vec[E/2:] == -edge_vec[:E/2]`` exactly. The backbone then
+computes distance features once per pair (see ``models.et.is_symmetric_layout``); any other edge
+order is still accepted by the model.
 """
 from typing import Optional, Tuple
 
@@ -12,21 +17,21 @@ from torch import Tensor
 
 
 def _pairs_within(pos: Tensor, batch: Tensor, cutoff: float) -> Tensor:
-    """Index pairs (2, E) of distinct atoms of the same graph closer than ``cutoff``."""
+    """Index pairs (2, P) ``i < j`` of atoms of the same graph closer than ``cutoff`` (one direction)."""
     with torch.no_grad():
         p = pos.detach()
         same = batch.unsqueeze(0) == batch.unsqueeze(1)
         d2 = (p.unsqueeze(0) - p.unsqueeze(1)).pow(2).sum(-1)
         mask = same & (d2 < cutoff * cutoff)
-        mask.fill_diagonal_(False)
-        return mask.nonzero().t()
+        return torch.triu(mask, diagonal=1).nonzero().t()  # i < j; the reversed half is added by the caller
 
 
 def _periodic_pairs(pos: Tensor, batch: Tensor, cutoff: float, cell: Tensor,
                     pbc: Tensor) -> Tuple[Tensor, Tensor]:
     """Pairs and integer image shifts for cells with periodic directions.
 
-    Returns ``edge_index`` (2, E) and ``shifts`` (E, 3) in units of the cell vectors.
+    Returns ``edge_index`` (2, P) and ``shifts`` (P, 3) in units of the cell vectors, one direction
+    of each pair (the reverse of (i, j, shift) is (j, i, -shift)).
     Works for any cell that is at least as large as needed: the number of images per
     direction is ceil(cutoff / plane spacing).
     """
@@ -56,12 +61,44 @@ def _periodic_pairs(pos: Tensor, batch: Tensor, cutoff: float, cell: Tensor,
         allowed = (shifts.abs().unsqueeze(0) <= n_img[g].unsqueeze(1)).all(-1)
         self_pair = (ii == jj).unsqueeze(1) & (shifts == 0).all(-1).unsqueeze(0)
         ok = ok & allowed & ~self_pair
+        # one direction of each pair: i < j, or an image of the atom itself with a "positive" shift
+        # (first non-zero component > 0); the reversed half (j, i, -shift) is added by the caller
+        sgn = torch.sign(shifts)
+        positive = (sgn[:, 0] > 0) | ((sgn[:, 0] == 0) & ((sgn[:, 1] > 0) | ((sgn[:, 1] == 0) & (sgn[:, 2] > 0))))
+        ok = ok & ((ii < jj).unsqueeze(1) | ((ii == jj).unsqueeze(1) & positive.unsqueeze(0)))
         hit = ok.nonzero()
         pi, si = hit[:, 0], hit[:, 1]
         edge_index = torch.stack([ii[pi], jj[pi]])
         # shift for the unwrapped positions: r_j + (S - o_j + o_i) cell - r_i
         unwrapped = shifts[si] - offset[jj[pi]].to(torch.long) + offset[ii[pi]].to(torch.long)
         return edge_index, unwrapped
+
+
+def half_pairs(positions: Tensor, batch: Tensor, cutoff: float, cell: Optional[Tensor] = None,
+               pbc: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    """One direction of each pair within ``cutoff`` (no gradients).
+
+    Returns ``pairs`` (2, P) and, for periodic cells, ``shifts`` (P, 3) integer image shifts in units of
+    the cell vectors (``None`` without periodic directions).
+    """
+    if cell is not None and pbc is not None and bool(pbc.any()):
+        return _periodic_pairs(positions, batch, cutoff, cell, pbc)
+    return _pairs_within(positions, batch, cutoff), None
+
+
+def shift_vectors(pairs: Tensor, shifts: Tensor, cell: Tensor, batch: Tensor, dtype: torch.dtype) -> Tensor:
+    """Cartesian image shifts (P, 3) Å of periodic pairs (differentiable in ``cell``)."""
+    return torch.einsum("ek,ekx->ex", shifts.to(dtype), cell.index_select(0, batch.index_select(0, pairs[0])).to(dtype))
+
+
+def edges_from_pairs(positions: Tensor, pairs: Tensor, cart: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Symmetric-layout ``edge_index`` (2, 2P) and differentiable ``edge_vec`` (2P, 3) from one-direction
+    pairs and their Cartesian image shifts ``cart`` (P, 3) (``None``: no shifts)."""
+    vec = positions.index_select(0, pairs[1]) - positions.index_select(0, pairs[0])
+    if cart is not None:
+        vec = vec + cart
+    # reversed pairs second; -vec is bit-identical to computing r_i - r_j (- shift)
+    return torch.cat([pairs, pairs.flip(0)], dim=1), torch.cat([vec, -vec])
 
 
 def radius_graph(positions: Tensor, batch: Tensor, cutoff: float, cell: Optional[Tensor] = None,
@@ -74,12 +111,49 @@ def radius_graph(positions: Tensor, batch: Tensor, cutoff: float, cell: Optional
         cell: optional (B, 3, 3) cell vectors as rows (Å).
         pbc: optional (B, 3) bool periodic directions.
     Returns:
-        edge_index (2, E) and edge_vec (E, 3) = r_j - r_i + shift (differentiable in positions).
+        edge_index (2, E) and edge_vec (E, 3) = r_j - r_i + shift (differentiable in positions and cell),
+        in the symmetric layout (module docstring).
     """
-    if cell is not None and pbc is not None and bool(pbc.any()):
-        edge_index, shifts = _periodic_pairs(positions, batch, cutoff, cell, pbc)
-        i, j = edge_index[0], edge_index[1]
-        cart = torch.einsum("ek,ekx->ex", shifts.to(positions.dtype), cell[batch[i]].to(positions.dtype))
-        return edge_index, positions[j] - positions[i] + cart
-    edge_index = _pairs_within(positions, batch, cutoff)
-    return edge_index, positions[edge_index[1]] - positions[edge_index[0]]
+    pairs, shifts = half_pairs(positions, batch, cutoff, cell, pbc)
+    cart: Optional[Tensor] = None
+    if shifts is not None and cell is not None:
+        cart = shift_vectors(pairs, shifts, cell, batch, positions.dtype)
+    return edges_from_pairs(positions, pairs, cart)
+
+
+class NeighborCache:
+    """Verlet-list reuse for MD (eager Python, not TorchScript): the pairs within ``cutoff + skin`` are kept
+    until an atom has moved more than ``skin / 2`` (or the atoms, batch, cell or pbc changed).
+
+    Exact: pairs in the skin (``cutoff <= r < cutoff + skin``) enter the model with a cutoff factor of
+    exactly zero, so they add exact zeros. It pays off only where the search is expensive (large or periodic
+    systems); for a 21-atom molecule the dense search costs less than the extra skin edges.
+    ``__call__`` returns ``(pairs, shifts)`` like :func:`half_pairs`.
+    """
+
+    def __init__(self, cutoff: float, skin: float = 0.5):
+        self.cutoff = float(cutoff)
+        self.skin = float(skin)
+        self._state: Optional[Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]] = None
+        self._result: Optional[Tuple[Tensor, Optional[Tensor]]] = None
+        self.builds = 0
+
+    @staticmethod
+    def _same(a: Optional[Tensor], b: Optional[Tensor]) -> bool:
+        if a is None or b is None:
+            return a is None and b is None
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+
+    def __call__(self, positions: Tensor, batch: Tensor, cell: Optional[Tensor] = None,
+                 pbc: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        p = positions.detach()
+        c = None if cell is None else cell.detach()
+        st = self._state
+        if (st is None or self._result is None or self.skin <= 0.0 or p.shape != st[0].shape
+                or not self._same(batch, st[1]) or not self._same(c, st[2]) or not self._same(pbc, st[3])
+                or float((p - st[0]).pow(2).sum(-1).max()) > (0.5 * self.skin) ** 2):
+            self._result = half_pairs(p, batch, self.cutoff + max(self.skin, 0.0), c, pbc)
+            self._state = (p.clone(), batch.clone(), None if c is None else c.clone(),
+                           None if pbc is None else pbc.clone())
+            self.builds += 1
+        return self._result

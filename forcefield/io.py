@@ -1,10 +1,11 @@
 """Model files: save, load, resolve shipped models by name. Atomic writes everywhere.
 
-Two file kinds, both ``.pt``:
+Three file kinds:
 
 - *model file* (``torch.save`` of a plain dict, ``format == "oreo-potential"``): config + state dict +
   metadata. Rebuilt with the installed code, so library upgrades do not break loading.
 - *TorchScript export* (``torch.jit.save``): loads with ``torch.jit.load`` alone (see ``export.py``).
+- *AOTInductor package* (``.pt2``, ``oreo export --format aoti``): compiled forward+backward (see ``compiled.py``).
 
 Training checkpoints (``last.pt`` of a run) load too: their EMA weights are used.
 """
@@ -111,6 +112,9 @@ def load_potential(model: Union[str, Path], device: Union[str, torch.device] = "
     ``cutoff`` and ``metadata_json``).
     """
     path = resolve_model_path(model)
+    from .compiled import is_compiled_file, load_compiled
+    if is_compiled_file(path):  # AOTInductor .pt2: dtype and device fixed at export
+        return load_compiled(path)
     if is_torchscript_file(path):
         try:
             mod = torch.jit.load(str(path), map_location=device)

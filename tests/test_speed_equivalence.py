@@ -257,3 +257,229 @@ def reference_of(pot: Potential) -> _RefPotential:
     ref.load_state_dict(pot.state_dict(), strict=True)
     dtype = next(pot.parameters()).dtype
     return cast_potential(ref, "cpu", dtype).train(pot.training)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tests
+# ---------------------------------------------------------------------------------------------------------------
+
+TOL = 1e-10  # float64: the optimised code only sums and multiplies in another order
+SMALL = {"name": "et", "hidden": 32, "num_layers": 3, "num_heads": 4, "num_rbf": 16, "cutoff": 5.0}
+RUNS = Path(__file__).resolve().parents[1] / "runs"
+
+
+def _model(cfg=SMALL, seed=0, dtype=torch.float64) -> Potential:
+    torch.manual_seed(seed)
+    pot = Potential(backbone=cfg, elements=[1, 6, 7, 8], atomref={1: -13.6, 6: -1029.0, 7: -1485.0, 8: -2041.0},
+                    scale=0.7, shift=0.01)
+    with torch.no_grad():  # random non-zero weights everywhere (biases start at zero)
+        for p in pot.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return cast_potential(pot, "cpu", dtype).eval()
+
+
+def _molecule(n=21, seed=0, box=6.0):
+    rng = np.random.default_rng(seed)
+    z = rng.choice([1, 6, 7, 8], size=n)
+    r = rng.random((n, 3)) * box
+    return torch.as_tensor(z, dtype=torch.long), torch.as_tensor(r, dtype=torch.float64)
+
+
+def _assert_same(a: Dict[str, Tensor], b: Dict[str, Tensor], tol: float = TOL):
+    assert a["energy"].shape == b["energy"].shape and a["forces"].shape == b["forces"].shape
+    assert float((a["energy"] - b["energy"]).detach().abs().max()) < tol
+    assert float((a["forces"] - b["forces"]).detach().abs().max()) < tol
+
+
+def test_state_dict_names_and_shapes_unchanged():
+    for cfg in (SMALL, {"name": "et", "hidden": 128, "num_layers": 6, "num_heads": 8, "num_rbf": 32, "cutoff": 5.0}):
+        pot = _model(cfg)
+        ref = _RefPotential(cfg)
+        assert [(k, tuple(v.shape)) for k, v in ref.state_dict().items()] == \
+               [(k, tuple(v.shape)) for k, v in pot.state_dict().items()]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_energy_forces_equal_reference_single_molecule(seed):
+    pot = _model(seed=seed)
+    ref = reference_of(pot)
+    z, r = _molecule(21, seed)
+    _assert_same(pot(z, r), ref(z, r))
+    z, r = torch.as_tensor(ETHANOL_Z), torch.as_tensor(ETHANOL_R)
+    _assert_same(pot(z, r), ref(z, r))
+
+
+def test_energy_forces_equal_reference_batch_and_isolated_atom():
+    pot = _model(seed=3)
+    ref = reference_of(pot)
+    z1, r1 = _molecule(21, 4)
+    z2, r2 = _molecule(9, 5)
+    z3, r3 = torch.tensor([8]), torch.zeros(1, 3, dtype=torch.float64) + 40.0  # no neighbours at all
+    z, r = torch.cat([z1, z2, z3]), torch.cat([r1, r2 + 30.0, r3])
+    batch = torch.tensor([0] * 21 + [1] * 9 + [2])
+    _assert_same(pot(z, r, batch), ref(z, r, batch))
+
+
+def test_energy_forces_equal_reference_periodic():
+    pot = _model(seed=6)
+    ref = reference_of(pot)
+    z, r = _molecule(8, 7, box=4.0)
+    cell = torch.tensor([[[4.3, 0.0, 0.0], [0.6, 4.0, 0.0], [0.2, -0.5, 4.6]]], dtype=torch.float64)
+    for pbc in ([True, True, True], [True, False, True]):
+        p = torch.tensor([pbc])
+        _assert_same(pot(z, r, None, cell, p), ref(z, r, None, cell, p))
+
+
+def test_general_edge_order_equals_symmetric_layout():
+    """The backbone accepts any edge list (e.g. from an external neighbour list): same result."""
+    from forcefield.graph import radius_graph
+    from forcefield.models.et import is_symmetric_layout
+
+    pot = _model(seed=8)
+    ref = reference_of(pot)
+    z, r = _molecule(15, 9)
+    ei, ev = radius_graph(r, torch.zeros(15, dtype=torch.long), pot.cutoff)
+    assert is_symmetric_layout(ei, ev)
+    perm = torch.randperm(ei.shape[1], generator=torch.Generator().manual_seed(0))
+    assert not is_symmetric_layout(ei[:, perm], ev[perm])
+    a = pot.backbone(z, ei[:, perm], ev[perm])
+    b = pot.backbone(z, ei, ev)
+    c = ref.backbone(z, ei, ev)
+    for u, v, w in zip(a, b, c):
+        assert float((u - w).abs().max()) < TOL and float((v - w).abs().max()) < TOL
+
+
+def test_training_gradients_equal_reference():
+    """Energy + force loss (double backward, as the trainer does): same gradient for every parameter."""
+    pot = _model(seed=10).train()
+    ref = reference_of(pot).train()
+    z, r = _molecule(12, 11)
+    batch = torch.tensor([0] * 6 + [1] * 6)
+    grads = []
+    for m in (pot, ref):
+        m.zero_grad(set_to_none=True)
+        out = m(z, r, batch, with_reference=False)
+        loss = 0.3 * out["energy"].pow(2).mean() + 0.7 * out["forces"].pow(2).mean()
+        loss.backward()
+        grads.append({k: p.grad for k, p in m.named_parameters()})
+    a, b = grads
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] is None) == (b[k] is None), k
+        if a[k] is not None:
+            assert float((a[k] - b[k]).abs().max()) < TOL, k
+
+
+def test_forces_only_loss_gradients_reach_the_same_parameters():
+    pot = _model(seed=12).train()
+    ref = reference_of(pot).train()
+    z, r = _molecule(10, 13)
+    for m in (pot, ref):
+        m.zero_grad(set_to_none=True)
+        m(z, r, with_reference=False)["forces"].pow(2).sum().backward()
+    for (k, p), (_, q) in zip(pot.named_parameters(), ref.named_parameters()):
+        assert (p.grad is None) == (q.grad is None), k
+        if p.grad is not None:
+            assert float((p.grad - q.grad).abs().max()) < TOL, k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torchscript_equals_eager_and_reference(dtype):
+    pot = _model(seed=14, dtype=dtype)
+    ref = reference_of(pot)
+    scripted = torch.jit.script(pot)
+    z, r = _molecule(21, 15)
+    r = r.to(dtype)
+    a, b, c = pot(z, r), scripted(z, r), ref(z, r)
+    tol = 1e-4 if dtype == torch.float32 else 1e-12
+    _assert_same(a, b, tol)
+    _assert_same(a, c, 1e-4 if dtype == torch.float32 else TOL)
+
+
+def test_finished_model_file_equals_reference():
+    """A model trained with the original code gives the same numbers with the optimised code."""
+    from forcefield.io import load_potential
+
+    files = sorted(RUNS.glob("*/best.pt")) if RUNS.is_dir() else []
+    if not files:
+        pytest.skip("no finished model file under runs/ (not in git)")
+    for path in files[:2]:
+        pot = load_potential(path, dtype=torch.float64)
+        ref = reference_of(pot)
+        ref.atomref.data = pot.atomref.clone()
+        n = len(pot.elements)
+        z = torch.as_tensor(np.resize(np.array(pot.elements), 9), dtype=torch.long)
+        _, r = _molecule(9, 16, box=3.0)
+        _assert_same(pot(z, r), ref(z, r))
+
+
+def test_no_edges_single_atom_and_far_apart_atoms():
+    pot = _model(seed=17)
+    ref = reference_of(pot)
+    scripted = torch.jit.script(pot)
+    for z, r in ((torch.tensor([6]), torch.zeros(1, 3, dtype=torch.float64)),
+                 (torch.tensor([6, 8]), torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 7.5]], dtype=torch.float64))):
+        a = pot(z, r)
+        _assert_same(a, ref(z, r))
+        _assert_same(a, scripted(z, r))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# compiled paths (forcefield/compiled.py): traced forward+backward graph, AOTInductor .pt2
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_traced_energy_forces_graph_equals_eager(dtype):
+    """The make_fx graph that AOTInductor compiles (forward and backward as plain ops) = eager Potential."""
+    from forcefield.compiled import trace_energy_forces
+    from forcefield.graph import half_pairs
+
+    pot = _model(seed=18, dtype=dtype)
+    gm, _ = trace_energy_forces(pot, dtype)
+    z, r = _molecule(21, 19)
+    r = r.to(dtype)
+    pairs, _ = half_pairs(r, torch.zeros(21, dtype=torch.long), pot.cutoff)
+    e_atom, forces = gm(z, r, pairs, torch.zeros(pairs.shape[1], 3, dtype=dtype))
+    ref = reference_of(pot)(z, r, with_reference=False)
+    tol = TOL if dtype == torch.float64 else 1e-4
+    assert abs(float(e_atom.sum()) - float(ref["energy"].sum())) < tol * max(1.0, abs(float(ref["energy"].sum())))
+    assert float((forces - ref["forces"]).abs().max()) < tol
+
+
+def _have_compiler() -> bool:
+    import shutil
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+@pytest.mark.skipif(os.environ.get("OREO_TEST_AOTI", "1") == "0" or not _have_compiler(),
+                    reason="OREO_TEST_AOTI=0, or no C++ compiler for AOTInductor (this test takes ~1-2 min)")
+def test_aoti_export_equals_eager(tmp_path):
+    from forcefield.compiled import EXPORT_TOLERANCE, export_compiled, load_compiled
+
+    pot = _model({"name": "et", "hidden": 16, "num_layers": 2, "num_heads": 2, "num_rbf": 8, "cutoff": 5.0}, seed=20)
+    path = export_compiled(pot, tmp_path / "tiny.pt2", dtype=torch.float64)
+    cp = load_compiled(path)
+    ref = reference_of(pot)
+    z1, r1 = _molecule(21, 21)
+    z2, r2 = _molecule(5, 22)
+    cases = [(z1, r1, None, None, None),
+             (torch.cat([z1, z2]), torch.cat([r1, r2 + 20.0]), torch.tensor([0] * 21 + [1] * 5), None, None),
+             (torch.tensor([8]), torch.zeros(1, 3, dtype=torch.float64), None, None, None),
+             (z2, r2, None, torch.eye(3, dtype=torch.float64).unsqueeze(0) * 4.5, torch.tensor([[True, True, True]]))]
+    tol = EXPORT_TOLERANCE["float64"]
+    for z, r, b, c, p in cases:
+        a, e = cp(z, r, b, c, p), ref(z, r, b, c, p)
+        assert a["energy"].shape == e["energy"].shape and a["energy"].dtype == torch.float64
+        assert float((a["energy"] - e["energy"]).abs().max()) < tol["energy_rel"] * max(1.0, float(e["energy"].abs().max()))
+        assert float((a["forces"] - e["forces"].detach()).abs().max()) < tol["forces_abs"]
+    with pytest.raises(ValueError, match="atomic number 9"):
+        cp(torch.tensor([6, 9]), torch.tensor([[0.0, 0, 0], [1.2, 0, 0]], dtype=torch.float64))
+
+
+def test_frozen_torchscript_equals_eager():
+    """torch.jit.freeze of the scripted potential (faster for MD) keeps forces (autograd inside) exact."""
+    pot = _model(seed=23)
+    frozen = torch.jit.freeze(torch.jit.script(pot).eval(), preserved_attrs=["cutoff", "metadata_json"])
+    z, r = _molecule(21, 24)
+    _assert_same(pot(z, r), frozen(z, r), 1e-12)
+    assert frozen.cutoff == pot.cutoff

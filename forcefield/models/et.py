@@ -29,9 +29,12 @@ class NeighborEmbedding(nn.Module):
             nn.init.xavier_uniform_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def forward(self, x: Tensor, z: Tensor, i: Tensor, j: Tensor, rbf: Tensor, cut: Tensor) -> Tensor:
+    def forward(self, x: Tensor, z: Tensor, i: Tensor, j: Tensor, rbf: Tensor, cut: Tensor, s: int) -> Tensor:
+        # rbf, cut: (E / s, ...); with s == 2 edge e + E/2 is edge e reversed (same distance)
+        e = i.shape[0]
         w = self.distance_proj(rbf) * cut.unsqueeze(-1)
-        msg = w * self.embedding(z.index_select(0, j))  # emb(Z_j) per edge: one lookup, no (N, F) gather
+        f = x.shape[1]
+        msg = (self.embedding(z.index_select(0, j)).view(s, e // s, f) * w).view(e, f)
         agg = torch.zeros_like(x).index_add_(0, i, msg)
         return self.combine(torch.cat([x, agg], dim=-1))
 
@@ -72,14 +75,16 @@ class EquivariantAttention(nn.Module):
         nn.init.xavier_uniform_(self.vec_proj.weight)
 
     def forward(self, x: Tensor, vec: Tensor, i: Tensor, j: Tensor, dkv: Tensor, cut: Tensor,
-                unit_cut: Tensor, first: bool) -> Tuple[Tensor, Tensor]:
+                unit_cut: Tensor, first: bool, s: int = 1) -> Tuple[Tensor, Tensor]:
+        """``dkv`` (E / s, 4F): distance filters of the first E / s edges; with ``s == 2`` edge e + E/2 is
+        edge e reversed and shares them. ``cut`` (E,), ``unit_cut`` (E, 3) cover all edges."""
         n, h, nh, hd = x.shape[0], self.hidden, self.num_heads, self.head_dim
         e = i.shape[0]
 
         qkv = self.qkv(self.norm(x))
         q_i = qkv[:, :h].contiguous().index_select(0, i)                  # (E, F); contiguous: fast gather
         kv_j = qkv[:, h:].contiguous().index_select(0, j)                 # (E, 4F) = [k_j, v_j]
-        pk, pv = torch.split(kv_j * dkv, [h, 3 * h], dim=-1)              # [k_j dk, v_j dv]: one product
+        pk, pv = torch.split((kv_j.view(s, e // s, 4 * h) * dkv).view(e, 4 * h), [h, 3 * h], dim=-1)
         attn = (q_i * pk).view(e, nh, hd).sum(-1)                         # (E, heads)
         attn = self.act(attn) * cut.unsqueeze(-1)
         m, u, w = torch.unbind(pv.view(e, nh, 3, hd), dim=2)              # (E, heads, hd) each
@@ -123,15 +128,39 @@ class EquivariantTransformer(nn.Module):
         self.out_norm = nn.LayerNorm(hidden)
 
     def forward(self, z: Tensor, edge_index: Tensor, edge_vec: Tensor) -> Tuple[Tensor, Tensor]:
+        s = 2 if is_symmetric_layout(edge_index, edge_vec) else 1
+        return self.represent(z, edge_index, edge_vec, s)
+
+    def represent(self, z: Tensor, edge_index: Tensor, edge_vec: Tensor, s: int) -> Tuple[Tensor, Tensor]:
+        """``s == 2``: the caller guarantees the symmetric layout (see :func:`is_symmetric_layout`); the
+        distance features (radial basis, cutoff, the per-layer distance filters) are computed once per
+        pair instead of once per direction. ``s == 1``: any edge list."""
         i, j = edge_index[0], edge_index[1]
-        r = torch.sqrt(edge_vec.pow(2).sum(-1))
+        half = edge_vec[: edge_vec.shape[0] // s]
+        r = torch.sqrt(half.pow(2).sum(-1))
         rbf = self.rbf(r)
         cut = self.cutoff_fn(r)
-        unit_cut = edge_vec * (cut / r).unsqueeze(-1)                    # (E, 3), shared by all layers
+        unit_cut = half * (cut / r).unsqueeze(-1)                        # (E / s, 3)
+        if s == 2:
+            unit_cut = torch.cat([unit_cut, -unit_cut])                  # exact: unit(-v) == -unit(v)
+        cut_e = cut.repeat(s)
         x = self.embedding(z)
-        x = self.neighbor_embedding(x, z, i, j, rbf, cut)
+        x = self.neighbor_embedding(x, z, i, j, rbf, cut, s)
         vec = torch.zeros((x.shape[0], 3, self.hidden), dtype=x.dtype, device=x.device)
         for k, layer in enumerate(self.layers):
             dkv = layer.act(layer.dkv(rbf))
-            x, vec = layer(x, vec, i, j, dkv, cut, unit_cut, k == 0)
+            x, vec = layer(x, vec, i, j, dkv, cut_e, unit_cut, k == 0, s)
         return self.out_norm(x), vec
+
+
+def is_symmetric_layout(edge_index: Tensor, edge_vec: Tensor) -> bool:
+    """True when edge ``e + E/2`` is edge ``e`` reversed: ``edge_index[:, E/2:] == edge_index.flip(0)[:, :E/2]``
+    and ``edge_vec[E/2:] == -edge_vec[:E/2]`` exactly (what :func:`forcefield.graph.radius_graph` returns).
+    Then both directions of a pair have bit-identical distances and the model computes its distance
+    features once per pair. Any other edge list is handled by the general path."""
+    e = edge_index.shape[1]
+    if e == 0 or e % 2 != 0:
+        return False
+    h = e // 2
+    return bool(torch.equal(edge_index[0, h:], edge_index[1, :h]) and torch.equal(edge_index[1, h:], edge_index[0, :h])
+                and torch.equal(edge_vec[h:].detach(), -edge_vec[:h].detach()))
