@@ -39,18 +39,18 @@ CARD = """# oreo model card: {molecule} (revised MD17)
 | test energy MAE | {e_mae:.1f} meV (RMSE {e_rmse:.1f}) |
 | training | {epochs} epochs, {steps} steps, {minutes:.0f} min of wall time on a 2-core CPU, 1 thread ({stop}) |
 
-Hyperparameters (the run's `config.yaml`):
+Hyperparameters (the run's `config.yaml`, as of its last invocation):
 
 ```yaml
 {config}```
 
-Reproduce (training; `optim.max_minutes` caps one invocation, `--resume` continues the same run):
+Reproduce: the commands that trained this model (`optim.max_minutes` caps each invocation by wall time, so
+on another machine the number of epochs, and the result, differ; `--resume` continues the same run):
 
 ```bash
 export OREO_DATA_DIR=/path/to/data          # holds rmd17/ (oreo data download rmd17)
 oreo train --config examples/configs/rmd17_{molecule}.yaml --out runs/{molecule}
-oreo train --config examples/configs/rmd17_{molecule}.yaml --out runs/{molecule} --resume   # to continue
-python benchmarks/ship_models.py runs/{molecule}
+{resume_lines}python benchmarks/ship_models.py runs/{molecule}
 ```
 
 Check the quoted test errors:
@@ -65,7 +65,7 @@ forces are not to be trusted.
 """
 
 
-def ship(run: Path, dest: Path) -> dict:
+def ship(run: Path, dest: Path, resume_args=()) -> dict:
     cfg_dict = yaml.safe_load((run / "config.yaml").read_text())
     cfg = config_from_dict(cfg_dict)
     molecule = cfg.data.molecule
@@ -92,7 +92,9 @@ def ship(run: Path, dest: Path) -> dict:
         f_mae=metrics["forces_mae_meV_per_A"], f_rmse=metrics["forces_rmse_meV_per_A"],
         e_mae=metrics["energy_mae_meV"], e_rmse=metrics["energy_rmse_meV"],
         epochs=ck["epoch"], steps=ck["step"], minutes=ck["elapsed"] / 60, stop=stop or "see metrics.csv",
-        config=yaml.safe_dump(cfg_dict, sort_keys=False))
+        config=yaml.safe_dump(cfg_dict, sort_keys=False),
+        resume_lines="".join(f"oreo train --config examples/configs/rmd17_{molecule}.yaml --out runs/{molecule} "
+                             f"--resume {a}\n" for a in resume_args))
     (dest / f"{molecule}.md").write_text(card)
     return {"molecule": molecule, **metrics, "epochs": ck["epoch"], "minutes": ck["elapsed"] / 60,
             "val_rows": len(rows)}
@@ -102,8 +104,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--dest", type=Path, default=PRETRAINED_DIR)
+    ap.add_argument("--resume-args", action="append", default=[],
+                    help="the extra arguments of each `oreo train --resume` call the runs went through, in order "
+                         "(quoted), for the card's reproduce section")
     args = ap.parse_args(argv)
-    summary = [ship(r, args.dest) for r in args.runs]
+    summary = [ship(r, args.dest, args.resume_args) for r in args.runs]
     print("| molecule | test force MAE (meV/Å) | test energy MAE (meV) | epochs | minutes |")
     print("|---|---|---|---|---|")
     for s in summary:

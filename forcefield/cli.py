@@ -47,10 +47,19 @@ def cmd_evaluate(args) -> int:
     if args.path:
         cset = load_ase(args.path, energy_unit=args.energy_unit)
     else:
-        molecule = args.molecule or json.loads(pot.metadata_json).get("molecule")
+        meta = json.loads(pot.metadata_json)
+        molecule = args.molecule or meta.get("molecule")
         if not molecule:
             raise SystemExit("say which frames to evaluate on: --molecule NAME (rMD17) or --path FILE")
-        cset = load_rmd17(molecule, split=args.split, split_index=args.split_index, data_dir=args.data_dir)
+        # default to the split file and labels the model was trained with: another split's test file can hold
+        # this model's training frames
+        split_index = args.split_index or meta.get("split_index") or 1
+        labels = args.labels or meta.get("labels") or "revised"
+        if meta.get("split_index") and split_index != meta["split_index"] and args.split != "train":
+            print(f"warning: the model was trained on rMD17 split {meta['split_index']}; the test frames of split "
+                  f"{split_index} may include its training frames", file=sys.stderr)
+        cset = load_rmd17(molecule, split=args.split, split_index=split_index, data_dir=args.data_dir,
+                          labels=labels)
     if args.max_frames:
         cset = cset.subset(list(range(min(args.max_frames, len(cset)))))
     metrics, pred = evaluate(pot, cset, batch_size=args.batch_size, device=args.device, progress=True)
@@ -132,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="model file, checkpoint, export or shipped name")
     e.add_argument("--molecule", help="rMD17 molecule (default: the model's training molecule)")
     e.add_argument("--split", default="test", choices=["train", "test", "all"])
-    e.add_argument("--split-index", type=int, default=1)
+    e.add_argument("--split-index", type=int, help="rMD17 split file 1..5 (default: the model's)")
+    e.add_argument("--labels", choices=["revised", "original"], help="rMD17 labels (default: the model's)")
     e.add_argument("--path", help="evaluate on a file ase.io reads instead of rMD17")
     e.add_argument("--energy-unit", default="eV")
     e.add_argument("--max-frames", type=int)

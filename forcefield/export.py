@@ -5,6 +5,7 @@ eager model's. Call it as ``module(numbers, positions)`` or ``module(numbers, po
 it returns ``{"energy": (B,) eV float64, "forces": (N, 3) eV/Å}``. Units, training data and hyperparameters
 are in ``module.metadata_json`` and in the file's extra entry ``oreo_metadata.json``.
 """
+import copy
 import json
 from pathlib import Path
 from typing import Optional, Union
@@ -21,7 +22,10 @@ EXPORT_FORMAT_VERSION = 1
 def export_torchscript(model: Union[str, Path, torch.nn.Module], out: Union[str, Path],
                        dtype: Optional[torch.dtype] = torch.float32) -> Path:
     """Script a potential (or a model file / checkpoint path) and save it atomically to ``out``."""
-    pot = load_potential(model, dtype=dtype) if isinstance(model, (str, Path)) else cast_potential(model, "cpu", dtype)
+    if isinstance(model, (str, Path)):
+        pot = load_potential(model, dtype=dtype)
+    else:  # never change the caller's module
+        pot = cast_potential(copy.deepcopy(model), "cpu", dtype)
     pot = pot.eval()
     if isinstance(pot, torch.jit.ScriptModule):
         scripted = pot

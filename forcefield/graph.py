@@ -26,6 +26,20 @@ def _pairs_within(pos: Tensor, batch: Tensor, cutoff: float) -> Tensor:
         return torch.triu(mask, diagonal=1).nonzero().t()  # i < j; the reversed half is added by the caller
 
 
+def _search_cell(cell: Tensor, pbc: Tensor) -> Tensor:
+    """A non-singular cell for the image search: zero rows of non-periodic directions (molecules in a batch
+    with periodic frames, slabs with ``cell[2] = 0``) become unit vectors; they are never used for shifts."""
+    zero_row = cell.abs().sum(-1) == 0                                     # (B, 3)
+    if bool((zero_row & pbc).any()):
+        raise ValueError("a periodic direction has a zero cell vector: give the structure a cell (Å) or set "
+                         "pbc=False in that direction")
+    eye = torch.eye(3, dtype=cell.dtype, device=cell.device).unsqueeze(0).expand_as(cell)
+    safe = torch.where(zero_row.unsqueeze(-1), eye, cell)
+    if bool((torch.linalg.det(safe).abs() < 1e-9).any()):
+        raise ValueError("the cell vectors are linearly dependent (zero volume); check the cell given with pbc=True")
+    return safe
+
+
 def _periodic_pairs(pos: Tensor, batch: Tensor, cutoff: float, cell: Tensor,
                     pbc: Tensor) -> Tuple[Tensor, Tensor]:
     """Pairs and integer image shifts for cells with periodic directions.
@@ -36,7 +50,7 @@ def _periodic_pairs(pos: Tensor, batch: Tensor, cutoff: float, cell: Tensor,
     direction is ceil(cutoff / plane spacing).
     """
     with torch.no_grad():
-        c = cell.detach()
+        c = _search_cell(cell.detach(), pbc)
         # search with positions wrapped into the cell; ``offset`` (N, 3) integer cells each atom was moved by
         frac = torch.einsum("nx,nxk->nk", pos.detach(), torch.linalg.inv(c)[batch])
         offset = torch.floor(frac) * pbc[batch].to(frac.dtype)
@@ -46,7 +60,7 @@ def _periodic_pairs(pos: Tensor, batch: Tensor, cutoff: float, cell: Tensor,
         cross = torch.stack([torch.linalg.cross(c[:, 1], c[:, 2], dim=-1), torch.linalg.cross(c[:, 2], c[:, 0], dim=-1),
                              torch.linalg.cross(c[:, 0], c[:, 1], dim=-1)], dim=1)
         spacing = vol.unsqueeze(-1) / torch.linalg.norm(cross, dim=-1).clamp_min(1e-12)
-        n_img = torch.ceil(cutoff / spacing).to(torch.long) * pbc.to(torch.long)  # (B, 3)
+        n_img = torch.where(pbc, torch.ceil(cutoff / spacing), torch.zeros_like(spacing)).to(torch.long)  # (B, 3)
         nmax = n_img.max(dim=0).values
         rng = [torch.arange(-int(nmax[k]), int(nmax[k]) + 1, device=pos.device) for k in range(3)]
         shifts = torch.cartesian_prod(rng[0], rng[1], rng[2]).reshape(-1, 3)  # (S, 3)

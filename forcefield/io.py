@@ -40,6 +40,9 @@ def atomic_torch_save(obj: Any, path: Union[str, Path], jit: bool = False, **jit
             torch.jit.save(obj, tmp, **jit_kwargs)
         else:
             torch.save(obj, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

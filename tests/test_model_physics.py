@@ -145,3 +145,21 @@ def test_unknown_element_and_nan_positions_raise_clear_errors(pot):
     scripted = torch.jit.script(pot)
     with pytest.raises(Exception, match="atomic number 9"):
         scripted(torch.tensor([6, 9]), torch.tensor([[0.0, 0, 0], [1.2, 0, 0]], dtype=torch.float64))
+
+
+def test_mixed_batch_slab_and_missing_cell(pot):
+    """Molecules batched with periodic frames, slabs with a zero third vector, pbc without a cell."""
+    z = torch.as_tensor(np.concatenate([ETHANOL_Z, ETHANOL_Z]))
+    r = torch.as_tensor(np.concatenate([ETHANOL_R, ETHANOL_R + 1.0]))
+    batch = torch.tensor([0] * 9 + [1] * 9)
+    cell = torch.zeros(2, 3, 3, dtype=torch.float64)
+    cell[1] = torch.eye(3, dtype=torch.float64) * 12.0
+    out = pot(z, r, batch, cell, torch.tensor([[False] * 3, [True] * 3]))
+    single = _run(pot, ETHANOL_Z, ETHANOL_R)
+    assert torch.allclose(out["energy"][0], single["energy"][0], atol=1e-10)
+    slab = torch.tensor([[[12.0, 0, 0], [0, 12.0, 0], [0, 0, 0]]], dtype=torch.float64)
+    out = _run(pot, ETHANOL_Z, ETHANOL_R, None, slab, torch.tensor([[True, True, False]]))
+    assert torch.allclose(out["energy"], single["energy"], atol=1e-10)
+    with pytest.raises(ValueError, match="zero cell vector"):
+        _run(pot, ETHANOL_Z, ETHANOL_R, None, torch.zeros(1, 3, 3, dtype=torch.float64),
+             torch.tensor([[True, True, True]]))

@@ -214,7 +214,6 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: bool = False) -> Dict:
         o = self.cfg.optim
-        (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         csv_path = self.out / "metrics.csv"
         if resume:
             last = self.out / "last.pt"
@@ -226,6 +225,8 @@ class Trainer:
         elif csv_path.exists() or (self.out / "last.pt").exists():
             raise FileExistsError(f"{self.out} already holds a training run; pass --resume to continue it "
                                   f"or choose another --out")
+        # only now (the folder is ours, the checkpoint matched): record the config of this invocation
+        (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         self.log(f"model: {self.model.describe()}")
         self.log(f"data: {len(self.splits.train)} train / {len(self.splits.val)} val / "
                  f"{len(self.splits.test)} test frames")
@@ -234,6 +235,9 @@ class Trainer:
         while self.epoch < o.epochs:
             loss = self.train_epoch()
             val = self.validate()
+            if not math.isfinite(val["loss"]):
+                raise FloatingPointError(f"validation loss is {val['loss']} after epoch {self.epoch + 1}: the model "
+                                         f"diverged; lower optim.lr and start again (or resume from an earlier run)")
             self.epoch += 1
             if self.step > o.lr_warmup_steps:
                 self.scheduler.step(val["loss"])
