@@ -7,7 +7,8 @@ import time
 import numpy as np
 from ase import units
 from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from ase.constraints import FixCom
+from ase.md.velocitydistribution import Stationary, thermalize_momenta
 from ase.optimize import BFGS
 
 from forcefield import OreoCalculator
@@ -26,8 +27,10 @@ opt.run(fmax=0.05, steps=200)
 print(f"relaxed in {opt.nsteps} BFGS steps: E = {atoms.get_potential_energy():.3f} eV, "
       f"max |F| = {np.linalg.norm(atoms.get_forces(), axis=1).max():.3f} eV/Å")
 
-MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
-dyn = Langevin(atoms, timestep=0.5 * units.fs, temperature_K=300, friction=0.01 / units.fs,
+thermalize_momenta(atoms, temperature_K=300, rng=np.random.default_rng(0))
+Stationary(atoms)
+atoms.set_constraint(FixCom())
+dyn = Langevin(atoms, timestep=0.5 * units.fs, temperature_K=300, friction=0.01 / units.fs, fixcm=False,
                rng=np.random.default_rng(1))
 t0 = time.perf_counter()
 dyn.run(200)

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .graph import NeighborCache, half_pairs, shift_vectors
+from .potential import check_inputs
 
 COMPILED_FORMAT = "oreo-aoti"
 COMPILED_FORMAT_VERSION = 1
@@ -174,25 +175,12 @@ class CompiledPotential(nn.Module):
     def metadata(self) -> Dict[str, Any]:
         return json.loads(self.metadata_json)
 
-    def _check(self, numbers: Tensor, positions: Tensor) -> None:
-        if positions.dim() != 2 or positions.shape[1] != 3 or numbers.shape[0] != positions.shape[0]:
-            raise ValueError("positions must have shape (N, 3) in Å and match numbers (N,)")
-        if not bool(torch.isfinite(positions).all()):
-            raise ValueError("positions contain NaN or inf: the structure is broken (an exploded MD run?); "
-                             "pass finite coordinates in Å")
-        bad = numbers[(numbers <= 0) | (numbers >= self.known_elements.shape[0])]
-        if bad.numel() == 0:
-            bad = numbers[~self.known_elements[numbers]]
-        if bad.numel() > 0:
-            raise ValueError("element with atomic number " + str(int(bad[0])) + " was not in this model's "
-                             "training data; use a model trained on it (see the model card for its elements)")
-
     def forward(self, numbers: Tensor, positions: Tensor, batch: Optional[Tensor] = None,
                 cell: Optional[Tensor] = None, pbc: Optional[Tensor] = None, with_reference: bool = True,
                 compute_forces: bool = True) -> Dict[str, Tensor]:
         if batch is None:
             batch = torch.zeros(numbers.shape[0], dtype=torch.long, device=numbers.device)
-        self._check(numbers, positions)
+        check_inputs(numbers, positions, batch, self.known_elements)
         n = positions.shape[0]
         num_graphs = int(batch.max()) + 1 if n > 0 else 0
         pos = positions.detach().to(self.dtype)

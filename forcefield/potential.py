@@ -22,6 +22,23 @@ from .models import EquivariantScalarHead, create_backbone
 MAX_Z = 100
 
 
+def check_inputs(numbers: Tensor, positions: Tensor, batch: Tensor, known_elements: Tensor) -> None:
+    """Clear errors for malformed input, NaN positions and elements the model never saw."""
+    if positions.dim() != 2 or positions.shape[1] != 3:
+        raise ValueError("positions must have shape (N, 3) in Å")
+    if numbers.shape[0] != positions.shape[0] or batch.shape[0] != positions.shape[0]:
+        raise ValueError("numbers, positions and batch must have the same number of atoms")
+    if not bool(torch.isfinite(positions).all()):
+        raise ValueError("positions contain NaN or inf: the structure is broken (an exploded MD run?); "
+                         "pass finite coordinates in Å")
+    bad = numbers[(numbers <= 0) | (numbers >= known_elements.shape[0])]
+    if bad.numel() == 0:
+        bad = numbers[~known_elements[numbers]]
+    if bad.numel() > 0:
+        raise ValueError("element with atomic number " + str(int(bad[0])) + " was not in this model's "
+                         "training data; use a model trained on it (see the model card for its elements)")
+
+
 class Potential(nn.Module):
     __jit_unused_properties__ = ["metadata", "elements", "config"]
 
@@ -68,22 +85,6 @@ class Potential(nn.Module):
         meta.update(kw)
         self.metadata_json = json.dumps(meta)
 
-    # ------------------------------------------------------------------ checks
-    def _check_inputs(self, numbers: Tensor, positions: Tensor, batch: Tensor) -> None:
-        if positions.dim() != 2 or positions.shape[1] != 3:
-            raise ValueError("positions must have shape (N, 3) in Å")
-        if numbers.shape[0] != positions.shape[0] or batch.shape[0] != positions.shape[0]:
-            raise ValueError("numbers, positions and batch must have the same number of atoms")
-        if not bool(torch.isfinite(positions).all()):
-            raise ValueError("positions contain NaN or inf: the structure is broken (an exploded MD run?); "
-                             "pass finite coordinates in Å")
-        bad = numbers[(numbers <= 0) | (numbers >= self.known_elements.shape[0])]
-        if bad.numel() == 0:
-            bad = numbers[~self.known_elements[numbers]]
-        if bad.numel() > 0:
-            raise ValueError("element with atomic number " + str(int(bad[0])) + " was not in this model's "
-                             "training data; use a model trained on it (see the model card for its elements)")
-
     # ------------------------------------------------------------------ forward
     def atomic_energies(self, numbers: Tensor, positions: Tensor, batch: Tensor, cell: Optional[Tensor] = None,
                         pbc: Optional[Tensor] = None) -> Tensor:
@@ -98,7 +99,7 @@ class Potential(nn.Module):
                 compute_forces: bool = True) -> Dict[str, Tensor]:
         if batch is None:
             batch = torch.zeros(numbers.shape[0], dtype=torch.long, device=numbers.device)
-        self._check_inputs(numbers, positions, batch)
+        check_inputs(numbers, positions, batch, self.known_elements)
         num_graphs = int(batch.max()) + 1 if batch.numel() > 0 else 0
         create_graph = self.training
         if compute_forces:
