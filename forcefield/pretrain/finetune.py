@@ -32,6 +32,7 @@ from .. import __version__
 from ..io import atomic_torch_save
 from ..potential import Potential
 from ..train.config import Config
+from ..train.step import optimizer_step
 from ..train.trainer import Trainer
 
 __all__ = ["FinetuneOptions", "load_pretrained", "make_finetune_potential", "layerwise_param_groups",
@@ -388,13 +389,8 @@ class PropertyTrainer:
             z = self.model.standardised(b.numbers, b.positions, b.batch, len(idx))
             target = (y - float(self.model.mean)) / std
             loss = (z - target).abs().mean() if c.loss == "l1" else (z - target).pow(2).mean()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {self.step}; lower lr")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if c.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-            self.optimizer.step()
+            optimizer_step(loss, self.optimizer, self.model.parameters(), c.grad_clip, self.step,
+                           self.out / "last.pt", what="property fine-tuning")
             self.step += 1
             total += float(loss.detach()) * len(idx)
             count += len(idx)

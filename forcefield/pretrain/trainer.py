@@ -27,6 +27,7 @@ import yaml
 from .. import __version__
 from ..io import atomic_torch_save, model_record
 from ..potential import Potential
+from ..train.step import optimizer_step
 from .corpus import Corpus, CorpusConfig, EpochSampler, build_corpus, corpus_config_from_obj
 from .distributed import DistInfo, all_reduce_mean, barrier
 from .objectives import ObjectivesConfig, PretrainTask, build_objectives
@@ -195,14 +196,8 @@ class Pretrainer:
         gen = torch.Generator().manual_seed(_step_seed(o.seed, self.step, self.dist.rank))
         self.model.train()
         loss, parts = self.model(batch, gen)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"pretraining loss became {loss.item()} at step {self.step} ({ {k: float(v) for k, v in parts.items()} }); "
-                                     f"lower optim.lr or optim.grad_clip and resume from {self.out / 'last.pt'}")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if o.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.task.parameters(), o.grad_clip)
-        self.optimizer.step()
+        optimizer_step(loss, self.optimizer, self.task.parameters(), o.grad_clip, self.step, self.out / "last.pt",
+                       what="pretraining", detail=f" ({ {k: float(v) for k, v in parts.items()} })")
         self.scheduler.step()
         self.step += 1
         return {"loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()}}

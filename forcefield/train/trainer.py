@@ -24,6 +24,7 @@ from ..io import atomic_torch_save, model_record, save_model
 from ..potential import Potential
 from .config import Config
 from .datasets import Splits, build_splits
+from .step import optimizer_step
 from .statistics import energy_scale, fit_reference_energies, reference_energy
 
 CHECKPOINT_FORMAT = "oreo-checkpoint"
@@ -140,14 +141,8 @@ class Trainer:
             self._set_warmup_lr()
             out = self.model(b.numbers, b.positions, b.batch, b.cell, b.pbc, with_reference=False)
             loss = self._loss(out, e_t, b.forces)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {loss.item()} at step {self.step}; lower optim.lr "
-                                         f"or optim.grad_clip and resume from {self.out / 'last.pt'}")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if o.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
-            self.optimizer.step()
+            optimizer_step(loss, self.optimizer, self.model.parameters(), o.grad_clip, self.step,
+                           self.out / "last.pt")
             self._update_ema()
             self.step += 1
             total += loss.item() * len(idx)
