@@ -201,10 +201,15 @@ class Batch:
         return int(self.batch.max()) + 1 if self.batch.numel() else 0
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "Batch":
-        def mv(x):
-            if x is None:
-                return None
-            if dtype is not None and x.is_floating_point():
-                return x.to(device=device, dtype=dtype)
-            return x.to(device=device)
-        return Batch(**{k: mv(getattr(self, k)) for k in self.__dataclass_fields__})
+        return tensors_to(self, device, dtype)
+
+
+def tensors_to(obj, device=None, dtype: Optional[torch.dtype] = None):
+    """A copy of a dataclass of tensors moved to ``device``; floating tensors cast to ``dtype`` (None fields stay)."""
+    def mv(x):
+        if x is None:
+            return None
+        if dtype is not None and x.is_floating_point():
+            return x.to(device=device, dtype=dtype)
+        return x.to(device=device)
+    return replace(obj, **{k: mv(getattr(obj, k)) for k in obj.__dataclass_fields__})

@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..data.conformations import ConformationSet
+from ..data.conformations import ConformationSet, tensors_to
 from ..data.paths import resolve_data_dir
 from .leakage import LeakageConfig, apply_leakage_filter, resolve_targets
 
@@ -193,13 +193,7 @@ class PretrainBatch:
         return int(self.has_forces.shape[0])
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "PretrainBatch":
-        def mv(x):
-            if x is None:
-                return None
-            if dtype is not None and x.is_floating_point():
-                return x.to(device=device, dtype=dtype)
-            return x.to(device=device)
-        return PretrainBatch(**{k: mv(getattr(self, k)) for k in self.__dataclass_fields__})
+        return tensors_to(self, device, dtype)
 
     def select(self, frame_mask: torch.Tensor) -> "PretrainBatch":
         """The frames where ``frame_mask`` (B,) is True, renumbered 0..B'-1."""

@@ -32,7 +32,7 @@ from .. import __version__
 from ..io import atomic_torch_save
 from ..potential import Potential
 from ..train.config import Config
-from ..train.step import optimizer_step
+from ..train.step import append_csv, early_stop_reason, optimizer_step
 from ..train.trainer import Trainer
 
 __all__ = ["FinetuneOptions", "load_pretrained", "make_finetune_potential", "layerwise_param_groups",
@@ -459,23 +459,14 @@ class PropertyTrainer:
                 self.epochs_since_best += 1
             self.elapsed = elapsed0 + time.perf_counter() - started
             lr = self.optimizer.param_groups[0]["lr"]
-            new = not csv_path.exists()
-            with open(csv_path, "a", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=self.CSV_FIELDS)
-                if new:
-                    w.writeheader()
-                w.writerow({"epoch": self.epoch, "step": self.step, "lr": lr, "train_loss": loss,
-                            "val_mae_meV": val, "elapsed_s": self.elapsed})
+            append_csv(csv_path, {"epoch": self.epoch, "step": self.step, "lr": lr, "train_loss": loss,
+                                  "val_mae_meV": val, "elapsed_s": self.elapsed}, self.CSV_FIELDS)
             self.save_checkpoint()
             self.log(f"epoch {self.epoch:4d}  loss {loss:.4g}  val MAE {val:.2f} meV  lr {lr:.2e}")
-            if self.epochs_since_best >= c.early_stop_patience:
-                self.stop_reason = f"early stop: no improvement for {c.early_stop_patience} epochs"
-                break
-            if lr <= c.lr_min * 1.0001 and self.step > c.lr_warmup_steps:
-                self.stop_reason = f"learning rate reached its minimum {c.lr_min:g}"
-                break
-            if c.max_minutes is not None and time.perf_counter() - started > 60 * c.max_minutes:
-                self.stop_reason = f"time budget of {c.max_minutes:g} min reached (continue with --resume)"
+            self.stop_reason = early_stop_reason(self.epochs_since_best, c.early_stop_patience, lr, c.lr_min,
+                                                 self.step, c.lr_warmup_steps, time.perf_counter() - started,
+                                                 c.max_minutes)
+            if self.stop_reason:
                 break
         else:
             self.stop_reason = f"all {c.epochs} epochs done"

@@ -24,7 +24,7 @@ from ..io import atomic_torch_save, model_record, save_model
 from ..potential import Potential
 from .config import Config
 from .datasets import Splits, build_splits
-from .step import optimizer_step
+from .step import append_csv, early_stop_reason, optimizer_step
 from .statistics import energy_scale, fit_reference_energies, reference_energy
 
 CHECKPOINT_FORMAT = "oreo-checkpoint"
@@ -245,25 +245,21 @@ class Trainer:
                 self.epochs_since_best += 1
             self.elapsed = elapsed0 + time.perf_counter() - started
             lr = self.optimizer.param_groups[0]["lr"]
-            self._append_csv(csv_path, {"epoch": self.epoch, "step": self.step, "lr": lr, "train_loss": loss,
+            append_csv(csv_path, {"epoch": self.epoch, "step": self.step, "lr": lr, "train_loss": loss,
                                         "val_loss": val["loss"],
                                         "val_energy_mae_meV": val.get("energy_mae_meV", float("nan")),
                                         "val_forces_mae_meV_per_A": val.get("forces_mae_meV_per_A", float("nan")),
-                                        "elapsed_s": self.elapsed})
+                                        "elapsed_s": self.elapsed}, CSV_FIELDS)
             self.save_checkpoint()
             self.log(f"epoch {self.epoch:4d}  loss {loss:.4g}  val E {val.get('energy_mae_meV', float('nan')):.2f} meV"
                      f"  F {val.get('forces_mae_meV_per_A', float('nan')):.2f} meV/Å  lr {lr:.2e}"
                      f"{'  *' if improved else ''}")
             if self.epoch % 10 == 0:
                 self.plot_learning_curve()
-            if self.epochs_since_best >= o.early_stop_patience:
-                self.stop_reason = f"early stop: no improvement for {o.early_stop_patience} epochs"
-                break
-            if lr <= o.lr_min * 1.0001 and self.step > o.lr_warmup_steps:
-                self.stop_reason = f"learning rate reached its minimum {o.lr_min:g}"
-                break
-            if o.max_minutes is not None and time.perf_counter() - started > 60 * o.max_minutes:
-                self.stop_reason = f"time budget of {o.max_minutes:g} min reached (continue with --resume)"
+            self.stop_reason = early_stop_reason(self.epochs_since_best, o.early_stop_patience, lr, o.lr_min,
+                                                 self.step, o.lr_warmup_steps, time.perf_counter() - started,
+                                                 o.max_minutes)
+            if self.stop_reason:
                 break
         else:
             self.stop_reason = f"all {o.epochs} epochs done"
@@ -283,15 +279,6 @@ class Trainer:
         return m
 
     # ------------------------------------------------------------------ logs and plots
-    @staticmethod
-    def _append_csv(path: Path, row: Dict) -> None:
-        new = not path.exists()
-        with open(path, "a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
-            if new:
-                w.writeheader()
-            w.writerow(row)
-
     @staticmethod
     def _truncate_csv(path: Path, epoch: int) -> None:
         """Drop rows written after the checkpoint (the killed run may have logged an epoch it did not save)."""
