@@ -31,6 +31,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from forcefield.pretrain.finetune import FinetuneOptions, PropertyConfig, finetune_forcefield, finetune_property  # noqa: E402
 from forcefield.pretrain.trainer import Pretrainer, pretrain_config_from_dict  # noqa: E402
@@ -88,6 +89,10 @@ def pretrain_config(method: str, args, smoke: Optional[Dict]) -> Dict[str, Any]:
         d["model"] = dict(smoke["egnn_model"] if d["model"]["name"] == "egnn" else smoke["model"])
         d["optim"] = {**d.get("optim", {}), **smoke["pretrain_optim"]}
     else:
+        d["model"] = resized_model(d["model"], args)
+        d["optim"]["lr"] = args.pretrain_lr or d["optim"].get("lr")
+        d["optim"]["warmup_steps"] = min(d["optim"].get("warmup_steps", 1000), max(args.pretrain_steps // 10, 1))
+        d["optim"]["threads"] = args.threads
         # equal compute: every method gets the same batch size and the same number of steps (or minutes)
         o = dict(d.get("optim", {}))
         o["batch_size"] = args.pretrain_batch_size
@@ -99,6 +104,15 @@ def pretrain_config(method: str, args, smoke: Optional[Dict]) -> Dict[str, Any]:
             o["max_minutes"] = args.pretrain_minutes
         d["optim"] = o
     return d
+
+
+def resized_model(model: Dict[str, Any], args) -> Dict[str, Any]:
+    """The paper-size model of a method config, resized by --hidden/--layers/--heads (a CPU-sized benchmark)."""
+    m = dict(model)
+    for key, value in (("hidden", args.hidden), ("num_layers", args.layers), ("num_heads", args.heads)):
+        if value is not None and (key != "num_heads" or m.get("name") == "et"):
+            m[key] = value
+    return m
 
 
 def run_pretrain(method: str, args, smoke, log) -> Path:
@@ -132,6 +146,8 @@ def finetune_config(molecule: str, size: int, args, smoke, model: Dict) -> Dict[
         optim["epochs"] = args.finetune_epochs
     if args.data_dir:
         data["data_dir"] = args.data_dir
+    if args.threads:
+        optim["threads"] = args.threads
     m = {k: v for k, v in model.items() if k in ("name", "hidden", "num_layers", "num_heads", "num_rbf", "cutoff")}
     return {"data": data, "model": m, "optim": optim}
 
@@ -144,8 +160,8 @@ def run_finetune(molecule: str, size: int, method: str, pretrained: Optional[Pat
     log(f"[finetune {molecule} n={size} {method}] " + ("resuming" if resume else "starting"))
     if method in SCRATCH:
         model = (smoke["egnn_model"] if SCRATCH[method] == "egnn" else smoke["model"]) if smoke else \
-            yaml.safe_load((CONFIGS / (METHOD_CONFIGS["3d-emgp-egnn"] if SCRATCH[method] == "egnn"
-                                       else METHOD_CONFIGS["et-oreo"])).read_text())["model"]
+            resized_model(yaml.safe_load((CONFIGS / (METHOD_CONFIGS["3d-emgp-egnn"] if SCRATCH[method] == "egnn"
+                                                     else METHOD_CONFIGS["et-oreo"])).read_text())["model"], args)
         d = finetune_config(molecule, size, args, smoke, model)
         if SCRATCH[method] == "egnn":
             # ModelConfig knows ET hyper-parameters only: build the EGNN potential here, train with the same Trainer
@@ -181,17 +197,32 @@ def run_property(prop: str, method: str, pretrained: Optional[Path], args, smoke
     if smoke:
         pc.update(smoke["property"])
     else:
-        pc.update(epochs=args.qm9_epochs, max_minutes=args.finetune_minutes, data_dir=args.data_dir)
+        pc.update(epochs=args.qm9_epochs, max_minutes=args.qm9_minutes or args.finetune_minutes,
+                  data_dir=args.data_dir, threads=args.threads)
         if args.qm9_train_size:
             pc["train_size"] = args.qm9_train_size
     if method in SCRATCH:
         model = (smoke["egnn_model"] if SCRATCH[method] == "egnn" else smoke["model"]) if smoke else \
-            yaml.safe_load((CONFIGS / (METHOD_CONFIGS["3d-emgp-egnn"] if SCRATCH[method] == "egnn"
-                                       else METHOD_CONFIGS["et-oreo"])).read_text())["model"]
+            resized_model(yaml.safe_load((CONFIGS / (METHOD_CONFIGS["3d-emgp-egnn"] if SCRATCH[method] == "egnn"
+                                                     else METHOD_CONFIGS["et-oreo"])).read_text())["model"], args)
         pc["model"] = model
         pretrained = None
     return finetune_property(pretrained, PropertyConfig.from_dict(pc), out, resume=resume,
                              progress=not args.no_progress, log=log)
+
+
+def run_md(molecule: str, size: int, method: str, args, log) -> Dict:
+    """MDsim-protocol stability of one fine-tuned model (benchmarks/md17_simulation.py, same settings)."""
+    import argparse as _argparse
+    from md17_simulation import run_one
+    model = Path(args.out) / "finetune" / molecule / str(size) / method / "best.pt"
+    md_args = _argparse.Namespace(out=str(Path(args.out) / "md" / str(size) / method), ps=args.md_ps,
+                                  replicas=args.md_replicas, temperature=500.0, timestep=0.5, seed=123,
+                                  data_dir=args.data_dir, device="cpu", force_frames=0, log_every=100,
+                                  progress=False)
+    log(f"[md {molecule} n={size} {method}] {args.md_replicas} x {args.md_ps:g} ps")
+    s = run_one(molecule, str(model), md_args)
+    return {"stability_ps": (s.get("stability_ps") or {}).get("mean"), "hr_mae": (s.get("hr_mae") or {}).get("mean")}
 
 
 # ---------------------------------------------------------------------------- report
@@ -207,6 +238,16 @@ def write_report(out: Path, results: List[Dict], qm9: List[Dict], methods: List[
         best = min(row.values())
         cells = [("**%.1f**" if row.get(m) == best else "%.1f") % row[m] if m in row else "–" for m in methods]
         lines.append(f"| {mol} | {size} | " + " | ".join(cells) + " |")
+    md_rows = [r for r in results if r.get("stability_ps") is not None]
+    if md_rows:
+        lines += ["", "## MD stability of the fine-tuned models (Nosé–Hoover 500 K; ps stable, mean over replicas; "
+                      "h(r) MAE)", "", "| molecule | train frames | " + " | ".join(methods) + " |",
+                  "|---|---:|" + "---:|" * len(methods)]
+        mt: Dict[tuple, Dict[str, str]] = {}
+        for r in md_rows:
+            mt.setdefault((r["molecule"], r["size"]), {})[r["method"]] = f"{r['stability_ps']:.1f} / {r['hr_mae']:.3f}"
+        for (mol, size), row in sorted(mt.items()):
+            lines.append(f"| {mol} | {size} | " + " | ".join(row.get(m, "–") for m in methods) + " |")
     if qm9:
         lines += ["", "## QM9 test MAE (meV)", "", "| property | " + " | ".join(methods) + " |",
                   "|---|" + "---:|" * len(methods)]
@@ -258,10 +299,19 @@ def main(argv=None) -> int:
     p.add_argument("--pretrain-steps", type=int, default=100_000)
     p.add_argument("--pretrain-minutes", type=float, default=600.0)
     p.add_argument("--pretrain-batch-size", type=int, default=64)
+    p.add_argument("--pretrain-lr", type=float, help="default: the method config's")
+    p.add_argument("--hidden", type=int, help="resize every model (default: the paper's 128 features)")
+    p.add_argument("--layers", type=int, help="resize every model (default: 6 ET / 7 EGNN layers)")
+    p.add_argument("--heads", type=int, help="ET attention heads (default 8)")
+    p.add_argument("--threads", type=int, help="torch threads per run")
     p.add_argument("--finetune-epochs", type=int)
     p.add_argument("--finetune-minutes", type=float, help="wall-clock cap per fine-tuning run")
     p.add_argument("--qm9-epochs", type=int, default=300)
+    p.add_argument("--qm9-minutes", type=float, help="wall-clock cap per QM9 run (default: --finetune-minutes)")
     p.add_argument("--qm9-train-size", type=int, help="default: the whole QM9 train split")
+    p.add_argument("--md-ps", type=float, default=0.0,
+                   help="MD stability of every fine-tuned model: ps per replica (0 skips; MDsim uses 300)")
+    p.add_argument("--md-replicas", type=int, default=5)
     p.add_argument("--layer-decay", type=float, help="layer-wise lr decay when fine-tuning")
     p.add_argument("--data-dir", default=os.environ.get("OREO_DATA_DIR"))
     p.add_argument("--no-progress", action="store_true")
@@ -273,7 +323,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     smoke = None
     if args.smoke:
-        smoke = smoke_settings(Path(args.data_dir or ROOT.parent / "shared" / "data"))
+        args.data_dir = args.data_dir or str(ROOT.parent / "shared" / "data")
+        smoke = smoke_settings(Path(args.data_dir))
         args.molecules, args.sizes = smoke["molecules"], smoke["sizes"]
         args.properties = [q for q in args.properties if q in smoke["properties"]] or smoke["properties"]
     log = print
@@ -283,6 +334,8 @@ def main(argv=None) -> int:
         for size in args.sizes:
             for m in args.methods:
                 r = run_finetune(mol, size, m, pretrained.get(m), args, smoke, log)
+                if args.md_ps:
+                    r = {**r, **run_md(mol, size, m, args, log)}
                 results.append({"molecule": mol, "size": size, "method": m, **r})
                 write_report(out, results, [], args.methods)
     qm9 = []

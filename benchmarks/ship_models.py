@@ -19,6 +19,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from forcefield.data.poly24 import load_poly24, read_manifest  # noqa: E402
 from forcefield.evaluate import evaluate  # noqa: E402
 from forcefield.io import PRETRAINED_DIR, load_potential, save_model  # noqa: E402
 from forcefield.train.config import config_from_dict  # noqa: E402
@@ -65,10 +66,63 @@ forces are not to be trusted.
 """
 
 
+POLY24_CARD = """# oreo model card: poly24 (polymer oligomers, GFN2-xTB labels)
+
+| | |
+|---|---|
+| file | `forcefield/pretrained/poly24.pt` (load: `OreoCalculator("poly24.pt")`) |
+| architecture | {arch} |
+| data | oreo-poly24 ({level}): H-capped oligomers of {n_polymers} polymers, Langevin MD at {temps} K; this project's own set, not the unpublished 24-polymer DFT set of the ET-OREO/PolyGET authors |
+| training frames | {n_train} (every frame of the training trajectories) |
+| validation frames | {n_val} (seeded draw from the validation trajectories) |
+| test frames | {n_test} (every frame of the test trajectories: replica 0 of each polymer and temperature, never trained on) |
+| elements | {elements} |
+| **test force MAE** | **{f_mae:.1f} meV/Å** (RMSE {f_rmse:.1f}) |
+| test energy MAE | {e_mae:.1f} meV (RMSE {e_rmse:.1f}) |
+| training | {epochs} epochs, {steps} steps, {minutes:.0f} min of wall time on a 2-core CPU, 1 thread ({stop}) |
+
+Test force MAE per polymer (meV/Å):
+
+| polymer | atoms | test frames | force MAE |
+|---|---:|---:|---:|
+{per_polymer}
+
+Hyperparameters (the run's `config.yaml`):
+
+```yaml
+{config}```
+
+Reproduce (generation settings in the set's `MANIFEST.md`):
+
+```bash
+export OREO_DATA_DIR=/path/to/data
+oreo data poly24 --out $OREO_DATA_DIR/poly24 --temperatures 300 600 --replicas 4 --equilibration-steps 100 --steps 400 --stride 10
+oreo train --config examples/configs/poly24.yaml --out runs/poly24
+{resume_lines}python benchmarks/ship_models.py runs/poly24
+oreo evaluate poly24.pt        # test split of every polymer
+```
+
+Limits: GFN2-xTB is a semi-empirical tight-binding level, not DFT; the model knows these oligomers in vacuum at
+300-600 K, not bulk polymers, other chain lengths far from these, or chemistry (bond breaking) outside them.
+"""
+
+
+def _per_polymer(pot, cfg) -> str:
+    rows = []
+    for name in load_poly24("test", polymers=cfg.data.polymers, data_dir=cfg.data.data_dir,
+                            root=cfg.data.path).meta["polymers"]:
+        cset = load_poly24("test", polymers=[name], temperatures=cfg.data.temperatures, data_dir=cfg.data.data_dir,
+                           root=cfg.data.path)
+        m, _ = evaluate(pot, cset)
+        rows.append(f"| {name} | {cset.n_atoms[0]} | {len(cset)} | {m['forces_mae_meV_per_A']:.1f} |")
+    return "\n".join(rows)
+
+
 def ship(run: Path, dest: Path, resume_args=()) -> dict:
     cfg_dict = yaml.safe_load((run / "config.yaml").read_text())
     cfg = config_from_dict(cfg_dict)
-    molecule = cfg.data.molecule
+    poly = (cfg.data.dataset or "").lower() == "poly24"
+    molecule = "poly24" if poly else cfg.data.molecule
     splits = build_splits(cfg.data, cfg.optim.seed)
     pot = load_potential(run / "best.pt", dtype=torch.float32)
     metrics, _ = evaluate(pot, splits.test)
@@ -83,8 +137,16 @@ def ship(run: Path, dest: Path, resume_args=()) -> dict:
     (dest / f"{molecule}.splits.json").write_text(json.dumps(splits.frame_ids()))
     from ase.data import chemical_symbols
     b = cfg.model
-    card = CARD.format(
-        molecule=molecule, split=cfg.data.split_index,
+    template = POLY24_CARD if poly else CARD
+    extra = {}
+    if poly:
+        extra = dict(level=splits.train.meta.get("level_of_theory"), n_polymers=len(splits.train.meta["polymers"]),
+                     temps=", ".join(f"{float(t):g}" for t in (cfg.data.temperatures or read_manifest(
+                         cfg.data.data_dir, cfg.data.path)["generation"]["temperatures"])),
+                     per_polymer=_per_polymer(pot, cfg))
+    config_name = "poly24" if poly else f"rmd17_{molecule}"
+    card = template.format(
+        molecule=molecule, split=cfg.data.split_index, **extra,
         arch=f"Equivariant Transformer {b.num_layers} layers x {b.hidden}, {b.num_heads} heads, {b.num_rbf} "
              f"ExpNormal RBF, cosine cutoff {b.cutoff:g} Å; {sum(p.numel() for p in pot.parameters()):,} parameters",
         n_train=len(splits.train), n_val=len(splits.val), n_test=len(splits.test),
@@ -93,7 +155,7 @@ def ship(run: Path, dest: Path, resume_args=()) -> dict:
         e_mae=metrics["energy_mae_meV"], e_rmse=metrics["energy_rmse_meV"],
         epochs=ck["epoch"], steps=ck["step"], minutes=ck["elapsed"] / 60, stop=stop or "see metrics.csv",
         config=yaml.safe_dump(cfg_dict, sort_keys=False),
-        resume_lines="".join(f"oreo train --config examples/configs/rmd17_{molecule}.yaml --out runs/{molecule} "
+        resume_lines="".join(f"oreo train --config examples/configs/{config_name}.yaml --out runs/{molecule} "
                              f"--resume {a}\n" for a in resume_args))
     (dest / f"{molecule}.md").write_text(card)
     return {"molecule": molecule, **metrics, "epochs": ck["epoch"], "minutes": ck["elapsed"] / 60,

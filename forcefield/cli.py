@@ -44,10 +44,14 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate, parity_plot
     from .io import load_potential
     pot = load_potential(args.model, device=args.device)
+    meta = json.loads(pot.metadata_json)
     if args.path:
         cset = load_ase(args.path, energy_unit=args.energy_unit)
+    elif args.dataset == "poly24" or (not args.molecule and meta.get("dataset") == "poly24"):
+        from .data.poly24 import load_poly24
+        cset = load_poly24(args.split, polymers=args.polymers or meta.get("polymers"), data_dir=args.data_dir,
+                           root=args.poly24_dir)
     else:
-        meta = json.loads(pot.metadata_json)
         molecule = args.molecule or meta.get("molecule")
         if not molecule:
             raise SystemExit("say which frames to evaluate on: --molecule NAME (rMD17) or --path FILE")
@@ -124,6 +128,30 @@ def cmd_data(args) -> int:
     return 1 if bad else 0
 
 
+def _poly24_names():
+    from .data.poly24.catalog import POLYMERS
+    return list(POLYMERS)
+
+
+def cmd_poly24(args) -> int:
+    import os
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    import torch    # tblite's OpenMP runtime may be the one torch has loaded already: limit it there too
+    torch.set_num_threads(args.threads)
+    from .data.poly24.generate import GenerationConfig, generate
+    from .data.poly24.loader import poly24_root
+    out = poly24_root(args.data_dir, args.out)
+    options = {"polymers": args.polymers, "temperatures": args.temperatures, "replicas": args.replicas,
+               "steps": args.steps, "equilibration_steps": args.equilibration_steps, "stride": args.stride,
+               "timestep_fs": args.timestep, "seed": args.seed, "labels": args.labels, "dft_frames": args.dft_frames}
+    config = GenerationConfig(**{k: v for k, v in options.items() if v is not None})
+    manifest = generate(out, config, progress=not args.no_progress)
+    counts = manifest["counts"]
+    print(f"oreo-poly24 in {out}: " + ", ".join(f"{s} {c['frames']} frames / {c['trajectories']} trajectories"
+                                                 for s, c in counts.items()) + f"; see {out / 'MANIFEST.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="oreo", description="oreo machine-learning force field")
     sub = p.add_subparsers(dest="command", required=True)
@@ -140,10 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="energy/force errors of a model on labelled frames")
     e.add_argument("model", help="model file, checkpoint, export or shipped name")
     e.add_argument("--molecule", help="rMD17 molecule (default: the model's training molecule)")
-    e.add_argument("--split", default="test", choices=["train", "test", "all"])
+    e.add_argument("--split", default="test", choices=["train", "val", "test", "all"], help="val: poly24 only")
     e.add_argument("--split-index", type=int, help="rMD17 split file 1..5 (default: the model's)")
     e.add_argument("--labels", choices=["revised", "original"], help="rMD17 labels (default: the model's)")
     e.add_argument("--path", help="evaluate on a file ase.io reads instead of rMD17")
+    e.add_argument("--dataset", choices=["poly24"], help="evaluate on oreo-poly24 (default for poly24 models)")
+    e.add_argument("--polymers", nargs="*", help="poly24: these polymers (default: the model's)")
+    e.add_argument("--poly24-dir", help="poly24: the set's folder (default: $OREO_DATA_DIR/poly24)")
     e.add_argument("--energy-unit", default="eV")
     e.add_argument("--max-frames", type=int)
     e.add_argument("--batch-size", type=int, default=64)
@@ -167,13 +198,37 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the shipped models")
     m.set_defaults(func=cmd_models)
 
-    d = sub.add_parser("data", help="download or verify reference data")
-    d.add_argument("action", choices=["download", "verify"])
-    d.add_argument("name", nargs="?", default=None,
-                   help="dataset: rmd17 (per-split npz, 110 MB), rmd17-figshare (upstream tarball, 1 GB), md17")
-    d.add_argument("--molecules", nargs="*")
-    d.add_argument("--data-dir")
-    d.set_defaults(func=cmd_data)
+    d = sub.add_parser("data", help="download or verify reference data; generate the polymer set")
+    dsub = d.add_subparsers(dest="action", required=True)
+    for action, text in (("download", "download a dataset (with SHA-256 checks)"),
+                         ("verify", "check the SHA-256 of downloaded files")):
+        a = dsub.add_parser(action, help=text)
+        a.add_argument("name", nargs="?", default=None,
+                       help="dataset: rmd17 (per-split npz, 110 MB), rmd17-figshare (upstream tarball, 1 GB), md17")
+        a.add_argument("--molecules", nargs="*")
+        a.add_argument("--data-dir")
+        a.set_defaults(func=cmd_data)
+    g = dsub.add_parser("poly24", help="generate oreo-poly24: 24 polymers, xTB MD sampling, labels, splits",
+                        description="Generate (or continue) oreo-poly24 in --out: H-capped oligomers of 24 polymers, "
+                                    "GFN2-xTB Langevin MD at each temperature, labelled frames, splits by trajectory. "
+                                    "Needs: pip install 'oreo[poly24]' (rdkit, tblite).")
+    g.add_argument("--out", help="folder (default: $OREO_DATA_DIR/poly24, where the loaders look)")
+    g.add_argument("--data-dir", help="data folder whose poly24/ to write (instead of --out)")
+    g.add_argument("--polymers", nargs="*", help="subset of the 24 (default all): " + " ".join(_poly24_names()))
+    g.add_argument("--temperatures", nargs="*", type=float, help="K (default 300 600)")
+    g.add_argument("--replicas", type=int, help="trajectories per polymer and temperature (default 4: "
+                                                "1 test, 1 val, 2 train)")
+    g.add_argument("--steps", type=int, help="production MD steps per trajectory (default 1000)")
+    g.add_argument("--equilibration-steps", type=int, help="default 200")
+    g.add_argument("--stride", type=int, help="keep every N-th production step (default 20)")
+    g.add_argument("--timestep", type=float, help="fs (default 0.5)")
+    g.add_argument("--seed", type=int, help="default 0")
+    g.add_argument("--labels", choices=["xtb", "dft"], help="GFN2-xTB (default) or PySCF DFT relabelling")
+    g.add_argument("--dft-frames", type=int, help="with --labels dft: DFT-label the first N kept frames per "
+                                                  "trajectory (default all)")
+    g.add_argument("--threads", type=int, default=1, help="OpenMP threads for tblite (default 1)")
+    g.add_argument("--no-progress", action="store_true")
+    g.set_defaults(func=cmd_poly24)
 
     from .pretrain.cli import register_subcommands  # oreo pretrain / oreo finetune
     register_subcommands(sub)

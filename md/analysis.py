@@ -3,7 +3,9 @@
 Definitions (MDsim, MD17):
 
 - bonds: ASE natural cutoffs on each replica's first frame; reference length of each bond =
-  its mean over the dataset's frames;
+  its mean over the dataset's reference frames (rMD17: all frames of the molecule; oreo-poly24:
+  the polymer's test frames at the simulation temperature, else all its test frames - see
+  :mod:`md.poly24`; ``summary.json["frames"]`` says which);
 - a replica is unstable from the first logged frame whose max |bond − reference| exceeds
   ``bond_threshold`` (0.5 Å); its stability is that frame's time (or, if the simulation stopped
   it for another reason first, the stop time; else the full simulated length);
@@ -80,22 +82,25 @@ def analyze_replica(traj_atoms, reference, status: dict, bond_threshold: float, 
 
 def analyze_run(run_dir, forcefield=None, frames=None, force_frames: Optional[int] = None,
                 batch_size: int = 64, device: Optional[str] = None, data_dir: Optional[str] = None,
-                plots: bool = True) -> dict:
+                plots: bool = True, poly24_dir: Optional[str] = None) -> dict:
     """Analyse ``run_dir``; write and return ``summary.json``'s content.
 
     ``forcefield``: a :class:`~md.potential.ForceField` for the force MAE (else the run's model
     is loaded; if that fails the force MAE is reported as null with a warning).
     ``frames``: ``(held_out, reference)`` ConformationSets (else loaded as in the simulation).
     ``force_frames``: number of held-out frames for the force MAE (0 skips it).
+    ``data_dir`` / ``poly24_dir``: where to re-load the frames from (default: the run's).
     """
     from .data import frame_stack, same_molecule
-    from .simulate import load_system_frames
+    from .simulate import describe_frames, load_system_frames
 
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     cfg = SimulationConfig.from_dict(run["config"])
     if data_dir is not None:
         cfg.data_dir = data_dir
+    if poly24_dir is not None:
+        cfg.poly24_dir = poly24_dir
     if device is not None:
         cfg.device = device
     held_out, reference = frames if frames is not None else load_system_frames(cfg)
@@ -117,7 +122,9 @@ def analyze_run(run_dir, forcefield=None, frames=None, force_frames: Optional[in
     force = _force_errors(cfg, held_out, forcefield, cfg.force_frames if force_frames is None else force_frames,
                           batch_size)
     summary = {
-        "system": cfg.system_name, "model": cfg.model_spec, "model_metadata": run.get("model", {}),
+        "system": cfg.system_name, "dataset": cfg.dataset or ("rmd17" if cfg.molecule else "structure"),
+        "model": cfg.model_spec, "model_metadata": run.get("model", {}),
+        "frames": describe_frames(cfg, held_out, reference),
         "thermostat": cfg.thermostat, "temperature_K": cfg.temperature, "timestep_fs": cfg.timestep,
         "replicas_n": cfg.replicas, "simulated_ps": run.get("time_ps"), "requested_ps": cfg.ps,
         "completed": bool(run.get("completed")),

@@ -4,6 +4,7 @@ Examples::
 
     oreo-md simulate --molecule aspirin --ps 300            # shipped model 'aspirin', 5 replicas, 500 K NH
     oreo-md simulate --molecule ethanol --model runs/ethanol.pt --thermostat langevin --friction 0.02
+    oreo-md simulate --dataset poly24 --polymer PE --model runs/poly24.pt --temperature 600   # oreo-poly24 polymer
     oreo-md simulate --out runs/md/aspirin_x                 # resume a killed run (automatic)
     oreo-md analyze runs/md/aspirin_x
     oreo-md dft-check runs/md/aspirin_x --frames 10
@@ -17,6 +18,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .config import DATASETS
 from .errors import MDInputError
 from .integrators import THERMOSTATS
 
@@ -27,6 +29,14 @@ def _molecule(name: str) -> str:
     from .data import canonical_molecule
     try:
         return canonical_molecule(name)
+    except MDInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _polymer(name: str) -> str:
+    from .poly24 import canonical_polymer
+    try:
+        return canonical_polymer(name)
     except MDInputError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -66,8 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     sys_ = s.add_mutually_exclusive_group()
     sys_.add_argument("--molecule", type=_molecule, help="rMD17 molecule (initial frames: held-out test split)")
     sys_.add_argument("--structure", help="ASE-readable file with the initial/reference frames (e.g. periodic)")
-    s.add_argument("--model", help="checkpoint/export path, shipped model name (default: the molecule's name), "
-                                   "or py:module:factory")
+    sys_.add_argument("--polymer", type=_polymer, help="oreo-poly24 polymer (with --dataset poly24; initial frames: "
+                                                      "its test split)")
+    s.add_argument("--dataset", choices=("rmd17",) + DATASETS,
+                   help="where --molecule / --polymer frames come from: rmd17 (default, --molecule) or poly24 "
+                        "(--polymer)")
+    s.add_argument("--poly24-dir", help="folder of the oreo-poly24 set (default $OREO_DATA_DIR/poly24)")
+    s.add_argument("--model", help="checkpoint/export path, shipped model name (default: the molecule's name; "
+                                   "poly24: the shipped model 'poly24'), or py:module:factory")
     s.add_argument("--ps", type=_positive(float), help="picoseconds per replica (default 300)")
     s.add_argument("--replicas", type=_positive(int), help="number of replicas (default 5)")
     s.add_argument("--temperature", type=float, help="K (default 500)")
@@ -77,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--friction", type=_positive(float), help="Langevin friction in 1/fs (default 0.01)")
     s.add_argument("--seed", type=int, help="seed for initial frames, velocities and noise (default 123)")
     s.add_argument("--out", help="run directory (default runs/md/<system>_<model>_<thermostat>_<T>K_seed<seed>)")
-    s.add_argument("--data-dir", help="folder holding rmd17/ (default $OREO_DATA_DIR)")
+    s.add_argument("--data-dir", help="folder holding rmd17/ and poly24/ (default $OREO_DATA_DIR)")
     s.add_argument("--split-index", type=_positive(int), help="rMD17 split 1-5 for the held-out frames (default 1)")
     s.add_argument("--device", help="torch device (default cpu)")
     s.add_argument("--dtype", choices=("float32", "float64"), help="dtype of the potential (default float32)")
@@ -104,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--batch-size", type=_positive(int), default=64, help="frames per force evaluation (default 64)")
     a.add_argument("--device", help="torch device for the force MAE (default: the run's)")
     a.add_argument("--data-dir", help="folder holding rmd17/ (default: the run's, or $OREO_DATA_DIR)")
+    a.add_argument("--poly24-dir", help="folder of the oreo-poly24 set (default: the run's)")
     a.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
     d = sub.add_parser("dft-check", help="PySCF forces on frames of the model's own trajectory",
@@ -134,6 +151,10 @@ def _simulate(args) -> int:
 
     names = {f.name for f in fields(SimulationConfig)}
     given: Dict[str, object] = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if given.get("dataset") == "rmd17":        # rMD17 is implied by --molecule; the config stores no dataset
+        if not given.get("molecule"):
+            raise MDInputError("--dataset rmd17 needs --molecule NAME")
+        del given["dataset"]
     out = Path(args.out) if args.out else None
     stored = None
     if out is not None and (out / io.CHECKPOINT).is_file() and not args.overwrite:
@@ -144,8 +165,9 @@ def _simulate(args) -> int:
             raise MDInputError("--resume needs --out DIR (the run directory to continue)")
         if args.resume:
             raise MDInputError(f"--resume: no checkpoint in '{out}'; drop --resume to start a new run there")
-        if not given.get("molecule") and not given.get("structure"):
-            raise MDInputError("give --molecule NAME (rMD17) or --structure FILE, or --out DIR of a run to resume")
+        if not any(given.get(k) for k in ("molecule", "structure", "polymer", "dataset")):
+            raise MDInputError("give --molecule NAME (rMD17), --dataset poly24 --polymer NAME, or --structure FILE, "
+                               "or --out DIR of a run to resume")
         cfg = SimulationConfig(**given).validate()
         out = out or _default_out(cfg)
         if (out / io.CHECKPOINT).is_file() and not args.overwrite:
@@ -163,7 +185,8 @@ def _simulate(args) -> int:
 def _analyze(args) -> int:
     from .analysis import analyze_run
     summary = analyze_run(args.run_dir, force_frames=args.force_frames, batch_size=args.batch_size,
-                          device=args.device, data_dir=args.data_dir, plots=not args.no_plots)
+                          device=args.device, data_dir=args.data_dir, plots=not args.no_plots,
+                          poly24_dir=args.poly24_dir)
     _print_summary(summary)
     print(f"wrote {Path(args.run_dir) / 'summary.json'}")
     return 0
@@ -193,6 +216,8 @@ def _print_summary(summary: dict) -> None:
         hr = "n/a" if rep["hr_mae"] is None else f"{rep['hr_mae']:.3f}"
         why = f"  [{rep['stop_reason']}]" if rep.get("stop_reason") else ""
         print(f"  replica {rep['replica']}: stability {rep['stability_ps']:.2f} ps, h(r) MAE {hr}{why}")
+    if summary.get("frames", {}).get("reference") and summary.get("dataset") == "poly24":
+        print(f"  reference frames (bonds, h(r)): {summary['frames']['reference']}")
     force = summary.get("force_mae_meV_per_A")
     speed = summary.get("speed") or {}
     print(f"  stability {_fmt(summary['stability_ps'])} ps | h(r) MAE {_fmt(summary['hr_mae'], 3)} | force MAE "

@@ -8,7 +8,9 @@ from .errors import MDInputError
 from .integrators import THERMOSTATS
 
 #: settings that may change when a run is resumed (everything else must match the run directory)
-RESUMABLE_CHANGES = ("ps", "device", "data_dir", "checkpoint_every", "analyze", "force_frames")
+RESUMABLE_CHANGES = ("ps", "device", "data_dir", "poly24_dir", "checkpoint_every", "analyze", "force_frames")
+#: datasets besides rMD17 (--molecule) that ``--dataset`` names
+DATASETS = ("poly24",)
 
 
 @dataclass
@@ -20,6 +22,9 @@ class SimulationConfig:
     """
     molecule: Optional[str] = None        #: rMD17 molecule (initial + reference frames)
     structure: Optional[str] = None       #: or: an ASE-readable file (initial + reference frames)
+    dataset: Optional[str] = None         #: or: "poly24" (with ``polymer``); None = rMD17 / structure file
+    polymer: Optional[str] = None         #: oreo-poly24 polymer (initial frames: its test split)
+    poly24_dir: Optional[str] = None      #: the poly24 set's folder (default <data_dir>/poly24)
     model: Optional[str] = None           #: checkpoint/export path, shipped name, or py:module:factory
     ps: float = 300.0                     #: simulated time per replica
     replicas: int = 5
@@ -54,19 +59,25 @@ class SimulationConfig:
     def system_name(self) -> str:
         if self.molecule:
             return self.molecule
+        if self.polymer:
+            return self.polymer
         from pathlib import Path
         return Path(self.structure).stem if self.structure else "system"
 
     @property
     def model_spec(self) -> str:
-        return self.model or (self.molecule or "")
+        if self.model:
+            return self.model
+        if self.polymer:
+            from .poly24 import SHIPPED_MODEL
+            return SHIPPED_MODEL
+        return self.molecule or ""
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> "SimulationConfig":
         """Raise :class:`MDInputError` naming the bad setting and the fix; returns self."""
         from .data import canonical_molecule
-        if bool(self.molecule) == bool(self.structure):
-            raise MDInputError("give exactly one of --molecule NAME (rMD17) or --structure FILE")
+        self._validate_system()
         if self.molecule:
             self.molecule = canonical_molecule(self.molecule)
         if self.structure and not self.model:
@@ -102,6 +113,28 @@ class SimulationConfig:
                                f"--log-every ({self.log_every})")
         return self
 
+    def _validate_system(self) -> None:
+        if self.polymer and not self.dataset:
+            self.dataset = "poly24"
+        if self.dataset is not None and self.dataset not in DATASETS:
+            raise MDInputError(f"unknown dataset '{self.dataset}'; use --dataset {' | '.join(DATASETS)} "
+                               f"(rMD17 molecules: --molecule NAME)")
+        systems = [flag for flag, v in (("--molecule", self.molecule), ("--structure", self.structure),
+                                        ("--polymer", self.polymer)) if v]
+        if self.dataset == "poly24" and (self.molecule or self.structure):
+            raise MDInputError("--dataset poly24 takes --polymer NAME, not --molecule (rMD17) or --structure FILE")
+        if self.dataset == "poly24" and not self.polymer:
+            from .poly24 import polymer_names
+            raise MDInputError(f"--dataset poly24 needs --polymer NAME (one of {', '.join(polymer_names())})")
+        if len(systems) != 1:
+            raise MDInputError("give exactly one of --molecule NAME (rMD17), --dataset poly24 --polymer NAME, "
+                               f"or --structure FILE (got {' and '.join(systems) or 'none'})")
+        if self.polymer:
+            from .poly24 import canonical_polymer, require_default_model
+            self.polymer = canonical_polymer(self.polymer)
+            if not self.model:
+                require_default_model()
+
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> Dict[str, object]:
         return asdict(self)
@@ -125,6 +158,9 @@ class SimulationConfig:
             if k == "molecule" and v:
                 from .data import canonical_molecule
                 v = canonical_molecule(v)
+            if k == "polymer" and v:
+                from .poly24 import canonical_polymer
+                v = canonical_polymer(v)
             if old != v:
                 out[k] = (old, v)
         return out

@@ -23,40 +23,21 @@ DFT_JSON = "dft_check.json"
 
 def require_pyscf():
     """Import PySCF or raise an :class:`MDInputError` saying exactly how to install it."""
+    from forcefield.reference import require_pyscf as _require
     try:
-        import pyscf  # noqa: F401
-        from pyscf import dft, gto  # noqa: F401
+        return _require()
     except ImportError as exc:
-        raise MDInputError(f"dft-check needs PySCF, which is not installed ({exc}). Install it with: "
-                           f"{PYSCF_HINT}") from exc
-    return pyscf
+        raise MDInputError(f"dft-check needs PySCF: {exc}") from exc
 
 
 def dft_forces(numbers: np.ndarray, positions: np.ndarray, xc: str = "pbe", basis: str = "def2-svp",
                charge: int = 0, grid_level: int = 4, conv_tol: float = 1e-10,
                max_memory: Optional[int] = None) -> Tuple[float, np.ndarray]:
-    """Kohn–Sham energy (eV) and forces (n, 3) eV/Å of one molecule with PySCF (RKS for even
-    electron counts, UKS doublet etc. otherwise)."""
+    """Kohn–Sham energy (eV) and forces (n, 3) eV/Å (:func:`forcefield.reference.dft_energy_forces`)."""
     require_pyscf()
-    from ase.units import Bohr, Hartree
-    from pyscf import dft, gto
-
-    numbers = np.asarray(numbers, dtype=np.int64)
-    n_elec = int(numbers.sum()) - charge
-    spin = n_elec % 2
-    mol = gto.M(atom=[(int(z), tuple(float(c) for c in p)) for z, p in zip(numbers, positions)],
-                basis=basis, unit="Angstrom", charge=charge, spin=spin, verbose=0)
-    if max_memory:
-        mol.max_memory = int(max_memory)
-    mf = dft.RKS(mol) if spin == 0 else dft.UKS(mol)
-    mf.xc = xc
-    mf.grids.level = grid_level
-    mf.conv_tol = conv_tol
-    energy = mf.kernel()
-    if not mf.converged:
-        raise RuntimeError("PySCF SCF did not converge for this frame")
-    grad = mf.nuc_grad_method().kernel()           # Hartree/Bohr
-    return float(energy * Hartree), -np.asarray(grad) * Hartree / Bohr
+    from forcefield.reference import dft_energy_forces
+    return dft_energy_forces(numbers, positions, xc, basis, charge=charge, grid_level=grid_level,
+                             conv_tol=conv_tol, max_memory=max_memory)
 
 
 def sample_frames(run_dir: Path, n_frames: int, seed: int, replica: Optional[int] = None) -> List[dict]:

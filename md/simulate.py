@@ -33,14 +33,30 @@ _RUN_FILES = ("run.json", "checkpoint.pt", "thermo.csv", "summary.json", "hr.png
 # ---------------------------------------------------------------------------------- frames
 def load_system_frames(config: SimulationConfig):
     """``(held_out, reference)`` ConformationSets: rMD17 test split and all frames of the
-    molecule, or every frame of ``config.structure`` for both."""
+    molecule; poly24 test split of the polymer and its test frames at the simulation temperature
+    (:mod:`md.poly24`); or every frame of ``config.structure`` for both."""
     from .data import frames_from_file, load_frames
     if config.structure:
         frames = frames_from_file(config.structure)
         return frames, frames
+    if config.polymer:
+        from .poly24 import load_polymer_frames
+        return load_polymer_frames(config.polymer, config.temperature, config.poly24_dir, config.data_dir)
     held_out = load_frames(config.molecule, "test", config.data_dir, config.split_index)
     reference = load_frames(config.molecule, "all", config.data_dir, config.split_index)
     return held_out, reference
+
+
+def describe_frames(config: SimulationConfig, held_out, reference) -> Dict[str, str]:
+    """Which frames a run starts from / compares with, in words (for the log and summary.json)."""
+    if config.structure:
+        text = f"every frame of {config.structure} ({len(reference)} frames)"
+        return {"held_out": text, "reference": text}
+    if config.molecule:
+        return {"held_out": f"rMD17 {config.molecule} test split {config.split_index} ({len(held_out)} frames)",
+                "reference": f"rMD17 {config.molecule}, all frames ({len(reference)} frames)"}
+    return {"held_out": str(held_out.meta.get("md_held_out", f"{len(held_out)} held-out frames")),
+            "reference": str(reference.meta.get("md_reference", f"{len(reference)} reference frames"))}
 
 
 def pick_initial_frames(n_frames: int, replicas: int, seed: int) -> np.ndarray:
@@ -133,6 +149,7 @@ class _Run:
         self.wall_s = 0.0
         self.steps_timed = 0
         self.model_meta: Dict[str, object] = {}
+        self.frames: Dict[str, str] = {}
 
     # .............................................................. records
     def time_ps(self, step: int) -> float:
@@ -238,7 +255,8 @@ class _Run:
     def write_run_json(self, state: MDState, completed: bool) -> None:
         cfg = self.config
         io.write_json(self.out_dir / io.RUN_JSON, {
-            "config": cfg.to_dict(), "model": self.model_meta, "step": int(state.step), "n_steps": cfg.n_steps,
+            "config": cfg.to_dict(), "model": self.model_meta, "frames": self.frames, "step": int(state.step),
+            "n_steps": cfg.n_steps,
             "time_ps": self.time_ps(state.step), "completed": completed,
             "n_atoms": [int(n) for n in state.atoms_per_system.cpu().tolist()],
             "replicas": [dict(s) for s in self.status], "speed": self.speed()})
@@ -296,8 +314,15 @@ def run_simulation(config: SimulationConfig, out_dir, potential=None, frames=Non
     if config.molecule and config.data_dir is None and os.environ.get("OREO_DATA_DIR"):
         config.data_dir = str(Path(os.environ["OREO_DATA_DIR"]).resolve())   # recorded for later analysis
     out_dir = Path(out_dir)
-    ckpt = prepare_run_dir(out_dir, config, resume, overwrite)
     held_out, reference = frames if frames is not None else load_system_frames(config)
+    if config.polymer and config.poly24_dir is None:
+        from .poly24 import poly24_folder
+        config.poly24_dir = str(poly24_folder(None, config.data_dir).resolve())   # recorded for later analysis
+    ckpt = prepare_run_dir(out_dir, config, resume, overwrite)
+    described = describe_frames(config, held_out, reference)
+    if config.polymer:
+        print(f"{config.system_name}: initial frames and force MAE from {described['held_out']}; "
+              f"bond lengths and h(r) against {described['reference']}")
     if potential is None:
         potential = load_model(config.model_spec, molecule=config.molecule, data_dir=config.data_dir,
                                device=config.device, dtype=config.dtype)
@@ -322,6 +347,7 @@ def run_simulation(config: SimulationConfig, out_dir, potential=None, frames=Non
     run = _Run(config, out_dir, ff, files, generator, bar if not bar.disable else None, on_log)
     run.status = status
     run.model_meta = model_metadata(potential)
+    run.frames = described
     if ckpt is not None:
         run.wall_s, run.steps_timed = float(ckpt["wall_s"]), int(ckpt["steps_timed"])
     for r in range(state.n_systems):

@@ -38,7 +38,7 @@ __all__ = ["SourceConfig", "CorpusConfig", "Corpus", "PretrainBatch", "EpochSamp
            "build_corpus", "corpus_config_from_obj", "KINDS", "READERS"]
 
 KINDS = ("equilibrium", "off-equilibrium")
-READERS = ("qm9", "rmd17", "md17", "ase", "ani", "pcqm", "sdf")
+READERS = ("qm9", "rmd17", "md17", "ase", "ani", "pcqm", "sdf", "poly24")
 
 
 @dataclass
@@ -47,8 +47,8 @@ class SourceConfig:
     kind: str
     name: Optional[str] = None
     path: Optional[str] = None
-    molecules: Optional[Union[str, List[str]]] = None   # rmd17 / md17: names or "all"
-    split: Optional[str] = None                         # rmd17: train|test|all; qm9: train|val|test|all
+    molecules: Optional[Union[str, List[str]]] = None   # rmd17 / md17: names or "all"; poly24: polymers
+    split: Optional[str] = None                         # rmd17: train|test|all; qm9, poly24: train|val|test|all
     split_indices: List[int] = field(default_factory=lambda: [1])   # rmd17 split files 1..5
     labels: str = "revised"                             # rmd17
     index: str = ":"                                    # ase
@@ -147,6 +147,12 @@ def load_source(spec: SourceConfig, data_dir=None, seed: int = 0) -> Conformatio
     elif r == "ase":
         cset = load_ase(_path(spec, data_dir), index=spec.index, energy_unit=spec.energy_unit,
                         length_unit=spec.length_unit, forces_key=spec.forces_key)
+    elif r == "poly24":   # oreo-poly24 by its manifest; path = the set's folder (default <data_dir>/poly24)
+        from ..data.poly24 import load_poly24
+        mols = spec.molecules
+        cset = load_poly24(spec.split or "train", polymers=None if mols in (None, "all") else
+                           ([mols] if isinstance(mols, str) else list(mols)), data_dir=data_dir,
+                           root=None if spec.path is None else _path(spec, data_dir))
     elif r == "ani":
         from ..data.ani import load_ani
         cset = load_ani(_path(spec, data_dir), level=spec.level,

@@ -47,10 +47,12 @@ def load_pretrained(path: Union[str, Path]) -> Tuple[Potential, Dict[str, Any]]:
     """(Potential in float32, pretraining record) from a pretraining output or any oreo model file."""
     from ..models.egnn import register_egnn
     register_egnn()
-    path = Path(path).expanduser()
-    if not path.is_file():
+    from ..io import ModelFileError, resolve_model_path
+    try:
+        path = resolve_model_path(path)          # a file, or the name of a shipped (pretrained) model
+    except ModelFileError:
         raise FileNotFoundError(f"pretrained model {path} not found (pass pretrained.pt or last.pt of an "
-                                "`oreo pretrain` run)")
+                                "`oreo pretrain` run, or a shipped name: see `oreo models`)") from None
     rec = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(rec, dict):
         raise ValueError(f"{path} is not an oreo model or checkpoint")

@@ -1,20 +1,24 @@
 """Training configuration: dataclasses with defaults, loaded from YAML (unknown keys are errors)."""
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
 
 @dataclass
 class DataConfig:
-    """Where the frames come from. Either an rMD17 ``molecule`` or a ``path`` that ase.io reads."""
+    """Where the frames come from: an rMD17 ``molecule``, a ``path`` that ase.io reads, or
+    ``dataset: poly24`` (splits by trajectory from the set's manifest; ``path`` = its folder)."""
     molecule: Optional[str] = "aspirin"
     path: Optional[str] = None
+    dataset: Optional[str] = None    # "poly24"
+    polymers: Optional[List[str]] = None      # poly24: subset (default all)
+    temperatures: Optional[List[float]] = None  # poly24: subset (default all)
     energy_unit: str = "eV"          # for ``path`` sources
     labels: str = "revised"          # rMD17: "revised" or "original" (MD17) labels
     split_index: int = 1             # rMD17 split file 01..05
-    train_size: int = 950
+    train_size: Optional[int] = 950  # poly24: None = every training frame
     val_size: int = 50
     test_size: Optional[int] = None  # None: the whole rMD17 test file (or the rest of ``path``)
     data_dir: Optional[str] = None

@@ -1,0 +1,77 @@
+"""One sampling trajectory: GFN2-xTB Langevin MD of an oligomer, keeping labelled frames.
+
+The dynamics run on GFN2-xTB forces (tblite); every kept frame carries the energy and forces
+of the step it was taken at, so labelling is free. Seeded: the same seed gives the same frames
+(to floating-point reproducibility of tblite on one machine).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import numpy as np
+
+
+@dataclass
+class SampledFrame:
+    positions: np.ndarray   # (n, 3) Å
+    energy: float           # eV
+    forces: np.ndarray      # (n, 3) eV/Å
+    step: int               # MD step (0 = first production step)
+    time_fs: float
+
+
+@dataclass
+class SamplingSettings:
+    temperature: float = 300.0          # K
+    timestep_fs: float = 0.5
+    friction: float = 0.02              # 1/fs
+    relax_steps: int = 50               # FIRE steps on xTB before the dynamics (0: none)
+    equilibration_steps: int = 200
+    steps: int = 1000                   # production steps
+    stride: int = 20                    # keep every stride-th production step
+    max_force: float = 50.0             # eV/Å: a larger force means the trajectory blew up
+
+
+class SamplingError(RuntimeError):
+    """The xTB trajectory became unphysical (huge forces or non-finite labels)."""
+
+
+def sample_trajectory(atoms, settings: SamplingSettings, seed: int, calculator,
+                      on_step: Optional[Callable[[int], None]] = None) -> List[SampledFrame]:
+    """Run relaxation, equilibration and production on ``atoms`` (modified in place) with the
+    ASE ``calculator``; returns the kept production frames."""
+    from ase import units
+    from ase.constraints import FixCom
+    from ase.md.langevin import Langevin
+    from ase.md import velocitydistribution as vd
+    from ase.optimize import FIRE
+
+    atoms.calc = calculator
+    if settings.relax_steps > 0:
+        FIRE(atoms, logfile=None).run(fmax=0.5, steps=settings.relax_steps)
+    rng = np.random.RandomState(int(seed) % (2 ** 32))
+    thermalize = getattr(vd, "thermalize_momenta", None) or vd.MaxwellBoltzmannDistribution   # ASE >= 3.29 / older
+    thermalize(atoms, temperature_K=settings.temperature, rng=rng)
+    vd.Stationary(atoms)
+    vd.ZeroRotation(atoms)
+    atoms.set_constraint(FixCom())
+    dyn = Langevin(atoms, timestep=settings.timestep_fs * units.fs, temperature_K=settings.temperature,
+                   friction=settings.friction / units.fs, fixcm=False, rng=rng)
+    frames: List[SampledFrame] = []
+    total = settings.equilibration_steps + settings.steps
+    for i in range(total):
+        dyn.run(1)
+        forces = atoms.get_forces(apply_constraint=False)   # the labels: raw xTB forces, not FixCom's projection
+        energy = atoms.get_potential_energy()
+        if not np.isfinite(energy) or not np.all(np.isfinite(forces)) or np.abs(forces).max() > settings.max_force:
+            raise SamplingError(f"xTB trajectory became unphysical at step {i + 1} of {total} "
+                                f"(max |F| = {np.abs(forces).max():.1f} eV/Å); lower the temperature or timestep")
+        prod = i + 1 - settings.equilibration_steps
+        if prod > 0 and prod % settings.stride == 0:
+            frames.append(SampledFrame(positions=atoms.positions.copy(), energy=float(energy),
+                                       forces=np.array(forces, dtype=np.float64), step=prod,
+                                       time_fs=prod * settings.timestep_fs))
+        if on_step is not None:
+            on_step(1)
+    return frames
