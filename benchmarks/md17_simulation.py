@@ -52,31 +52,16 @@ def run_label(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-") or "model"
 
 
-def _reusable(run_dir: Path, cfg: SimulationConfig) -> Optional[dict]:
-    """The finished summary of ``run_dir`` when it covers ``cfg`` (same settings, at least ``cfg.ps``)."""
-    summary_path, run_path = run_dir / io.SUMMARY_JSON, run_dir / io.RUN_JSON
-    if not summary_path.is_file() or not run_path.is_file():
-        return None
-    run = io.read_json(run_path)
-    old = SimulationConfig.from_dict(run["config"])
-    same = all(getattr(old, k) == getattr(cfg, k) for k in
-               ("molecule", "model", "replicas", "temperature", "timestep", "thermostat", "seed", "split_index"))
-    summary = io.read_json(summary_path)
-    if same and run.get("completed") and old.ps >= cfg.ps and summary.get("requested_ps") == old.ps:
-        return summary
-    return None
-
-
 def run_one(molecule: str, spec: str, args) -> dict:
     from md.analysis import analyze_run
-    from md.simulate import run_simulation
+    from md.simulate import finished_summary, run_simulation
 
     run_dir = Path(args.out) / f"{molecule}__{run_label(spec)}"
     cfg = SimulationConfig(molecule=molecule, model=spec, ps=args.ps, replicas=args.replicas,
                            temperature=args.temperature, timestep=args.timestep, seed=args.seed,
                            data_dir=args.data_dir, device=args.device, force_frames=args.force_frames,
                            log_every=args.log_every).validate()
-    summary = _reusable(run_dir, cfg)
+    summary = finished_summary(run_dir, cfg)
     if summary is not None:
         print(f"[{molecule} / {spec}] reusing finished run in {run_dir}")
         return summary

@@ -35,8 +35,6 @@ from md.errors import MDInputError
 from md.integrators import THERMOSTATS
 from md.poly24 import SHIPPED_MODEL, canonical_polymer, poly24_folder
 
-_SAME = ("polymer", "model", "replicas", "temperature", "timestep", "thermostat", "tau_steps", "friction", "seed",
-         "log_every", "bond_threshold")
 
 
 def run_label(spec: str) -> str:
@@ -68,28 +66,14 @@ def make_config(polymer: str, args) -> SimulationConfig:
                             force_frames=args.force_frames).validate()
 
 
-def _reusable(run_dir: Path, cfg: SimulationConfig) -> Optional[dict]:
-    """The finished summary of ``run_dir`` when it covers ``cfg`` (same settings, at least ``cfg.ps``)."""
-    summary_path, run_path = run_dir / io.SUMMARY_JSON, run_dir / io.RUN_JSON
-    if not summary_path.is_file() or not run_path.is_file():
-        return None
-    run = io.read_json(run_path)
-    old = SimulationConfig.from_dict(run["config"])
-    summary = io.read_json(summary_path)
-    same = all(getattr(old, k) == getattr(cfg, k) for k in _SAME)
-    if same and run.get("completed") and old.ps >= cfg.ps and summary.get("requested_ps") == old.ps:
-        return summary
-    return None
-
-
 def run_one(polymer: str, args, tag: str) -> dict:
     """Simulate (or resume / reuse) one polymer; returns its summary.json content."""
     from md.analysis import analyze_run
-    from md.simulate import run_simulation
+    from md.simulate import finished_summary, run_simulation
 
     cfg = make_config(polymer, args)
     run_dir = Path(args.out) / f"{polymer}__{run_label(cfg.model_spec)}"
-    summary = _reusable(run_dir, cfg)
+    summary = finished_summary(run_dir, cfg)
     if summary is not None:
         print(f"{tag} reusing the finished run in {run_dir}", flush=True)
         return summary

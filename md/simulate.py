@@ -59,6 +59,23 @@ def describe_frames(config: SimulationConfig, held_out, reference) -> Dict[str, 
             "reference": str(reference.meta.get("md_reference", f"{len(reference)} reference frames"))}
 
 
+def finished_summary(run_dir, config: SimulationConfig) -> Optional[dict]:
+    """The summary.json of a finished run in ``run_dir`` that covers ``config``: the same settings (all but
+    those a resume may change) and at least ``config.ps`` simulated; None when the run must be (re)done."""
+    run_dir = Path(run_dir)
+    summary_path, run_path = run_dir / io.SUMMARY_JSON, run_dir / io.RUN_JSON
+    if not summary_path.is_file() or not run_path.is_file():
+        return None
+    run = io.read_json(run_path)
+    old = SimulationConfig.from_dict(run["config"])
+    keys = [k for k in config.to_dict() if k not in RESUMABLE_CHANGES]
+    summary = io.read_json(summary_path)
+    if (all(getattr(old, k) == getattr(config, k) for k in keys) and run.get("completed")
+            and old.ps >= config.ps and summary.get("requested_ps") == old.ps):
+        return summary
+    return None
+
+
 def pick_initial_frames(n_frames: int, replicas: int, seed: int) -> np.ndarray:
     """Seeded choice of one held-out frame per replica (without replacement when possible)."""
     if n_frames == 0:

@@ -23,8 +23,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-import numpy as np
-
 from .build import build_oligomer, geometry_problems, oligomer_smiles
 from .catalog import POLYMERS, Polymer, select_polymers
 from .sampling import SamplingError, SamplingSettings, sample_trajectory
