@@ -36,7 +36,6 @@ from md.integrators import THERMOSTATS
 from md.poly24 import SHIPPED_MODEL, canonical_polymer, poly24_folder
 
 
-
 def run_label(spec: str) -> str:
     import re
     stem = spec[3:] if spec.startswith("py:") else Path(spec).stem
@@ -166,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--force-frames", type=int, default=1000, help="test frames for the force MAE (default 1000)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="benchmarks/results/poly24_simulation", help="folder for runs and the table")
+    p.add_argument("--out", default="benchmarks/results/poly24", help="folder for runs and the table")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     return p
 

@@ -184,3 +184,21 @@ def test_sources_no_objective_uses_are_not_sampled(tmp_path):
     oreo = Pretrainer(tiny_config("et-oreo", batch_size=2), tmp_path / "b", corpus=tiny_corpus(), progress=False,
                       log=lambda s: None)
     assert oreo.source_weights.tolist() == [1.0, 1.0]
+
+
+def test_shipped_pretrained_backbones_load_by_name():
+    """`oreo finetune --from pretrained-<method>` resolves the shipped backbone; each ships with its card."""
+    from forcefield.io import shipped_models
+    from forcefield.pretrain.finetune import load_pretrained
+    names = [n for n in shipped_models() if n.startswith("pretrained-")]
+    if not names:
+        pytest.skip("no pretrained backbone shipped")
+    for name in names:
+        pot, info = load_pretrained(name)
+        assert info["method"] in name and info["steps"] > 0
+        assert shipped_models()[name].with_suffix(".md").is_file()
+        z = torch.tensor([6, 1, 1, 1, 1])
+        r = torch.tensor([[0.0, 0, 0], [0.63, 0.63, 0.63], [-0.63, -0.63, 0.63], [-0.63, 0.63, -0.63],
+                          [0.63, -0.63, -0.63]])
+        out = pot(z, r)
+        assert torch.isfinite(out["forces"]).all()
