@@ -16,24 +16,22 @@ XTB_HINT = "pip install tblite  (or: pip install 'oreo[poly24]')"
 PYSCF_HINT = "pip install 'oreo[dft]'  (or: pip install pyscf)"
 
 
-def require_tblite():
+def _require(modules, what: str, hint: str):
+    """Import ``modules`` (the first is returned) or raise an ImportError naming ``what`` needs and the fix."""
+    import importlib
     try:
-        import tblite  # noqa: F401
-        from tblite.ase import TBLite  # noqa: F401
+        loaded = [importlib.import_module(m) for m in modules]
     except ImportError as exc:
-        raise ImportError(f"GFN2-xTB labels need tblite, which is not installed ({exc}). Install it with: "
-                          f"{XTB_HINT}") from exc
-    return tblite
+        raise ImportError(f"{what}, which is not installed ({exc}). Install it with: {hint}") from exc
+    return loaded[0]
+
+
+def require_tblite():
+    return _require(("tblite", "tblite.ase"), "GFN2-xTB labels need tblite", XTB_HINT)
 
 
 def require_pyscf():
-    try:
-        import pyscf  # noqa: F401
-        from pyscf import dft, gto  # noqa: F401
-    except ImportError as exc:
-        raise ImportError(f"DFT labels need PySCF, which is not installed ({exc}). Install it with: "
-                          f"{PYSCF_HINT}") from exc
-    return pyscf
+    return _require(("pyscf", "pyscf.dft", "pyscf.gto"), "DFT labels need PySCF", PYSCF_HINT)
 
 
 def xtb_level() -> str:
