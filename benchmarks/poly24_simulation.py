@@ -35,11 +35,8 @@ from md.errors import MDInputError
 from md.integrators import THERMOSTATS
 from md.poly24 import SHIPPED_MODEL, canonical_polymer, poly24_folder
 
-
-def run_label(spec: str) -> str:
-    import re
-    stem = spec[3:] if spec.startswith("py:") else Path(spec).stem
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-") or "model"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from md17_simulation import run_label  # noqa: E402  (run directory names shared with the MD17 benchmark)
 
 
 def set_polymers(args) -> List[str]:

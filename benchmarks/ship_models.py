@@ -107,10 +107,9 @@ Limits: GFN2-xTB is a semi-empirical tight-binding level, not DFT; the model kno
 """
 
 
-def _per_polymer(pot, cfg) -> str:
+def _per_polymer(pot, cfg, names) -> str:
     rows = []
-    for name in load_poly24("test", polymers=cfg.data.polymers, data_dir=cfg.data.data_dir,
-                            root=cfg.data.path).meta["polymers"]:
+    for name in names:
         cset = load_poly24("test", polymers=[name], temperatures=cfg.data.temperatures, data_dir=cfg.data.data_dir,
                            root=cfg.data.path)
         m, _ = evaluate(pot, cset)
@@ -143,7 +142,7 @@ def ship(run: Path, dest: Path, resume_args=()) -> dict:
         extra = dict(level=splits.train.meta.get("level_of_theory"), n_polymers=len(splits.train.meta["polymers"]),
                      temps=", ".join(f"{float(t):g}" for t in (cfg.data.temperatures or read_manifest(
                          cfg.data.data_dir, cfg.data.path)["generation"]["temperatures"])),
-                     per_polymer=_per_polymer(pot, cfg))
+                     per_polymer=_per_polymer(pot, cfg, splits.test.meta["polymers"]))
     config_name = "poly24" if poly else f"rmd17_{molecule}"
     card = template.format(
         molecule=molecule, split=cfg.data.split_index, **extra,

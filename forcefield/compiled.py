@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .graph import NeighborCache, half_pairs, shift_vectors
-from .potential import check_inputs
+from .potential import checked_batch
 
 COMPILED_FORMAT = "oreo-aoti"
 COMPILED_FORMAT_VERSION = 1
@@ -178,11 +178,8 @@ class CompiledPotential(nn.Module):
     def forward(self, numbers: Tensor, positions: Tensor, batch: Optional[Tensor] = None,
                 cell: Optional[Tensor] = None, pbc: Optional[Tensor] = None, with_reference: bool = True,
                 compute_forces: bool = True) -> Dict[str, Tensor]:
-        if batch is None:
-            batch = torch.zeros(numbers.shape[0], dtype=torch.long, device=numbers.device)
-        check_inputs(numbers, positions, batch, self.known_elements)
+        batch, num_graphs = checked_batch(numbers, positions, batch, self.known_elements)
         n = positions.shape[0]
-        num_graphs = int(batch.max()) + 1 if n > 0 else 0
         pos = positions.detach().to(self.dtype)
         if self.neighbors is not None:
             pairs, shifts = self.neighbors(pos, batch, cell, pbc)

@@ -11,7 +11,7 @@ Inputs: ``numbers`` (N,) int64, ``positions`` (N, 3) Å in the module's dtype, `
 graph index (None: one structure), optional ``cell`` (B, 3, 3) Å and ``pbc`` (B, 3) bool.
 """
 import json
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,16 @@ def check_inputs(numbers: Tensor, positions: Tensor, batch: Tensor, known_elemen
     if bad.numel() > 0:
         raise ValueError("element with atomic number " + str(int(bad[0])) + " was not in this model's "
                          "training data; use a model trained on it (see the model card for its elements)")
+
+
+def checked_batch(numbers: Tensor, positions: Tensor, batch: Optional[Tensor],
+                  known_elements: Tensor) -> Tuple[Tensor, int]:
+    """The input checks every potential runs first: ``(batch, num_graphs)``, with ``batch`` defaulting to
+    one molecule (all zeros)."""
+    if batch is None:
+        batch = torch.zeros(numbers.shape[0], dtype=torch.long, device=numbers.device)
+    check_inputs(numbers, positions, batch, known_elements)
+    return batch, (int(batch.max()) + 1 if batch.numel() > 0 else 0)
 
 
 class Potential(nn.Module):
@@ -97,10 +107,7 @@ class Potential(nn.Module):
     def forward(self, numbers: Tensor, positions: Tensor, batch: Optional[Tensor] = None,
                 cell: Optional[Tensor] = None, pbc: Optional[Tensor] = None, with_reference: bool = True,
                 compute_forces: bool = True) -> Dict[str, Tensor]:
-        if batch is None:
-            batch = torch.zeros(numbers.shape[0], dtype=torch.long, device=numbers.device)
-        check_inputs(numbers, positions, batch, self.known_elements)
-        num_graphs = int(batch.max()) + 1 if batch.numel() > 0 else 0
+        batch, num_graphs = checked_batch(numbers, positions, batch, self.known_elements)
         create_graph = self.training
         if compute_forces:
             if not torch.is_grad_enabled():

@@ -102,12 +102,16 @@ def load_polymer_frames(polymer: str, temperature: float, poly24_dir=None, data_
         raise MDInputError(f"the poly24 set at {poly24_folder(poly24_dir, data_dir)} has no test trajectory of "
                            f"{polymer}; generate the set with at least 2 replicas per temperature "
                            f"(oreo data poly24 --replicas 4)")
-    held_out = _load(polymer, None, poly24_dir, data_dir)
+    from forcefield.data.conformations import ConformationSet
+    # one read per temperature; the held-out set is their concatenation (the manifest orders trajectories by T)
+    per_t = [_load(polymer, [t], poly24_dir, data_dir) for t in temps]
+    held_out = per_t[0] if len(per_t) == 1 else ConformationSet.concatenate(per_t, source=f"poly24/test/{polymer}")
+    held_out.meta = {**per_t[0].meta}
     kelvin = ", ".join(f"{t:g}" for t in temps)
-    match = [t for t in temps if abs(t - float(temperature)) < _TEMPERATURE_TOL]
-    if match:
-        reference = _load(polymer, match, poly24_dir, data_dir)
-        note = f"poly24 {polymer} test split at {match[0]:g} K ({len(reference)} frames)"
+    hit = next((i for i, t in enumerate(temps) if abs(t - float(temperature)) < _TEMPERATURE_TOL), None)
+    if hit is not None:
+        reference = per_t[hit]
+        note = f"poly24 {polymer} test split at {temps[hit]:g} K ({len(reference)} frames)"
     else:
         reference = held_out
         note = (f"poly24 {polymer} test split, all temperatures ({len(reference)} frames; the set has no "

@@ -68,9 +68,9 @@ _DB_FORMATS = ("db", "json", "postgresql", "mysql")
 
 class _Frame:
     """One frame's raw content, in the file's units."""
-    __slots__ = ("numbers", "positions", "cell", "pbc", "energy", "forces", "frame_id")
+    __slots__ = ("numbers", "positions", "cell", "pbc", "energy", "forces", "frame_id", "info")
 
-    def __init__(self, numbers, positions, cell, pbc, energy, forces, frame_id):
+    def __init__(self, numbers, positions, cell, pbc, energy, forces, frame_id, info=None):
         self.numbers = np.asarray(numbers, dtype=np.int64)
         self.positions = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
         self.cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
@@ -78,6 +78,7 @@ class _Frame:
         self.energy = energy
         self.forces = forces
         self.frame_id = int(frame_id)
+        self.info = info or {}
 
 
 def _calc_results(atoms) -> Dict[str, Any]:
@@ -101,7 +102,8 @@ def _selection(index: Union[str, int, slice], n: int) -> np.ndarray:
         raise IndexError(f"index {index!r} out of range for a file with {n} frames") from None
 
 
-def _read_with_ase_io(path: Path, index, fmt: Optional[str], energy_key: str, forces_key: str) -> List[_Frame]:
+def _read_with_ase_io(path: Path, index, fmt: Optional[str], energy_key: str, forces_key: str,
+                      info_keys: Sequence[str] = ()) -> List[_Frame]:
     import ase.io
     images = ase.io.read(path, index=":", format=fmt)
     if not isinstance(images, list):
@@ -114,11 +116,12 @@ def _read_with_ase_io(path: Path, index, fmt: Optional[str], energy_key: str, fo
             atoms.numbers, atoms.positions, atoms.cell.array, atoms.pbc,
             energy=_first(atoms.info.get(energy_key), results.get(energy_key)),
             forces=_first(atoms.arrays.get(forces_key), results.get(forces_key)),
-            frame_id=i))
+            frame_id=i, info={k: atoms.info.get(k) for k in info_keys}))
     return frames
 
 
-def _read_with_ase_db(path: Path, index, energy_key: str, forces_key: str) -> List[_Frame]:
+def _read_with_ase_db(path: Path, index, energy_key: str, forces_key: str,
+                      info_keys: Sequence[str] = ()) -> List[_Frame]:
     import ase.db
     from ase.io.formats import string2index
     with ase.db.connect(path) as db:
@@ -140,7 +143,7 @@ def _read_with_ase_db(path: Path, index, energy_key: str, forces_key: str) -> Li
             row.numbers, row.positions, row.cell, row.pbc,
             energy=_first(data.get(energy_key), row.get(energy_key)),
             forces=_first(data.get(forces_key), row.get(forces_key)),
-            frame_id=row.id))
+            frame_id=row.id, info={k: row.get(k) for k in info_keys}))
     return frames
 
 
@@ -158,7 +161,7 @@ def _collect(frames: Sequence[_Frame], attr: str, what: str, path: Path) -> Opti
 def load_ase(path: PathLike, index: Union[str, int, slice] = ":", energy_key: str = "energy",
              forces_key: str = "forces", energy_unit: str = "eV", length_unit: str = "Å",
              equilibrium: Union[bool, Sequence[bool], np.ndarray] = False, source: Optional[str] = None,
-             format: Optional[str] = None) -> ConformationSet:
+             format: Optional[str] = None, info_keys: Sequence[str] = ()) -> ConformationSet:
     """Reads the frames ``index`` of ``path`` into a :class:`ConformationSet` (Å, eV, eV/Å).
 
     Args:
@@ -171,6 +174,8 @@ def load_ase(path: PathLike, index: Union[str, int, slice] = ":", energy_key: st
         equilibrium: marks frames as (near-)equilibrium geometries (bool or one per frame).
         source: name of the set (default: the file name, plus the index when not ``":"``).
         format: ASE format name, when the file name does not tell.
+        info_keys: per-frame ``atoms.info`` (or database key) values to return, as
+            ``meta["frame_info"][key]`` = one value per frame (None where missing), in frame order.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -185,9 +190,9 @@ def load_ase(path: PathLike, index: Union[str, int, slice] = ":", energy_key: st
                          "pass format=... (e.g. 'extxyz')") from exc
     try:
         if fmt in _DB_FORMATS:
-            frames = _read_with_ase_db(path, index, energy_key, forces_key)
+            frames = _read_with_ase_db(path, index, energy_key, forces_key, info_keys)
         else:
-            frames = _read_with_ase_io(path, index, fmt, energy_key, forces_key)
+            frames = _read_with_ase_io(path, index, fmt, energy_key, forces_key, info_keys)
     except (IndexError, DataNotFoundError):
         raise
     except Exception as exc:
@@ -240,6 +245,8 @@ def load_ase(path: PathLike, index: Union[str, int, slice] = ":", energy_key: st
         "frame_id": "database row id" if fmt in _DB_FORMATS
                     else "0-based position in the file",
     }
+    if info_keys:
+        meta["frame_info"] = {k: [f.info.get(k) for f in frames] for k in info_keys}
     return ConformationSet(
         numbers=numbers, positions=positions * l_factor, ptr=ptr, energy=energy, forces=force_arr,
         cell=cell, pbc=pbc, frame_id=np.array([f.frame_id for f in frames], dtype=np.int64),

@@ -92,15 +92,12 @@ class Trainer:
     def _metadata(self) -> Dict:
         d = self.cfg.data
         if d.dataset:
-            return {"molecule": None, "dataset": d.dataset.lower(), "source": d.path or d.dataset,
-                    "polymers": self.splits.train.meta.get("polymers"), "temperatures": d.temperatures,
-                    "units": {"energy": "eV", "length": "Å", "forces": "eV/Å"},
-                    "train_frame_ids": self.splits.train.frame_id.tolist(),
-                    "val_frame_ids": self.splits.val.frame_id.tolist(),
-                    "level_of_theory": self.splits.train.meta.get("level_of_theory"), "oreo_version": __version__}
-        return {"molecule": d.molecule if not d.path else None, "source": d.path or f"rMD17 {d.molecule}",
-                "labels": d.labels, "split_index": d.split_index, "units": {"energy": "eV", "length": "Å",
-                                                                            "forces": "eV/Å"},
+            source = {"molecule": None, "dataset": d.dataset.lower(), "source": d.path or d.dataset,
+                      "polymers": self.splits.train.meta.get("polymers"), "temperatures": d.temperatures}
+        else:
+            source = {"molecule": d.molecule if not d.path else None, "source": d.path or f"rMD17 {d.molecule}",
+                      "labels": d.labels, "split_index": d.split_index}
+        return {**source, "units": {"energy": "eV", "length": "Å", "forces": "eV/Å"},
                 "train_frame_ids": self.splits.train.frame_id.tolist(),
                 "val_frame_ids": self.splits.val.frame_id.tolist(),
                 "level_of_theory": self.splits.train.meta.get("level_of_theory"), "oreo_version": __version__}

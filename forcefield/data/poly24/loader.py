@@ -95,24 +95,23 @@ def load_polymer_set(path, polymers: Optional[Iterable[str]] = None, polymer_key
         return load_poly24(split or "all", polymers, root=path)
     if not path.is_file():
         raise DataNotFoundError(str(path), [path], hint="pass an extxyz file or ASE database of polymer frames")
-    from ase.io import read
-    infos = [a.info for a in read(str(path), index=":")]
-    keep = np.arange(len(infos))
+    full = load_ase(path, energy_key=energy_key, forces_key=forces_key, energy_unit=energy_unit,
+                    info_keys=(polymer_key, split_key))
+    names, splits = full.meta.pop("frame_info").values()
+    keep = np.arange(len(full))
     if polymers is not None:
         wanted = set(polymers)
-        missing_key = [i for i, info in enumerate(infos) if polymer_key not in info]
+        missing_key = [i for i, name in enumerate(names) if name is None]
         if missing_key:
             raise ValueError(f"{path}: {len(missing_key)} frames lack info['{polymer_key}']; pass polymer_key= "
                              f"the key that names the polymer")
-        keep = np.array([i for i in keep if infos[i][polymer_key] in wanted], dtype=np.int64)
+        keep = np.array([i for i in keep if names[i] in wanted], dtype=np.int64)
         if len(keep) == 0:
-            found = sorted({str(info[polymer_key]) for info in infos})
-            raise ValueError(f"{path}: no frames of {sorted(wanted)}; the file has {found}")
+            raise ValueError(f"{path}: no frames of {sorted(wanted)}; the file has {sorted({str(n) for n in names})}")
     if split is not None:
-        keep = np.array([i for i in keep if infos[i].get(split_key) == split], dtype=np.int64)
+        keep = np.array([i for i in keep if splits[i] == split], dtype=np.int64)
         if len(keep) == 0:
             raise ValueError(f"{path}: no frames with info['{split_key}'] == '{split}'")
-    full = load_ase(path, energy_key=energy_key, forces_key=forces_key, energy_unit=energy_unit)
     out = full.subset(keep) if len(keep) != len(full) else full
-    out.meta["polymers"] = sorted({str(infos[i].get(polymer_key, "?")) for i in keep})
+    out.meta["polymers"] = sorted({str(names[i] if names[i] is not None else "?") for i in keep})
     return out
