@@ -8,6 +8,7 @@ acid with 50, 200 and 950 training frames, and on QM9 HOMO, LUMO and gap. Writes
     OUT/pretrain/<method>/            pretraining runs (last.pt, pretrained.pt, metrics.csv)
     OUT/finetune/<mol>/<n>/<method>/  fine-tuning runs (test_metrics.json, metrics.csv, learning_curve.png)
     OUT/qm9/<property>/<method>/      property runs (test_metrics.json)
+    OUT/md/<mol>/<n>/<method>/        MD of each fine-tuned model (with --md-ps)
     OUT/results.json, OUT/results.md  force MAE (meV/Å) and QM9 MAE (meV) tables
     OUT/learning_curves.png           test force MAE against the number of training frames, per molecule
 
@@ -216,7 +217,7 @@ def run_md(molecule: str, size: int, method: str, args, log) -> Dict:
     import argparse as _argparse
     from md17_simulation import run_one
     model = Path(args.out) / "finetune" / molecule / str(size) / method / "best.pt"
-    md_args = _argparse.Namespace(out=str(Path(args.out) / "md" / str(size) / method), ps=args.md_ps,
+    md_args = _argparse.Namespace(out=str(Path(args.out) / "md" / molecule / str(size) / method), ps=args.md_ps,
                                   replicas=args.md_replicas, temperature=500.0, timestep=0.5, seed=123,
                                   data_dir=args.data_dir, device="cpu", force_frames=0, log_every=100,
                                   progress=False)
@@ -226,7 +227,20 @@ def run_md(molecule: str, size: int, method: str, args, log) -> Dict:
 
 
 # ---------------------------------------------------------------------------- report
-def write_report(out: Path, results: List[Dict], qm9: List[Dict], methods: List[str]) -> None:
+def merged_results(path: Path, results: List[Dict], qm9: List[Dict]):
+    """This invocation's rows plus those of an earlier ``results.json`` for cells this one did not run."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--merge: no results file {path}")
+    old = json.loads(path.read_text())
+    have = {(r["molecule"], r["size"], r["method"]) for r in results}
+    have_q = {(r["property"], r["method"]) for r in qm9}
+    results = [r for r in old.get("forcefield", []) if (r["molecule"], r["size"], r["method"]) not in have] + results
+    qm9 = [r for r in old.get("qm9", []) if (r["property"], r["method"]) not in have_q] + qm9
+    return results, qm9
+
+
+def write_report(out: Path, results: List[Dict], qm9: List[Dict], methods: List[str],
+                 notes: Optional[List[str]] = None) -> None:
     (out / "results.json").write_text(json.dumps({"forcefield": results, "qm9": qm9}, indent=2, default=str))
     lines = ["# Pretraining benchmark", "", "## Force MAE on the rMD17 test frames (meV/Å)", "",
              "| molecule | train frames | " + " | ".join(methods) + " |",
@@ -256,6 +270,7 @@ def write_report(out: Path, results: List[Dict], qm9: List[Dict], methods: List[
             qt.setdefault(r["property"], {})[r["method"]] = r["test_mae"]
         for prop, row in qt.items():
             lines.append(f"| {prop} | " + " | ".join("%.1f" % row[m] if m in row else "–" for m in methods) + " |")
+    lines += [""] + [f"- {n}" for n in notes or []]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     if not results:
         return
@@ -313,6 +328,8 @@ def main(argv=None) -> int:
                    help="MD stability of every fine-tuned model: ps per replica (0 skips; MDsim uses 300)")
     p.add_argument("--md-replicas", type=int, default=5)
     p.add_argument("--layer-decay", type=float, help="layer-wise lr decay when fine-tuning")
+    p.add_argument("--merge", help="results.json of an earlier invocation with the same pretraining settings: its "
+                                    "rows enter the tables where this invocation has none (e.g. other molecules)")
     p.add_argument("--data-dir", default=os.environ.get("OREO_DATA_DIR"))
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -343,7 +360,16 @@ def main(argv=None) -> int:
         for m in args.methods:
             r = run_property(prop, m, pretrained.get(m), args, smoke, log)
             qm9.append({"method": m, **r})
-    write_report(out, results, qm9, args.methods)
+    notes = []
+    if args.merge:
+        n_before = len(results) + len(qm9)
+        results, qm9 = merged_results(Path(args.merge), results, qm9)
+        old_mols = sorted({r["molecule"] for r in results} - set(args.molecules))
+        notes.append(f"{len(results) + len(qm9) - n_before} rows ({', '.join(old_mols) or 'none'}"
+                     f"{', QM9' if qm9 and not args.properties else ''}) come from an earlier invocation with the same "
+                     f"settings ({args.merge}); pretraining is not bit-reproducible across machines, so those rows "
+                     f"used other pretrained weights of the same recipe")
+    write_report(out, results, qm9, args.methods, notes)
     print((out / "results.md").read_text())
     return 0
 

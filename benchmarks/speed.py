@@ -43,6 +43,7 @@ import torch  # noqa: E402
 KCAL = 0.0433641153087705  # eV per kcal/mol
 ET_CONFIG = {"name": "et", "hidden": 128, "num_layers": 6, "num_heads": 8, "num_rbf": 32, "cutoff": 5.0}
 WORKLOADS = ("single", "ase-md", "batched", "train")
+COMPILED = "oreo ET compiled"
 UNITS = {"single": "ms/call", "ase-md": "ms/step", "batched": "atom-steps/s", "train": "samples/s"}
 
 
@@ -109,8 +110,10 @@ def _oreo_model(seed: int = 0):
     return cast_potential(pot, "cpu", torch.float32).eval()
 
 
-def _potential_contender(name: str, module, z, data, train_module=None, note: str = "") -> Contender:
-    """Any module with oreo's call signature (Potential, scripted Potential, CompiledPotential, reference)."""
+def _potential_contender(name: str, module, z, data, train_module=None, note: str = "",
+                         compiled_train: bool = False) -> Contender:
+    """Any module with oreo's call signature (Potential, scripted Potential, CompiledPotential, reference).
+    ``compiled_train``: train through ``optim.compile``'s compiled energy + force graph (compiled here, once)."""
     from forcefield.calculator import OreoCalculator
 
     zt = torch.as_tensor(z)
@@ -129,17 +132,27 @@ def _potential_contender(name: str, module, z, data, train_module=None, note: st
     if train_module is not None:
         opt = torch.optim.AdamW(train_module.parameters(), lr=1e-4)
         batches = _train_batches(*data, dtype=torch.float32)
+        forward = lambda b: train_module(b["numbers"], b["positions"], b["batch"], with_reference=False)  # noqa: E731
+        if compiled_train:
+            from forcefield.train.compiled_step import CompiledEnergyForces
+            train_module.train()
+            compiled = CompiledEnergyForces(train_module)
+            forward = lambda b: compiled(b["numbers"], b["positions"], b["batch"])  # noqa: E731
 
         def train_step(k):
             b = batches[k % len(batches)]
             train_module.train()
-            out = train_module(b["numbers"], b["positions"], b["batch"], with_reference=False)
+            out = forward(b)
             loss = 0.05 * (out["energy"] - b["energy"]).pow(2).mean() + 0.95 * (out["forces"] - b["forces"]).pow(2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(train_module.parameters(), 10.0)
             opt.step()
 
+    if compiled_train:
+        t = time.time()
+        train_step(0)
+        print(f"[compile] {name}: training graph compiled in {time.time() - t:.0f} s")
     return Contender(name, single, forces_batched, lambda: OreoCalculator(module, dtype="float32"), train_step, note)
 
 
@@ -164,15 +177,23 @@ def oreo_contenders(args, data) -> List[Contender]:
         out.append(_potential_contender("oreo ET TorchScript", scripted, z, data,
                                         torch.jit.script(_oreo_model())))
     if args.aoti:
-        from forcefield.compiled import export_compiled, load_compiled
+        from forcefield.compiled import export_compiled
         path = Path(args.out) / "cache" / "oreo_et_6x128.pt2" if args.aoti == "build" else Path(args.aoti)
         if args.aoti == "build" or not path.is_file():
             t = time.time()
             export_compiled(pot, path)
             print(f"[aoti] compiled {path} in {time.time() - t:.0f} s")
-        out.append(_potential_contender("oreo ET AOTInductor", load_compiled(path), z, data,
-                                        note="inference only"))
+        args.aoti_path = str(path)
+        out.append(compiled_contender(path, data))
     return out
+
+
+def compiled_contender(path: Path, data) -> Contender:
+    """oreo at full speed: the AOTInductor ``.pt2`` for inference, ``optim.compile`` for training."""
+    from forcefield.compiled import load_compiled
+    return _potential_contender("oreo ET compiled", load_compiled(path), data[0], data, _oreo_model(),
+                                note="AOTInductor .pt2 for inference; optim.compile (torch.compile of the "
+                                     "traced force graph) for training", compiled_train=True)
 
 
 def _with_batch(data, batch_size):
@@ -374,15 +395,19 @@ def peer_nequip(args, data) -> List[Contender]:
     cfg = ", ".join(f"{k}={v}" for k, v in NEQUIP_CONFIG.items())
     out = [Contender("NequIP eager", single, forces_batched, lambda: TorchCalculator(ef), train_step,
                      note=f"nequip {_version('nequip')} ({cfg})")]
-    try:
-        out.append(_nequip_aoti(model, tf, Path(args.json).parent / "cache" / "nequip_ase.nequip.pt2", z))
-    except Exception as exc:
-        print(f"[nequip] AOTInductor compile failed, eager only: {type(exc).__name__}: {exc}")
+    cache = Path(args.json).parent  # the worker JSON lives in the cache folder
+    # as nequip-compile builds it (Inductor kernels on all torch threads), and with oreo's one-thread kernels
+    for kernel_threads, file in ((None, "nequip_ase.nequip.pt2"), (1, "nequip_ase_kernels1.nequip.pt2")):
+        try:
+            out.append(_nequip_aoti(model, tf, cache / file, z, kernel_threads))
+        except Exception as exc:
+            print(f"[nequip] AOTInductor compile failed ({file}): {type(exc).__name__}: {exc}")
     return out
 
 
-def _nequip_aoti(model, transforms, path: Path, numbers) -> Contender:
-    """``nequip-compile --mode aotinductor --target ase`` done in-process on the in-memory model."""
+def _nequip_aoti(model, transforms, path: Path, numbers, kernel_threads: Optional[int] = None) -> Contender:
+    """``nequip-compile --mode aotinductor --target ase`` done in-process on the in-memory model;
+    ``kernel_threads`` sets Inductor's ``cpp.threads`` (None: nequip's default)."""
     from ase import Atoms
     import nequip.scripts.compile as nc
     from nequip.integrations.ase import NequIPCalculator
@@ -402,8 +427,8 @@ def _nequip_aoti(model, transforms, path: Path, numbers) -> Contender:
         # a (non-periodic) box: nequip's compile check compares the stress too, which is NaN without a cell
         example = from_ase(Atoms(numbers=numbers, positions=np.arange(len(numbers))[:, None] * np.array([[1.1, 0.3, 0.0]]),
                                  cell=[40.0, 40.0, 40.0], pbc=False))
-        for t in transforms:
-            example = t(example)
+        for transform in transforms:
+            example = transform(example)
         batch_map = target["batch_map_settings"]({"graph": torch.export.Dim.STATIC,
                                                    "node": nc._parse_bounds_to_Dim("num_nodes", "2,inf"),
                                                    "edge": nc._parse_bounds_to_Dim("num_edges", "2,inf")})
@@ -412,7 +437,8 @@ def _nequip_aoti(model, transforms, path: Path, numbers) -> Contender:
         aot_export_model(model=model, device="cpu", input_fields=target["input"], output_fields=target["output"],
                          data=target["data_settings"](example),
                          batch_map=batch_map, output_path=str(path),
-                         inductor_configs={nc._AOT_METADATA_KEY: {k: str(v) for k, v in meta.items()}},
+                         inductor_configs={nc._AOT_METADATA_KEY: {k: str(v) for k, v in meta.items()},
+                                           **({} if kernel_threads is None else {"cpp.threads": kernel_threads})},
                          seed=nc._COMPILE_SEED)
         print(f"[nequip] AOTInductor compiled in {time.time() - t:.0f} s")
     calc = NequIPCalculator.from_compiled_model(str(path), device="cpu")
@@ -423,9 +449,11 @@ def _nequip_aoti(model, transforms, path: Path, numbers) -> Contender:
         atoms.positions = pos.numpy()
         atoms.get_forces()
 
-    return Contender("NequIP AOTInductor", single, None,
+    name = "NequIP AOTInductor" + ("" if kernel_threads is None else f" (cpp.threads={kernel_threads})")
+    return Contender(name, single, None,
                      lambda: NequIPCalculator.from_compiled_model(str(path), device="cpu"), None,
-                     note="nequip-compile --mode aotinductor --target ase (in-process)")
+                     note="nequip-compile --mode aotinductor --target ase (in-process)"
+                          + ("" if kernel_threads is None else f", Inductor cpp.threads={kernel_threads}"))
 
 
 PEERS = {"tmdnet": peer_tmdnet, "mace": peer_mace, "nequip": peer_nequip}
@@ -466,6 +494,15 @@ def bench_single(contenders, data, rounds, per_block=5):
     return interleaved(contenders, fn, rounds)
 
 
+def check_not_exploded(name: str, x, x0, max_shift: float = 0.5) -> None:
+    """A few MD steps move no atom by more than ``max_shift`` Å; otherwise the timing measured a broken
+    geometry (atoms flown apart have no neighbours and cost nothing) and is refused."""
+    shift = float((x - x0).norm(dim=-1).max())
+    if not shift < max_shift:
+        raise RuntimeError(f"{name}: an atom moved {shift:.3g} Å in one timing block; the MD is not physical "
+                           f"(units or forces broken), so its timing would be meaningless")
+
+
 def bench_ase_md(contenders, data, rounds, per_block=5):
     from ase import Atoms, units
     from ase.md.langevin import Langevin
@@ -492,11 +529,13 @@ def bench_ase_md(contenders, data, rounds, per_block=5):
         d.atoms.set_momenta(start[c.name][1].copy())
         t = time.perf_counter()
         d.run(per_block)
-        return (time.perf_counter() - t) / per_block
+        dt_block = time.perf_counter() - t
+        check_not_exploded(c.name, torch.as_tensor(d.atoms.positions), torch.as_tensor(start[c.name][0]))
+        return dt_block / per_block
     return interleaved(contenders, fn, rounds)
 
 
-MVV2E = 1.0364269e-4  # (amu Å²/fs²) in eV
+MVV2E = 103.6427  # eV per amu Å²/fs² (velocities here are in Å/fs)
 
 
 def bench_batched(contenders, data, rounds, replicas, per_block=3):
@@ -538,7 +577,9 @@ def bench_batched(contenders, data, rounds, replicas, per_block=3):
         t = time.perf_counter()
         for _ in range(per_block):
             step(c)
-        return (time.perf_counter() - t) / per_block / (replicas * n)  # seconds per atom-step
+        dt_block = time.perf_counter() - t
+        check_not_exploded(c.name, state[c.name][0], initial[c.name][0])
+        return dt_block / per_block / (replicas * n)  # seconds per atom-step
     return interleaved(contenders, fn, rounds)
 
 
@@ -601,17 +642,19 @@ def report(results: Dict, args, out: Path) -> None:
                 v = res[name].get(w)
                 cells.append("—" if v is None else f"{v['median']:.4g} [{v['q1']:.3g}–{v['q3']:.3g}]")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        if base in res:
+        for ref in (base, COMPILED):
+            if ref not in res:
+                continue
             lines.append("")
             lines.append(f"Ratios in this group (same process): time ratio for single/ase-md "
-                         f"(contender / {base}; < 1 is faster than {base}), throughput ratio for batched/train "
-                         f"(contender / {base}; > 1 is faster).\n")
+                         f"(contender / {ref}; < 1 is faster than {ref}), throughput ratio for batched/train "
+                         f"(contender / {ref}; > 1 is faster).\n")
             lines.append("| contender | " + " | ".join(WORKLOADS) + " |")
             lines.append("|---|" + "---|" * len(WORKLOADS))
             for name in names:
                 cells = []
                 for w in WORKLOADS:
-                    a, b = res[name].get(w), res[base].get(w)
+                    a, b = res[name].get(w), res[ref].get(w)
                     cells.append("—" if a is None or b is None else f"{a['median'] / b['median']:.3f}")
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for note in results.get("notes", []):
@@ -667,7 +710,8 @@ def set_threads(n: int) -> None:
 
 
 def worker(args) -> None:
-    """Run inside a peer's environment: the peer and oreo eager, interleaved; JSON to --json."""
+    """Run inside a peer's environment: the peer, oreo eager and (with --aoti PATH) oreo compiled, interleaved;
+    JSON to --json."""
     set_threads(args.threads)
     data = _with_batch(aspirin(), args.train_batch)
     contenders = []
@@ -679,6 +723,8 @@ def worker(args) -> None:
         raise
     pot, train_pot = _oreo_model(), _oreo_model()
     contenders.insert(0, _potential_contender("oreo ET eager", pot, data[0], data, train_pot))
+    if args.aoti and Path(args.aoti).is_file():  # the main process's .pt2: compiled oreo in the same process too
+        contenders.insert(1, compiled_contender(Path(args.aoti), data))
     res = run_all(contenders, data, args)
     Path(args.json).write_text(json.dumps({"results": res, "note": "; ".join(c.note for c in contenders[1:] if c.note)}))
 
@@ -725,10 +771,13 @@ def main(argv=None) -> None:
                                     f"(see benchmarks/README_speed.md to install it)")
             continue
         print(f"== peer {name} ({python})", flush=True)
-        js = out / f"peer_{name}.json"
+        js = out / "cache" / f"peer_{name}.json"  # worker output, merged into speed.json
+        js.parent.mkdir(parents=True, exist_ok=True)
         cmd = [python, str(Path(__file__).resolve()), "--worker", name, "--json", str(js),
                "--threads", str(args.threads), "--rounds", str(args.rounds), "--replicas", str(args.replicas),
                "--train-batch", str(args.train_batch), "--workloads", ",".join(args.workloads)]
+        if getattr(args, "aoti_path", None):
+            cmd += ["--aoti", args.aoti_path]
         # TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD: e3nn 0.4.x (pinned by mace-torch) torch.load()s its own constants.pt,
         # which torch >= 2.6 refuses by default
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),

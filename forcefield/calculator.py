@@ -37,6 +37,25 @@ class OreoCalculator(Calculator):
             self.potential = load_potential(model, device=self.device, dtype=self.dtype)
         self.cutoff = float(self.potential.cutoff)
 
+    def check_state(self, atoms, tol=1e-15):
+        """What changed since the last calculation: ASE's rule with exact array comparisons.
+
+        ASE's ``compare_atoms`` runs ``np.isclose`` on every array, about 0.2 ms a call and several calls per
+        MD step (about 0.6 ms of a 7 ms step of the compiled aspirin model, by cProfile). ``np.array_equal`` gives the same list,
+        except that changes below ASE's 1e-15 tolerance also count (a recomputation, never a stale result).
+        """
+        old = self.atoms
+        if old is None or tol > 1e-15:
+            return super().check_state(atoms, tol)
+        props = set(all_changes) - set(self.ignored_changes)
+        changes = [p for p in ("cell", "pbc") if p in props
+                   and not np.array_equal(np.asarray(getattr(old, p)), np.asarray(getattr(atoms, p)))]
+        a1, a2 = old.arrays, atoms.arrays
+        changes += [p for p in all_changes if p in props and (p in a1) != (p in a2)]
+        changes += [p for p in all_changes if p in props and p in a1 and p in a2
+                    and not np.array_equal(a1[p], a2[p])]
+        return changes
+
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         a = self.atoms

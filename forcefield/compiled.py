@@ -10,7 +10,9 @@ feeds the compiled graph one direction of each pair.
 Numbers: the same function as the eager :class:`~forcefield.potential.Potential` up to float
 rounding: ``EXPORT_TOLERANCE`` (float64 exports: 1e-10 relative energy, 1e-9 eV/Å forces, tested in
 tests/test_speed_equivalence.py; float32: ~1e-6 seen on aspirin, 1e-5 relative / 1e-4 eV/Å promised).
-Inference only (no training through a compiled file).
+Inference only (no training through a compiled file; ``optim.compile`` in
+``forcefield/train/compiled_step.py`` compiles the same traced graph for training). Inductor's
+element-wise kernels run on one thread (``default_inductor_configs``), GEMMs on every torch thread.
 
     export_compiled("runs/aspirin/best.pt", "aspirin.pt2")      # ~1-3 min: C++ compilation
     pot = load_compiled("aspirin.pt2")                          # needs the same torch version
@@ -36,6 +38,16 @@ from .potential import checked_batch
 COMPILED_FORMAT = "oreo-aoti"
 COMPILED_FORMAT_VERSION = 1
 METADATA_ENTRY = "oreo_metadata.json"
+# Inductor's generated element-wise kernels run on one thread; GEMMs and the rest of torch keep every
+# torch thread. Measured on the 2-core benchmark machine (aspirin, ET 6x128, torch 2.13): kernels on 2
+# OpenMP threads made the compiled model 2.4x slower for one molecule and 2x slower for 16 and 64
+# replicas (each kernel is small: OpenMP start-up costs more than it saves). Override per call with
+# ``inductor_configs={"cpp.threads": -1}`` (all torch threads) or the environment variable OREO_KERNEL_THREADS.
+def default_inductor_configs(**extra: Any) -> Dict[str, Any]:
+    """Inductor options oreo compiles with (AOTInductor export and ``optim.compile`` training)."""
+    return {"cpp.threads": int(os.environ.get("OREO_KERNEL_THREADS", "1")), **extra}
+
+
 # |compiled - eager| seen on aspirin (float32, 6x128, random weights, forces ~1 eV/Å): ~1e-6; what we promise:
 EXPORT_TOLERANCE = {"float32": {"energy_rel": 1e-5, "forces_abs": 1e-4}, "float64": {"energy_rel": 1e-10, "forces_abs": 1e-9}}
 
@@ -47,9 +59,10 @@ class EnergyForces(nn.Module):
     (zeros for molecules). Atomic energies include ``scale``/``shift`` but not the reference energies.
     """
 
-    def __init__(self, potential: nn.Module):
+    def __init__(self, potential: nn.Module, differentiable: bool = False):
         super().__init__()
         self.potential = potential
+        self.differentiable = differentiable  # True: outputs stay differentiable in the parameters (training)
 
     def forward(self, numbers: Tensor, positions: Tensor, pairs: Tensor, cart: Tensor) -> Tuple[Tensor, Tensor]:
         pot = self.potential
@@ -61,8 +74,8 @@ class EnergyForces(nn.Module):
             x, v = pot.backbone.represent(numbers, edge_index, edge_vec, 2)
             y = pot.head(x, v)
             e_atom = y * pot.scale.to(y.dtype) + pot.shift.to(y.dtype)
-            (g,) = torch.autograd.grad([e_atom.sum()], [pos])
-        return e_atom.detach(), -g
+            (g,) = torch.autograd.grad([e_atom.sum()], [pos], create_graph=self.differentiable)
+        return (e_atom, -g) if self.differentiable else (e_atom.detach(), -g)
 
 
 def _example_inputs(dtype: torch.dtype, cutoff: float):
@@ -118,7 +131,9 @@ def export_compiled(model: Union[str, Path, nn.Module], out: Union[str, Path], d
     tmpdir = tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent)
     tmp = os.path.join(tmpdir, out.name)  # the archive's root folder is named after the file
     try:
-        torch._inductor.aoti_compile_and_package(ep, package_path=tmp, inductor_configs=inductor_configs or {})
+        options = default_inductor_configs()
+        options.update(inductor_configs or {})
+        torch._inductor.aoti_compile_and_package(ep, package_path=tmp, inductor_configs=options)
         with zipfile.ZipFile(tmp, "a") as zf:
             root = zf.namelist()[0].split("/")[0]
             zf.writestr(f"{root}/extra/{METADATA_ENTRY}", json.dumps(info))

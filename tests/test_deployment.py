@@ -46,6 +46,30 @@ def test_calculator_matches_potential_and_energy_is_precise(model_file):
     assert atoms.get_potential_energy() < -4000  # reference energies (-4180.6 eV) included
 
 
+def test_calculator_change_detection_matches_ase(model_file):
+    """The exact-comparison check_state reports what ASE's compare_atoms reports, for every kind of change."""
+    from ase.calculators.calculator import compare_atoms
+    calc = OreoCalculator(model_file, dtype="float64")
+    base = Atoms(numbers=ETHANOL_Z, positions=ETHANOL_R)
+    base.calc = calc
+    base.get_forces()
+    edits = {
+        "nothing": lambda a: None,
+        "positions": lambda a: a.positions.__setitem__((0, 0), a.positions[0, 0] + 1e-3),
+        "numbers": lambda a: a.numbers.__setitem__(8, 8),
+        "cell": lambda a: a.set_cell([10.0, 10.0, 10.0]),
+        "pbc": lambda a: a.set_pbc([True, False, False]),
+        "charges": lambda a: a.set_initial_charges(np.ones(len(a))),
+        "magmoms": lambda a: a.set_initial_magnetic_moments(np.ones(len(a))),
+        "momenta only": lambda a: a.set_momenta(np.ones((len(a), 3))),
+    }
+    for name, edit in edits.items():
+        a = base.copy()
+        edit(a)
+        assert sorted(calc.check_state(a)) == sorted(compare_atoms(calc.atoms, a)), name
+    assert calc.check_state(base) == []
+
+
 def test_calculator_short_nve_md_conserves_energy(model_file):
     atoms = Atoms(numbers=ETHANOL_Z, positions=ETHANOL_R)
     atoms.calc = OreoCalculator(model_file, dtype="float64")

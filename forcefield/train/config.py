@@ -54,6 +54,7 @@ class OptimConfig:
     dtype: str = "float32"
     threads: Optional[int] = None
     eval_batch_size: int = 64
+    compile: bool = False            # fuse the double backward with torch.compile (ET; minutes to compile)
 
 
 @dataclass
@@ -89,6 +90,10 @@ def _build(cls, values: Dict[str, Any], where: str):
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """YAML reads ``1e-3`` as a string and ``5`` as an int: convert to the field's numeric type."""
     text = str(annotation)
+    if annotation is bool or text == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"config key {key} must be true or false, got {value!r}")
+        return value
     if value is None or isinstance(value, bool):
         return value
     try:

@@ -87,6 +87,10 @@ class Trainer:
         self.stop_reason = ""
         # residual energy targets (E - sum of reference energies) in float64: total energies are large
         self._train_resid = self._residual(tr)
+        self._compiled = None
+        if o.compile:  # checks the backbone now; compiles on the first batch
+            from .compiled_step import CompiledEnergyForces
+            self._compiled = CompiledEnergyForces(self.model)
 
     # ------------------------------------------------------------------ helpers
     def _metadata(self) -> Dict:
@@ -101,6 +105,15 @@ class Trainer:
                 "train_frame_ids": self.splits.train.frame_id.tolist(),
                 "val_frame_ids": self.splits.val.frame_id.tolist(),
                 "level_of_theory": self.splits.train.meta.get("level_of_theory"), "oreo_version": __version__}
+
+    def _energy_forces(self, b) -> Dict[str, torch.Tensor]:
+        """Training-mode energies (without reference energies) and forces of a batch; compiled when
+        ``optim.compile`` is set (built on the first call)."""
+        if self._compiled is None:
+            return self.model(b.numbers, b.positions, b.batch, b.cell, b.pbc, with_reference=False)
+        if self._compiled.compiles == 0:
+            self.log("optim.compile: compiling the energy + force graph on the first batch (minutes; cached)")
+        return self._compiled(b.numbers, b.positions, b.batch, b.cell, b.pbc)
 
     def _residual(self, cset: ConformationSet) -> Optional[np.ndarray]:
         return None if cset.energy is None else cset.energy - reference_energy(cset, self.atomref)
@@ -143,7 +156,7 @@ class Trainer:
             b = tr.collate(idx, dtype=self.dtype)
             e_t = None if self._train_resid is None else torch.as_tensor(self._train_resid[idx], dtype=self.dtype)
             self._set_warmup_lr()
-            out = self.model(b.numbers, b.positions, b.batch, b.cell, b.pbc, with_reference=False)
+            out = self._energy_forces(b)
             loss = self._loss(out, e_t, b.forces)
             optimizer_step(loss, self.optimizer, self.model.parameters(), o.grad_clip, self.step,
                            self.out / "last.pt")

@@ -1,0 +1,113 @@
+"""Compiled energy + forces for training (``optim.compile: true``): the double backward, fused.
+
+Training on forces differentiates twice: forces are -dE/dr (first backward), and the force loss is
+differentiated in the parameters (second backward). Eager autograd runs that as hundreds of small
+ATen calls. Here the energy *and* its position gradient are traced once into a plain graph of ATen
+operations (``make_fx``, symbolic atom and pair counts; the first backward becomes ordinary forward
+code, the parameters are graph inputs), and that graph is handed to ``torch.compile`` (Inductor). The
+remaining derivative in the parameters is an ordinary first-order backward, which AOTAutograd traces
+and Inductor fuses like the forward. Same function as the eager :class:`~forcefield.potential.Potential`
+(tested: parameter gradients of an energy + force loss equal eager to float rounding).
+
+Cost: the first call compiles (minutes on a small CPU, cached on disk by Inductor for later runs);
+the neighbour search stays eager. ET backbone only (it exposes ``represent`` with the symmetric edge
+layout). Inference uses the AOTInductor export (``forcefield.compiled``) instead.
+"""
+import os
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..compiled import EnergyForces, default_inductor_configs
+from ..graph import half_pairs, shift_vectors
+from ..potential import checked_batch
+
+
+class _Functional(nn.Module):
+    """``EnergyForces`` with the potential's parameters and buffers passed in as tensors."""
+
+    def __init__(self, potential: nn.Module):
+        super().__init__()
+        self.inner = EnergyForces(potential, differentiable=True)
+        self.names = [n for n, _ in potential.named_parameters()] + [n for n, _ in potential.named_buffers()]
+
+    def forward(self, tensors: List[Tensor], numbers: Tensor, positions: Tensor, pairs: Tensor, cart: Tensor):
+        state = {"potential." + n: t for n, t in zip(self.names, tensors)}
+        return torch.func.functional_call(self.inner, state, (numbers, positions, pairs, cart))
+
+
+def strip_detach(gm: torch.fx.GraphModule) -> int:
+    """Remove the ``detach`` nodes of a traced force graph; returns how many.
+
+    When ``make_fx`` traces ``autograd.grad``, the tensors the first backward reads from the forward
+    (saved activations) enter the graph through ``aten.detach``. Executed as a graph that is itself
+    differentiated (the parameter gradient of a force loss), those detaches would cut every path of the
+    second derivative through saved activations: the gradient would silently be wrong by a few per cent.
+    ``detach`` is the identity on values, so dropping it changes no output, only restores the gradient.
+    """
+    removed = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten.detach.default:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            removed += 1
+    gm.graph.lint()
+    gm.recompile()
+    return removed
+
+
+def supports_compile(potential: nn.Module) -> bool:
+    return hasattr(potential, "backbone") and hasattr(potential.backbone, "represent")
+
+
+class CompiledEnergyForces:
+    """``fn(numbers, positions, batch, cell, pbc) -> {"energy": (B,), "forces": (N, 3)}`` for training,
+    differentiable in ``potential``'s parameters, compiled on the first call.
+
+    The parameters are read from ``potential`` at every call, so optimiser steps, ``load_state_dict``
+    and resumed checkpoints are seen. ``backend``: ``"inductor"`` (fused C++ kernels; the default) or
+    ``"aot_eager"`` (the same traced graph without code generation: seconds to build, for tests and
+    debugging); the environment variable ``OREO_COMPILE_BACKEND`` sets the default.
+    """
+
+    def __init__(self, potential: nn.Module, backend: Optional[str] = None):
+        if not supports_compile(potential):
+            raise ValueError("optim.compile needs the ET backbone (model.name: et); set optim.compile: false "
+                             "for other backbones")
+        self.potential = potential
+        self.backend = backend or os.environ.get("OREO_COMPILE_BACKEND", "inductor")
+        self._compiled = None
+        self.compiles = 0
+
+    def _tensors(self) -> List[Tensor]:
+        return [p for _, p in self.potential.named_parameters()] + [b for _, b in self.potential.named_buffers()]
+
+    def _build(self, example) -> None:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        fn = _Functional(self.potential)
+        tensors = [t.detach() for t in example[0]]
+        gm = make_fx(fn, tracing_mode="symbolic", _allow_non_fake_inputs=True)(tensors, *example[1:])
+        strip_detach(gm)
+        options = default_inductor_configs() if self.backend == "inductor" else None
+        self._compiled = torch.compile(gm, backend=self.backend, dynamic=True, options=options)
+        self.compiles += 1
+
+    def __call__(self, numbers: Tensor, positions: Tensor, batch: Optional[Tensor] = None,
+                 cell: Optional[Tensor] = None, pbc: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        pot = self.potential
+        batch, num_graphs = checked_batch(numbers, positions, batch, pot.known_elements)
+        pairs, shifts = half_pairs(positions, batch, pot.cutoff, cell, pbc)
+        dtype = positions.dtype
+        if shifts is not None and cell is not None:
+            cart = shift_vectors(pairs, shifts, cell.detach(), batch, dtype)  # no cell gradient: no stress training
+        else:
+            cart = torch.zeros(pairs.shape[1], 3, dtype=dtype, device=positions.device)
+        tensors = self._tensors()
+        args = (tensors, numbers, positions.detach(), pairs, cart)
+        if self._compiled is None:
+            self._build(args)
+        e_atom, forces = self._compiled(*args)
+        energy = torch.zeros(num_graphs, dtype=e_atom.dtype, device=e_atom.device).index_add_(0, batch, e_atom)
+        return {"energy": energy, "forces": forces}

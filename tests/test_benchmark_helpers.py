@@ -1,0 +1,43 @@
+"""Small pieces of the benchmark scripts that decide what gets reported."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import pretrain_finetune  # noqa: E402
+import speed  # noqa: E402
+
+
+def test_merge_fills_only_missing_cells(tmp_path):
+    old = {"forcefield": [{"molecule": "aspirin", "size": 50, "method": "scratch", "forces_mae_meV_per_A": 1.0},
+                          {"molecule": "ethanol", "size": 50, "method": "scratch", "forces_mae_meV_per_A": 2.0}],
+           "qm9": [{"property": "gap", "method": "scratch", "test_mae": 3.0}]}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(old))
+    new = [{"molecule": "ethanol", "size": 50, "method": "scratch", "forces_mae_meV_per_A": 9.0}]
+    rows, qm9 = pretrain_finetune.merged_results(path, new, [])
+    got = {(r["molecule"], r["size"], r["method"]): r["forces_mae_meV_per_A"] for r in rows}
+    assert got == {("aspirin", 50, "scratch"): 1.0, ("ethanol", 50, "scratch"): 9.0}  # this run's row wins
+    assert qm9 == old["qm9"]
+    with pytest.raises(FileNotFoundError, match="--merge"):
+        pretrain_finetune.merged_results(tmp_path / "missing.json", new, [])
+
+
+def test_speed_benchmark_refuses_exploded_md():
+    x0 = torch.zeros(4, 3, dtype=torch.float64)
+    speed.check_not_exploded("ok", x0 + 0.01, x0)
+    with pytest.raises(RuntimeError, match="not physical"):
+        speed.check_not_exploded("broken", x0 + torch.tensor([0.0, 0.0, 2.0], dtype=torch.float64), x0)
+    with pytest.raises(RuntimeError, match="not physical"):
+        speed.check_not_exploded("nan", x0 * float("nan"), x0)
+
+
+def test_speed_benchmark_thermal_velocities_are_physical():
+    """Å/fs: a carbon atom at 300 K moves ~0.005 Å/fs (the old Å/ps constant gave 1000x that)."""
+    kT = 8.617333e-5 * 300.0
+    v = (kT / (12.011 * speed.MVV2E)) ** 0.5
+    assert 3e-3 < v < 8e-3
