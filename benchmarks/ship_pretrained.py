@@ -34,7 +34,8 @@ CARD = """# oreo pretrained backbone: {name}
 
 **This is a small pretraining.** The ET-OREO paper pretrains on 15.7 M conformations on GPUs; this backbone saw
 {seen:,} conformations in {minutes:.0f} CPU-minutes at 3 × 64 features. It is shipped because, in the benchmark
-below, fine-tuning from it beat training from scratch at equal fine-tuning budget; larger runs (`--pretrain-steps`,
+below, fine-tuning from its objective beat training from scratch at equal fine-tuning budget (in the cells the
+table shows; read them, they differ by molecule and size); larger runs (`--pretrain-steps`,
 the paper's 6 × 128 model) are a matter of compute (`torchrun` scales the same command out).
 
 {benchmark}
