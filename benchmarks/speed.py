@@ -135,7 +135,6 @@ def _potential_contender(name: str, module, z, data, train_module=None, note: st
         forward = lambda b: train_module(b["numbers"], b["positions"], b["batch"], with_reference=False)  # noqa: E731
         if compiled_train:
             from forcefield.train.compiled_step import CompiledEnergyForces
-            train_module.train()
             compiled = CompiledEnergyForces(train_module)
             forward = lambda b: compiled(b["numbers"], b["positions"], b["batch"])  # noqa: E731
 
@@ -178,14 +177,18 @@ def oreo_contenders(args, data) -> List[Contender]:
                                         torch.jit.script(_oreo_model())))
     if args.aoti:
         from forcefield.compiled import export_compiled
-        path = Path(args.out) / "cache" / "oreo_et_6x128.pt2" if args.aoti == "build" else Path(args.aoti)
+        path = aoti_path(args)
         if args.aoti == "build" or not path.is_file():
             t = time.time()
             export_compiled(pot, path)
             print(f"[aoti] compiled {path} in {time.time() - t:.0f} s")
-        args.aoti_path = str(path)
         out.append(compiled_contender(path, data))
     return out
+
+
+def aoti_path(args) -> Path:
+    """Where the oreo ``.pt2`` is (``--aoti PATH``) or is built (``--aoti build``: the cache folder)."""
+    return Path(args.out) / "cache" / "oreo_et_6x128.pt2" if args.aoti == "build" else Path(args.aoti)
 
 
 def compiled_contender(path: Path, data) -> Contender:
@@ -777,8 +780,8 @@ def main(argv=None) -> None:
         cmd = [python, str(Path(__file__).resolve()), "--worker", name, "--json", str(js),
                "--threads", str(args.threads), "--rounds", str(args.rounds), "--replicas", str(args.replicas),
                "--train-batch", str(args.train_batch), "--workloads", ",".join(args.workloads)]
-        if getattr(args, "aoti_path", None):
-            cmd += ["--aoti", args.aoti_path]
+        if args.aoti:
+            cmd += ["--aoti", str(aoti_path(args))]
         # TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD: e3nn 0.4.x (pinned by mace-torch) torch.load()s its own constants.pt,
         # which torch >= 2.6 refuses by default
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),

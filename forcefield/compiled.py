@@ -78,6 +78,20 @@ class EnergyForces(nn.Module):
         return (e_atom, -g) if self.differentiable else (e_atom.detach(), -g)
 
 
+def pairs_and_shifts(positions: Tensor, batch: Tensor, cutoff: float, cell: Optional[Tensor] = None,
+                     pbc: Optional[Tensor] = None, neighbors: Optional[NeighborCache] = None) -> Tuple[Tensor, Tensor]:
+    """The inputs the traced graph takes besides numbers and positions: one direction of each pair (2, P)
+    and its Cartesian image shift (P, 3) in ``positions``' dtype (zeros without periodic directions; constant
+    in the cell: no stress). ``neighbors``: a Verlet cache to search with instead of a fresh search."""
+    if neighbors is not None:
+        pairs, shifts = neighbors(positions, batch, cell, pbc)
+    else:
+        pairs, shifts = half_pairs(positions, batch, cutoff, cell, pbc)
+    if shifts is not None and cell is not None:
+        return pairs, shift_vectors(pairs, shifts, cell.detach(), batch, positions.dtype)
+    return pairs, torch.zeros(pairs.shape[1], 3, dtype=positions.dtype, device=positions.device)
+
+
 def _example_inputs(dtype: torch.dtype, cutoff: float):
     """A small molecule-like example (the traced graph is shape-generic)."""
     g = torch.Generator().manual_seed(0)
@@ -196,14 +210,7 @@ class CompiledPotential(nn.Module):
         batch, num_graphs = checked_batch(numbers, positions, batch, self.known_elements)
         n = positions.shape[0]
         pos = positions.detach().to(self.dtype)
-        if self.neighbors is not None:
-            pairs, shifts = self.neighbors(pos, batch, cell, pbc)
-        else:
-            pairs, shifts = half_pairs(pos, batch, self.cutoff, cell, pbc)
-        if shifts is not None and cell is not None:
-            cart = shift_vectors(pairs, shifts, cell.detach(), batch, self.dtype)
-        else:
-            cart = torch.zeros(pairs.shape[1], 3, dtype=self.dtype)
+        pairs, cart = pairs_and_shifts(pos, batch, self.cutoff, cell, pbc, self.neighbors)
         nums = numbers
         if n < 2 or pairs.shape[1] < 2:  # the graph is compiled for >= 2 atoms and pairs: pad with inert ones
             pad_atoms = max(0, 2 - n)

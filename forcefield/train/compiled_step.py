@@ -19,8 +19,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from ..compiled import EnergyForces, default_inductor_configs
-from ..graph import half_pairs, shift_vectors
+from ..compiled import EnergyForces, default_inductor_configs, pairs_and_shifts
 from ..potential import checked_batch
 
 
@@ -31,6 +30,11 @@ class _Functional(nn.Module):
         super().__init__()
         self.inner = EnergyForces(potential, differentiable=True)
         self.names = [n for n, _ in potential.named_parameters()] + [n for n, _ in potential.named_buffers()]
+
+    def tensors(self) -> List[Tensor]:
+        """The potential's current parameters and buffers, in the order ``forward`` takes them."""
+        state = {**dict(self.inner.potential.named_parameters()), **dict(self.inner.potential.named_buffers())}
+        return [state[n] for n in self.names]
 
     def forward(self, tensors: List[Tensor], numbers: Tensor, positions: Tensor, pairs: Tensor, cart: Tensor):
         state = {"potential." + n: t for n, t in zip(self.names, tensors)}
@@ -77,18 +81,15 @@ class CompiledEnergyForces:
                              "for other backbones")
         self.potential = potential
         self.backend = backend or os.environ.get("OREO_COMPILE_BACKEND", "inductor")
+        self._fn = _Functional(potential)
         self._compiled = None
         self.compiles = 0
-
-    def _tensors(self) -> List[Tensor]:
-        return [p for _, p in self.potential.named_parameters()] + [b for _, b in self.potential.named_buffers()]
 
     def _build(self, example) -> None:
         from torch.fx.experimental.proxy_tensor import make_fx
 
-        fn = _Functional(self.potential)
         tensors = [t.detach() for t in example[0]]
-        gm = make_fx(fn, tracing_mode="symbolic", _allow_non_fake_inputs=True)(tensors, *example[1:])
+        gm = make_fx(self._fn, tracing_mode="symbolic", _allow_non_fake_inputs=True)(tensors, *example[1:])
         strip_detach(gm)
         options = default_inductor_configs() if self.backend == "inductor" else None
         self._compiled = torch.compile(gm, backend=self.backend, dynamic=True, options=options)
@@ -98,14 +99,8 @@ class CompiledEnergyForces:
                  cell: Optional[Tensor] = None, pbc: Optional[Tensor] = None) -> Dict[str, Tensor]:
         pot = self.potential
         batch, num_graphs = checked_batch(numbers, positions, batch, pot.known_elements)
-        pairs, shifts = half_pairs(positions, batch, pot.cutoff, cell, pbc)
-        dtype = positions.dtype
-        if shifts is not None and cell is not None:
-            cart = shift_vectors(pairs, shifts, cell.detach(), batch, dtype)  # no cell gradient: no stress training
-        else:
-            cart = torch.zeros(pairs.shape[1], 3, dtype=dtype, device=positions.device)
-        tensors = self._tensors()
-        args = (tensors, numbers, positions.detach(), pairs, cart)
+        pairs, cart = pairs_and_shifts(positions, batch, pot.cutoff, cell, pbc)  # no stress training
+        args = (self._fn.tensors(), numbers, positions.detach(), pairs, cart)
         if self._compiled is None:
             self._build(args)
         e_atom, forces = self._compiled(*args)
