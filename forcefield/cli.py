@@ -7,6 +7,8 @@ from typing import List, Optional
 
 import yaml
 
+from .threads import add_threads_argument
+
 
 def _apply_overrides(cfg_dict: dict, overrides: List[str]) -> dict:
     """``section.key=value`` pairs (value parsed as YAML) into a nested config dict."""
@@ -32,8 +34,15 @@ def cmd_train(args) -> int:
     cfg_dict = _apply_overrides(cfg_dict, args.set)
     if args.data_dir:
         cfg_dict.setdefault("data", {})["data_dir"] = args.data_dir
+    if args.threads:
+        cfg_dict.setdefault("optim", {})["threads"] = args.threads
     cfg = config_from_dict(cfg_dict)
-    trainer = Trainer(cfg, Path(args.out), progress=not args.no_progress)
+    init_model = None
+    if args.init_from and not args.resume:
+        from .io import load_trainable_potential
+        init_model = load_trainable_potential(args.init_from)
+    trainer = Trainer(cfg, Path(args.out), progress=not args.no_progress, init_model=init_model,
+                      state_file=args.state, init_cpu_hours=args.init_cpu_hours)
     metrics = trainer.fit(resume=args.resume)
     print(json.dumps(metrics, indent=2))
     return 0
@@ -134,10 +143,6 @@ def _poly24_names():
 
 
 def cmd_poly24(args) -> int:
-    import os
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    import torch    # tblite's OpenMP runtime may be the one torch has loaded already: limit it there too
-    torch.set_num_threads(args.threads)
     from .data.poly24.generate import GenerationConfig, generate
     from .data.poly24.loader import poly24_root
     out = poly24_root(args.data_dir, args.out)
@@ -161,8 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="runs/train", help="output folder (checkpoints, logs, plots)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    t.add_argument("--init-from", metavar="MODEL",
+                   help="start from this model's weights (a shipped name, model file or checkpoint): continue "
+                        "training it, or fine-tune it on new data; the config's model section is then ignored")
+    t.add_argument("--init-cpu-hours", type=float, metavar="H",
+                   help="CPU-hours already spent on the --init-from model (default: what its file records)")
+    t.add_argument("--state", type=Path, metavar="FILE",
+                   help="also keep a compact run state (~7 bytes a parameter, small enough to commit) in FILE, "
+                        "written with every checkpoint; with --resume, a fresh clone continues from it")
     t.add_argument("--data-dir", help="data folder (default: $OREO_DATA_DIR)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_threads_argument(t)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="energy/force errors of a model on labelled frames")
@@ -181,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--data-dir")
     e.add_argument("--out", help="folder for metrics.json and parity.png")
+    add_threads_argument(e)
     e.set_defaults(func=cmd_evaluate)
 
     x = sub.add_parser("export", help="TorchScript export (loads with torch.jit.load alone)")
@@ -189,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     x.add_argument("--format", default="torchscript", choices=["torchscript", "aoti"],
                    help="torchscript (loads with torch.jit.load alone) or aoti (compiled .pt2, faster; needs g++)")
+    add_threads_argument(x)
     x.set_defaults(func=cmd_export)
 
     i = sub.add_parser("info", help="print a model's metadata")
@@ -226,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--labels", choices=["xtb", "dft"], help="GFN2-xTB (default) or PySCF DFT relabelling")
     g.add_argument("--dft-frames", type=int, help="with --labels dft: DFT-label the first N kept frames per "
                                                   "trajectory (default all)")
-    g.add_argument("--threads", type=int, default=1, help="OpenMP threads for tblite (default 1)")
+    add_threads_argument(g, default=1)
     g.add_argument("--no-progress", action="store_true")
     g.set_defaults(func=cmd_poly24)
 
@@ -240,6 +256,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "data" and args.action == "download" and not args.name:
         raise SystemExit("oreo data download: name the dataset, e.g. `oreo data download rmd17`")
     try:
+        from .threads import configure_threads
+        configure_threads(getattr(args, "threads", None))   # before torch loads: one thread unless told
         return args.func(args)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"oreo {args.command}: error: {exc}", file=sys.stderr)

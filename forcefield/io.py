@@ -129,6 +129,20 @@ def load_potential(model: Union[str, Path], device: Union[str, torch.device] = "
     return cast_potential(mod, device, dtype).eval()
 
 
+def load_trainable_potential(model: Union[str, Path]) -> Potential:
+    """An oreo model file or training checkpoint as a float32 :class:`Potential` whose weights can be trained
+    further (exports are frozen: they cannot)."""
+    path = resolve_model_path(model)
+    from .compiled import is_compiled_file
+    if is_compiled_file(path) or is_torchscript_file(path):
+        raise ModelFileError(f"{path} is an export (TorchScript or AOTInductor) and cannot be trained further; "
+                             f"start from the oreo model file it was exported from")
+    rec = _read_record(path)
+    pot = Potential.from_config(rec["config"], rec["state_dict"])
+    pot.set_metadata(name=path.stem)
+    return cast_potential(pot, "cpu", torch.float32).train()
+
+
 def cast_potential(mod, device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None):
     """Move/cast a potential; the reference energies stay float64 (total energies are large)."""
     ref = mod.atomref.detach().clone()

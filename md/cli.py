@@ -18,6 +18,8 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from forcefield.threads import add_threads_argument, configure_threads
+
 from .config import DATASETS
 from .errors import MDInputError
 from .integrators import THERMOSTATS
@@ -113,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="tqdm progress bar (default: on when stderr is a terminal)")
 
+    add_threads_argument(s)
+
     a = sub.add_parser("analyze", help="stability, h(r), force MAE and speed of a run",
                        description="Write summary.json, hr.png and thermo.png of a run directory.")
     a.add_argument("run_dir", help="run directory (--out of simulate)")
@@ -122,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--data-dir", help="folder holding rmd17/ (default: the run's, or $OREO_DATA_DIR)")
     a.add_argument("--poly24-dir", help="folder of the oreo-poly24 set (default: the run's)")
     a.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+
+    add_threads_argument(a)
 
     d = sub.add_parser("dft-check", help="PySCF forces on frames of the model's own trajectory",
                        description="Recompute forces of sampled trajectory frames at PBE/def2-SVP (rMD17's level) "
@@ -135,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--grid-level", type=_non_negative_int, default=4, help="PySCF DFT grid level (default 4)")
     d.add_argument("--conv-tol", type=_positive(float), default=1e-10, help="SCF convergence, Hartree (default 1e-10)")
     d.add_argument("--max-memory", type=_positive(int), help="PySCF memory limit in MB")
+    add_threads_argument(d)
     return p
 
 
@@ -230,6 +237,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     handlers = {"simulate": _simulate, "analyze": _analyze, "dft-check": _dft_check}
     try:
+        configure_threads(getattr(args, "threads", None))   # before torch loads: one thread unless told
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             return handlers[args.command](args)

@@ -16,6 +16,8 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from ..threads import add_threads_argument
+
 __all__ = ["register_subcommands", "add_pretrain_parser", "add_finetune_parser", "cmd_pretrain", "cmd_finetune",
            "apply_overrides"]
 
@@ -64,6 +66,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         d["optim"] = dict(d.get("optim") or {}, max_steps=args.max_steps)
     if args.device:
         d["optim"] = dict(d.get("optim") or {}, device=args.device)
+    if args.threads:
+        d["optim"] = dict(d.get("optim") or {}, threads=args.threads)
     d = apply_overrides(d, args.set)
     if args.data_dir:
         d["corpus"] = dict(d["corpus"] if isinstance(d.get("corpus"), dict) else {"sources": d.get("corpus") or []},
@@ -94,6 +98,7 @@ def add_pretrain_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
     p.add_argument("--data-dir", help="data folder for relative source paths (default: $OREO_DATA_DIR)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_threads_argument(p)
     p.set_defaults(func=cmd_pretrain)
     return p
 
@@ -187,6 +192,7 @@ def add_finetune_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
     p.add_argument("--data-dir")
     p.add_argument("--no-progress", action="store_true")
+    add_threads_argument(p)
     p.set_defaults(func=cmd_finetune)
     return p
 

@@ -25,18 +25,24 @@ from ..potential import Potential
 from .config import Config
 from .datasets import Splits, build_splits
 from .step import append_csv, early_stop_reason, optimizer_step
+from .runstate import is_runstate, pack_checkpoint, unpack_runstate
 from .statistics import energy_scale, fit_reference_energies, reference_energy
 
 CHECKPOINT_FORMAT = "oreo-checkpoint"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 CSV_FIELDS = ["epoch", "step", "lr", "train_loss", "val_loss", "val_energy_mae_meV", "val_forces_mae_meV_per_A",
-              "elapsed_s"]
+              "elapsed_s", "cpu_hours"]
 
 
 class Trainer:
     def __init__(self, config: Config, out: Path, splits: Optional[Splits] = None,
                  init_model: Optional[Potential] = None, progress: bool = True,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, state_file: Optional[Path] = None,
+                 init_cpu_hours: Optional[float] = None):
+        """``init_model``: start from these weights (continue training or fine-tune) instead of a new model;
+        ``init_cpu_hours``: CPU-hours already spent on it (default: its metadata's ``cpu_hours``, else 0).
+        ``state_file``: also keep a compact, committable copy of the run state there (``runstate.py``),
+        written with every checkpoint; ``fit(resume=True)`` falls back to it when ``out`` has no checkpoint."""
         self.cfg = config
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -58,6 +64,18 @@ class Trainer:
             raise ValueError("the training frames have no energies; set optim.energy_weight: 0")
 
         torch.manual_seed(o.seed)
+        self.state_file = Path(state_file) if state_file else None
+        self.init_from = None
+        if init_model is not None:
+            meta = init_model.metadata
+            missing = sorted((set(tr.elements) | set(self.splits.val.elements)) - set(init_model.elements))
+            if missing:
+                raise ValueError(f"the initial model knows elements {init_model.elements} but the data has "
+                                 f"{missing} too; start from a model trained on these elements, or from scratch")
+            if init_cpu_hours is None:
+                init_cpu_hours = float(meta.get("cpu_hours") or 0.0)
+            self.init_from = meta.get("name") or meta.get("source")
+        self.cpu_seconds = 3600.0 * float(init_cpu_hours or 0.0)
         if init_model is None:
             elements = sorted(set(tr.elements) | set(self.splits.val.elements))
             atomref = fit_reference_energies(tr, elements)
@@ -85,6 +103,7 @@ class Trainer:
         self.epochs_since_best = 0
         self.elapsed = 0.0
         self.stop_reason = ""
+        self._process_cpu0 = time.process_time()
         # residual energy targets (E - sum of reference energies) in float64: total energies are large
         self._train_resid = self._residual(tr)
         self._compiled = None
@@ -187,13 +206,32 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "epoch": self.epoch, "step": self.step, "best_val": self.best_val,
                 "epochs_since_best": self.epochs_since_best, "elapsed": self.elapsed,
+                "cpu_seconds": self.cpu_seconds,
                 "frame_ids": self.splits.frame_ids(), "torch_rng": torch.get_rng_state()}
 
     def save_checkpoint(self) -> Path:
-        return atomic_torch_save(self.state(), self.out / "last.pt")
+        state = self.state()
+        path = atomic_torch_save(state, self.out / "last.pt")
+        if self.state_file is not None:
+            atomic_torch_save(pack_checkpoint(state, history=self._csv_rows()), self.state_file)
+        return path
+
+    def _csv_rows(self):
+        path = self.out / "metrics.csv"
+        if not path.exists():
+            return []
+        with open(path) as fh:
+            return list(csv.DictReader(fh))
 
     def load_checkpoint(self, path: Path) -> None:
         ck = torch.load(path, map_location="cpu", weights_only=False)
+        if is_runstate(ck):      # the compact, committed copy: rebuild the full checkpoint and the CSV
+            rows = ck.get("history") or []
+            ck = unpack_runstate(ck)
+            with open(self.out / "metrics.csv", "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+                w.writeheader()
+                w.writerows([{k: r.get(k, "") for k in CSV_FIELDS} for r in rows])
         if ck.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path} is not an oreo training checkpoint")
         saved_ids = ck["frame_ids"]
@@ -208,6 +246,7 @@ class Trainer:
         self.epoch, self.step = ck["epoch"], ck["step"]
         self.best_val, self.epochs_since_best = ck["best_val"], ck["epochs_since_best"]
         self.elapsed = ck["elapsed"]
+        self.cpu_seconds = ck.get("cpu_seconds", self.elapsed)
         torch.set_rng_state(ck["torch_rng"])
 
     def _apply_changed_schedule(self, saved: Dict) -> None:
@@ -229,10 +268,16 @@ class Trainer:
         csv_path = self.out / "metrics.csv"
         if resume:
             last = self.out / "last.pt"
+            if not last.is_file() and self.state_file is not None and self.state_file.is_file():
+                last = self.state_file
             if not last.is_file():
-                raise FileNotFoundError(f"--resume: no checkpoint {last}; start without --resume")
+                where = f" or run state {self.state_file}" if self.state_file is not None else ""
+                raise FileNotFoundError(f"--resume: no checkpoint {self.out / 'last.pt'}{where}; "
+                                        f"start without --resume")
             self.load_checkpoint(last)
             self._truncate_csv(csv_path, self.epoch)
+            if not (self.out / "best.pt").is_file():   # resumed from the compact state on a fresh clone
+                save_model(self.ema, self.out / "best.pt")
             self.log(f"resumed from {last} at epoch {self.epoch}, step {self.step}")
         elif csv_path.exists() or (self.out / "last.pt").exists():
             raise FileExistsError(f"{self.out} already holds a training run; pass --resume to continue it "
@@ -244,6 +289,7 @@ class Trainer:
                  f"{len(self.splits.test)} test frames")
         started = time.perf_counter()
         elapsed0 = self.elapsed
+        cpu0, self._process_cpu0 = self.cpu_seconds, time.process_time()
         while self.epoch < o.epochs:
             loss = self.train_epoch()
             val = self.validate()
@@ -253,20 +299,24 @@ class Trainer:
             self.epoch += 1
             if self.step > o.lr_warmup_steps:
                 self.scheduler.step(val["loss"])
+            self.elapsed = elapsed0 + time.perf_counter() - started
+            self.cpu_seconds = cpu0 + time.process_time() - self._process_cpu0
             improved = val["loss"] < self.best_val
             if improved:
                 self.best_val = val["loss"]
                 self.epochs_since_best = 0
+                self.ema.set_metadata(cpu_hours=self.cpu_seconds / 3600, epochs=self.epoch, steps=self.step,
+                                      val_forces_mae_meV_per_A=val.get("forces_mae_meV_per_A"))
                 save_model(self.ema, self.out / "best.pt")
             else:
                 self.epochs_since_best += 1
-            self.elapsed = elapsed0 + time.perf_counter() - started
             lr = self.optimizer.param_groups[0]["lr"]
             append_csv(csv_path, {"epoch": self.epoch, "step": self.step, "lr": lr, "train_loss": loss,
                                         "val_loss": val["loss"],
                                         "val_energy_mae_meV": val.get("energy_mae_meV", float("nan")),
                                         "val_forces_mae_meV_per_A": val.get("forces_mae_meV_per_A", float("nan")),
-                                        "elapsed_s": self.elapsed}, CSV_FIELDS)
+                                        "elapsed_s": self.elapsed, "cpu_hours": self.cpu_seconds / 3600},
+                       CSV_FIELDS)
             self.save_checkpoint()
             self.log(f"epoch {self.epoch:4d}  loss {loss:.4g}  val E {val.get('energy_mae_meV', float('nan')):.2f} meV"
                      f"  F {val.get('forces_mae_meV_per_A', float('nan')):.2f} meV/Å  lr {lr:.2e}"
@@ -289,7 +339,8 @@ class Trainer:
         from ..io import load_potential
         best = load_potential(self.out / "best.pt", dtype=self.dtype)
         m, pred = evaluate(best, self.splits.test, batch_size=self.cfg.optim.eval_batch_size)
-        m.update(epochs=self.epoch, steps=self.step, train_minutes=self.elapsed / 60, stop_reason=self.stop_reason)
+        m.update(epochs=self.epoch, steps=self.step, train_minutes=self.elapsed / 60,
+                 cpu_hours=self.cpu_seconds / 3600, stop_reason=self.stop_reason)
         (self.out / "test_metrics.json").write_text(json.dumps(m, indent=2))
         parity_plot(pred, self.splits.test, self.out / "parity.png", title=f"{self.splits.test.source} test")
         self.log("test: " + ", ".join(f"{k} {v:.2f}" for k, v in m.items() if k.endswith(("meV", "_A"))))

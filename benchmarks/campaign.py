@@ -1,0 +1,292 @@
+"""The accuracy campaign: advance long training jobs piece by piece, on fresh clones, until they reach targets.
+
+    python benchmarks/campaign.py --minutes 150            # advance every unfinished job for 150 min of wall time
+    python benchmarks/campaign.py --report                 # only regenerate tables and plots from the saved state
+    python benchmarks/campaign.py --minutes 60 --jobs aspirin naphthalene
+
+Jobs are listed in ``benchmarks/campaign/campaign.yaml`` (re-read whenever a slot frees, so it can be edited
+while the runner works). Each job is an ``oreo train`` run whose compact state (``--state``, see
+``forcefield/train/runstate.py``: weights, EMA, optimiser moments, schedule, RNG, cumulative CPU time and
+learning curve) lives in ``benchmarks/campaign/state/<job>.pt``, one file per job, overwritten with every
+checkpoint (atomically: a kill -9 loses at most one epoch). Commit those files: the next piece, on a fresh
+clone, continues from them. Full checkpoints and logs stay in ``runs/campaign/<job>/``.
+
+The runner keeps ``--slots`` jobs running (default: cores / threads per job), each pinned to its threads and
+started with ``nice`` so that interactive work goes first, prints a progress line every ``--every`` seconds,
+and at the end writes ``benchmarks/results/campaign/``: ``campaign.md`` (a table per group of jobs),
+``campaign.json``, and ``learning_curves.png`` (validation force MAE against cumulative CPU-hours).
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CAMPAIGN_YAML = REPO / "benchmarks" / "campaign" / "campaign.yaml"
+STATE_DIR = REPO / "benchmarks" / "campaign" / "state"
+RUNS_DIR = REPO / "runs" / "campaign"
+RESULTS_DIR = REPO / "benchmarks" / "results" / "campaign"
+JOB_KEYS = {"name", "group", "config", "set", "init_from", "init_cpu_hours", "budget_cpu_hours", "threads",
+            "target_meV_per_A", "ship", "note"}
+
+
+# ---------------------------------------------------------------------------- jobs
+def read_jobs(path: Path) -> List[Dict]:
+    """The job list, checked: every key known, names unique, configs present."""
+    if not path.is_file():
+        raise SystemExit(f"campaign file {path} not found")
+    doc = yaml.safe_load(path.read_text()) or {}
+    defaults = doc.get("defaults") or {}
+    jobs, seen = [], set()
+    for i, raw in enumerate(doc.get("jobs") or []):
+        job = {**defaults, **raw}
+        unknown = sorted(set(job) - JOB_KEYS)
+        if unknown:
+            raise SystemExit(f"{path}: job {i + 1} has unknown key(s) {unknown}; known: {sorted(JOB_KEYS)}")
+        if "name" not in job or "config" not in job:
+            raise SystemExit(f"{path}: job {i + 1} needs a 'name' and a 'config'")
+        if job["name"] in seen:
+            raise SystemExit(f"{path}: two jobs are named {job['name']!r}")
+        seen.add(job["name"])
+        if not (REPO / job["config"]).is_file():
+            raise SystemExit(f"{path}: job {job['name']}: config {job['config']} not found")
+        job.setdefault("group", "campaign")
+        job.setdefault("threads", 1)
+        job["set"] = [f"{k}={v}" for k, v in (job.get("set") or {}).items()]
+        jobs.append(job)
+    return jobs
+
+
+def state_path(job: Dict) -> Path:
+    return STATE_DIR / f"{job['name']}.pt"
+
+
+def read_state(job: Dict) -> Optional[Dict]:
+    """The small part of a job's saved state: counters, cumulative CPU time, learning curve."""
+    path = state_path(job)
+    if not path.is_file():
+        return None
+    import torch
+    rs = torch.load(path, map_location="cpu", weights_only=False)
+    return {"epoch": rs["epoch"], "step": rs["step"], "cpu_hours": rs.get("cpu_seconds", rs["elapsed"]) / 3600,
+            "history": rs.get("history") or [], "best_val": rs.get("best_val"),
+            "lr": rs["optimizer"]["param_groups"][0]["lr"]}
+
+
+def finished(job: Dict, state: Optional[Dict]) -> str:
+    """Why a job needs no more compute ("" if it does)."""
+    if state is None:
+        return ""
+    budget = job.get("budget_cpu_hours")
+    if budget is not None and state["cpu_hours"] - float(job.get("init_cpu_hours") or 0) >= budget - 1e-3:
+        return f"budget of {budget:g} CPU-h spent"
+    if job.get("stopped"):
+        return job["stopped"]
+    return ""
+
+
+def job_command(job: Dict, minutes: float, fresh: bool) -> List[str]:
+    cmd = [sys.executable, "-m", "forcefield.cli", "train", "--config", str(REPO / job["config"]),
+           "--out", str(RUNS_DIR / job["name"]), "--state", str(state_path(job)), "--no-progress",
+           "--threads", str(job["threads"]), "--set", f"optim.max_minutes={minutes:.2f}"]
+    for item in job["set"]:
+        cmd += ["--set", item]
+    if fresh:
+        if job.get("init_from"):
+            cmd += ["--init-from", str(job["init_from"])]
+            if job.get("init_cpu_hours") is not None:
+                cmd += ["--init-cpu-hours", str(job["init_cpu_hours"])]
+    else:
+        cmd.append("--resume")
+    return ["nice", "-n", str(NICE)] + cmd
+
+
+NICE = 10
+
+
+# ---------------------------------------------------------------------------- running
+class Slot:
+    def __init__(self, job: Dict, proc: subprocess.Popen, log_path: Path, started: float):
+        self.job, self.proc, self.log_path, self.started = job, proc, log_path, started
+
+
+def launch(job: Dict, minutes: float) -> Slot:
+    out = RUNS_DIR / job["name"]
+    out.mkdir(parents=True, exist_ok=True)
+    fresh = not (out / "last.pt").is_file() and not state_path(job).is_file()
+    cmd = job_command(job, minutes, fresh)
+    log_path = out / "campaign.log"
+    env = {**os.environ, "OREO_THREADS": str(job["threads"]), "OMP_NUM_THREADS": str(job["threads"]),
+           "MKL_NUM_THREADS": str(job["threads"])}
+    with open(log_path, "a") as fh:
+        fh.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(shlex.quote(c) for c in cmd)}\n")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log_path, "a"), stderr=subprocess.STDOUT)
+    print(f"[campaign] start {job['name']} ({'new' if fresh else 'resumed'}, {minutes:.0f} min); log {log_path}",
+          flush=True)
+    return Slot(job, proc, log_path, time.time())
+
+
+def last_csv_row(job: Dict) -> Optional[Dict]:
+    path = RUNS_DIR / job["name"] / "metrics.csv"
+    if not path.is_file():
+        return None
+    with open(path) as fh:
+        rows = list(csv.DictReader(fh))
+    return rows[-1] if rows else None
+
+
+def run(jobs: List[Dict], minutes: float, slots: int, every: float, names: Optional[List[str]]) -> None:
+    deadline = time.time() + 60 * minutes
+    running: List[Slot] = []
+    tried = set()
+    last_print = 0.0
+    while True:
+        now = time.time()
+        # collect finished processes
+        for s in list(running):
+            if s.proc.poll() is not None:
+                running.remove(s)
+                rc = s.proc.returncode
+                print(f"[campaign] {s.job['name']} stopped (exit {rc}) after {(now - s.started) / 60:.1f} min",
+                      flush=True)
+                if rc != 0:
+                    tail = s.log_path.read_text().splitlines()[-5:]
+                    print("  " + "\n  ".join(tail), flush=True)
+        left = (deadline - now) / 60
+        # fill free slots (the YAML is re-read, so edits take effect)
+        if left > 2:
+            jobs = read_jobs(CAMPAIGN_YAML)
+            busy = {s.job["name"] for s in running}
+            for job in jobs:
+                if len(running) >= slots:
+                    break
+                if (names and job["name"] not in names) or job["name"] in busy or job["name"] in tried:
+                    continue
+                state = read_state(job)
+                if finished(job, state):
+                    continue
+                budget = job.get("budget_cpu_hours")
+                job_left = left
+                if budget is not None:
+                    spent = 0.0 if state is None else state["cpu_hours"] - float(job.get("init_cpu_hours") or 0)
+                    job_left = min(left, 60 * (budget - spent))
+                tried.add(job["name"])   # once per invocation: a job that stops early is not restarted in a loop
+                running.append(launch(job, job_left))
+                busy.add(job["name"])
+        if not running:
+            break
+        if now - last_print >= every:
+            last_print = now
+            parts = []
+            for s in running:
+                row = last_csv_row(s.job)
+                if row:
+                    parts.append(f"{s.job['name']}: epoch {row['epoch']} val F {float(row['val_forces_mae_meV_per_A']):.2f}"
+                                 f" meV/Å, {float(row.get('cpu_hours') or 'nan'):.2f} CPU-h")
+                else:
+                    parts.append(f"{s.job['name']}: starting")
+            print(f"[campaign {time.strftime('%H:%M')}] {max(left, 0):.0f} min left | " + " | ".join(parts),
+                  flush=True)
+        time.sleep(5)
+
+
+# ---------------------------------------------------------------------------- report
+def report(jobs: List[Dict]) -> Dict:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for job in jobs:
+        st = read_state(job)
+        if st is None:
+            continue
+        hist = [r for r in st["history"] if r.get("val_forces_mae_meV_per_A") not in (None, "")]
+        curve = [(float(r["cpu_hours"]) if r.get("cpu_hours") not in (None, "") else float("nan"),
+                  float(r["val_forces_mae_meV_per_A"])) for r in hist]
+        best = min((f for _, f in curve), default=float("nan"))
+        rows.append({"name": job["name"], "group": job["group"], "note": job.get("note", ""),
+                     "epochs": st["epoch"], "steps": st["step"], "cpu_hours": st["cpu_hours"],
+                     "own_cpu_hours": st["cpu_hours"] - float(job.get("init_cpu_hours") or 0),
+                     "best_val_forces_mae": best, "last_val_forces_mae": curve[-1][1] if curve else float("nan"),
+                     "lr": st["lr"], "target": job.get("target_meV_per_A"), "finished": finished(job, st),
+                     "curve": curve})
+    (RESULTS_DIR / "campaign.json").write_text(json.dumps(rows, indent=2))
+    lines = ["# Campaign state", "", "Regenerated from `benchmarks/campaign/state/*.pt` by "
+             "`python benchmarks/campaign.py --report`. Validation force MAE of the EMA model (meV/Å) on the "
+             "job's validation frames; CPU-hours are cumulative (including the model a job started from).", ""]
+    for group in dict.fromkeys(r["group"] for r in rows):
+        lines += [f"## {group}", "", "| job | CPU-h (own) | epochs | best val F MAE | last | lr | target | status |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for r in rows:
+            if r["group"] != group:
+                continue
+            target = "" if r["target"] is None else f"{r['target']:g}"
+            lines.append(f"| {r['name']} | {r['cpu_hours']:.2f} ({r['own_cpu_hours']:.2f}) | {r['epochs']} | "
+                         f"{r['best_val_forces_mae']:.2f} | {r['last_val_forces_mae']:.2f} | {r['lr']:.1e} | "
+                         f"{target} | {r['finished'] or 'running'} |")
+            if r["note"]:
+                lines[-1] = lines[-1][:-1] + f" {r['note']} |"
+        lines.append("")
+    (RESULTS_DIR / "campaign.md").write_text("\n".join(lines))
+    plot_curves(rows)
+    return {"rows": rows}
+
+
+def plot_curves(rows: List[Dict]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    groups = list(dict.fromkeys(r["group"] for r in rows))
+    if not groups:
+        return
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.2), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        for r in rows:
+            if r["group"] != group or not r["curve"]:
+                continue
+            x = [c for c, _ in r["curve"]]
+            y = [f for _, f in r["curve"]]
+            line, = ax.semilogy(x, y, label=r["name"], lw=1.2)
+            if r["target"]:
+                ax.axhline(r["target"], color=line.get_color(), ls=":", lw=1)
+        ax.set_xlabel("cumulative CPU-hours")
+        ax.set_ylabel("validation force MAE (meV/Å)")
+        ax.set_title(group)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS_DIR / "learning_curves.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    global NICE
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, help="wall time to spend (jobs stop at their next epoch end)")
+    ap.add_argument("--jobs", nargs="*", help="only these jobs (default: every unfinished one, in file order)")
+    ap.add_argument("--slots", type=int, help="jobs at once (default: cores // threads per job)")
+    ap.add_argument("--every", type=float, default=60.0, help="seconds between progress lines")
+    ap.add_argument("--nice", type=int, default=NICE, help="nice level of the jobs (default 10)")
+    ap.add_argument("--report", action="store_true", help="only regenerate the tables and plots")
+    args = ap.parse_args(argv)
+    NICE = args.nice
+    jobs = read_jobs(CAMPAIGN_YAML)
+    if not args.report:
+        if not args.minutes or args.minutes <= 0:
+            raise SystemExit("give the wall time to spend: --minutes 150 (or --report for tables only)")
+        slots = args.slots or max(1, (os.cpu_count() or 1) // int(jobs[0]["threads"] if jobs else 1))
+        run(jobs, args.minutes, slots, args.every, args.jobs)
+    report(read_jobs(CAMPAIGN_YAML))
+    print(f"[campaign] wrote {RESULTS_DIR / 'campaign.md'} and learning_curves.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Compact run state (committable), --init-from, thread defaults, and the campaign runner's job file."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from forcefield.cli import main as oreo
+from forcefield.io import ModelFileError, load_potential, load_trainable_potential, save_model
+from forcefield.threads import configure_threads, default_threads
+from forcefield.train import Trainer, config_from_dict
+from forcefield.train.runstate import (dequantize, pack_checkpoint, quantize_positive, quantize_signed,
+                                       unpack_runstate)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CFG = {
+    "data": {"molecule": "ethanol", "train_size": 24, "val_size": 8, "test_size": 16},
+    "model": {"hidden": 16, "num_layers": 2, "num_heads": 2, "num_rbf": 8, "cutoff": 4.0},
+    "optim": {"epochs": 2, "batch_size": 4, "lr": 5e-3, "lr_warmup_steps": 2, "ema_decay": 0.5, "seed": 3},
+}
+
+
+def _cfg(**optim):
+    d = json.loads(json.dumps(TINY_CFG))
+    d["optim"].update(optim)
+    return config_from_dict(d)
+
+
+def _quiet(*a):
+    pass
+
+
+def test_quantisation_errors_are_small_and_keep_zero_and_sign():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 7, generator=g) * torch.logspace(-6, 0, 7)
+    back = dequantize(quantize_signed(x))
+    assert back.shape == x.shape and back.dtype == x.dtype
+    blocks_max = x.abs().max()
+    assert (back - x).abs().max() <= blocks_max / 127 * 0.51 + 1e-12
+    v = torch.rand(999, generator=g) * torch.logspace(-20, -2, 999)
+    v[::100] = 0.0                         # never-updated moments stay exactly zero
+    bv = dequantize(quantize_positive(v))
+    nz = v > 0
+    assert torch.all(bv[~nz] == 0)
+    rel = ((bv[nz] - v[nz]) / v[nz]).abs()
+    assert rel.max() < 0.2 and torch.all(bv[nz] > 0)
+
+
+def test_run_state_is_compact_and_a_fresh_clone_resumes_from_it(tmp_path):
+    state = tmp_path / "committed" / "run.pt"
+    first = Trainer(_cfg(epochs=2), tmp_path / "a", progress=False, log=_quiet, state_file=state)
+    first.fit()
+    assert state.is_file()
+    # fresh clone: the run folder is gone, only the committed state is left
+    resumed = Trainer(_cfg(epochs=4), tmp_path / "fresh", progress=False, log=_quiet, state_file=state)
+    resumed.fit(resume=True)
+    assert resumed.epoch == 4
+    rows = (tmp_path / "fresh" / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 4     # the learning curve travelled with the state
+    assert resumed.cpu_seconds > first.cpu_seconds > 0
+    # the unpacked checkpoint matches the full one: EMA exactly, weights and moments to quantisation error
+    ck = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
+    back = unpack_runstate(pack_checkpoint(ck))
+    for k, v in ck["model"]["state_dict"].items():
+        assert torch.equal(v, back["model"]["state_dict"][k])
+    for k, v in ck["train_model"].items():
+        if v.is_floating_point():
+            drift = (v - ck["model"]["state_dict"][k]).abs().max()
+            assert (v - back["train_model"][k]).abs().max() <= drift / 100 + 1e-12, k
+    for idx, st in ck["optimizer"]["state"].items():
+        m = st["exp_avg"]
+        assert (m - back["optimizer"]["state"][idx]["exp_avg"]).abs().max() <= m.abs().max() / 100 + 1e-12
+    assert back["epoch"] == ck["epoch"] and back["frame_ids"] == ck["frame_ids"]
+
+
+def test_run_state_of_the_shipped_size_is_under_half_a_checkpoint():
+    import io
+    from forcefield.io import model_record
+    pot = load_trainable_potential("aspirin")
+    opt = torch.optim.AdamW(pot.parameters(), lr=1e-3)
+    for p in pot.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    opt.step()
+    record = model_record(pot)
+    record["state_dict"] = {k: v.clone() for k, v in record["state_dict"].items()}   # the EMA: its own copy
+    ck = {"format": "oreo-checkpoint", "model": record, "train_model": pot.state_dict(),
+          "optimizer": opt.state_dict(), "epoch": 1, "step": 1, "frame_ids": {}}
+
+    def size(obj):
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        return buf.tell()
+    n_params = sum(p.numel() for p in pot.parameters())
+    packed = size(pack_checkpoint(ck))
+    assert packed < 0.5 * size(ck) and packed < 7.5 * n_params
+
+
+def test_init_from_continues_a_model_and_refuses_exports(tmp_path):
+    Trainer(_cfg(epochs=1), tmp_path / "base", progress=False, log=_quiet).fit()
+    base = load_potential(tmp_path / "base" / "best.pt")
+    init = load_trainable_potential(tmp_path / "base" / "best.pt")
+    assert init.training and all(p.requires_grad for p in init.parameters())
+    t = Trainer(_cfg(epochs=1, lr=1e-12, lr_warmup_steps=0), tmp_path / "cont", progress=False, log=_quiet,
+                init_model=init, init_cpu_hours=0.5)
+    # starts from the given weights, not from a new model
+    for (k, a), (_, b) in zip(base.state_dict().items(), t.model.state_dict().items()):
+        assert torch.allclose(a.float(), b.float()), k
+    t.fit()
+    assert t.cpu_seconds >= 0.5 * 3600
+    assert load_potential(tmp_path / "cont" / "best.pt").metadata["cpu_hours"] >= 0.5
+    ts = tmp_path / "model_ts.pt"
+    assert oreo(["export", str(tmp_path / "base" / "best.pt"), "-o", str(ts)]) == 0
+    with pytest.raises(ModelFileError, match="cannot be trained further"):
+        load_trainable_potential(ts)
+
+
+def test_cli_init_from_and_state(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    import yaml
+    cfg.write_text(yaml.safe_dump(TINY_CFG))
+    save_model(load_trainable_potential(_trained(tmp_path)), tmp_path / "m.pt")
+    args = ["train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-progress", "--threads", "1",
+            "--init-from", str(tmp_path / "m.pt"), "--state", str(tmp_path / "s.pt"), "--set", "optim.epochs=1"]
+    assert oreo(args) == 0
+    assert (tmp_path / "s.pt").is_file()
+
+
+def _trained(tmp_path) -> Path:
+    Trainer(_cfg(epochs=1), tmp_path / "t", progress=False, log=_quiet).fit()
+    return tmp_path / "t" / "best.pt"
+
+
+def test_thread_defaults(monkeypatch):
+    monkeypatch.delenv("OREO_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert default_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads() == 3
+    monkeypatch.setenv("OREO_THREADS", "2")
+    assert default_threads() == 2
+    monkeypatch.setenv("OREO_THREADS", "two")
+    with pytest.raises(ValueError, match="OREO_THREADS"):
+        default_threads()
+    before = torch.get_num_threads()
+    try:
+        assert configure_threads(1) == 1 and torch.get_num_threads() == 1
+        with pytest.raises(ValueError, match="at least 1"):
+            configure_threads(0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_commands_run_on_one_thread_unless_told():
+    env = {k: v for k, v in os.environ.items() if k not in ("OREO_THREADS", "OMP_NUM_THREADS")}
+    code = ("import sys, torch; from forcefield.threads import configure_threads; "
+            "configure_threads(); print(torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OREO_THREADS": "2"}, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "2"
+
+
+def test_campaign_job_file_is_checked(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import campaign
+    finally:
+        sys.path.pop(0)
+    jobs = campaign.read_jobs(campaign.CAMPAIGN_YAML)     # the committed job list is valid
+    assert jobs and len({j["name"] for j in jobs}) == len(jobs)
+    bad = tmp_path / "c.yaml"
+    bad.write_text("jobs:\n  - {name: a, config: examples/configs/rmd17_aspirin.yaml, budget: 1}\n")
+    with pytest.raises(SystemExit, match="unknown key"):
+        campaign.read_jobs(bad)
+    job = {"name": "x", "config": "examples/configs/rmd17_aspirin.yaml", "set": ["optim.lr=0.001"], "threads": 1,
+           "init_from": "aspirin", "init_cpu_hours": 1.5}
+    fresh = campaign.job_command(job, 10, fresh=True)
+    assert fresh[:3] == ["nice", "-n", "10"] and "--init-from" in fresh and "--resume" not in fresh
+    again = campaign.job_command(job, 10, fresh=False)
+    assert "--resume" in again and "--init-from" not in again and "optim.max_minutes=10.00" in again
+    assert campaign.finished({"budget_cpu_hours": 0.25, "init_cpu_hours": 1.5},
+                             {"cpu_hours": 1.76}) and not campaign.finished({"budget_cpu_hours": 0.25},
+                                                                            {"cpu_hours": 0.1})
