@@ -211,7 +211,7 @@ def report(jobs: List[Dict]) -> Dict:
         curve = [(float(r["cpu_hours"]) if r.get("cpu_hours") not in (None, "") else float("nan"),
                   float(r["val_forces_mae_meV_per_A"])) for r in hist]
         best = min((f for _, f in curve), default=float("nan"))
-        rows.append({"name": job["name"], "group": job["group"], "note": job.get("note", ""),
+        rows.append({"name": job["name"], "group": job["group"], "note": job.get("note", ""), "set": job["set"],
                      "epochs": st["epoch"], "steps": st["step"], "cpu_hours": st["cpu_hours"],
                      "own_cpu_hours": st["cpu_hours"] - float(job.get("init_cpu_hours") or 0),
                      "best_val_forces_mae": best, "last_val_forces_mae": curve[-1][1] if curve else float("nan"),
@@ -222,21 +222,104 @@ def report(jobs: List[Dict]) -> Dict:
              "`python benchmarks/campaign.py --report`. Validation force MAE of the EMA model (meV/Å) on the "
              "job's validation frames; CPU-hours are cumulative (including the model a job started from).", ""]
     for group in dict.fromkeys(r["group"] for r in rows):
-        lines += [f"## {group}", "", "| job | CPU-h (own) | epochs | best val F MAE | last | lr | target | status |",
-                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+        lines += [f"## {group}", "", "| job | CPU-h (own) | epochs | best val F MAE | last | lr | target | status | "
+                  "recipe |", "|---|---:|---:|---:|---:|---:|---:|---|---|"]
         for r in rows:
             if r["group"] != group:
                 continue
             target = "" if r["target"] is None else f"{r['target']:g}"
             lines.append(f"| {r['name']} | {r['cpu_hours']:.2f} ({r['own_cpu_hours']:.2f}) | {r['epochs']} | "
                          f"{r['best_val_forces_mae']:.2f} | {r['last_val_forces_mae']:.2f} | {r['lr']:.1e} | "
-                         f"{target} | {r['finished'] or 'running'} |")
-            if r["note"]:
-                lines[-1] = lines[-1][:-1] + f" {r['note']} |"
+                         f"{target} | {r['finished'] or 'running'} | {r['note'] or ', '.join(r['set'])} |")
         lines.append("")
+    lines += study_table(rows)
     (RESULTS_DIR / "campaign.md").write_text("\n".join(lines))
     plot_curves(rows)
     return {"rows": rows}
+
+
+STUDY_MINUTES = (5, 10, 15, 20, 25, 30)
+# TorchMD-Net's own ET (6x128) on this machine, 950 aspirin training frames: force MAE at these CPU-minutes
+# (measured by this project before oreo existed; quoted in issue 11)
+TORCHMDNET_ET = {5: 106, 10: 73, 15: 60, 20: 51, 25: 52, 30: 44.3}
+
+
+def value_at(curve, x: float) -> float:
+    """Linear interpolation of (x, y) points at x; NaN outside the curve."""
+    pts = sorted((a, b) for a, b in curve if math.isfinite(a))
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return float("nan")
+
+
+def study_table(rows: List[Dict]) -> List[str]:
+    """Accuracy per CPU-minute: validation force MAE of each study job at equal CPU-minutes of its own."""
+    study = [r for r in rows if r["group"].startswith("recipe study")]
+    if not study:
+        return []
+    reach = max((r["own_cpu_hours"] * 60 for r in study), default=0)
+    mins = [m for m in STUDY_MINUTES if m <= reach + 1e-6] or [STUDY_MINUTES[0]]
+    head = " | ".join(f"{m} min" for m in mins)
+    out = ["## Accuracy per CPU-minute (aspirin, validation force MAE in meV/Å at equal CPU-minutes)", "",
+           "Each job trains from scratch on the same 950 frames; values are interpolated on its learning curve at "
+           "its own CPU-minutes (compilation included). TorchMD-Net's own ET (6x128) on this machine for scale.", "",
+           f"| job | recipe | {head} |", "|---|---|" + "---:|" * len(mins)]
+    for r in study:
+        own = [(c - (r["cpu_hours"] - r["own_cpu_hours"])) * 60 for c, _ in r["curve"]]
+        curve = list(zip(own, [f for _, f in r["curve"]]))
+        vals = " | ".join(_fmt(value_at(curve, m)) for m in mins)
+        out.append(f"| {r['name']} | {r['note']} | {vals} |")
+    out.append("| TorchMD-Net ET 6x128 | its own trainer | " + " | ".join(_fmt(TORCHMDNET_ET.get(m, float('nan')))
+                                                                       for m in mins) + " |")
+    return out + [""]
+
+
+def _fmt(v: float) -> str:
+    return "—" if not math.isfinite(v) else f"{v:.1f}"
+
+
+# ---------------------------------------------------------------------------- shipping
+def ship_improved(jobs: List[Dict]) -> None:
+    """Ship each job's best model as ``forcefield/pretrained/<ship>.pt`` when it beats the shipped one on the
+    job's validation frames (card: cumulative CPU-hours, epochs, recipe, frame ids; test errors recomputed)."""
+    import torch
+    sys.path.insert(0, str(REPO))
+    from benchmarks.ship_models import ship
+    from forcefield.evaluate import evaluate
+    from forcefield.io import PRETRAINED_DIR, load_potential
+    from forcefield.train.config import config_from_dict
+    from forcefield.train.datasets import build_splits
+    for job in jobs:
+        run_dir = RUNS_DIR / job["name"]
+        if not job.get("ship") or not (run_dir / "best.pt").is_file():
+            continue
+        cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        val = build_splits(cfg.data, cfg.optim.seed).val
+        cand, _ = evaluate(load_potential(run_dir / "best.pt", dtype=torch.float32), val)
+        shipped_path = PRETRAINED_DIR / f"{job['ship']}.pt"
+        old = float("inf")
+        if shipped_path.is_file():
+            old = evaluate(load_potential(shipped_path, dtype=torch.float32), val)[0]["forces_mae_meV_per_A"]
+        new = cand["forces_mae_meV_per_A"]
+        if not new < old:
+            print(f"[campaign] {job['name']}: validation force MAE {new:.2f} meV/Å, not below the shipped "
+                  f"{job['ship']}.pt ({old:.2f}); not shipped")
+            continue
+        meta = load_potential(run_dir / "best.pt").metadata
+        recipe = ", ".join(job["set"]) or "the config as it is"
+        training = (f"{meta.get('cpu_hours', float('nan')):.2f} cumulative CPU-hours (1 thread each) over "
+                    f"{meta.get('epochs', '?')} epochs of this campaign job"
+                    + (f", continued from `{job['init_from']}` ({job.get('init_cpu_hours', 0):g} CPU-h)"
+                       if job.get("init_from") else "") + f"; recipe: `{job['config']}` with {recipe}")
+        reproduce = ("Reproduce: the accuracy campaign trains this model piece by piece; its state is committed in "
+                     f"`benchmarks/campaign/state/{job['name']}.pt` and continued by\n\n```bash\n"
+                     "export OREO_DATA_DIR=/path/to/data          # holds rmd17/ (oreo data download rmd17)\n"
+                     f"python benchmarks/campaign.py --minutes 150 --jobs {job['name']}\n"
+                     "python benchmarks/campaign.py --ship          # ships it when it beats the shipped model\n```")
+        summary = ship(run_dir, PRETRAINED_DIR, training=training, reproduce=reproduce)
+        print(f"[campaign] shipped {job['ship']}.pt: validation {old:.2f} -> {new:.2f} meV/Å, test force MAE "
+              f"{summary['forces_mae_meV_per_A']:.2f} meV/Å")
 
 
 def plot_curves(rows: List[Dict]) -> None:
@@ -275,14 +358,20 @@ def main(argv=None) -> int:
     ap.add_argument("--every", type=float, default=60.0, help="seconds between progress lines")
     ap.add_argument("--nice", type=int, default=NICE, help="nice level of the jobs (default 10)")
     ap.add_argument("--report", action="store_true", help="only regenerate the tables and plots")
+    ap.add_argument("--ship", action="store_true", help="ship every job's model that beats the shipped one on "
+                                                        "validation (after the run, or alone)")
     args = ap.parse_args(argv)
     NICE = args.nice
-    jobs = read_jobs(CAMPAIGN_YAML)
-    if not args.report:
-        if not args.minutes or args.minutes <= 0:
-            raise SystemExit("give the wall time to spend: --minutes 150 (or --report for tables only)")
+    if args.report and args.minutes:
+        raise SystemExit("--report and --minutes exclude each other")
+    if not args.report and not args.ship and (not args.minutes or args.minutes <= 0):
+        raise SystemExit("give the wall time to spend: --minutes 150 (or --report for tables only, --ship to ship)")
+    if args.minutes:
+        jobs = read_jobs(CAMPAIGN_YAML)
         slots = args.slots or max(1, (os.cpu_count() or 1) // int(jobs[0]["threads"] if jobs else 1))
         run(jobs, args.minutes, slots, args.every, args.jobs)
+    if args.ship:
+        ship_improved(read_jobs(CAMPAIGN_YAML))
     report(read_jobs(CAMPAIGN_YAML))
     print(f"[campaign] wrote {RESULTS_DIR / 'campaign.md'} and learning_curves.png")
     return 0

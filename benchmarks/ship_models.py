@@ -38,21 +38,14 @@ CARD = """# oreo model card: {molecule} (revised MD17)
 | elements | {elements} |
 | **test force MAE** | **{f_mae:.1f} meV/Å** (RMSE {f_rmse:.1f}) |
 | test energy MAE | {e_mae:.1f} meV (RMSE {e_rmse:.1f}) |
-| training | {epochs} epochs, {steps} steps, {minutes:.0f} min of wall time on a 2-core CPU, 1 thread ({stop}) |
+| training | {training} |
 
 Hyperparameters (the run's `config.yaml`, as of its last invocation):
 
 ```yaml
 {config}```
 
-Reproduce: the commands that trained this model (`optim.max_minutes` caps each invocation by wall time, so
-on another machine the number of epochs, and the result, differ; `--resume` continues the same run):
-
-```bash
-export OREO_DATA_DIR=/path/to/data          # holds rmd17/ (oreo data download rmd17)
-oreo train --config examples/configs/rmd17_{molecule}.yaml --out runs/{molecule}
-{resume_lines}python benchmarks/ship_models.py runs/{molecule}
-```
+{reproduce}
 
 Check the quoted test errors:
 
@@ -117,7 +110,20 @@ def _per_polymer(pot, cfg, names) -> str:
     return "\n".join(rows)
 
 
-def ship(run: Path, dest: Path, resume_args=()) -> dict:
+RMD17_TRAINING = "{epochs} epochs, {steps} steps, {minutes:.0f} min of wall time on a 2-core CPU, 1 thread ({stop})"
+RMD17_REPRODUCE = """Reproduce: the commands that trained this model (`optim.max_minutes` caps each invocation by wall time, so
+on another machine the number of epochs, and the result, differ; `--resume` continues the same run):
+
+```bash
+export OREO_DATA_DIR=/path/to/data          # holds rmd17/ (oreo data download rmd17)
+oreo train --config examples/configs/rmd17_{molecule}.yaml --out runs/{molecule}
+{resume_lines}python benchmarks/ship_models.py runs/{molecule}
+```"""
+
+
+def ship(run: Path, dest: Path, resume_args=(), training: str = None, reproduce: str = None) -> dict:
+    """Ship ``run``'s best model into ``dest`` with card and frame ids; ``training`` and ``reproduce`` replace the
+    card's training line and reproduce section (the campaign runner describes its runs itself)."""
     cfg_dict = yaml.safe_load((run / "config.yaml").read_text())
     cfg = config_from_dict(cfg_dict)
     poly = (cfg.data.dataset or "").lower() == "poly24"
@@ -144,6 +150,11 @@ def ship(run: Path, dest: Path, resume_args=()) -> dict:
                          cfg.data.data_dir, cfg.data.path)["generation"]["temperatures"])),
                      per_polymer=_per_polymer(pot, cfg, splits.test.meta["polymers"]))
     config_name = "poly24" if poly else f"rmd17_{molecule}"
+    resume_lines = "".join(f"oreo train --config examples/configs/{config_name}.yaml --out runs/{molecule} "
+                           f"--resume {a}\n" for a in resume_args)
+    training_line = RMD17_TRAINING.format(epochs=ck["epoch"], steps=ck["step"], minutes=ck["elapsed"] / 60,
+                                          stop=stop or "see metrics.csv")
+    reproduce_text = RMD17_REPRODUCE.format(molecule=molecule, resume_lines=resume_lines)
     card = template.format(
         molecule=molecule, split=cfg.data.split_index, **extra,
         arch=f"Equivariant Transformer {b.num_layers} layers x {b.hidden}, {b.num_heads} heads, {b.num_rbf} "
@@ -153,9 +164,8 @@ def ship(run: Path, dest: Path, resume_args=()) -> dict:
         f_mae=metrics["forces_mae_meV_per_A"], f_rmse=metrics["forces_rmse_meV_per_A"],
         e_mae=metrics["energy_mae_meV"], e_rmse=metrics["energy_rmse_meV"],
         epochs=ck["epoch"], steps=ck["step"], minutes=ck["elapsed"] / 60, stop=stop or "see metrics.csv",
-        config=yaml.safe_dump(cfg_dict, sort_keys=False),
-        resume_lines="".join(f"oreo train --config examples/configs/{config_name}.yaml --out runs/{molecule} "
-                             f"--resume {a}\n" for a in resume_args))
+        config=yaml.safe_dump(cfg_dict, sort_keys=False), training=training or training_line,
+        reproduce=reproduce or reproduce_text, resume_lines=resume_lines)
     (dest / f"{molecule}.md").write_text(card)
     return {"molecule": molecule, **metrics, "epochs": ck["epoch"], "minutes": ck["elapsed"] / 60,
             "val_rows": len(rows)}

@@ -5,6 +5,23 @@ import torch
 from forcefield.io import cast_potential
 from forcefield.potential import Potential
 
+# a training config of tiny size on 24 ethanol frames (seconds per epoch)
+TINY_TRAIN_CFG = {
+    "data": {"molecule": "ethanol", "train_size": 24, "val_size": 8, "test_size": 16},
+    "model": {"hidden": 16, "num_layers": 2, "num_heads": 2, "num_rbf": 8, "cutoff": 4.0},
+    "optim": {"epochs": 6, "batch_size": 4, "lr": 5e-3, "lr_warmup_steps": 2, "ema_decay": 0.5, "seed": 3},
+}
+
+
+def tiny_train_config(**optim):
+    """:data:`TINY_TRAIN_CFG` with ``optim`` overrides, as a training ``Config``."""
+    import json
+    from forcefield.train import config_from_dict
+    d = json.loads(json.dumps(TINY_TRAIN_CFG))
+    d["optim"].update(optim)
+    return config_from_dict(d)
+
+
 TINY = {"name": "et", "hidden": 16, "num_layers": 2, "num_heads": 2, "num_rbf": 8, "cutoff": 4.0}
 
 # ethanol-like geometry (Å), atomic numbers C C O H H H H H H

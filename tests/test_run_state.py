@@ -1,5 +1,4 @@
 """Compact run state (committable), --init-from, thread defaults, and the campaign runner's job file."""
-import json
 import os
 import subprocess
 import sys
@@ -11,22 +10,16 @@ import torch
 from forcefield.cli import main as oreo
 from forcefield.io import ModelFileError, load_potential, load_trainable_potential, save_model
 from forcefield.threads import configure_threads, default_threads
-from forcefield.train import Trainer, config_from_dict
+from forcefield.train import Trainer
 from forcefield.train.runstate import (dequantize, pack_checkpoint, quantize_positive, quantize_signed,
                                        unpack_runstate)
+from tests.helpers import TINY_TRAIN_CFG, tiny_train_config
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_CFG = {
-    "data": {"molecule": "ethanol", "train_size": 24, "val_size": 8, "test_size": 16},
-    "model": {"hidden": 16, "num_layers": 2, "num_heads": 2, "num_rbf": 8, "cutoff": 4.0},
-    "optim": {"epochs": 2, "batch_size": 4, "lr": 5e-3, "lr_warmup_steps": 2, "ema_decay": 0.5, "seed": 3},
-}
 
 
 def _cfg(**optim):
-    d = json.loads(json.dumps(TINY_CFG))
-    d["optim"].update(optim)
-    return config_from_dict(d)
+    return tiny_train_config(**{"epochs": 2, **optim})
 
 
 def _quiet(*a):
@@ -120,7 +113,7 @@ def test_init_from_continues_a_model_and_refuses_exports(tmp_path):
 def test_cli_init_from_and_state(tmp_path):
     cfg = tmp_path / "c.yaml"
     import yaml
-    cfg.write_text(yaml.safe_dump(TINY_CFG))
+    cfg.write_text(yaml.safe_dump(TINY_TRAIN_CFG))
     save_model(load_trainable_potential(_trained(tmp_path)), tmp_path / "m.pt")
     args = ["train", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-progress", "--threads", "1",
             "--init-from", str(tmp_path / "m.pt"), "--state", str(tmp_path / "s.pt"), "--set", "optim.epochs=1"]

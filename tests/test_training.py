@@ -7,18 +7,9 @@ import torch
 from forcefield.cli import main as oreo
 from forcefield.io import load_potential
 from forcefield.train import Trainer, config_from_dict
+from tests.helpers import TINY_TRAIN_CFG, tiny_train_config
 
-TINY_CFG = {
-    "data": {"molecule": "ethanol", "train_size": 24, "val_size": 8, "test_size": 16},
-    "model": {"hidden": 16, "num_layers": 2, "num_heads": 2, "num_rbf": 8, "cutoff": 4.0},
-    "optim": {"epochs": 6, "batch_size": 4, "lr": 5e-3, "lr_warmup_steps": 2, "ema_decay": 0.5, "seed": 3},
-}
-
-
-def _cfg(**optim):
-    d = json.loads(json.dumps(TINY_CFG))
-    d["optim"].update(optim)
-    return config_from_dict(d)
+_cfg = tiny_train_config
 
 
 def test_training_lowers_the_error(tmp_path):
@@ -75,13 +66,13 @@ def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match="optim.learning_rate"):
         config_from_dict({"optim": {"learning_rate": 1e-3}})
     with pytest.raises(ValueError, match="unknown backbone 'painn'"):
-        Trainer(config_from_dict({**TINY_CFG, "model": {"name": "painn"}}), "/tmp/never", progress=False)
+        Trainer(config_from_dict({**TINY_TRAIN_CFG, "model": {"name": "painn"}}), "/tmp/never", progress=False)
 
 
 def test_cli_train_evaluate_export(tmp_path, capsys):
     import yaml
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump(TINY_CFG))
+    cfg.write_text(yaml.safe_dump(TINY_TRAIN_CFG))
     out = tmp_path / "cli"
     assert oreo(["train", "--config", str(cfg), "--out", str(out), "--no-progress",
                  "--set", "optim.epochs=1"]) == 0
