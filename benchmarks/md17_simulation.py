@@ -81,6 +81,10 @@ def _pm(stats: dict, digits: int) -> str:
     return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
 
+def _num(v, digits: int) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"   # runs with no timed step have no speed
+
+
 def markdown_table(rows: List[dict], ps: float, replicas: int) -> str:
     lines = ["# MD17 simulation benchmark (MDsim protocol)", "",
              f"Nosé–Hoover 500 K, 0.5 fs, {replicas} replicas × {ps:g} ps from held-out rMD17 frames. "
@@ -94,8 +98,8 @@ def markdown_table(rows: List[dict], ps: float, replicas: int) -> str:
         speed = s.get("speed") or {}
         lines.append(f"| {TITLE.get(r['molecule'], r['molecule'])} | {r['model']} | "
                      f"{'n/a' if force is None else f'{force:.1f}'} | {_pm(s['stability_ps'], 1)} | "
-                     f"{_pm(s['hr_mae'], 3)} | {speed.get('steps_per_s', float('nan')):.1f} | "
-                     f"{speed.get('ns_per_day', float('nan')):.3f} |")
+                     f"{_pm(s['hr_mae'], 3)} | {_num(speed.get('steps_per_s'), 1)} | "
+                     f"{_num(speed.get('ns_per_day'), 3)} |")
     return "\n".join(lines) + "\n"
 
 

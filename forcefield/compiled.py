@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .graph import NeighborCache, half_pairs, shift_vectors
-from .potential import checked_batch
+from .potential import check_pair_distances, checked_batch
 
 COMPILED_FORMAT = "oreo-aoti"
 COMPILED_FORMAT_VERSION = 1
@@ -56,7 +56,8 @@ class EnergyForces(nn.Module):
     """(numbers (N,), positions (N, 3), pairs (2, P), cart (P, 3)) -> (atomic energies (N,) eV, forces (N, 3) eV/Å).
 
     ``pairs`` holds one direction of each pair (``graph.half_pairs``), ``cart`` its Cartesian image shift
-    (zeros for molecules). Atomic energies include ``scale``/``shift`` but not the reference energies.
+    (zeros for molecules). Atomic energies include ``scale``/``shift`` and the ZBL repulsion
+    (``Potential.energy_readout``, the same code as eager) but not the reference energies.
     """
 
     def __init__(self, potential: nn.Module, differentiable: bool = False):
@@ -72,8 +73,8 @@ class EnergyForces(nn.Module):
             edge_index = torch.cat([pairs, pairs.flip(0)], dim=1)
             edge_vec = torch.cat([vec, -vec])
             x, v = pot.backbone.represent(numbers, edge_index, edge_vec, 2)
-            y = pot.head(x, v)
-            e_atom = y * pot.scale.to(y.dtype) + pot.shift.to(y.dtype)
+            # the repulsion is always in the traced graph (branch-free; exactly zero beyond r_off)
+            e_atom = pot.energy_readout(numbers, x, v, edge_index, edge_vec, True)
             (g,) = torch.autograd.grad([e_atom.sum()], [pos], create_graph=self.differentiable)
         return (e_atom, -g) if self.differentiable else (e_atom.detach(), -g)
 
@@ -133,6 +134,7 @@ def export_compiled(model: Union[str, Path, nn.Module], out: Union[str, Path], d
     info = {"format": COMPILED_FORMAT, "format_version": COMPILED_FORMAT_VERSION, "oreo_version": __version__,
             "torch_version": torch.__version__, "dtype": str(dtype).replace("torch.", ""), "cutoff": float(pot.cutoff),
             "elements": elements, "atomref": pot.atomref.detach().double().tolist(), "metadata": meta,
+            "repulsion": getattr(pot, "_config", {}).get("repulsion"),
             "tolerance_vs_eager": EXPORT_TOLERANCE[str(dtype).replace("torch.", "")],
             "call": "pot(numbers[N], positions[N,3] Å, batch[N]=None, cell[B,3,3]=None, pbc[B,3]=None) "
                     "-> {'energy': [B] eV float64, 'forces': [N,3] eV/Å}"}
@@ -210,7 +212,9 @@ class CompiledPotential(nn.Module):
         batch, num_graphs = checked_batch(numbers, positions, batch, self.known_elements)
         n = positions.shape[0]
         pos = positions.detach().to(self.dtype)
+        cell = cell.to(self.dtype) if cell is not None else None
         pairs, cart = pairs_and_shifts(pos, batch, self.cutoff, cell, pbc, self.neighbors)
+        check_pair_distances(pairs, pos.index_select(0, pairs[1]) - pos.index_select(0, pairs[0]) + cart, batch)
         nums = numbers
         if n < 2 or pairs.shape[1] < 2:  # the graph is compiled for >= 2 atoms and pairs: pad with inert ones
             pad_atoms = max(0, 2 - n)

@@ -1,9 +1,26 @@
 """TorchScript export: one file that loads with ``torch.jit.load`` in a Python that has only torch.
 
-The scripted module is the :class:`~forcefield.potential.Potential` itself, so its numbers equal the
-eager model's. Call it as ``module(numbers, positions)`` or ``module(numbers, positions, batch, cell, pbc)``;
-it returns ``{"energy": (B,) eV float64, "forces": (N, 3) eV/Å}``. Units, training data and hyperparameters
-are in ``module.metadata_json`` and in the file's extra entry ``oreo_metadata.json``.
+The scripted module is the :class:`~forcefield.potential.Potential` itself (ZBL repulsion and input checks
+included), so its numbers equal the eager model's. Call signature::
+
+    module = torch.jit.load("aspirin_ts.pt")
+    out = module(numbers, positions)                        # one structure
+    out = module(numbers, positions, batch, cell, pbc)      # a batch / periodic cells
+
+    numbers    (N,)       int64   atomic numbers
+    positions  (N, 3)     Å       float32 or float64 (``torch.tensor(atoms.positions)`` is float64): cast
+                                  to the export's dtype inside
+    batch      (N,)       int64   structure index 0..B-1 of each atom; None: one structure
+    cell       (B, 3, 3)  Å       lattice vectors as rows (any float dtype); None: no cell
+    pbc        (B, 3)     bool    periodic directions; None: not periodic
+    returns {"energy": (B,) eV float64 (reference energies included),
+             "forces": (N, 3) eV/Å in the dtype of ``positions``}
+
+Forces are -dE/dr by autograd inside: call it with gradients enabled (not under ``torch.no_grad()``).
+Atoms closer than 0.1 Å, elements the model was not trained on and NaN positions raise an error naming
+the problem. The arithmetic runs in the export's dtype (``metadata["export_dtype"]``, float32 by default).
+The same description, units, training data and hyperparameters are in ``module.metadata_json`` and in the
+file's extra entry ``oreo_metadata.json`` (:func:`read_export_metadata`).
 """
 import copy
 import json
@@ -17,6 +34,19 @@ from .io import atomic_torch_save, cast_potential, load_potential
 
 EXPORT_FORMAT = "oreo-torchscript"
 EXPORT_FORMAT_VERSION = 1
+#: what the export's metadata says about calling it (the module docstring in words)
+EXPORT_SIGNATURE = {
+    "call": "module(numbers, positions, batch=None, cell=None, pbc=None) -> {'energy', 'forces'}",
+    "inputs": {"numbers": "(N,) int64 atomic numbers",
+               "positions": "(N, 3) Å, float32 or float64 (cast to export_dtype inside)",
+               "batch": "(N,) int64 structure index 0..B-1, or None for one structure",
+               "cell": "(B, 3, 3) Å lattice vectors as rows, or None",
+               "pbc": "(B, 3) bool periodic directions, or None"},
+    "outputs": {"energy": "(B,) eV float64, reference energies included",
+                "forces": "(N, 3) eV/Å in the dtype of positions (-dE/dr by autograd: call with gradients "
+                          "enabled)"},
+    "units": {"energy": "eV", "length": "Å", "forces": "eV/Å"},
+}
 
 
 def export_torchscript(model: Union[str, Path, torch.nn.Module], out: Union[str, Path],
@@ -31,9 +61,8 @@ def export_torchscript(model: Union[str, Path, torch.nn.Module], out: Union[str,
         scripted = pot
     else:
         pot.set_metadata(export_format=EXPORT_FORMAT, export_format_version=EXPORT_FORMAT_VERSION,
-                         export_dtype=str(dtype).replace("torch.", ""), oreo_version=__version__,
-                         call="module(numbers[N] int64, positions[N,3] Å, batch[N]=None, cell[B,3,3]=None, "
-                              "pbc[B,3]=None) -> {'energy': [B] eV, 'forces': [N,3] eV/Å}")
+                         export_dtype=str(pot.scale.dtype).replace("torch.", ""), oreo_version=__version__,
+                         repulsion=pot.config.get("repulsion"), **EXPORT_SIGNATURE)
         scripted = torch.jit.script(pot)
     extra = {"oreo_metadata.json": scripted.metadata_json}
     return atomic_torch_save(scripted, out, jit=True, _extra_files=extra)

@@ -71,12 +71,18 @@ def analyze_replica(traj_atoms, reference, status: dict, bond_threshold: float, 
         stability, unstable, stable = float(stop_time), True, traj
     else:
         stability, unstable, stable = length, False, traj
-    h = distance_histogram(stable, cell=cell, pbc=pbc)[1] if len(stable) else None
+    # h(r) of the simulation needs a stable frame after t = 0: the first frame is the dataset's own (a replica
+    # stopped at step 0 would otherwise score a perfect 0.000); an empty histogram is no h(r) either
+    simulated = int(np.sum(times[:len(stable)] > 0))
+    h = distance_histogram(stable, cell=cell, pbc=pbc)[1] if simulated else None
+    if h is not None and not (h.sum() > 0 and np.all(np.isfinite(h))):
+        h = None
+    ref_ok = h_ref is not None and h_ref.sum() > 0 and np.all(np.isfinite(h_ref))
     out.update(stability_ps=stability, unstable=unstable,
                first_unstable_time_ps=None if k is None else float(times[k]),
                length_ps=length, n_stable_frames=int(len(stable)),
                max_bond_deviation=float(np.max(dev)) if len(dev) else None,
-               hr_mae=None if h is None else hr_mae(h, h_ref), hr=h)
+               hr_mae=hr_mae(h, h_ref) if h is not None and ref_ok else None, hr=h)
     return out
 
 
@@ -156,7 +162,8 @@ def _force_errors(cfg: SimulationConfig, held_out, forcefield, n_frames: int, ba
     if forcefield is None:
         try:
             forcefield = ForceField(load_model(cfg.model_spec, molecule=cfg.molecule, data_dir=cfg.data_dir,
-                                               device=cfg.device, dtype=cfg.dtype), device=cfg.device)
+                                               device=cfg.device, dtype=cfg.dtype,
+                                               allow_other_molecule=cfg.allow_other_molecule), device=cfg.device)
         except MDInputError as exc:
             warnings.warn(f"force MAE skipped: {exc}", stacklevel=2)
             return None

@@ -6,12 +6,14 @@ Examples::
     oreo-md simulate --molecule ethanol --model runs/ethanol.pt --thermostat langevin --friction 0.02
     oreo-md simulate --dataset poly24 --polymer PE --model runs/poly24.pt --temperature 600   # oreo-poly24 polymer
     oreo-md simulate --out runs/md/aspirin_x                 # resume a killed run (automatic)
+    oreo-md simulate --molecule ethanol --model aspirin --allow-other-molecule   # another molecule's model, on purpose
     oreo-md analyze runs/md/aspirin_x
     oreo-md dft-check runs/md/aspirin_x --frames 10
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import warnings
 from dataclasses import fields, replace
@@ -86,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--poly24-dir", help="folder of the oreo-poly24 set (default $OREO_DATA_DIR/poly24)")
     s.add_argument("--model", help="checkpoint/export path, shipped model name (default: the molecule's name; "
                                    "poly24: the shipped model 'poly24'), or py:module:factory")
+    s.add_argument("--allow-other-molecule", action="store_true", default=None,
+                   help="run a model trained on another molecule than --molecule (refused by default)")
     s.add_argument("--ps", type=_positive(float), help="picoseconds per replica (default 300)")
     s.add_argument("--replicas", type=_positive(int), help="number of replicas (default 5)")
     s.add_argument("--temperature", type=float, help="K (default 500)")
@@ -113,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="require a checkpoint in --out and continue it")
     s.add_argument("--overwrite", action="store_true", help="delete a previous run in --out and start over")
     s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="tqdm progress bar (default: on when stderr is a terminal)")
+                   help="tqdm progress bar (default: on when stderr is a terminal); without it a plain progress "
+                        "line (ps done, steps/s, ETA) goes to stderr every minute. Either way the estimated wall "
+                        "time is printed after the first steps")
 
     add_threads_argument(s)
 
@@ -186,6 +192,14 @@ def _simulate(args) -> int:
     print(f"run directory: {out}")
     if cfg.analyze:
         _print_summary(io.read_json(out / io.SUMMARY_JSON))
+    replicas = io.read_json(out / io.RUN_JSON)["replicas"]
+    if replicas and all(r.get("non_finite") for r in replicas):
+        first = min(replicas, key=lambda r: r["stop_step"])
+        print(f"{PROG} simulate: error: every replica ({len(replicas)}) went non-finite (NaN or inf energies, forces "
+              f"or positions), the first at step {first['stop_step']}: {first['reason']}. The potential failed on "
+              f"these structures; check the model (--model) and the initial frames. Files are in {out}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -210,8 +224,15 @@ def _dft_check(args) -> int:
     return 0
 
 
+def _num(value, digits: int, unit: str = "") -> str:
+    """A number, or "n/a" when there is none (None, NaN, inf): never a number that is not one."""
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{value:.{digits}f}{unit}"
+
+
 def _fmt(stats: dict, digits: int = 2) -> str:
-    if not stats or stats.get("mean") is None:
+    if not stats or _num(stats.get("mean"), digits) == "n/a":
         return "n/a"
     return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
@@ -220,16 +241,17 @@ def _print_summary(summary: dict) -> None:
     print(f"{summary['system']} with {summary['model']} ({summary['thermostat']}, {summary['temperature_K']:g} K, "
           f"{summary['simulated_ps']:g} ps of {summary['requested_ps']:g})")
     for rep in summary["replicas"]:
-        hr = "n/a" if rep["hr_mae"] is None else f"{rep['hr_mae']:.3f}"
         why = f"  [{rep['stop_reason']}]" if rep.get("stop_reason") else ""
-        print(f"  replica {rep['replica']}: stability {rep['stability_ps']:.2f} ps, h(r) MAE {hr}{why}")
+        print(f"  replica {rep['replica']}: stability {_num(rep['stability_ps'], 2)} ps, "
+              f"h(r) MAE {_num(rep['hr_mae'], 3)}{why}")
     if summary.get("frames", {}).get("reference") and summary.get("dataset") == "poly24":
         print(f"  reference frames (bonds, h(r)): {summary['frames']['reference']}")
-    force = summary.get("force_mae_meV_per_A")
     speed = summary.get("speed") or {}
+    steps_per_s = _num(speed.get("steps_per_s"), 1)
+    pace = ("speed n/a (no step timed)" if steps_per_s == "n/a"
+            else f"{steps_per_s} steps/s ({_num(speed.get('ns_per_day'), 3)} ns/day)")
     print(f"  stability {_fmt(summary['stability_ps'])} ps | h(r) MAE {_fmt(summary['hr_mae'], 3)} | force MAE "
-          f"{'n/a' if force is None else f'{force:.1f} meV/Å'} | "
-          f"{speed.get('steps_per_s', float('nan')):.1f} steps/s ({speed.get('ns_per_day', float('nan')):.3f} ns/day)")
+          f"{_num(summary.get('force_mae_meV_per_A'), 1, ' meV/Å')} | {pace}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

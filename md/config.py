@@ -26,6 +26,7 @@ class SimulationConfig:
     polymer: Optional[str] = None         #: oreo-poly24 polymer (initial frames: its test split)
     poly24_dir: Optional[str] = None      #: the poly24 set's folder (default <data_dir>/poly24)
     model: Optional[str] = None           #: checkpoint/export path, shipped name, or py:module:factory
+    allow_other_molecule: bool = False    #: run a model whose metadata names another molecule than ``molecule``
     ps: float = 300.0                     #: simulated time per replica
     replicas: int = 5
     temperature: float = 500.0            #: K (thermostat target and Maxwell–Boltzmann start)

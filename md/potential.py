@@ -54,6 +54,10 @@ class ForceField:
     ``forcefield(positions, numbers, batch, n_systems, cell=None, pbc=None, active=None)``
     -> ``(energy (B,) float64 eV, forces (N, 3) float64 eV/Å)`` on the device of ``positions``.
     Inactive systems get zero energy and zero forces and are not passed to the potential.
+
+    When the potential refuses the batch because atoms of some systems overlap (closer than 0.1 Å: oreo
+    potentials raise, see ``forcefield.potential.check_pair_distances``), those systems get NaN energy and
+    forces and the others are evaluated, so MD stops only the collapsed replicas (as non-finite).
     """
 
     def __init__(self, potential: Callable, device=None, dtype: Optional[torch.dtype] = None):
@@ -92,8 +96,19 @@ class ForceField:
         p = pbc if (pbc is None or sel_sys is None) else pbc[sel_sys]
         dev, dt = self.device, self.dtype
         args = dict(cell=None if c is None else c.to(dev, dt), pbc=None if p is None else p.to(dev))
-        with torch.enable_grad():
-            out = self.potential(num.to(dev), pos.detach().to(dev, dt), sub_batch.to(dev), **args)
+        try:
+            with torch.enable_grad():
+                out = self.potential(num.to(dev), pos.detach().to(dev, dt), sub_batch.to(dev), **args)
+        except Exception:
+            # checked only after a failure: costs nothing on the normal path
+            rest = self._without_overlapping(positions, batch, n_systems, cell, pbc, active)
+            if rest is None:
+                raise
+            keep, collapsed = rest
+            energy, forces = self(positions, numbers, batch, n_systems, cell, pbc, keep)
+            energy[collapsed] = float("nan")
+            forces[collapsed[batch]] = float("nan")
+            return energy, forces
         self.n_calls += 1
         e, f = self._check(out, n_sub, pos.shape[0])
         e = e.detach().to(out_device, torch.float64)
@@ -103,6 +118,19 @@ class ForceField:
         energy[sel_sys] = e
         forces[sel_atoms] = f
         return energy, forces
+
+    @staticmethod
+    def _without_overlapping(positions, batch, n_systems, cell, pbc, active):
+        """``(active systems without overlapping atoms, overlapping active systems)`` as (B,) bool masks, or
+        None when no active system has overlapping atoms."""
+        from .state import overlapping_atoms
+        active = torch.ones(n_systems, dtype=torch.bool, device=positions.device) if active is None else active
+        collapsed = torch.zeros_like(active)
+        for g in overlapping_atoms(positions, batch, cell, pbc):
+            collapsed[g] = bool(active[g])
+        if not bool(collapsed.any()):
+            return None
+        return active & ~collapsed, collapsed
 
     def _check(self, out, n_sys: int, n_atoms: int):
         if not isinstance(out, dict) or "energy" not in out or "forces" not in out:
@@ -129,8 +157,11 @@ def _dtype(name) -> torch.dtype:
 
 
 def load_model(spec: str, molecule: Optional[str] = None, data_dir=None, device="cpu",
-               dtype="float32") -> Callable:
-    """Load a potential from a model spec (see the module docstring). Errors name the fix."""
+               dtype="float32", allow_other_molecule: bool = False) -> Callable:
+    """Load a potential from a model spec (see the module docstring). Errors name the fix.
+
+    A model whose metadata names another molecule than ``molecule`` is refused (its numbers on a molecule it
+    never saw mean nothing) unless ``allow_other_molecule``."""
     if not spec:
         raise MDInputError("empty model spec; pass --model PATH (checkpoint/export) or a shipped model name")
     dt = _dtype(dtype)
@@ -167,9 +198,23 @@ def load_model(spec: str, molecule: Optional[str] = None, data_dir=None, device=
     except (ValueError, KeyError, RuntimeError) as exc:
         raise MDInputError(f"could not load model '{spec}': {exc}") from exc
     trained_on = potential_metadata(pot).get("molecule")
-    if molecule and trained_on and str(trained_on).lower() != str(molecule).lower():
-        warnings.warn(f"model '{spec}' was trained on '{trained_on}' but you simulate '{molecule}'", stacklevel=2)
+    if molecule and trained_on and _molecule_key(trained_on) != _molecule_key(molecule):
+        if not allow_other_molecule:
+            raise MDInputError(f"model '{spec}' was trained on {trained_on}, not {molecule}: its energies and "
+                               f"forces on {molecule} are an extrapolation. Pass --model with a {molecule} model "
+                               f"(the shipped one: --model {molecule}), or --allow-other-molecule to run it anyway")
+        warnings.warn(f"model '{spec}' was trained on '{trained_on}' but you simulate '{molecule}' "
+                      f"(--allow-other-molecule)", stacklevel=2)
     return pot
+
+
+def _molecule_key(name) -> str:
+    """rMD17 names compare canonically ("salicylic acid" == "salicylic"); other names by lower case."""
+    try:
+        from forcefield.data.rmd17 import canonical_molecule
+        return canonical_molecule(str(name))
+    except (ImportError, ValueError):
+        return str(name).lower()
 
 
 def potential_metadata(pot) -> Dict[str, object]:

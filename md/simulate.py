@@ -8,6 +8,7 @@ stops replicas that become unstable or too hot, and finally runs the analysis.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,12 +23,18 @@ from .errors import MDInputError
 from .integrators import compute_forces, conserved_energy, make_integrator
 from .metrics import find_bonds, max_bond_deviation
 from .potential import ForceField, load_model, model_metadata
-from .state import MDState, make_state, maxwell_boltzmann_velocities
+from .state import MDState, make_state, maxwell_boltzmann_velocities, overlapping_atoms
 
 CHECKPOINT_FORMAT = "oreo-md-checkpoint"
 CHECKPOINT_VERSION = 1
 _RUN_FILES = ("run.json", "checkpoint.pt", "thermo.csv", "summary.json", "hr.png", "thermo.png",
               "dft_check.json", "dft_parity.png", "dft_forces.npz")
+#: the wall-time estimate is printed after this many steps or seconds of the run, whichever comes first
+ESTIMATE_AFTER_STEPS = 20
+ESTIMATE_AFTER_S = 10.0
+#: seconds between plain progress lines on stderr when there is no progress bar (stderr not a terminal)
+PROGRESS_EVERY_S = 60.0
+NON_FINITE = "non-finite energy, forces or positions"
 
 
 # ---------------------------------------------------------------------------------- frames
@@ -74,6 +81,26 @@ def finished_summary(run_dir, config: SimulationConfig) -> Optional[dict]:
             and old.ps >= config.ps and summary.get("requested_ps") == old.ps):
         return summary
     return None
+
+
+def check_initial_frames(config: SimulationConfig, held_out) -> None:
+    """MDInputError naming the frame and the two atoms when a replica would start from a frame with atoms
+    closer than 0.1 Å (checked before the model is loaded or called)."""
+    from forcefield.potential import close_pair_text
+    picks = np.unique(pick_initial_frames(len(held_out), config.replicas, config.seed))
+    counts = np.array([held_out.ptr[f + 1] - held_out.ptr[f] for f in picks])
+    positions = torch.as_tensor(np.concatenate([held_out.frame_positions(int(f)) for f in picks]))
+    batch = torch.as_tensor(np.repeat(np.arange(len(picks)), counts))
+    cell = pbc = None
+    if held_out.cell is not None and held_out.pbc is not None and bool(np.any(held_out.pbc[picks])):
+        cell, pbc = torch.as_tensor(held_out.cell[picks]), torch.as_tensor(held_out.pbc[picks])
+    overlaps = overlapping_atoms(positions, batch, cell, pbc)
+    if overlaps:
+        g, (i, j, d) = min(overlaps.items())
+        where = describe_frames(config, held_out, held_out)["held_out"]
+        raise MDInputError(f"initial frame {int(picks[g])} of {where}: {close_pair_text(i, j, d)}. Two atoms on "
+                           f"top of each other give NaN or meaningless forces; remove the duplicated atom or fix "
+                           f"the coordinates (Å) of that frame, or choose other initial frames (--seed)")
 
 
 def pick_initial_frames(n_frames: int, replicas: int, seed: int) -> np.ndarray:
@@ -172,14 +199,22 @@ class _Run:
     def time_ps(self, step: int) -> float:
         return step * self.config.timestep / 1000.0
 
-    def stop(self, state: MDState, r: int, reason: str) -> None:
+    def stop(self, state: MDState, r: int, reason: str, non_finite: bool = False) -> None:
         st = self.status[r]
-        st.update(active=False, stop_step=state.step, stop_time_ps=self.time_ps(state.step), reason=reason)
+        st.update(active=False, stop_step=state.step, stop_time_ps=self.time_ps(state.step), reason=reason,
+                  non_finite=non_finite)
         msg = f"replica {r} stopped at {st['stop_time_ps']:.3f} ps (step {state.step}): {reason}"
         if self.bar is not None:
             self.bar.write(msg)
         else:
             print(msg)
+
+    def note(self, msg: str) -> None:
+        """A progress message on stderr (above the bar when there is one)."""
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
 
     def log(self, state: MDState) -> None:
         """Append one frame per active replica and their thermo rows."""
@@ -220,13 +255,18 @@ class _Run:
         if not bool(bad.any()):
             return state
         active = state.active.clone()
+        overlaps = overlapping_atoms(state.positions, state.batch, state.cell, state.pbc) \
+            if bool((bad & ~finite).any()) else {}
         for r in torch.nonzero(bad).squeeze(1).tolist():
             if not bool(finite[r]):
-                reason = "non-finite energy, forces or positions"
+                reason = NON_FINITE
+                if r in overlaps:
+                    from forcefield.potential import close_pair_text
+                    reason += f" ({close_pair_text(*overlaps[r])}: the replica collapsed)"
+                self.stop(state, r, reason, non_finite=True)
             else:
-                reason = (f"temperature {float(temp[r]):.0f} K exceeds {cfg.max_temperature_factor:g} x "
-                          f"the target {cfg.temperature:g} K")
-            self.stop(state, r, reason)
+                self.stop(state, r, f"temperature {float(temp[r]):.0f} K exceeds {cfg.max_temperature_factor:g} x "
+                                    f"the target {cfg.temperature:g} K")
             active[r] = False
         return replace(state, active=active)
 
@@ -251,8 +291,12 @@ class _Run:
                 active[r] = False
         return replace(state, active=active)
 
-    def speed(self) -> Dict[str, float]:
-        steps_per_s = self.steps_timed / self.wall_s if self.wall_s > 0 else float("nan")
+    def speed(self) -> Dict[str, Optional[float]]:
+        """Steps per second etc. of the timed steps; None (printed "n/a") when no step was timed."""
+        if self.steps_timed <= 0 or self.wall_s <= 0:
+            return {"steps_per_s": None, "replica_steps_per_s": None, "ns_per_day": None,
+                    "wall_s": self.wall_s, "timed_steps": self.steps_timed}
+        steps_per_s = self.steps_timed / self.wall_s
         return {"steps_per_s": steps_per_s,
                 "replica_steps_per_s": steps_per_s * self.config.replicas,
                 "ns_per_day": steps_per_s * self.config.timestep * 86400.0 / 1e6,
@@ -332,6 +376,7 @@ def run_simulation(config: SimulationConfig, out_dir, potential=None, frames=Non
         config.data_dir = str(Path(os.environ["OREO_DATA_DIR"]).resolve())   # recorded for later analysis
     out_dir = Path(out_dir)
     held_out, reference = frames if frames is not None else load_system_frames(config)
+    check_initial_frames(config, held_out)
     if config.polymer and config.poly24_dir is None:
         from .poly24 import poly24_folder
         config.poly24_dir = str(poly24_folder(None, config.data_dir).resolve())   # recorded for later analysis
@@ -342,7 +387,8 @@ def run_simulation(config: SimulationConfig, out_dir, potential=None, frames=Non
               f"bond lengths and h(r) against {described['reference']}")
     if potential is None:
         potential = load_model(config.model_spec, molecule=config.molecule, data_dir=config.data_dir,
-                               device=config.device, dtype=config.dtype)
+                               device=config.device, dtype=config.dtype,
+                               allow_other_molecule=config.allow_other_molecule)
     ff = ForceField(potential, device=config.device)
     generator = _make_generator(config.device, config.seed)
     files = io.RunFiles(out_dir, config.replicas)
@@ -392,11 +438,56 @@ def run_simulation(config: SimulationConfig, out_dir, potential=None, frames=Non
     return out_dir
 
 
+def format_duration(seconds: float) -> str:
+    """A wall time in the unit a person reads at a glance: '45 s', '12 min', '3.4 h', '2.1 days'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+class _Progress:
+    """What a run says about its pace: one wall-time estimate after the first steps (``ESTIMATE_AFTER_STEPS``
+    or ``ESTIMATE_AFTER_S``), and without a progress bar a plain line every ``PROGRESS_EVERY_S`` seconds
+    (ps done, steps/s, ETA) on stderr, so a log file shows a run is alive and when it will end."""
+
+    def __init__(self, run: _Run, step0: int):
+        self.run, self.step0 = run, step0
+        self.t0 = time.perf_counter()
+        self.estimated = False
+        self.next_line = self.t0 + PROGRESS_EVERY_S
+
+    def __call__(self, state: MDState) -> None:
+        now = time.perf_counter()
+        done, elapsed = state.step - self.step0, now - self.t0
+        cfg, run = self.run.config, self.run
+        if done <= 0 or elapsed <= 0 or state.step >= cfg.n_steps or not bool(state.active.any()):
+            return
+        rate = done / elapsed
+        left = (cfg.n_steps - state.step) / rate
+        if not self.estimated and (done >= ESTIMATE_AFTER_STEPS or elapsed >= ESTIMATE_AFTER_S):
+            self.estimated = True
+            run.note(f"{rate:.1f} steps/s over the first {done} steps: the remaining "
+                     f"{run.time_ps(cfg.n_steps - state.step):g} ps of {cfg.ps:g} ps ({cfg.n_steps - state.step} "
+                     f"steps) will take about {format_duration(left)}. Stop with Ctrl-C at any time and rerun the "
+                     f"same command to resume (or pass a smaller --ps)")
+        if run.bar is None and now >= self.next_line:
+            self.next_line = now + PROGRESS_EVERY_S
+            run.note(f"MD {cfg.system_name}: {run.time_ps(state.step):.6g}/{cfg.ps:g} ps "
+                     f"({100.0 * state.step / cfg.n_steps:.1f}%), {rate:.1f} steps/s, "
+                     f"{rate * cfg.timestep * 86400.0 / 1e6:.2f} ns/day, "
+                     f"{int(state.active.sum())}/{state.n_systems} replicas running, ETA {format_duration(left)}")
+
+
 def _loop(run: _Run, state: MDState, integrator) -> MDState:
     cfg = run.config
     n_steps, log_every, ckpt_every = cfg.n_steps, cfg.log_every, cfg.checkpoint_interval
     t0, steps0 = time.perf_counter(), state.step
     last_logged = state.step
+    progress = _Progress(run, state.step)
     while state.step < n_steps and bool(state.active.any()):
         state = run.check_step(integrator.step(state))
         if state.step % log_every == 0 or state.step == n_steps:
@@ -411,11 +502,13 @@ def _loop(run: _Run, state: MDState, integrator) -> MDState:
                 run.checkpoint(state)
             if run.bar is not None:
                 speed = run.speed()
-                run.bar.set_postfix_str(f"{speed['steps_per_s']:.0f} steps/s, {speed['ns_per_day']:.2f} ns/day",
-                                        refresh=False)
+                if speed["steps_per_s"] is not None:
+                    run.bar.set_postfix_str(f"{speed['steps_per_s']:.0f} steps/s, {speed['ns_per_day']:.2f} ns/day",
+                                            refresh=False)
                 run.bar.update(run.time_ps(state.step) - run.bar.n)
             if run.on_log is not None:
                 run.on_log(state)
+        progress(state)
     if state.step != last_logged:   # every replica stopped between two log steps
         run.wall_s += time.perf_counter() - t0
         run.steps_timed += state.step - steps0

@@ -9,7 +9,7 @@ Units: positions Å, velocities Å/fs, forces eV/Å, energies eV, masses amu, ti
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -163,6 +163,34 @@ def wrap_positions(positions: torch.Tensor, batch: torch.Tensor, cell: torch.Ten
     frac = torch.linalg.solve(cell_a.transpose(1, 2), positions.unsqueeze(-1)).squeeze(-1)
     frac = torch.where(pbc[batch], frac - torch.floor(frac), frac)
     return torch.bmm(frac.unsqueeze(1), cell_a).squeeze(1)
+
+
+def overlapping_atoms(positions: torch.Tensor, batch: torch.Tensor, cell: Optional[torch.Tensor] = None,
+                      pbc: Optional[torch.Tensor] = None) -> Dict[int, Tuple[int, int, float]]:
+    """Systems with two atoms (or an atom and a periodic image) closer than
+    ``forcefield.potential.MIN_PAIR_DISTANCE`` (0.1 Å, the threshold the potentials refuse): ``{system: (i, j,
+    distance Å)}`` with the closest such pair, ``i <= j`` counted from 0 within the system. ``{}`` when none
+    (non-finite positions never count as close)."""
+    from forcefield.graph import half_pairs, shift_vectors
+    from forcefield.potential import MIN_PAIR_DISTANCE
+
+    pos = positions.detach().to(torch.float64)
+    c = None if cell is None else cell.detach().to(torch.float64)
+    pairs, shifts = half_pairs(pos, batch, MIN_PAIR_DISTANCE, c, pbc)
+    if pairs.shape[1] == 0:
+        return {}
+    vec = pos.index_select(0, pairs[1]) - pos.index_select(0, pairs[0])
+    if shifts is not None and c is not None:
+        vec = vec + shift_vectors(pairs, shifts, c, batch, torch.float64)
+    dist = vec.norm(dim=1)
+    out: Dict[int, Tuple[int, int, float]] = {}
+    for k in torch.argsort(dist).tolist():
+        i, j = int(pairs[0, k]), int(pairs[1, k])
+        g = int(batch[i])
+        if g not in out:
+            li, lj = int((batch[:i] == g).sum()), int((batch[:j] == g).sum())
+            out[g] = (min(li, lj), max(li, lj), float(dist[k]))
+    return out
 
 
 def make_state(numbers: Sequence[np.ndarray], positions: Sequence[np.ndarray],

@@ -32,11 +32,13 @@ ETHANOL_R = np.array([
     [1.8970, -1.0826, 0.8850], [1.8970, -1.0826, -0.8850], [2.9500, 0.7700, 0.0000]])
 
 
-def tiny_potential(dtype=torch.float64, seed=0, elements=(1, 6, 8), **overrides) -> Potential:
+def tiny_potential(dtype=torch.float64, seed=0, elements=(1, 6, 8), repulsion=True, molecule="ethanol",
+                   **overrides) -> Potential:
+    """A random-weight ET potential; ``overrides`` change the backbone config."""
     torch.manual_seed(seed)
     cfg = {**TINY, **overrides}
     pot = Potential(backbone=cfg, elements=list(elements), atomref={1: -13.6, 6: -1029.0, 8: -2041.0},
-                    scale=0.7, shift=0.01, metadata={"molecule": "ethanol"})
+                    scale=0.7, shift=0.01, metadata={"molecule": molecule}, repulsion=repulsion)
     # random (non-zero) weights everywhere, so symmetry tests are not passed by a trivial model
     with torch.no_grad():
         for p in pot.parameters():

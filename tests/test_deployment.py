@@ -129,3 +129,60 @@ def test_calculator_rejects_unknown_element(model_file):
     atoms.calc = OreoCalculator(model_file)
     with pytest.raises(ValueError, match="atomic number 9"):
         atoms.get_potential_energy()
+
+
+def test_torchscript_export_takes_float64_positions_and_documents_its_call(model_file, tmp_path):
+    """torch.tensor(atoms.positions) is float64: a float32 export casts inside and answers in the input dtype."""
+    out = export_torchscript(model_file, tmp_path / "tiny32.pt")             # float32, the default
+    meta = read_export_metadata(out)
+    assert meta["export_dtype"] == "float32" and meta["units"] == {"energy": "eV", "length": "Å", "forces": "eV/Å"}
+    assert "float64" in meta["inputs"]["positions"] and "dtype of positions" in meta["outputs"]["forces"]
+    assert meta["repulsion"] == {"r_on": 0.3, "r_off": 0.6}
+    module = torch.jit.load(str(out))
+    eager = load_potential(model_file, dtype=torch.float64)
+    z = torch.as_tensor(ETHANOL_Z)
+    ref = eager(z, torch.as_tensor(ETHANOL_R))
+    for dtype in (torch.float64, torch.float32):
+        got = module(z, torch.tensor(ETHANOL_R, dtype=dtype))
+        assert got["energy"].dtype == torch.float64 and got["forces"].dtype == dtype
+        assert float(got["energy"]) == pytest.approx(float(ref["energy"]), abs=1e-3)
+        np.testing.assert_allclose(got["forces"].double().numpy(), ref["forces"].numpy(), atol=1e-4)
+    # a periodic call with a float64 cell as well
+    cell = torch.eye(3, dtype=torch.float64).unsqueeze(0) * 30.0
+    got = module(z, torch.as_tensor(ETHANOL_R) + 10.0, None, cell, torch.tensor([[True, True, True]]))
+    np.testing.assert_allclose(got["forces"].numpy(), ref["forces"].numpy(), atol=1e-4)
+
+
+def test_calculator_refuses_coincident_atoms_naming_them(model_file, tmp_path):
+    positions = ETHANOL_R.copy()
+    positions[7] = positions[1]                                               # a duplicated atom
+    for model in (model_file, export_torchscript(model_file, tmp_path / "ts.pt")):
+        atoms = Atoms(numbers=ETHANOL_Z, positions=positions)
+        atoms.calc = OreoCalculator(model)
+        with pytest.raises(Exception, match=r"atoms 1 and 7 are 0\.000 Å apart"):
+            atoms.get_potential_energy()
+
+
+def test_repulsion_setting_is_stored_in_model_files(tmp_path):
+    """On by default; ``repulsion: false`` or custom radii are kept in the file; files written before the setting
+    existed (no key) load with it on."""
+    from forcefield.io import _read_record
+    pot = tiny_potential()
+    assert pot.config["repulsion"] == {"r_on": 0.3, "r_off": 0.6}
+    old = tmp_path / "old.pt"
+    save_model(pot, old)
+    rec = _read_record(old)
+    del rec["config"]["repulsion"]
+    torch.save(rec, old)
+    assert load_potential(old).repulsion
+    off = tiny_potential(repulsion=False)
+    save_model(off, tmp_path / "off.pt")
+    loaded = load_potential(tmp_path / "off.pt", dtype=torch.float64)
+    assert not loaded.repulsion and loaded.config["repulsion"] is False
+    z, r = torch.tensor([6, 6]), torch.tensor([[0.0, 0.0, 0.0], [0.3, 0.0, 0.0]], dtype=torch.float64)
+    assert float(loaded(z, r)["energy"]) < float(tiny_potential()(z, r)["energy"]) - 100.0
+    wide = tiny_potential(repulsion={"r_off": 0.7})
+    save_model(wide, tmp_path / "wide.pt")
+    assert load_potential(tmp_path / "wide.pt").config["repulsion"] == {"r_on": 0.3, "r_off": 0.7}
+    with pytest.raises(ValueError, match="r_on < r_off <= cutoff"):
+        tiny_potential(repulsion={"r_off": 9.0})

@@ -83,6 +83,56 @@ def test_dft_check_without_pyscf_says_how_to_install(capsys, tmp_path, monkeypat
     assert "pip install 'oreo[dft]'" in err and "pip install pyscf" in err
 
 
+def test_coincident_atoms_in_a_structure_file_are_a_clear_error(capsys, tmp_path):
+    from ase import Atoms
+    from ase.io import write
+    from forcefield.io import save_model
+    from tests.helpers import ETHANOL_R, ETHANOL_Z, tiny_potential
+    positions = ETHANOL_R.copy()
+    positions[6] = positions[1]
+    write(tmp_path / "broken.xyz", Atoms(numbers=ETHANOL_Z, positions=positions))
+    model = save_model(tiny_potential(), tmp_path / "tiny.pt")
+    code, _, err = run_cli(capsys, "simulate", "--structure", str(tmp_path / "broken.xyz"), "--model", str(model),
+                           "--out", str(tmp_path / "run"), "--ps", "0.01", "--no-progress")
+    assert code == 2 and "initial frame 0" in err and "atoms 1 and 6 are 0.000 Å apart" in err, err
+    assert not (tmp_path / "run" / "traj_000.extxyz").exists()
+
+
+@needs_data
+def test_model_of_another_molecule_is_refused_unless_allowed(capsys, tmp_path):
+    from forcefield.io import save_model
+    from tests.helpers import tiny_potential
+    code, _, err = run_cli(capsys, "simulate", "--molecule", "ethanol", "--model", "aspirin", "--out",
+                           str(tmp_path / "a"), "--ps", "0.01", "--no-progress")
+    assert code == 2 and "trained on aspirin, not ethanol" in err and "--allow-other-molecule" in err, err
+    model = save_model(tiny_potential(dtype=torch.float32, molecule="aspirin"), tmp_path / "tiny_aspirin.pt")
+    code, out, err = run_cli(capsys, "simulate", "--molecule", "ethanol", "--model", str(model), "--out",
+                             str(tmp_path / "b"), "--ps", "0.005", "--replicas", "1", "--log-every", "5",
+                             "--force-frames", "0", "--no-progress", "--allow-other-molecule")
+    assert code == 0 and "stability" in out, err
+
+
+def nan_potential():
+    """``--model py:tests.test_md_cli:nan_potential``: a model that fails on everything (NaN out)."""
+    class NaNPotential(torch.nn.Module):
+        def forward(self, numbers, positions, batch, cell=None, pbc=None):
+            return {"energy": torch.full((int(batch.max()) + 1,), float("nan"), dtype=positions.dtype),
+                    "forces": torch.full_like(positions, float("nan"))}
+    return NaNPotential()
+
+
+@needs_data
+def test_run_whose_replicas_all_went_non_finite_exits_non_zero(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "simulate", "--molecule", "ethanol", "--model",
+                             "py:tests.test_md_cli:nan_potential", "--replicas", "2", "--ps", "0.01", "--force-frames", "5", "--no-progress",
+                             "--out", str(tmp_path / "run"))
+    assert code == 1 and "every replica (2) went non-finite" in err and "step 0" in err, err
+    # no number that is not one: no perfect-looking 0.000 h(r), no nan
+    assert "h(r) MAE n/a" in out and "speed n/a" in out and "force MAE n/a" in out, out
+    metrics = [line for line in out.splitlines() if "h(r) MAE" in line]
+    assert len(metrics) == 3 and not any("0.000" in line or "nan" in line for line in metrics), out
+
+
 @needs_data
 def test_missing_model_file_is_clear(capsys, tmp_path):
     code, _, err = run_cli(capsys, "simulate", "--molecule", "ethanol", "--model", str(tmp_path / "nope.pt"),

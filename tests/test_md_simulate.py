@@ -161,3 +161,89 @@ def test_periodic_system(tmp_path):
         assert frac.min() >= -1e-9 and frac.max() < 1 + 1e-9
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stability_ps"]["mean"] == pytest.approx(0.5) and summary["hr_mae"]["n"] == 2
+
+
+# ------------------------------------------------------------------------------ broken inputs, failed runs, progress
+class NaNPotential(torch.nn.Module):
+    """A potential that fails on everything: NaN energies and forces."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, numbers, positions, batch, cell=None, pbc=None):
+        self.calls += 1
+        n = int(batch.max()) + 1
+        return {"energy": torch.full((n,), float("nan"), dtype=positions.dtype),
+                "forces": torch.full_like(positions, float("nan"))}
+
+
+def test_overlapping_atoms_in_an_initial_frame_are_refused_before_any_model_call(tmp_path):
+    pot, frames = ethanol_setup(n_frames=3)
+    x = frames.positions.reshape(3, 9, 3).copy()
+    x[1, 5] = x[1, 2] + [0.0, 0.04, 0.0]
+    held_out = ConformationSet.from_arrays(frames.numbers[:9], x, energy=frames.energy, forces=frames.forces)
+    calls = NaNPotential()
+    with pytest.raises(MDInputError, match=r"initial frame 1 of .*atoms 2 and 5 are 0\.040 Å apart.*duplicated atom"):
+        run_simulation(config(replicas=3), tmp_path / "run", potential=calls, frames=(held_out, frames))
+    assert calls.calls == 0
+
+
+def test_forcefield_stops_only_the_collapsed_replica(tmp_path, capsys):
+    """Mid-run, oreo potentials refuse overlapping atoms for the whole batch: the force field then evaluates the
+    other replicas and gives the collapsed one NaN, which stops it with the atoms named."""
+    from md.integrators import compute_forces
+    from md.potential import ForceField
+    from md.simulate import _Run
+    from md.state import make_state
+    from tests.helpers import tiny_potential
+
+    a = molecule("CH3CH2OH")
+    bad = a.positions.copy()
+    bad[5] = bad[2]
+    ff = ForceField(tiny_potential())
+    state = compute_forces(make_state([a.numbers] * 3, [a.positions, bad, a.positions + 0.01]), ff)
+    alone = compute_forces(make_state([a.numbers], [a.positions]), ff)
+    assert torch.isnan(state.energy[1]) and bool(torch.isnan(state.forces[9:18]).all())
+    assert float(state.energy[0]) == pytest.approx(float(alone.energy[0]), abs=1e-10)
+    assert torch.isfinite(state.energy[2]) and torch.isfinite(state.forces[18:]).all()
+    run = _Run(config(replicas=3), tmp_path, ff, None, None, None)
+    run.status = [{"replica": r, "active": True} for r in range(3)]
+    state = run.check_step(state)
+    assert state.active.tolist() == [True, False, True]
+    assert run.status[1]["non_finite"] and "atoms 2 and 5 are 0.000 Å apart" in run.status[1]["reason"]
+    assert "collapsed" in capsys.readouterr().out
+
+
+def test_run_whose_replicas_all_went_non_finite_reports_no_made_up_numbers(tmp_path):
+    _, frames = ethanol_setup()
+    out = run_simulation(config(replicas=2, ps=0.01, force_frames=0), tmp_path / "run", potential=NaNPotential(),
+                         frames=(frames, frames), progress=False)
+    run = json.loads((out / "run.json").read_text())
+    assert all(s["non_finite"] and s["stop_step"] == 0 for s in run["replicas"])
+    summary = json.loads((out / "summary.json").read_text())
+    # the only frame is the dataset's own (t = 0): no h(r) of the simulation, not a perfect 0.000
+    assert [r["hr_mae"] for r in summary["replicas"]] == [None, None] and summary["hr_mae"]["mean"] is None
+    assert summary["speed"]["steps_per_s"] is None and summary["speed"]["timed_steps"] == 0
+    assert summary["stability_ps"]["mean"] == 0.0
+
+
+def test_progress_estimate_and_plain_progress_lines(tmp_path, capsys, monkeypatch):
+    """The wall-time estimate after the first steps, and a progress line on stderr without a progress bar."""
+    import md.simulate as simulate
+    monkeypatch.setattr(simulate, "ESTIMATE_AFTER_STEPS", 5)
+    monkeypatch.setattr(simulate, "PROGRESS_EVERY_S", 0.0)
+    pot, frames = ethanol_setup()
+    run_simulation(config(ps=0.05, analyze=False), tmp_path / "run", potential=pot, frames=(frames, frames),
+                   progress=False)
+    err = capsys.readouterr().err
+    assert err.count("steps/s over the first 5 steps: the remaining 0.0475 ps of 0.05 ps (95 steps) will take "
+                     "about") == 1
+    lines = [line for line in err.splitlines() if line.startswith("MD ethanol: ")]
+    assert len(lines) == 99 and "steps/s" in lines[0] and "ETA" in lines[0] and "3/3 replicas running" in lines[0]
+    assert lines[-1].startswith("MD ethanol: 0.0495/0.05 ps (99.0%), ")
+
+
+def test_format_duration():
+    from md.simulate import format_duration
+    assert [format_duration(s) for s in (45, 720, 3 * 3600, 2.5 * 86400)] == ["45 s", "12 min", "3.0 h", "2.5 days"]

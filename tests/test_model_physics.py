@@ -163,3 +163,130 @@ def test_mixed_batch_slab_and_missing_cell(pot):
     with pytest.raises(ValueError, match="zero cell vector"):
         _run(pot, ETHANOL_Z, ETHANOL_R, None, torch.zeros(1, 3, 3, dtype=torch.float64),
              torch.tensor([[True, True, True]]))
+
+
+# ------------------------------------------------------------------------------ close atoms and repulsion
+def _pair(z, r):
+    """Two atoms ``z`` (2,) at distance ``r`` Å along x."""
+    return np.asarray(z), np.array([[0.0, 0.0, 0.0], [r, 0.0, 0.0]])
+
+
+def _without_repulsion(pot):
+    from forcefield.potential import Potential
+    off = Potential.from_config({**pot.config, "repulsion": False}, pot.state_dict())
+    return off.to(pot.scale.dtype).eval()
+
+
+def test_coincident_atoms_raise_naming_the_atoms(pot):
+    """Atoms on top of each other gave NaN with no error: now every path refuses them before the model runs."""
+    r = ETHANOL_R.copy()
+    r[5] = r[2] + [0.03, 0.0, 0.0]
+    for model in (pot, torch.jit.script(pot)):
+        with pytest.raises(Exception, match=r"atoms 2 and 5 are 0\.030 Å apart \(closer than 0\.100 Å\).*duplicate"):
+            _run(model, ETHANOL_Z, r)
+    # in a batch: indices within the structure, and which structure
+    z = np.concatenate([ETHANOL_Z, ETHANOL_Z])
+    with pytest.raises(ValueError, match="atoms 2 and 5 are 0.030 Å apart .* of structure 1"):
+        _run(pot, z, np.concatenate([ETHANOL_R, r + 20.0]), torch.tensor([0] * 9 + [1] * 9))
+    # an atom on a periodic image of another
+    cell = torch.eye(3, dtype=torch.float64).unsqueeze(0) * 6.0
+    with pytest.raises(ValueError, match="atoms 0 and 1 are 0.000 Å apart"):
+        _run(pot, np.array([6, 8]), np.array([[0.0, 1.0, 1.0], [6.0, 1.0, 1.0]]), None, cell,
+             torch.tensor([[True, True, True]]))
+    # 0.1 Å and more is evaluated (the repulsion takes over), with finite numbers
+    out = _run(pot, *_pair([6, 6], 0.1))
+    assert torch.isfinite(out["energy"]).all() and torch.isfinite(out["forces"]).all()
+
+
+def test_repulsion_rises_pushes_apart_and_is_smooth(pot):
+    """Below r_off the ZBL term dominates: energy up, force pushing the atoms apart; forces = -dE/dr by finite
+    differences through the switch; beyond r_off exactly nothing changes."""
+    off = _without_repulsion(pot)
+    assert pot.repulsion and not off.repulsion
+    r_on, r_off = pot.repulsion_r_on, pot.repulsion_r_off
+    for z in ([6, 6], [1, 1], [1, 8]):
+        rs = np.linspace(0.15, r_off + 0.1, 30)
+        outs = [_run(pot, *_pair(z, r)) for r in rs]
+        e = np.array([float(o["energy"]) for o in outs])
+        e_rep = e - np.array([float(_run(off, *_pair(z, r))["energy"]) for r in rs])
+        push = np.array([float(o["forces"][1, 0]) for o in outs])          # on atom 1 (at +x): > 0 is apart
+        inside = rs < r_off
+        assert np.all(e_rep[inside] > 0) and np.all(e_rep[~inside] == 0.0)
+        assert np.all(np.diff(e_rep[inside]) < 0)                           # falls as the atoms separate
+        assert np.all(np.diff(e[rs < r_on]) < 0) and np.all(push[rs < 0.5 * (r_on + r_off)] > 0)
+        assert e_rep[0] > 20.0                                              # eV: fusing is out of reach
+        # finite differences across the switch region (and past r_off)
+        h = 1e-5
+        for r in np.linspace(r_on - 0.05, r_off + 0.05, 13):
+            e_plus, e_minus = (float(_run(pot, *_pair(z, r + s))["energy"]) for s in (h, -h))
+            fd = -(e_plus - e_minus) / (2 * h)
+            f = float(_run(pot, *_pair(z, r))["forces"][1, 0])
+            assert f == pytest.approx(fd, rel=1e-6, abs=1e-6), (z, r)
+
+
+def test_repulsion_is_in_every_path(pot):
+    """Eager, TorchScript and the traced energy+force graph that AOTInductor compiles: the same numbers with a
+    pair inside r_off (the repulsion contributes) and without."""
+    from forcefield.compiled import trace_energy_forces
+    from forcefield.graph import half_pairs
+
+    close = ETHANOL_R.copy()
+    close[3] = close[0] + [0.0, 0.42, 0.0]
+    gm, _ = trace_energy_forces(pot, torch.float64)
+    scripted = torch.jit.script(pot)
+    off = _without_repulsion(pot)
+    for r, active in ((close, True), (ETHANOL_R, False)):
+        z, rt = torch.as_tensor(ETHANOL_Z), torch.as_tensor(r)
+        ref = pot(z, rt, with_reference=False)
+        delta = float(ref["energy"] - off(z, rt, with_reference=False)["energy"])
+        assert (delta > 1.0) if active else (delta == 0.0)
+        s = scripted(z, rt, with_reference=False)
+        pairs, _ = half_pairs(rt, torch.zeros(len(z), dtype=torch.long), pot.cutoff)
+        e_atom, forces = gm(z, rt, pairs, torch.zeros(pairs.shape[1], 3, dtype=torch.float64))
+        for e, f in ((s["energy"], s["forces"]), (e_atom.sum(), forces)):
+            assert float(e.sum()) == pytest.approx(float(ref["energy"].sum()), abs=1e-9)
+            assert float((f - ref["forces"]).abs().max()) < 1e-9
+
+
+RMD17_MOLECULES_CHECKED = ("ethanol", "salicylic", "aspirin")   # ethanol and salicylic: shortest distances
+
+
+def _rmd17_test(molecule):
+    from forcefield.data import DataNotFoundError, load_rmd17
+    try:
+        return load_rmd17(molecule, split="test")
+    except (DataNotFoundError, FileNotFoundError) as exc:
+        pytest.skip(f"rMD17 {molecule} not found under $OREO_DATA_DIR: {exc}")
+
+
+@pytest.mark.parametrize("molecule", RMD17_MOLECULES_CHECKED)
+def test_repulsion_is_exactly_zero_at_every_rmd17_test_frame(molecule):
+    """Energy and gradient of the repulsion are exactly 0 at every held-out frame: training is unaffected."""
+    from forcefield.potential import REPULSION_R_OFF, REPULSION_R_ON, zbl_pair_energy
+
+    frames = _rmd17_test(molecule)
+    z = torch.as_tensor(frames.frame_numbers(0))
+    pos = torch.as_tensor(np.stack([frames.frame_positions(f) for f in range(len(frames))]))  # (F, n, 3)
+    i, j = torch.triu_indices(len(z), len(z), offset=1)
+    pos.requires_grad_(True)
+    r = (pos[:, j] - pos[:, i]).norm(dim=-1)                                  # every pair of every frame
+    assert len(frames) == 1000 and float(r.detach().min()) > REPULSION_R_OFF + 0.2
+    e = zbl_pair_energy(z[i].double(), z[j].double(), r, REPULSION_R_ON, REPULSION_R_OFF)
+    (g,) = torch.autograd.grad(e.sum(), pos)
+    assert bool((e == 0).all()) and bool((g == 0).all())
+
+
+@pytest.mark.parametrize("name", ["aspirin", "ethanol"])
+def test_shipped_models_unchanged_on_real_frames(name):
+    """The shipped models load with the repulsion on and give the numbers of the model without it (as before the
+    repulsion existed) on held-out rMD17 frames."""
+    from forcefield import load_potential
+
+    frames = _rmd17_test(name)
+    pot = load_potential(name)                                               # float32, as users load it
+    assert pot.repulsion
+    off = _without_repulsion(pot)
+    b = frames.collate(np.arange(0, 1000, 50), dtype=torch.float32)
+    a, c = pot(b.numbers, b.positions, b.batch), off(b.numbers, b.positions, b.batch)
+    torch.testing.assert_close(a["energy"], c["energy"], rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(a["forces"], c["forces"], rtol=1e-6, atol=1e-6)

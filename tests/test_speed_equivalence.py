@@ -268,10 +268,13 @@ SMALL = {"name": "et", "hidden": 32, "num_layers": 3, "num_heads": 4, "num_rbf":
 RUNS = Path(__file__).resolve().parents[1] / "runs"
 
 
-def _model(cfg=SMALL, seed=0, dtype=torch.float64) -> Potential:
+def _model(cfg=SMALL, seed=0, dtype=torch.float64, repulsion=False) -> Potential:
+    """Random weights. The frozen reference predates the ZBL repulsion, so the models compared with it have none
+    (the random molecules below have pairs inside its 0.6 Å); the traced-graph and AOTInductor tests turn it on
+    and compare with the eager Potential."""
     torch.manual_seed(seed)
     pot = Potential(backbone=cfg, elements=[1, 6, 7, 8], atomref={1: -13.6, 6: -1029.0, 7: -1485.0, 8: -2041.0},
-                    scale=0.7, shift=0.01)
+                    scale=0.7, shift=0.01, repulsion=repulsion)
     with torch.no_grad():  # random non-zero weights everywhere (biases start at zero)
         for p in pot.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -404,7 +407,9 @@ def test_finished_model_file_equals_reference():
     if not files:
         pytest.skip("no shipped model and no finished model file under runs/")
     for path in files[:2]:
-        pot = load_potential(path, dtype=torch.float64)
+        loaded = load_potential(path, dtype=torch.float64)
+        pot = cast_potential(Potential.from_config({**loaded.config, "repulsion": False}, loaded.state_dict()),
+                             "cpu", torch.float64).eval()   # the learned part (the reference has no repulsion)
         ref = reference_of(pot)
         ref.atomref.data = pot.atomref.clone()
         n = len(pot.elements)
@@ -428,19 +433,20 @@ def test_no_edges_single_atom_and_far_apart_atoms():
 # compiled paths (forcefield/compiled.py): traced forward+backward graph, AOTInductor .pt2
 # ---------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_traced_energy_forces_graph_equals_eager(dtype):
-    """The make_fx graph that AOTInductor compiles (forward and backward as plain ops) = eager Potential."""
+@pytest.mark.parametrize("dtype, repulsion", [(torch.float64, False), (torch.float32, False), (torch.float64, True)])
+def test_traced_energy_forces_graph_equals_eager(dtype, repulsion):
+    """The make_fx graph that AOTInductor compiles (forward and backward as plain ops) = eager Potential
+    (= the frozen reference without repulsion; with it, the eager Potential: this molecule has a 0.52 Å pair)."""
     from forcefield.compiled import trace_energy_forces
     from forcefield.graph import half_pairs
 
-    pot = _model(seed=18, dtype=dtype)
+    pot = _model(seed=18, dtype=dtype, repulsion=repulsion)
     gm, _ = trace_energy_forces(pot, dtype)
     z, r = _molecule(21, 19)
     r = r.to(dtype)
     pairs, _ = half_pairs(r, torch.zeros(21, dtype=torch.long), pot.cutoff)
     e_atom, forces = gm(z, r, pairs, torch.zeros(pairs.shape[1], 3, dtype=dtype))
-    ref = reference_of(pot)(z, r, with_reference=False)
+    ref = (pot if repulsion else reference_of(pot))(z, r, with_reference=False)
     tol = TOL if dtype == torch.float64 else 1e-4
     assert abs(float(e_atom.sum()) - float(ref["energy"].sum())) < tol * max(1.0, abs(float(ref["energy"].sum())))
     assert float((forces - ref["forces"]).abs().max()) < tol
@@ -456,13 +462,15 @@ def _have_compiler() -> bool:
 def test_aoti_export_equals_eager(tmp_path):
     from forcefield.compiled import EXPORT_TOLERANCE, export_compiled, load_compiled
 
-    pot = _model({"name": "et", "hidden": 16, "num_layers": 2, "num_heads": 2, "num_rbf": 8, "cutoff": 5.0}, seed=20)
+    # with the repulsion, compared with the eager Potential (itself = the frozen reference plus the repulsion)
+    pot = _model({"name": "et", "hidden": 16, "num_layers": 2, "num_heads": 2, "num_rbf": 8, "cutoff": 5.0}, seed=20,
+                 repulsion=True)
     path = export_compiled(pot, tmp_path / "tiny.pt2", dtype=torch.float64)
     cp = load_compiled(path)
-    ref = reference_of(pot)
+    ref = pot
     z1, r1 = _molecule(21, 21)
     z2, r2 = _molecule(5, 22)
-    cases = [(z1, r1, None, None, None),
+    cases = [(z1, r1, None, None, None), (*_molecule(21, 19), None, None, None),   # the second: a 0.52 Å pair
              (torch.cat([z1, z2]), torch.cat([r1, r2 + 20.0]), torch.tensor([0] * 21 + [1] * 5), None, None),
              (torch.tensor([8]), torch.zeros(1, 3, dtype=torch.float64), None, None, None),
              (z2, r2, None, torch.eye(3, dtype=torch.float64).unsqueeze(0) * 4.5, torch.tensor([[True, True, True]]))]
