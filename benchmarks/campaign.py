@@ -339,6 +339,9 @@ def plot_curves(rows: List[Dict]) -> None:
             line, = ax.semilogy(x, y, label=r["name"], lw=1.2)
             if r["target"]:
                 ax.axhline(r["target"], color=line.get_color(), ls=":", lw=1)
+        if group.startswith("recipe study"):
+            ax.plot([m / 60 for m in TORCHMDNET_ET], list(TORCHMDNET_ET.values()), "kx", ms=7,
+                    label="TorchMD-Net ET 6x128 (its trainer)")
         ax.set_xlabel("cumulative CPU-hours")
         ax.set_ylabel("validation force MAE (meV/Å)")
         ax.set_title(group)
