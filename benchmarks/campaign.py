@@ -264,14 +264,15 @@ def study_table(rows: List[Dict]) -> List[str]:
     out = ["## Accuracy per CPU-minute (aspirin, validation force MAE in meV/Å at equal CPU-minutes)", "",
            "Each job trains from scratch on the same 950 frames; values are interpolated on its learning curve at "
            "its own CPU-minutes (compilation included). TorchMD-Net's own ET (6x128) on this machine for scale.", "",
-           f"| job | recipe | {head} |", "|---|---|" + "---:|" * len(mins)]
+           f"| job | recipe | {head} | at its end (CPU-min) |", "|---|---|" + "---:|" * (len(mins) + 1)]
     for r in study:
         own = [(c - (r["cpu_hours"] - r["own_cpu_hours"])) * 60 for c, _ in r["curve"]]
         curve = list(zip(own, [f for _, f in r["curve"]]))
         vals = " | ".join(_fmt(value_at(curve, m)) for m in mins)
-        out.append(f"| {r['name']} | {r['note']} | {vals} |")
+        end = f"{curve[-1][1]:.1f} ({curve[-1][0]:.1f})" if curve else "—"
+        out.append(f"| {r['name']} | {r['note']} | {vals} | {end} |")
     out.append("| TorchMD-Net ET 6x128 | its own trainer | " + " | ".join(_fmt(TORCHMDNET_ET.get(m, float('nan')))
-                                                                       for m in mins) + " |")
+                                                                       for m in mins) + " | |")
     return out + [""]
 
 
@@ -285,7 +286,7 @@ def ship_improved(jobs: List[Dict]) -> None:
     job's validation frames (card: cumulative CPU-hours, epochs, recipe, frame ids; test errors recomputed)."""
     import torch
     sys.path.insert(0, str(REPO))
-    from benchmarks.ship_models import ship
+    from release.ship_models import ship
     from forcefield.evaluate import evaluate
     from forcefield.io import PRETRAINED_DIR, load_potential
     from forcefield.train.config import config_from_dict

@@ -25,7 +25,7 @@ except ImportError:  # running from a source checkout without `pip install -e .`
 
 from md import io
 from md.config import SimulationConfig
-from md.data import canonical_molecule
+from md.frames import canonical_molecule
 from md.errors import MDInputError
 
 MOLECULES = ("aspirin", "ethanol", "naphthalene", "salicylic")
@@ -54,7 +54,8 @@ def run_label(spec: str) -> str:
 
 def run_one(molecule: str, spec: str, args) -> dict:
     from md.analysis import analyze_run
-    from md.simulate import finished_summary, run_simulation
+    from md.rundir import finished_summary
+    from md.simulate import run_simulation
 
     run_dir = Path(args.out) / f"{molecule}__{run_label(spec)}"
     cfg = SimulationConfig(molecule=molecule, model=spec, ps=args.ps, replicas=args.replicas,

@@ -65,7 +65,8 @@ def make_config(polymer: str, args) -> SimulationConfig:
 def run_one(polymer: str, args, tag: str) -> dict:
     """Simulate (or resume / reuse) one polymer; returns its summary.json content."""
     from md.analysis import analyze_run
-    from md.simulate import finished_summary, run_simulation
+    from md.rundir import finished_summary
+    from md.simulate import run_simulation
 
     cfg = make_config(polymer, args)
     run_dir = Path(args.out) / f"{polymer}__{run_label(cfg.model_spec)}"

@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from forcefield.pretrain.finetune import FinetuneOptions, PropertyConfig, finetune_forcefield, finetune_property  # noqa: E402
+from forcefield.pretrain.finetune import FinetuneOptions, finetune_forcefield  # noqa: E402
+from forcefield.pretrain.property import PropertyConfig, finetune_property  # noqa: E402
 from forcefield.pretrain.trainer import Pretrainer, pretrain_config_from_dict  # noqa: E402
 from forcefield.train import Trainer, config_from_dict  # noqa: E402
 
@@ -166,18 +167,12 @@ def run_finetune(molecule: str, size: int, method: str, pretrained: Optional[Pat
         d = finetune_config(molecule, size, args, smoke, model)
         if SCRATCH[method] == "egnn":
             # ModelConfig knows ET hyper-parameters only: build the EGNN potential here, train with the same Trainer
-            from forcefield.models.egnn import register_egnn
-            from forcefield.potential import Potential
             from forcefield.train.datasets import build_splits
-            from forcefield.train.statistics import energy_scale, fit_reference_energies
-            register_egnn()
+            from forcefield.train.statistics import fitted_potential
             cfg = config_from_dict({k: v for k, v in d.items() if k != "model"})
             splits = build_splits(cfg.data, cfg.optim.seed)
-            els = sorted(set(splits.train.elements) | set(splits.val.elements))
-            ref = fit_reference_energies(splits.train, els)
-            scale, shift = energy_scale(splits.train, ref)
             torch.manual_seed(cfg.optim.seed)
-            pot = Potential(backbone=model, elements=els, atomref=ref, scale=scale, shift=shift)
+            pot = fitted_potential(model, splits.train, splits.val)
             return Trainer(cfg, out, splits=splits, init_model=pot, progress=not args.no_progress,
                            log=log).fit(resume=resume)
         d["model"].setdefault("num_heads", 8)

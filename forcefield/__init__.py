@@ -4,8 +4,27 @@ Quick use::
 
     from forcefield import OreoCalculator
     atoms.calc = OreoCalculator("aspirin.pt")
+
+What lives here, each thing in one place, lowest layer first (a module imports from its own layer and those
+below, never from a layer above):
+
+1. ``units`` (every unit conversion and constant), ``files`` (atomic writes), ``settings`` (config loading with
+   type conversion, ``--set``), ``threads``, ``reference`` (xTB/DFT labels), ``graph`` (radius graph, pair
+   search, minimum image), ``models/`` (backbones and heads), ``data/`` (readers -> ConformationSet -> Batch);
+2. ``potential``: :class:`Potential`, the one owner of features, per-atom energies (learned part, ZBL repulsion)
+   and forces = -dE/dr; every objective, export and property head calls it;
+3. ``io`` (model files: one dispatch over every format), ``evaluate`` (predictions and the one MAE/RMSE),
+   ``traced`` (the energy + force graph that gets compiled);
+4. ``compiled`` (AOTInductor ``.pt2``; registers its format with ``io``), ``export`` (TorchScript),
+   ``calculator`` (ASE);
+5. ``train/`` (configs, splits, the loop skeleton, the trainer), then ``pretrain/`` (corpus, objectives,
+   pretraining, fine-tuning, QM9 properties);
+6. ``cli`` (``oreo``: parses arguments, calls the library).
+
+Who may import it: ``md``, ``benchmarks``, ``release``, ``examples`` and ``tests``; nothing in ``forcefield``
+imports those.
 """
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["OreoCalculator", "Potential", "load_potential", "__version__"]
 

@@ -1,6 +1,6 @@
 """ASE calculator: ``atoms.calc = OreoCalculator("aspirin.pt")``. Knows nothing of training."""
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import numpy as np
 import torch

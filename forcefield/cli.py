@@ -5,37 +5,17 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-import yaml
-
+from .settings import add_set_argument, add_state_argument, command_config, set_in
 from .threads import add_threads_argument
-
-
-def _apply_overrides(cfg_dict: dict, overrides: List[str]) -> dict:
-    """``section.key=value`` pairs (value parsed as YAML) into a nested config dict."""
-    for item in overrides or []:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise SystemExit(f"--set expects section.key=value (e.g. optim.max_minutes=30), got '{item}'")
-        key, value = item.split("=", 1)
-        section, name = key.split(".", 1)
-        cfg_dict.setdefault(section, {})[name] = yaml.safe_load(value)
-    return cfg_dict
 
 
 def cmd_train(args) -> int:
     from .train import Trainer, config_from_dict
-    cfg_dict = {}
-    if args.config:
-        p = Path(args.config)
-        if not p.is_file():
-            raise SystemExit(f"config file {p} not found; see examples/configs/ for ready-made ones")
-        cfg_dict = yaml.safe_load(p.read_text()) or {}
-    elif args.resume and (Path(args.out) / "config.yaml").is_file():
-        cfg_dict = yaml.safe_load((Path(args.out) / "config.yaml").read_text())
-    cfg_dict = _apply_overrides(cfg_dict, args.set)
+    cfg_dict = command_config(args.config, args.out, args.resume, args.set)
     if args.data_dir:
-        cfg_dict.setdefault("data", {})["data_dir"] = args.data_dir
+        set_in(cfg_dict, "data.data_dir", args.data_dir)
     if args.threads:
-        cfg_dict.setdefault("optim", {})["threads"] = args.threads
+        set_in(cfg_dict, "optim.threads", args.threads)
     cfg = config_from_dict(cfg_dict)
     init_model = None
     if args.init_from and not args.resume:
@@ -51,9 +31,9 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from .data import load_ase, load_rmd17
     from .evaluate import evaluate, parity_plot
-    from .io import load_potential
+    from .io import load_potential, metadata_of
     pot = load_potential(args.model, device=args.device)
-    meta = json.loads(pot.metadata_json)
+    meta = metadata_of(pot)
     if args.path:
         cset = load_ase(args.path, energy_unit=args.energy_unit)
     elif args.dataset == "poly24" or (not args.molecule and meta.get("dataset") == "poly24"):
@@ -105,9 +85,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .io import load_potential
+    from .io import load_potential, metadata_of
     pot = load_potential(args.model)
-    meta = json.loads(pot.metadata_json)
+    meta = metadata_of(pot)
     meta.pop("train_frame_ids", None)
     meta.pop("val_frame_ids", None)
     print(json.dumps({"cutoff_A": pot.cutoff, **meta}, indent=2))
@@ -165,15 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML config (see examples/configs/)")
     t.add_argument("--out", default="runs/train", help="output folder (checkpoints, logs, plots)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    add_set_argument(t)
     t.add_argument("--init-from", metavar="MODEL",
                    help="start from this model's weights (a shipped name, model file or checkpoint): continue "
                         "training it, or fine-tune it on new data; the config's model section is then ignored")
     t.add_argument("--init-cpu-hours", type=float, metavar="H",
                    help="CPU-hours already spent on the --init-from model (default: what its file records)")
-    t.add_argument("--state", type=Path, metavar="FILE",
-                   help="also keep a compact run state (~7 bytes a parameter, small enough to commit) in FILE, "
-                        "written with every checkpoint; with --resume, a fresh clone continues from it")
+    add_state_argument(t)
     t.add_argument("--data-dir", help="data folder (default: $OREO_DATA_DIR)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_threads_argument(t)

@@ -11,8 +11,9 @@ Numbers: the same function as the eager :class:`~forcefield.potential.Potential`
 rounding: ``EXPORT_TOLERANCE`` (float64 exports: 1e-10 relative energy, 1e-9 eV/Å forces, tested in
 tests/test_speed_equivalence.py; float32: ~1e-6 seen on aspirin, 1e-5 relative / 1e-4 eV/Å promised).
 Inference only (no training through a compiled file; ``optim.compile`` in
-``forcefield/train/compiled_step.py`` compiles the same traced graph for training). Inductor's
-element-wise kernels run on one thread (``default_inductor_configs``), GEMMs on every torch thread.
+``forcefield/train/compiled_step.py`` compiles the same traced graph, :mod:`forcefield.traced`, for training).
+Inductor's element-wise kernels run on one thread (``default_inductor_configs``), GEMMs on every torch thread.
+A ``.pt2`` registers with :mod:`forcefield.io`, so ``load_potential`` and the calculator load it like any model.
 
     export_compiled("runs/aspirin/best.pt", "aspirin.pt2")      # ~1-3 min: C++ compilation
     pot = load_compiled("aspirin.pt2")                          # needs the same torch version
@@ -22,75 +23,23 @@ Requirements: a C++ compiler at export time (g++/clang); at load time only torch
 platform as the exporting one).
 """
 import json
-import os
-import shutil
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from .graph import NeighborCache, half_pairs, shift_vectors
-from .potential import check_pair_distances, checked_batch
+from .graph import half_pairs
+from .io import FileFormat, cast_potential, load_potential, register_file_format
+from .potential import check_pair_distances, checked_batch, graph_sum
+from .traced import EnergyForces, default_inductor_configs, pairs_and_shifts, traceable
 
 COMPILED_FORMAT = "oreo-aoti"
 COMPILED_FORMAT_VERSION = 1
 METADATA_ENTRY = "oreo_metadata.json"
-# Inductor's generated element-wise kernels run on one thread; GEMMs and the rest of torch keep every
-# torch thread. Measured on the 2-core benchmark machine (aspirin, ET 6x128, torch 2.13): kernels on 2
-# OpenMP threads made the compiled model 2.4x slower for one molecule and 2x slower for 16 and 64
-# replicas (each kernel is small: OpenMP start-up costs more than it saves). Override per call with
-# ``inductor_configs={"cpp.threads": -1}`` (all torch threads) or the environment variable OREO_KERNEL_THREADS.
-def default_inductor_configs(**extra: Any) -> Dict[str, Any]:
-    """Inductor options oreo compiles with (AOTInductor export and ``optim.compile`` training)."""
-    return {"cpp.threads": int(os.environ.get("OREO_KERNEL_THREADS", "1")), **extra}
-
-
 # |compiled - eager| seen on aspirin (float32, 6x128, random weights, forces ~1 eV/Å): ~1e-6; what we promise:
 EXPORT_TOLERANCE = {"float32": {"energy_rel": 1e-5, "forces_abs": 1e-4}, "float64": {"energy_rel": 1e-10, "forces_abs": 1e-9}}
-
-
-class EnergyForces(nn.Module):
-    """(numbers (N,), positions (N, 3), pairs (2, P), cart (P, 3)) -> (atomic energies (N,) eV, forces (N, 3) eV/Å).
-
-    ``pairs`` holds one direction of each pair (``graph.half_pairs``), ``cart`` its Cartesian image shift
-    (zeros for molecules). Atomic energies include ``scale``/``shift`` and the ZBL repulsion
-    (``Potential.energy_readout``, the same code as eager) but not the reference energies.
-    """
-
-    def __init__(self, potential: nn.Module, differentiable: bool = False):
-        super().__init__()
-        self.potential = potential
-        self.differentiable = differentiable  # True: outputs stay differentiable in the parameters (training)
-
-    def forward(self, numbers: Tensor, positions: Tensor, pairs: Tensor, cart: Tensor) -> Tuple[Tensor, Tensor]:
-        pot = self.potential
-        with torch.enable_grad():
-            pos = positions.detach().requires_grad_(True)
-            vec = pos.index_select(0, pairs[1]) - pos.index_select(0, pairs[0]) + cart
-            edge_index = torch.cat([pairs, pairs.flip(0)], dim=1)
-            edge_vec = torch.cat([vec, -vec])
-            x, v = pot.backbone.represent(numbers, edge_index, edge_vec, 2)
-            # the repulsion is always in the traced graph (branch-free; exactly zero beyond r_off)
-            e_atom = pot.energy_readout(numbers, x, v, edge_index, edge_vec, True)
-            (g,) = torch.autograd.grad([e_atom.sum()], [pos], create_graph=self.differentiable)
-        return (e_atom, -g) if self.differentiable else (e_atom.detach(), -g)
-
-
-def pairs_and_shifts(positions: Tensor, batch: Tensor, cutoff: float, cell: Optional[Tensor] = None,
-                     pbc: Optional[Tensor] = None, neighbors: Optional[NeighborCache] = None) -> Tuple[Tensor, Tensor]:
-    """The inputs the traced graph takes besides numbers and positions: one direction of each pair (2, P)
-    and its Cartesian image shift (P, 3) in ``positions``' dtype (zeros without periodic directions; constant
-    in the cell: no stress). ``neighbors``: a Verlet cache to search with instead of a fresh search."""
-    if neighbors is not None:
-        pairs, shifts = neighbors(positions, batch, cell, pbc)
-    else:
-        pairs, shifts = half_pairs(positions, batch, cutoff, cell, pbc)
-    if shifts is not None and cell is not None:
-        return pairs, shift_vectors(pairs, shifts, cell.detach(), batch, positions.dtype)
-    return pairs, torch.zeros(pairs.shape[1], 3, dtype=positions.dtype, device=positions.device)
 
 
 def _example_inputs(dtype: torch.dtype, cutoff: float):
@@ -107,9 +56,7 @@ def trace_energy_forces(potential: nn.Module, dtype: torch.dtype = torch.float32
     """``make_fx`` graph (forward + backward as plain ATen ops) with symbolic atom and pair counts."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from .io import cast_potential
-
-    if not hasattr(potential, "backbone") or not hasattr(potential.backbone, "represent"):
+    if not traceable(potential):
         raise TypeError("compiling needs an eager oreo Potential (a model file or checkpoint), not a TorchScript export")
     pot = cast_potential(potential, "cpu", dtype).eval()
     for p in pot.parameters():
@@ -125,8 +72,8 @@ def export_compiled(model: Union[str, Path, nn.Module], out: Union[str, Path], d
     """Trace, export and AOT-compile a potential into ``out`` (``.pt2``); metadata rides along in the archive."""
     from torch.export import Dim
 
-    from . import __version__
-    from .io import load_potential
+    from .version import __version__
+    from .files import atomic_write
 
     pot = load_potential(model, dtype=torch.float64) if isinstance(model, (str, Path)) else model
     meta = json.loads(getattr(pot, "metadata_json", "{}") or "{}")
@@ -142,21 +89,15 @@ def export_compiled(model: Union[str, Path, nn.Module], out: Union[str, Path], d
     n = Dim("n_atoms", min=2, max=max_atoms)
     p = Dim("n_pairs", min=2, max=max_pairs)
     ep = torch.export.export(gm, example, dynamic_shapes=({0: n}, {0: n}, {1: p}, {0: p}), strict=False)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent)
-    tmp = os.path.join(tmpdir, out.name)  # the archive's root folder is named after the file
-    try:
-        options = default_inductor_configs()
-        options.update(inductor_configs or {})
-        torch._inductor.aoti_compile_and_package(ep, package_path=tmp, inductor_configs=options)
+    options = default_inductor_configs()
+    options.update(inductor_configs or {})
+
+    def write(tmp: Path) -> None:     # the archive's root folder is named after the file: tmp has out's name
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp), inductor_configs=options)
         with zipfile.ZipFile(tmp, "a") as zf:
             root = zf.namelist()[0].split("/")[0]
             zf.writestr(f"{root}/extra/{METADATA_ENTRY}", json.dumps(info))
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    return out
+    return atomic_write(out, write, keep_name=True)
 
 
 def is_compiled_file(path: Union[str, Path]) -> bool:
@@ -176,13 +117,9 @@ def read_compiled_metadata(path: Union[str, Path]) -> Optional[Dict[str, Any]]:
 
 
 class CompiledPotential(nn.Module):
-    """A loaded ``.pt2``, called like :class:`~forcefield.potential.Potential` (inference only).
+    """A loaded ``.pt2``, called like :class:`~forcefield.potential.Potential` (inference only)."""
 
-    ``skin`` > 0 keeps the pair list between calls until an atom moved more than ``skin / 2`` Å
-    (:class:`~forcefield.graph.NeighborCache`; exact). It pays off for large or periodic systems only.
-    """
-
-    def __init__(self, path: Union[str, Path], skin: float = 0.0):
+    def __init__(self, path: Union[str, Path]):
         super().__init__()
         info = read_compiled_metadata(path)
         if info is None:
@@ -200,7 +137,6 @@ class CompiledPotential(nn.Module):
         known[torch.tensor(info["elements"], dtype=torch.long)] = True
         self.register_buffer("known_elements", known)
         self._runner = torch._inductor.aoti_load_package(str(path))
-        self.neighbors = NeighborCache(self.cutoff, skin) if skin > 0 else None
 
     @property
     def metadata(self) -> Dict[str, Any]:
@@ -213,7 +149,7 @@ class CompiledPotential(nn.Module):
         n = positions.shape[0]
         pos = positions.detach().to(self.dtype)
         cell = cell.to(self.dtype) if cell is not None else None
-        pairs, cart = pairs_and_shifts(pos, batch, self.cutoff, cell, pbc, self.neighbors)
+        pairs, cart = pairs_and_shifts(pos, batch, self.cutoff, cell, pbc)
         check_pair_distances(pairs, pos.index_select(0, pairs[1]) - pos.index_select(0, pairs[0]) + cart, batch)
         nums = numbers
         if n < 2 or pairs.shape[1] < 2:  # the graph is compiled for >= 2 atoms and pairs: pad with inert ones
@@ -228,16 +164,21 @@ class CompiledPotential(nn.Module):
                 cart = torch.cat([cart, cart.new_tensor([[2.0 * self.cutoff, 0.0, 0.0]]).expand(k, 3)])
         e_atom, forces = self._runner(nums, pos, pairs, cart)
         e_atom, forces = e_atom[:n], forces[:n]
-        energy = torch.zeros(num_graphs, dtype=e_atom.dtype).index_add_(0, batch, e_atom)
+        energy = graph_sum(e_atom, batch, num_graphs)
         out: Dict[str, Tensor] = {}
         if compute_forces:
             out["forces"] = forces.to(positions.dtype)
         if with_reference:
-            ref = torch.zeros(num_graphs, dtype=torch.float64).index_add_(0, batch, self.atomref[numbers])
+            ref = graph_sum(self.atomref[numbers], batch, num_graphs)
             energy = energy.to(torch.float64) + ref
         out["energy"] = energy
         return out
 
 
-def load_compiled(path: Union[str, Path], skin: float = 0.0) -> CompiledPotential:
-    return CompiledPotential(path, skin=skin).eval()
+def load_compiled(path: Union[str, Path]) -> CompiledPotential:
+    return CompiledPotential(path).eval()
+
+
+# a .pt2 is a model file like any other: forcefield.io.open_model_file recognises it through this entry
+register_file_format(FileFormat(COMPILED_FORMAT, lambda path: read_compiled_metadata(path),
+                                lambda path, header, device, dtype: load_compiled(path)))

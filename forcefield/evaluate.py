@@ -1,11 +1,12 @@
 """Energy/force errors of a potential on labelled frames, and a parity plot."""
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
 from .data.conformations import ConformationSet
+from .units import MEV
 
 
 def predict(potential, cset: ConformationSet, batch_size: int = 64, device="cpu",
@@ -25,17 +26,23 @@ def predict(potential, cset: ConformationSet, batch_size: int = 64, device="cpu"
     return {"energy": np.concatenate(energies), "forces": np.concatenate(forces)}
 
 
+def mae_rmse(errors) -> Tuple[float, float]:
+    """(MAE, RMSE) of an array of errors in eV or eV/Å, in meV or meV/Å: the one definition every report uses
+    (training, ``oreo evaluate``, MD force errors, DFT spot checks)."""
+    e = np.asarray(errors, dtype=np.float64)
+    return MEV * float(np.mean(np.abs(e))), MEV * float(np.sqrt(np.mean(e ** 2)))
+
+
 def error_metrics(pred: Dict[str, np.ndarray], cset: ConformationSet) -> Dict[str, float]:
     """MAE/RMSE in meV (energy, also per atom) and meV/Å (force components)."""
     m: Dict[str, float] = {"n_frames": len(cset)}
     if cset.energy is not None:
         de = pred["energy"] - cset.energy
-        m.update(energy_mae_meV=1e3 * float(np.mean(np.abs(de))), energy_rmse_meV=1e3 * float(np.sqrt(np.mean(de ** 2))),
-                 energy_per_atom_mae_meV=1e3 * float(np.mean(np.abs(de / cset.n_atoms))))
+        mae, rmse = mae_rmse(de)
+        m.update(energy_mae_meV=mae, energy_rmse_meV=rmse, energy_per_atom_mae_meV=mae_rmse(de / cset.n_atoms)[0])
     if cset.forces is not None:
-        df = pred["forces"] - cset.forces
-        m.update(forces_mae_meV_per_A=1e3 * float(np.mean(np.abs(df))),
-                 forces_rmse_meV_per_A=1e3 * float(np.sqrt(np.mean(df ** 2))))
+        mae, rmse = mae_rmse(pred["forces"] - cset.forces)
+        m.update(forces_mae_meV_per_A=mae, forces_rmse_meV_per_A=rmse)
     return m
 
 

@@ -29,8 +29,9 @@ from typing import Optional, Union
 
 import torch
 
-from . import __version__
-from .io import atomic_torch_save, cast_potential, load_potential
+from .version import __version__
+from .files import atomic_torch_save
+from .io import cast_potential, load_potential
 
 EXPORT_FORMAT = "oreo-torchscript"
 EXPORT_FORMAT_VERSION = 1

@@ -26,6 +26,24 @@ def _pairs_within(pos: Tensor, batch: Tensor, cutoff: float) -> Tensor:
         return torch.triu(mask, diagonal=1).nonzero().t()  # i < j; the reversed half is added by the caller
 
 
+def same_structure_pairs(batch: Tensor) -> Tensor:
+    """Every pair (2, P), ``i < j``, of atoms of the same structure, whatever their distance (row-major order)."""
+    same = batch.unsqueeze(0) == batch.unsqueeze(1)
+    return torch.triu(same, diagonal=1).nonzero().t()
+
+
+def minimum_image(vectors: Tensor, cell: Tensor, pbc: Tensor) -> Tensor:
+    """Vectors (P, 3) moved to their nearest periodic image: fractional coordinates in ``cell`` ((P, 3, 3) or
+    one (3, 3)) rounded along the periodic directions ``pbc`` ((P, 3) or (3,)). Exact for vectors shorter than
+    half the cell width (bonds, pair potentials whose cutoff is below it); for all images within a cutoff use
+    :func:`half_pairs`."""
+    c = cell if cell.dim() == 3 else cell.unsqueeze(0).expand(vectors.shape[0], 3, 3)
+    p = pbc if pbc.dim() == 2 else pbc.unsqueeze(0).expand(vectors.shape[0], 3)
+    frac = torch.linalg.solve(c.transpose(1, 2), vectors.unsqueeze(-1)).squeeze(-1)
+    frac = torch.where(p, frac - torch.round(frac), frac)
+    return torch.bmm(frac.unsqueeze(1), c).squeeze(1)
+
+
 def _search_cell(cell: Tensor, pbc: Tensor) -> Tensor:
     """A non-singular cell for the image search: zero rows of non-periodic directions (molecules in a batch
     with periodic frames, slabs with ``cell[2] = 0``) become unit vectors; they are never used for shifts."""
@@ -134,40 +152,3 @@ def radius_graph(positions: Tensor, batch: Tensor, cutoff: float, cell: Optional
         cart = shift_vectors(pairs, shifts, cell, batch, positions.dtype)
     return edges_from_pairs(positions, pairs, cart)
 
-
-class NeighborCache:
-    """Verlet-list reuse for MD (eager Python, not TorchScript): the pairs within ``cutoff + skin`` are kept
-    until an atom has moved more than ``skin / 2`` (or the atoms, batch, cell or pbc changed).
-
-    Exact: pairs in the skin (``cutoff <= r < cutoff + skin``) enter the model with a cutoff factor of
-    exactly zero, so they add exact zeros. It pays off only where the search is expensive (large or periodic
-    systems); for a 21-atom molecule the dense search costs less than the extra skin edges.
-    ``__call__`` returns ``(pairs, shifts)`` like :func:`half_pairs`.
-    """
-
-    def __init__(self, cutoff: float, skin: float = 0.5):
-        self.cutoff = float(cutoff)
-        self.skin = float(skin)
-        self._state: Optional[Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]] = None
-        self._result: Optional[Tuple[Tensor, Optional[Tensor]]] = None
-        self.builds = 0
-
-    @staticmethod
-    def _same(a: Optional[Tensor], b: Optional[Tensor]) -> bool:
-        if a is None or b is None:
-            return a is None and b is None
-        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
-
-    def __call__(self, positions: Tensor, batch: Tensor, cell: Optional[Tensor] = None,
-                 pbc: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
-        p = positions.detach()
-        c = None if cell is None else cell.detach()
-        st = self._state
-        if (st is None or self._result is None or self.skin <= 0.0 or p.shape != st[0].shape
-                or not self._same(batch, st[1]) or not self._same(c, st[2]) or not self._same(pbc, st[3])
-                or float((p - st[0]).pow(2).sum(-1).max()) > (0.5 * self.skin) ** 2):
-            self._result = half_pairs(p, batch, self.cutoff + max(self.skin, 0.0), c, pbc)
-            self._state = (p.clone(), batch.clone(), None if c is None else c.clone(),
-                           None if pbc is None else pbc.clone())
-            self.builds += 1
-        return self._result

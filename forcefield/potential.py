@@ -144,6 +144,22 @@ def repulsion_settings(repulsion: Union[bool, Dict[str, float], None], cutoff: f
     return {"r_on": r_on, "r_off": r_off}
 
 
+def graph_sum(values: Tensor, batch: Tensor, num_graphs: int) -> Tensor:
+    """Per-structure sums (B, ...) of per-atom values (N, ...): energies, pooled features, counts."""
+    out = torch.zeros([num_graphs] + list(values.shape[1:]), dtype=values.dtype, device=values.device)
+    return out.index_add(0, batch, values)
+
+
+def forces_from_energy(energy: Tensor, positions: Tensor, create_graph: bool) -> Tensor:
+    """Forces (N, 3) = -dE/dr of the summed ``energy`` by autograd, in the dtype of ``positions`` (zeros where
+    the energy does not depend on them). ``create_graph``: keep them differentiable (training on forces)."""
+    grads = torch.autograd.grad([energy.sum()], [positions], create_graph=create_graph, allow_unused=True)
+    g = grads[0]
+    if g is None:
+        return torch.zeros_like(positions)
+    return -g
+
+
 def checked_batch(numbers: Tensor, positions: Tensor, batch: Optional[Tensor],
                   known_elements: Tensor) -> Tuple[Tensor, int]:
     """The input checks every potential runs first: ``(batch, num_graphs)``, with ``batch`` defaulting to
@@ -209,21 +225,37 @@ class Potential(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def atomic_energies(self, numbers: Tensor, positions: Tensor, batch: Tensor, cell: Optional[Tensor] = None,
-                        pbc: Optional[Tensor] = None) -> Tensor:
+                        pbc: Optional[Tensor] = None, learned_only: bool = False) -> Tensor:
         """Per-atom energies (N,) eV (learned + repulsion), without the reference energies. Atoms closer than
-        :data:`MIN_PAIR_DISTANCE` raise (:func:`check_pair_distances`) before the model runs."""
+        :data:`MIN_PAIR_DISTANCE` raise (:func:`check_pair_distances`) before the model runs. ``learned_only``:
+        see :meth:`atomic_energies_and_features`."""
+        e_atom, _, _ = self.atomic_energies_and_features(numbers, positions, batch, cell, pbc, learned_only)
+        return e_atom
+
+    def atomic_energies_and_features(self, numbers: Tensor, positions: Tensor, batch: Tensor,
+                                     cell: Optional[Tensor] = None, pbc: Optional[Tensor] = None,
+                                     learned_only: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(e_atom (N,) eV, x (N, F), vec (N, 3, F))``: per-atom energies and the backbone's scalar and vector
+        features. Every path that needs the model's energies goes through here or :meth:`energy_readout`.
+
+        ``learned_only``: the learned part alone, without the ZBL repulsion and without the close-atoms check:
+        for pretraining objectives, whose noisy coordinates may put atoms on top of each other (the repulsion
+        would dominate their targets), and for property heads (no energy)."""
         edge_index, edge_vec = radius_graph(positions, batch, self.cutoff, cell, pbc)
-        shortest = check_pair_distances(edge_index, edge_vec, batch)
+        repulsive = False
+        if not learned_only:
+            shortest = check_pair_distances(edge_index, edge_vec, batch)
+            # no edge inside r_off (every training frame): the repulsion is exactly zero, skip its ops
+            repulsive = shortest < self.repulsion_r_off
         x, vec = self.backbone(numbers, edge_index, edge_vec)
-        # no edge inside r_off (every training frame): the repulsion is exactly zero, skip its ops
-        return self.energy_readout(numbers, x, vec, edge_index, edge_vec, shortest < self.repulsion_r_off)
+        return self.energy_readout(numbers, x, vec, edge_index, edge_vec, repulsive), x, vec
 
     def energy_readout(self, numbers: Tensor, x: Tensor, vec: Tensor, edge_index: Tensor, edge_vec: Tensor,
                        with_repulsion: bool = True) -> Tensor:
         """Per-atom energies (N,) eV from the backbone's features: head, scale and shift, plus the repulsion of
         the edges (skipped with ``with_repulsion=False``, which callers pass only when no edge is shorter than
-        ``repulsion_r_off``, where it is exactly zero). Eager, TorchScript and the compiled graphs
-        (``forcefield.compiled.EnergyForces``) all end here."""
+        ``repulsion_r_off``, where it is exactly zero). Eager, TorchScript and the traced graphs that are compiled
+        (``forcefield.traced.EnergyForces``) all end here."""
         y = self.head(x, vec)
         e = y * self.scale.to(y.dtype) + self.shift.to(y.dtype)
         if with_repulsion and self.repulsion:
@@ -258,16 +290,12 @@ class Potential(nn.Module):
         if cell is not None:
             cell = cell.to(dtype)
         e_atom = self.atomic_energies(numbers, positions.to(dtype), batch, cell, pbc)
-        energy = torch.zeros(num_graphs, dtype=e_atom.dtype, device=e_atom.device).index_add_(0, batch, e_atom)
+        energy = graph_sum(e_atom, batch, num_graphs)
         out: Dict[str, Tensor] = {}
         if compute_forces:
-            grads = torch.autograd.grad([energy.sum()], [positions], create_graph=create_graph,
-                                        allow_unused=True)
-            g = grads[0]
-            out["forces"] = -g if g is not None else torch.zeros_like(positions)
+            out["forces"] = forces_from_energy(energy, positions, create_graph)
         if with_reference:
-            ref = torch.zeros(num_graphs, dtype=torch.float64, device=energy.device).index_add_(
-                0, batch, self.atomref[numbers].to(torch.float64))
+            ref = graph_sum(self.atomref[numbers].to(torch.float64), batch, num_graphs)
             energy = energy.to(torch.float64) + ref  # float64: total energies are large
         out["energy"] = energy if create_graph else energy.detach()
         return out

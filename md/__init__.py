@@ -3,11 +3,16 @@
 Library entry points (the CLI ``oreo-md`` in :mod:`md.cli` only parses arguments and calls these):
 
 - :class:`~md.state.MDState`, :func:`~md.state.make_state` — the batched state;
-- :mod:`md.integrators` — ``nve_step``, ``nose_hoover_step``, ``langevin_step``;
+- :mod:`md.integrators` — ``nve_step``, ``nose_hoover_step``, ``langevin_step`` (plain functions);
 - :class:`~md.potential.ForceField`, :func:`~md.potential.load_model` — potential adapter;
 - :class:`~md.config.SimulationConfig`, :func:`~md.simulate.run_simulation` — a full run;
+- :mod:`md.frames` — where initial and reference frames come from; :mod:`md.rundir` — the run directory and
+  the resume policy; :mod:`md.io` — its files;
 - :func:`~md.analysis.analyze_run` — stability, h(r), force MAE, speed;
 - :mod:`md.metrics` — the observables as pure functions.
+
+Imports :mod:`forcefield` (models through ``forcefield.io``, frames through ``forcefield.data``, units, files,
+settings, graph); ``forcefield`` never imports ``md``. Imported by the benchmarks, examples and tests.
 """
 from .config import SimulationConfig
 from .errors import MDInputError

@@ -26,6 +26,7 @@ import numpy as np
 from . import io
 from .config import SimulationConfig
 from .errors import MDInputError
+from .frames import describe_frames, frame_stack, load_system_frames, reference_bonds, same_molecule
 from .metrics import HR_RMAX, distance_histogram, first_unstable_frame, hr_mae, max_bond_deviation
 
 
@@ -47,8 +48,6 @@ def load_run(run_dir) -> dict:
 
 def analyze_replica(traj_atoms, reference, status: dict, bond_threshold: float, h_ref: np.ndarray) -> dict:
     """Stability and h(r) of one replica from its frames (list of ``ase.Atoms``)."""
-    from .simulate import reference_bonds
-
     out = {"replica": status["replica"], "n_frames": len(traj_atoms), "stop_reason": status.get("reason"),
            "initial_frame_id": status.get("initial_frame_id")}
     if not traj_atoms:
@@ -97,8 +96,6 @@ def analyze_run(run_dir, forcefield=None, frames=None, force_frames: Optional[in
     ``force_frames``: number of held-out frames for the force MAE (0 skips it).
     ``data_dir`` / ``poly24_dir``: where to re-load the frames from (default: the run's).
     """
-    from .data import frame_stack, same_molecule
-    from .simulate import describe_frames, load_system_frames
 
     run_dir = Path(run_dir)
     run = load_run(run_dir)

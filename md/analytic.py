@@ -18,13 +18,7 @@ from typing import Dict
 import numpy as np
 import torch
 
-
-def _pairs(batch: torch.Tensor):
-    """All pairs i<j of atoms in the same system: (P,) i, (P,) j."""
-    same = batch.unsqueeze(0) == batch.unsqueeze(1)
-    i, j = torch.triu_indices(batch.shape[0], batch.shape[0], offset=1, device=batch.device)
-    keep = same[i, j]
-    return i[keep], j[keep]
+from forcefield.graph import minimum_image, same_structure_pairs
 
 
 def _pair_vectors(positions, i, j, batch, cell=None, pbc=None):
@@ -32,10 +26,7 @@ def _pair_vectors(positions, i, j, batch, cell=None, pbc=None):
     below half the cell width)."""
     d = positions[j] - positions[i]
     if cell is not None and pbc is not None and bool(pbc.any()):
-        c = cell[batch[i]]                                        # (P, 3, 3)
-        frac = torch.linalg.solve(c.transpose(1, 2), d.unsqueeze(-1)).squeeze(-1)
-        frac = torch.where(pbc[batch[i]], frac - torch.round(frac), frac)
-        d = torch.bmm(frac.unsqueeze(1), c).squeeze(1)
+        d = minimum_image(d, cell[batch[i]], pbc[batch[i]])
     return d
 
 
@@ -53,7 +44,8 @@ class _Analytic(torch.nn.Module):
         raise NotImplementedError
 
     def pairs(self, numbers, batch):
-        return _pairs(batch)
+        pairs = same_structure_pairs(batch)
+        return pairs[0], pairs[1]
 
     def forward(self, numbers, positions, batch, cell=None, pbc=None):
         positions = positions.detach().requires_grad_(True)
@@ -132,7 +124,7 @@ def bond_network(molecule: str, data_dir=None) -> BondNetwork:
     :class:`BondNetwork` on the bonds and bond angles (1-2 and 1-3 pairs, see
     :func:`topology_pairs`) of the first training frame of the rMD17 ``molecule``. Torsions are
     free, so any conformer of the molecule is a low-energy start."""
-    from .data import load_frames
+    from .frames import load_frames
     if not molecule:
         raise ValueError("py:md.analytic:bond_network needs --molecule")
     frames = load_frames(molecule, "train", data_dir)

@@ -16,7 +16,7 @@ import argparse
 import math
 import sys
 import warnings
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -30,7 +30,7 @@ PROG = "oreo-md"
 
 
 def _molecule(name: str) -> str:
-    from .data import canonical_molecule
+    from .frames import canonical_molecule
     try:
         return canonical_molecule(name)
     except MDInputError as exc:
@@ -152,41 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------- commands
-def _default_out(cfg) -> Path:
-    model = Path(cfg.model_spec.replace("py:", "").replace(":", "-")).stem or "model"
-    return Path("runs") / "md" / f"{cfg.system_name}_{model}_{cfg.thermostat}_{cfg.temperature:g}K_seed{cfg.seed}"
-
-
 def _simulate(args) -> int:
     from . import io
     from .config import SimulationConfig
+    from .rundir import plan_run
     from .simulate import run_simulation
 
     names = {f.name for f in fields(SimulationConfig)}
     given: Dict[str, object] = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    if given.get("dataset") == "rmd17":        # rMD17 is implied by --molecule; the config stores no dataset
-        if not given.get("molecule"):
-            raise MDInputError("--dataset rmd17 needs --molecule NAME")
-        del given["dataset"]
-    out = Path(args.out) if args.out else None
-    stored = None
-    if out is not None and (out / io.CHECKPOINT).is_file() and not args.overwrite:
-        ckpt = io.load_checkpoint(out / io.CHECKPOINT)
-        stored = SimulationConfig.from_dict(ckpt["config"])
-    if stored is None:
-        if args.resume and out is None:
-            raise MDInputError("--resume needs --out DIR (the run directory to continue)")
-        if args.resume:
-            raise MDInputError(f"--resume: no checkpoint in '{out}'; drop --resume to start a new run there")
-        if not any(given.get(k) for k in ("molecule", "structure", "polymer", "dataset")):
-            raise MDInputError("give --molecule NAME (rMD17), --dataset poly24 --polymer NAME, or --structure FILE, "
-                               "or --out DIR of a run to resume")
-        cfg = SimulationConfig(**given).validate()
-        out = out or _default_out(cfg)
-        if (out / io.CHECKPOINT).is_file() and not args.overwrite:
-            stored = SimulationConfig.from_dict(io.load_checkpoint(out / io.CHECKPOINT)["config"])
-    if stored is not None:
-        cfg = replace(stored, **given)
+    cfg, out, continuing = plan_run(given, Path(args.out) if args.out else None, args.resume, args.overwrite)
+    if continuing:
         print(f"resuming the run in {out}")
     run_simulation(cfg, out, resume=True if args.resume else None, overwrite=args.overwrite, progress=args.progress)
     print(f"run directory: {out}")

@@ -1,8 +1,10 @@
 """Simulation settings: one dataclass with MDsim's MD17 defaults, validated in one place."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Dict, Optional
+
+from forcefield.settings import from_mapping
 
 from .errors import MDInputError
 from .integrators import THERMOSTATS
@@ -77,7 +79,7 @@ class SimulationConfig:
     # ------------------------------------------------------------------ checks
     def validate(self) -> "SimulationConfig":
         """Raise :class:`MDInputError` naming the bad setting and the fix; returns self."""
-        from .data import canonical_molecule
+        from .frames import canonical_molecule
         self._validate_system()
         if self.molecule:
             self.molecule = canonical_molecule(self.molecule)
@@ -142,26 +144,5 @@ class SimulationConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, object]) -> "SimulationConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise MDInputError(f"unknown simulation settings {unknown}; known: {sorted(names)}")
-        return cls(**d)
-
-    def resume_conflicts(self, stored: "SimulationConfig", given: Dict[str, object]) -> Dict[str, tuple]:
-        """Settings explicitly ``given`` now that differ from the ``stored`` run (except the
-        ones in :data:`RESUMABLE_CHANGES`): ``{name: (stored, given)}``."""
-        out = {}
-        for k, v in given.items():
-            if k in RESUMABLE_CHANGES or v is None:
-                continue
-            old = getattr(stored, k)
-            if k == "molecule" and v:
-                from .data import canonical_molecule
-                v = canonical_molecule(v)
-            if k == "polymer" and v:
-                from .poly24 import canonical_polymer
-                v = canonical_polymer(v)
-            if old != v:
-                out[k] = (old, v)
-        return out
+        """A stored config (run.json, checkpoint): unknown keys and wrong types raise :class:`MDInputError`."""
+        return from_mapping(cls, d, "simulation", error=MDInputError)

@@ -13,9 +13,11 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from forcefield.files import atomic_write
+from forcefield.evaluate import mae_rmse
+
 from . import io
 from .errors import MDInputError
-from .units import MEV
 
 PYSCF_HINT = "pip install 'oreo[dft]'  (or: pip install pyscf)"
 DFT_JSON = "dft_check.json"
@@ -104,7 +106,7 @@ def dft_check(run_dir, n_frames: int = 10, seed: int = 0, replica: Optional[int]
                               conv_tol=conv_tol, max_memory=max_memory)
         err = fr["model_forces"] - f
         records.append({"replica": fr["replica"], "step": fr["step"], "time_ps": fr["time_ps"],
-                        "dft_energy_eV": e, "force_mae_meV_per_A": float(MEV * np.abs(err).mean())})
+                        "dft_energy_eV": e, "force_mae_meV_per_A": mae_rmse(err)[0]})
         dft_all.append(f)
         model_all.append(fr["model_forces"])
         _write(run_dir, settings, records, dft_all, model_all)
@@ -116,14 +118,14 @@ def dft_check(run_dir, n_frames: int = 10, seed: int = 0, replica: Optional[int]
 
 
 def _write(run_dir: Path, settings, records, dft_all, model_all) -> dict:
-    err = np.concatenate(model_all) - np.concatenate(dft_all)
-    report = {"settings": settings, "n_frames": len(records),
-              "force_mae_meV_per_A": float(MEV * np.abs(err).mean()),
-              "force_rmse_meV_per_A": float(MEV * np.sqrt((err ** 2).mean())), "frames": records}
+    mae, rmse = mae_rmse(np.concatenate(model_all) - np.concatenate(dft_all))
+    report = {"settings": settings, "n_frames": len(records), "force_mae_meV_per_A": mae,
+              "force_rmse_meV_per_A": rmse, "frames": records}
     arrays = {f"dft_{k}": f for k, f in enumerate(dft_all)}
     arrays.update({f"model_{k}": f for k, f in enumerate(model_all)})
-    tmp = run_dir / ".dft_forces.tmp.npz"
-    np.savez(tmp, **arrays)
-    tmp.replace(run_dir / "dft_forces.npz")
+    def save(tmp):
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+    atomic_write(run_dir / "dft_forces.npz", save)
     io.write_json(run_dir / DFT_JSON, report)
     return report

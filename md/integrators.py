@@ -18,8 +18,9 @@ from typing import Callable, Optional
 
 import torch
 
+from forcefield.units import KB, MVV2E
+
 from .state import MDState, kinetic_energy, wrap_positions
-from .units import KB, MVV2E
 
 THERMOSTATS = ("nose-hoover", "langevin", "nve")
 

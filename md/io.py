@@ -24,6 +24,12 @@ import torch
 
 from ase.data import chemical_symbols
 
+from forcefield.files import atomic_torch_save, write_json
+
+__all__ = ["CHECKPOINT", "RUN_JSON", "THERMO_CSV", "SUMMARY_JSON", "THERMO_COLUMNS", "trajectory_path", "read_json",
+           "write_json", "save_checkpoint", "load_checkpoint", "format_extxyz_frame", "read_trajectory", "RunFiles",
+           "read_thermo"]
+
 CHECKPOINT = "checkpoint.pt"
 RUN_JSON = "run.json"
 THERMO_CSV = "thermo.csv"
@@ -35,46 +41,15 @@ def trajectory_path(run_dir, replica: int) -> Path:
     return Path(run_dir) / f"traj_{replica:03d}.extxyz"
 
 
-# ---------------------------------------------------------------------------------- atomic writes
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder + ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode())
-
-
+# ---------------------------------------------------------------------------------- records
 def read_json(path) -> dict:
     with open(path) as fh:
         return json.load(fh)
 
 
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
 def save_checkpoint(path, payload: dict) -> None:
-    """``torch.save`` to a temp file, fsync, then atomically rename over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(payload, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """``torch.save`` atomically, flushed to disk before the rename (a power cut keeps the previous one)."""
+    atomic_torch_save(payload, path, fsync=True)
 
 
 def load_checkpoint(path) -> dict:

@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from .units import MEV
+from forcefield.evaluate import mae_rmse
 
 HR_RMAX = 10.0   #: Å, upper edge of the h(r) histogram
 HR_BINS = 500    #: number of h(r) bins on (0, HR_RMAX]
@@ -40,14 +40,15 @@ def find_bonds(numbers: np.ndarray, positions: np.ndarray, cell: Optional[np.nda
 
 
 def _mic(d: np.ndarray, cell: Optional[np.ndarray], pbc: Optional[np.ndarray]) -> np.ndarray:
-    """Minimum-image vectors (..., 3) for a (3, 3) cell (fractional rounding; exact for
+    """Minimum-image vectors (..., 3) for a (3, 3) cell (:func:`forcefield.graph.minimum_image`; exact for
     vectors shorter than half the cell width, which holds for bonds)."""
     if cell is None or pbc is None or not np.any(pbc):
         return d
-    cell = np.asarray(cell, dtype=np.float64)
-    frac = d @ np.linalg.inv(cell)
-    frac = np.where(np.asarray(pbc, bool), frac - np.round(frac), frac)
-    return frac @ cell
+    from forcefield.graph import minimum_image
+    flat = torch.as_tensor(np.asarray(d, dtype=np.float64).reshape(-1, 3))
+    out = minimum_image(flat, torch.as_tensor(np.asarray(cell, dtype=np.float64)),
+                        torch.as_tensor(np.asarray(pbc, dtype=bool)))
+    return out.numpy().reshape(np.shape(d))
 
 
 def bond_lengths(traj: np.ndarray, bonds: np.ndarray, cell: Optional[np.ndarray] = None,
@@ -127,17 +128,13 @@ def force_errors(forcefield, frames, indices=None, batch_size: int = 64, device=
     if frames.forces is None:
         raise ValueError(f"frames '{frames.source}' carry no reference forces")
     idx = np.arange(len(frames)) if indices is None else np.asarray(indices, dtype=np.int64)
-    abs_sum = sq_sum = 0.0
-    n = 0
+    errors = []
     for s in range(0, len(idx), batch_size):
         chunk = idx[s:s + batch_size]
         b = frames.collate(chunk, dtype=torch.float64, device=device)
         _, f = forcefield(b.positions, b.numbers, b.batch, len(chunk), b.cell, b.pbc)
-        err = (f - b.forces).reshape(-1)
-        abs_sum += float(err.abs().sum())
-        sq_sum += float((err * err).sum())
-        n += err.numel()
-    if n == 0:
+        errors.append((f - b.forces).reshape(-1).cpu().numpy())
+    if not errors:
         raise ValueError("no frames to evaluate the force error on")
-    return {"force_mae_meV_per_A": MEV * abs_sum / n, "force_rmse_meV_per_A": MEV * float(np.sqrt(sq_sum / n)),
-            "n_frames": int(len(idx))}
+    mae, rmse = mae_rmse(np.concatenate(errors))
+    return {"force_mae_meV_per_A": mae, "force_rmse_meV_per_A": rmse, "n_frames": int(len(idx))}

@@ -8,8 +8,8 @@ only on the systems that are still active (one forward/backward for all of them)
 
 :func:`load_model` turns a model spec into such a potential:
 
-- a path to a checkpoint / export, or a shipped model's bare name (``"aspirin"``,
-  ``"aspirin.pt"``) -> ``forcefield.load_potential(spec, device=..., dtype=...)``;
+- a path to any oreo model file (model, checkpoint, export), or a shipped model's bare name (``"aspirin"``,
+  ``"aspirin.pt"``) -> :func:`forcefield.io.load_potential` (the one reader of model files);
 - ``"py:package.module:factory"`` -> ``factory(**kwargs)``, where ``factory`` may declare any
   of the keyword arguments ``molecule``, ``data_dir``, ``device``, ``dtype`` (for analytic or
   custom potentials; see :mod:`md.analytic`).
@@ -185,11 +185,7 @@ def load_model(spec: str, molecule: Optional[str] = None, data_dir=None, device=
         if isinstance(pot, torch.nn.Module):
             pot = pot.to(device)
         return pot
-    try:
-        from forcefield import load_potential
-    except ImportError as exc:
-        raise MDInputError(f"cannot import forcefield.load_potential to load model '{spec}' ({exc}); "
-                           f"install the oreo package (pip install -e .) or pass a py:module:factory spec") from exc
+    from forcefield.io import load_potential
     try:
         pot = load_potential(spec, device=device, dtype=dt)
     except FileNotFoundError as exc:
@@ -218,19 +214,9 @@ def _molecule_key(name) -> str:
 
 
 def potential_metadata(pot) -> Dict[str, object]:
-    """``pot.metadata`` (or the JSON in ``pot.metadata_json`` of TorchScript exports), ``{}`` if none."""
-    meta = getattr(pot, "metadata", None)
-    if isinstance(meta, dict):
-        return dict(meta)
-    text = getattr(pot, "metadata_json", None)
-    if isinstance(text, str):
-        import json
-        try:
-            meta = json.loads(text)
-        except ValueError:
-            return {}
-        return dict(meta) if isinstance(meta, dict) else {}
-    return {}
+    """``pot.metadata`` (or the JSON in ``pot.metadata_json`` of exports), ``{}`` if none."""
+    from forcefield.io import metadata_of
+    return metadata_of(pot)
 
 
 def model_metadata(pot) -> Dict[str, object]:

@@ -1,9 +1,10 @@
 """Run a batched, resumable MD simulation of several replicas (``oreo-md simulate``).
 
 :func:`run_simulation` does everything between a :class:`~md.config.SimulationConfig` and a
-finished run directory (layout in :mod:`md.io`): it picks seeded initial frames, draws
-Maxwell–Boltzmann velocities, integrates all replicas as one batch, logs, checkpoints,
-stops replicas that become unstable or too hot, and finally runs the analysis.
+finished run directory (layout in :mod:`md.io`, resume policy in :mod:`md.rundir`, frames from
+:mod:`md.frames`): it picks seeded initial frames, draws Maxwell–Boltzmann velocities, integrates all
+replicas as one batch, logs, checkpoints, stops replicas that become unstable or too hot, and finally
+runs the analysis (:mod:`md.analysis`).
 """
 from __future__ import annotations
 
@@ -18,17 +19,15 @@ import numpy as np
 import torch
 
 from . import io
-from .config import RESUMABLE_CHANGES, SimulationConfig
+from .config import SimulationConfig
 from .errors import MDInputError
+from .frames import describe_frames, load_system_frames, reference_bonds
 from .integrators import compute_forces, conserved_energy, make_integrator
-from .metrics import find_bonds, max_bond_deviation
+from .metrics import max_bond_deviation
+from .rundir import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, prepare_run_dir
 from .potential import ForceField, load_model, model_metadata
 from .state import MDState, make_state, maxwell_boltzmann_velocities, overlapping_atoms
 
-CHECKPOINT_FORMAT = "oreo-md-checkpoint"
-CHECKPOINT_VERSION = 1
-_RUN_FILES = ("run.json", "checkpoint.pt", "thermo.csv", "summary.json", "hr.png", "thermo.png",
-              "dft_check.json", "dft_parity.png", "dft_forces.npz")
 #: the wall-time estimate is printed after this many steps or seconds of the run, whichever comes first
 ESTIMATE_AFTER_STEPS = 20
 ESTIMATE_AFTER_S = 10.0
@@ -38,51 +37,6 @@ NON_FINITE = "non-finite energy, forces or positions"
 
 
 # ---------------------------------------------------------------------------------- frames
-def load_system_frames(config: SimulationConfig):
-    """``(held_out, reference)`` ConformationSets: rMD17 test split and all frames of the
-    molecule; poly24 test split of the polymer and its test frames at the simulation temperature
-    (:mod:`md.poly24`); or every frame of ``config.structure`` for both."""
-    from .data import frames_from_file, load_frames
-    if config.structure:
-        frames = frames_from_file(config.structure)
-        return frames, frames
-    if config.polymer:
-        from .poly24 import load_polymer_frames
-        return load_polymer_frames(config.polymer, config.temperature, config.poly24_dir, config.data_dir)
-    held_out = load_frames(config.molecule, "test", config.data_dir, config.split_index)
-    reference = load_frames(config.molecule, "all", config.data_dir, config.split_index)
-    return held_out, reference
-
-
-def describe_frames(config: SimulationConfig, held_out, reference) -> Dict[str, str]:
-    """Which frames a run starts from / compares with, in words (for the log and summary.json)."""
-    if config.structure:
-        text = f"every frame of {config.structure} ({len(reference)} frames)"
-        return {"held_out": text, "reference": text}
-    if config.molecule:
-        return {"held_out": f"rMD17 {config.molecule} test split {config.split_index} ({len(held_out)} frames)",
-                "reference": f"rMD17 {config.molecule}, all frames ({len(reference)} frames)"}
-    return {"held_out": str(held_out.meta.get("md_held_out", f"{len(held_out)} held-out frames")),
-            "reference": str(reference.meta.get("md_reference", f"{len(reference)} reference frames"))}
-
-
-def finished_summary(run_dir, config: SimulationConfig) -> Optional[dict]:
-    """The summary.json of a finished run in ``run_dir`` that covers ``config``: the same settings (all but
-    those a resume may change) and at least ``config.ps`` simulated; None when the run must be (re)done."""
-    run_dir = Path(run_dir)
-    summary_path, run_path = run_dir / io.SUMMARY_JSON, run_dir / io.RUN_JSON
-    if not summary_path.is_file() or not run_path.is_file():
-        return None
-    run = io.read_json(run_path)
-    old = SimulationConfig.from_dict(run["config"])
-    keys = [k for k in config.to_dict() if k not in RESUMABLE_CHANGES]
-    summary = io.read_json(summary_path)
-    if (all(getattr(old, k) == getattr(config, k) for k in keys) and run.get("completed")
-            and old.ps >= config.ps and summary.get("requested_ps") == old.ps):
-        return summary
-    return None
-
-
 def check_initial_frames(config: SimulationConfig, held_out) -> None:
     """MDInputError naming the frame and the two atoms when a replica would start from a frame with atoms
     closer than 0.1 Å (checked before the model is loaded or called)."""
@@ -109,75 +63,6 @@ def pick_initial_frames(n_frames: int, replicas: int, seed: int) -> np.ndarray:
         raise MDInputError("no held-out frames to start from; check --data-dir / --structure")
     rng = np.random.default_rng(seed)
     return rng.choice(n_frames, size=replicas, replace=replicas > n_frames).astype(np.int64)
-
-
-def reference_bonds(numbers: np.ndarray, first_positions: np.ndarray, reference, cell=None, pbc=None):
-    """Bonds (M, 2) of a replica's first frame and their mean length (M,) over the reference
-    frames of the same molecule (ASE natural cutoffs, MDsim's definition)."""
-    from .data import frame_stack, same_molecule
-    bonds = find_bonds(numbers, first_positions, cell, pbc)
-    idx = same_molecule(reference, numbers)
-    if len(idx) == 0:
-        raise MDInputError("no reference frame has the same atoms (in the same order) as the simulated system; "
-                           "reference frames must be the same molecule")
-    if len(bonds) == 0:
-        return bonds, np.zeros(0)
-    from .metrics import bond_lengths
-    ref_cell = None if reference.cell is None else reference.cell[idx[0]]
-    ref_pbc = None if reference.pbc is None else reference.pbc[idx[0]]
-    lengths = bond_lengths(frame_stack(reference, idx), bonds, ref_cell, ref_pbc)
-    return bonds, lengths.mean(axis=0)
-
-
-# ---------------------------------------------------------------------------------- run directory
-def _explicit_conflicts(stored: SimulationConfig, config: SimulationConfig) -> Dict[str, tuple]:
-    out = {}
-    for k, v in config.to_dict().items():
-        if k not in RESUMABLE_CHANGES and getattr(stored, k) != v:
-            out[k] = (getattr(stored, k), v)
-    return out
-
-
-def prepare_run_dir(out_dir: Path, config: SimulationConfig, resume: Optional[bool], overwrite: bool):
-    """Create/clean ``out_dir``; return the checkpoint dict to resume from, or ``None``.
-
-    ``resume=None`` resumes automatically when a checkpoint exists; ``True`` requires one;
-    ``False`` refuses to touch an existing run (use ``overwrite``).
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out_dir / io.CHECKPOINT
-    if overwrite:
-        for name in _RUN_FILES:
-            (out_dir / name).unlink(missing_ok=True)
-        for p in out_dir.glob("traj_*.extxyz"):
-            p.unlink()
-        if resume:
-            raise MDInputError("--resume and --overwrite contradict each other; pick one")
-        return None
-    has_files = ckpt_path.exists() or any(out_dir.glob("traj_*.extxyz")) or (out_dir / io.THERMO_CSV).exists()
-    if not ckpt_path.exists():
-        if resume:
-            raise MDInputError(f"--resume: no checkpoint in '{out_dir}'; drop --resume to start a new run there")
-        if has_files:
-            raise MDInputError(f"'{out_dir}' holds trajectory files but no checkpoint; pass --overwrite to start "
-                               f"over there or choose another --out")
-        return None
-    if resume is False:
-        raise MDInputError(f"'{out_dir}' already holds a run; resume it (drop --no-resume), "
-                           f"pass --overwrite to start over, or choose another --out")
-    ckpt = io.load_checkpoint(ckpt_path)
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise MDInputError(f"'{ckpt_path}' is not an oreo-md checkpoint; choose another --out")
-    stored = SimulationConfig.from_dict(ckpt["config"])
-    conflicts = _explicit_conflicts(stored, config)
-    if conflicts:
-        desc = ", ".join(f"{k}: run has {a!r}, you gave {b!r}" for k, (a, b) in conflicts.items())
-        raise MDInputError(f"cannot resume '{out_dir}' with different settings ({desc}); drop those options, "
-                           f"pass --overwrite to start over, or choose another --out")
-    if config.n_steps < int(ckpt["state"]["step"]):
-        raise MDInputError(f"--ps {config.ps} is shorter than the {int(ckpt['state']['step']) * config.timestep / 1000:g} ps "
-                           f"already simulated in '{out_dir}'; give a longer --ps or analyse with oreo-md analyze")
-    return ckpt
 
 
 # ---------------------------------------------------------------------------------- the run

@@ -14,7 +14,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .units import KB, MVV2E
+from forcefield.units import KB, MVV2E
 
 
 @dataclass

@@ -31,6 +31,7 @@ def _grads(out, e, f, params):
     return loss, torch.autograd.grad(loss, params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_parameter_gradients_equal_eager(backend):
     # the real path is inductor (C++ code generation, ~1 min here for a 1-layer model); aot_eager checks the
@@ -52,6 +53,7 @@ def test_parameter_gradients_equal_eager(backend):
     assert fn.compiles == 1
 
 
+@pytest.mark.slow
 def test_traced_force_graph_needs_its_detaches_removed():
     """make_fx records saved activations of the first backward through aten.detach: left in, the parameter
     gradient of a force loss is wrong (checked here), so the compiled step strips them."""
@@ -72,6 +74,7 @@ def test_traced_force_graph_needs_its_detaches_removed():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_trainer_with_compile_follows_the_eager_run(tmp_path, monkeypatch):
     monkeypatch.setenv("OREO_COMPILE_BACKEND", "aot_eager")
     base = {"data": {"molecule": "ethanol", "train_size": 16, "val_size": 8, "test_size": 8},

@@ -12,7 +12,7 @@ from forcefield.data import (
     random_split, resolve_data_dir, select_by_frame_id,
 )
 from forcefield.data import registry
-from forcefield.data.rmd17 import KCAL_MOL_TO_EV
+from forcefield.units import KCAL_PER_MOL
 
 DATA = Path(os.environ["OREO_DATA_DIR"])
 RMD17 = DATA / "rmd17"
@@ -31,7 +31,7 @@ def raw(name):
 
 # ---------------------------------------------------------------------------- rMD17
 def test_kcal_factor():
-    assert KCAL_MOL_TO_EV == pytest.approx(0.0433641, rel=1e-5)
+    assert KCAL_PER_MOL == pytest.approx(0.0433641, rel=1e-5)
 
 
 def test_rmd17_aspirin_train_01():
@@ -43,8 +43,8 @@ def test_rmd17_aspirin_train_01():
     np.testing.assert_array_equal(cs.frame_id, r["old_indices"])
     np.testing.assert_array_equal(cs.positions.reshape(1000, 21, 3), r["coords"])
     assert cs.energy[7] == pytest.approx(r["energies"][7] * 0.0433641, rel=1e-6)
-    np.testing.assert_allclose(cs.energy, r["energies"] * KCAL_MOL_TO_EV, rtol=1e-15)
-    np.testing.assert_allclose(cs.forces.reshape(1000, 21, 3), r["forces"] * KCAL_MOL_TO_EV, rtol=1e-15)
+    np.testing.assert_allclose(cs.energy, r["energies"] * KCAL_PER_MOL, rtol=1e-15)
+    np.testing.assert_allclose(cs.forces.reshape(1000, 21, 3), r["forces"] * KCAL_PER_MOL, rtol=1e-15)
     assert cs.cell is None and not cs.equilibrium.any()
     m = cs.meta
     assert (m["molecule"], m["split"], m["split_index"], m["labels"]) == ("aspirin", "train", 1, "revised")
@@ -54,8 +54,8 @@ def test_rmd17_aspirin_train_01():
 def test_rmd17_original_labels_and_aliases():
     cs = load_rmd17("Salicylic Acid", split="test", split_index=2, labels="original")
     r = raw("rmd17_salicylic_test_02.npz")
-    np.testing.assert_allclose(cs.energy, r["old_energies"] * KCAL_MOL_TO_EV, rtol=1e-15)
-    np.testing.assert_allclose(cs.forces.reshape(r["old_forces"].shape), r["old_forces"] * KCAL_MOL_TO_EV, rtol=1e-15)
+    np.testing.assert_allclose(cs.energy, r["old_energies"] * KCAL_PER_MOL, rtol=1e-15)
+    np.testing.assert_allclose(cs.forces.reshape(r["old_forces"].shape), r["old_forces"] * KCAL_PER_MOL, rtol=1e-15)
     assert cs.meta["molecule"] == "salicylic" and cs.meta["labels"] == "original"
     assert len(load_rmd17("salicylic_acid", split="test", split_index=2)) == 1000
 
@@ -155,8 +155,8 @@ def test_md17_loader_from_name_and_path(tmp_path):
              name=np.array("ethanol"), theory=np.array("PBE+vdW-TS"))
     by_name, by_path = load_md17("ethanol", data_dir=tmp_path), load_md17(path)
     np.testing.assert_array_equal(by_name.energy, by_path.energy)
-    np.testing.assert_allclose(by_name.energy, r["old_energies"] * KCAL_MOL_TO_EV, rtol=1e-15)
-    np.testing.assert_allclose(by_name.forces.reshape(r["old_forces"].shape), r["old_forces"] * KCAL_MOL_TO_EV)
+    np.testing.assert_allclose(by_name.energy, r["old_energies"] * KCAL_PER_MOL, rtol=1e-15)
+    np.testing.assert_allclose(by_name.forces.reshape(r["old_forces"].shape), r["old_forces"] * KCAL_PER_MOL)
     np.testing.assert_array_equal(by_name.frame_id, np.arange(1000))
     assert by_path.meta["molecule"] == "ethanol"
     # the same geometries with original labels from rMD17 agree with the MD17 file
@@ -182,8 +182,8 @@ def test_ase_schnetpack_db_kcal_per_mol():
     assert len(cs) == 20 and np.all(cs.n_atoms == 9)
     with ase.db.connect(SCHNETPACK_DB) as db:
         row = db.get(id=int(cs.frame_id[3]))
-        assert cs.energy[3] == pytest.approx(float(row.data["energy"][0]) * KCAL_MOL_TO_EV, rel=1e-14)
-        np.testing.assert_allclose(cs.forces[cs.ptr[3]:cs.ptr[4]], row.data["forces"] * KCAL_MOL_TO_EV)
+        assert cs.energy[3] == pytest.approx(float(row.data["energy"][0]) * KCAL_PER_MOL, rel=1e-14)
+        np.testing.assert_allclose(cs.forces[cs.ptr[3]:cs.ptr[4]], row.data["forces"] * KCAL_PER_MOL)
     sub = load_ase(SCHNETPACK_DB, index="5:8", energy_unit="kcal/mol")
     np.testing.assert_array_equal(sub.energy, cs.energy[5:8])
 

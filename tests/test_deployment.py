@@ -85,6 +85,7 @@ def test_calculator_short_nve_md_conserves_energy(model_file):
     assert np.abs(atoms.positions - ETHANOL_R).max() > 1e-3  # the atoms did move
 
 
+@pytest.mark.slow
 def test_torchscript_export_equals_eager_and_loads_with_torch_only(model_file, tmp_path):
     out = tmp_path / "tiny_ts.pt"
     export_torchscript(model_file, out, dtype=torch.float64)
@@ -186,3 +187,43 @@ def test_repulsion_setting_is_stored_in_model_files(tmp_path):
     assert load_potential(tmp_path / "wide.pt").config["repulsion"] == {"r_on": 0.3, "r_off": 0.7}
     with pytest.raises(ValueError, match="r_on < r_off <= cutoff"):
         tiny_potential(repulsion={"r_off": 9.0})
+
+
+def test_one_dispatch_reads_every_kind_of_model_file(model_file, tmp_path):
+    """forcefield.io.open_model_file tells every kind apart: model files, training checkpoints and compact run
+    states (their EMA model), exports (frozen), property models (not potentials)."""
+    from forcefield.io import (ModelFileNotFound, load_model, load_trainable_potential, model_record,
+                               open_model_file)
+    from forcefield.pretrain.property import PropertyModel, save_property_model
+    from forcefield.train.runstate import pack_checkpoint
+
+    pot = tiny_potential(dtype=torch.float32).train()
+    z, r = torch.as_tensor(ETHANOL_Z), torch.as_tensor(ETHANOL_R, dtype=torch.float32)
+    opt = torch.optim.AdamW(pot.parameters())
+    pot(z, r)["energy"].sum().backward()
+    opt.step()
+    pot.eval()
+    ck = {"format": "oreo-checkpoint", "model": model_record(pot), "train_model": pot.state_dict(),
+          "optimizer": opt.state_dict()}
+    torch.save(ck, tmp_path / "last.pt")
+    torch.save(pack_checkpoint(ck), tmp_path / "state.pt")
+    ref = pot(z, r)["energy"]
+    for name in ("last.pt", "state.pt"):
+        mf = open_model_file(tmp_path / name)
+        assert mf.kind == "oreo-potential" and mf.wrapper in ("oreo-checkpoint", "oreo-runstate")
+        assert torch.allclose(load_potential(tmp_path / name)(z, r)["energy"], ref)
+        assert load_trainable_potential(tmp_path / name).training
+    ts = export_torchscript(model_file, tmp_path / "ts.pt")
+    assert open_model_file(ts).is_export and open_model_file(ts).kind == "torchscript"
+    prop = PropertyModel({"name": "et", "hidden": 16, "num_layers": 1, "num_heads": 2, "num_rbf": 8, "cutoff": 4.0},
+                         mean=1.0, std=2.0)
+    save_property_model(prop, tmp_path / "prop.pt")
+    loaded = load_model(tmp_path / "prop.pt")
+    assert isinstance(loaded, PropertyModel) and loaded.mean.dtype == torch.float64
+    batch = torch.zeros(len(z), dtype=torch.long)
+    assert torch.allclose(loaded(z, r, batch, 1), prop.eval()(z, r, batch, 1))
+    with pytest.raises(ModelFileError, match="not a potential"):
+        load_potential(tmp_path / "prop.pt")
+    with pytest.raises(FileNotFoundError, match="not found"):      # ModelFileNotFound is both
+        open_model_file(tmp_path / "missing.pt")
+    assert issubclass(ModelFileNotFound, ModelFileError)

@@ -145,6 +145,7 @@ SIM = ["--molecule", "ethanol", "--model", "py:md.analytic:bond_network", "--rep
        "--force-frames", "10", "--no-progress", "--temperature", "300"]
 
 
+@pytest.mark.slow
 @needs_data
 def test_cli_simulate_extend_equals_straight_and_analyze(capsys, tmp_path):
     straight, extended = tmp_path / "straight", tmp_path / "extended"
@@ -222,3 +223,24 @@ def test_dft_check_with_pyscf(tmp_path, capsys):
     mae = 1000 * np.abs(arrays["model_0"] - arrays["dft_0"]).mean()
     assert report["n_frames"] == 1 and report["force_mae_meV_per_A"] == pytest.approx(mae)
     assert (out / "dft_parity.png").is_file()
+
+
+def test_resume_policy_is_one_library_function(tmp_path):
+    """md.rundir.plan_run: a new run from the given settings, or the stored run with the given ones on top."""
+    from md.config import SimulationConfig
+    from md.errors import MDInputError
+    from md.rundir import CHECKPOINT_FORMAT, plan_run, resume_conflicts
+
+    cfg, out, continuing = plan_run({"molecule": "ethanol", "ps": 1.0}, tmp_path / "run")
+    assert not continuing and cfg.molecule == "ethanol" and out == tmp_path / "run"
+    with pytest.raises(MDInputError, match="no checkpoint"):
+        plan_run({}, tmp_path / "run", resume=True)
+    with pytest.raises(MDInputError, match="give --molecule"):
+        plan_run({}, tmp_path / "other")
+    stored = SimulationConfig(molecule="ethanol", ps=1.0, seed=7).validate()
+    (tmp_path / "run").mkdir()
+    torch.save({"format": CHECKPOINT_FORMAT, "config": stored.to_dict()}, tmp_path / "run" / "checkpoint.pt")
+    cfg, _, continuing = plan_run({"ps": 3.0}, tmp_path / "run")
+    assert continuing and cfg.ps == 3.0 and cfg.seed == 7
+    assert resume_conflicts(stored, cfg) == {}
+    assert set(resume_conflicts(stored, SimulationConfig(molecule="ethanol", ps=3.0, seed=8))) == {"seed"}

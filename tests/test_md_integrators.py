@@ -14,7 +14,7 @@ from md.analytic import LennardJones
 from md.integrators import compute_forces, conserved_energy, make_integrator
 from md.potential import ForceField
 from md.state import make_state, maxwell_boltzmann_velocities
-from md.units import KB
+from forcefield.units import KB
 
 EPS, SIGMA, RC = 0.0104, 3.4, 8.0   # argon-like LJ (eV, Å, Å)
 
@@ -86,6 +86,7 @@ def test_maxwell_boltzmann_start():
     assert abs(t.mean() - 500.0) < 3 * 500.0 * np.sqrt(2 / 36) / np.sqrt(n_sys)
 
 
+@pytest.mark.slow
 def test_nose_hoover_holds_temperature_and_conserves_extended_energy():
     target, dt = 25.0, 10.0
     ff = ForceField(LennardJones(EPS, SIGMA, RC))

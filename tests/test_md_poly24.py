@@ -14,7 +14,8 @@ pytest.importorskip("tblite")
 
 from forcefield.data.poly24 import load_poly24  # noqa: E402
 from md import poly24 as md_poly24  # noqa: E402
-from md.cli import _default_out, main  # noqa: E402
+from md.cli import main  # noqa: E402
+from md.rundir import default_run_dir  # noqa: E402
 from md.config import SimulationConfig  # noqa: E402
 from md.errors import MDInputError  # noqa: E402
 from md.metrics import distance_histogram, hr_mae  # noqa: E402
@@ -60,6 +61,7 @@ def sim_args(poly24_set, tiny_model, out, *extra):
 
 
 # ------------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_simulate_poly24_end_to_end_and_analyze(capsys, tmp_path, poly24_set, tiny_model):
     run_dir = tmp_path / "run"
     code, out, err = run_cli(capsys, *sim_args(poly24_set, tiny_model, run_dir))
@@ -144,7 +146,7 @@ def test_default_model_and_run_directory(monkeypatch):
     monkeypatch.setattr(md_poly24, "shipped_model_available", lambda: True)
     cfg = SimulationConfig(polymer="pe", temperature=600).validate()
     assert cfg.dataset == "poly24" and cfg.polymer == "PE" and cfg.model_spec == "poly24"
-    assert _default_out(cfg).name == "PE_poly24_nose-hoover_600K_seed123"
+    assert default_run_dir(cfg).name == "PE_poly24_nose-hoover_600K_seed123"
 
 
 # ------------------------------------------------------------------------------------------- benchmark

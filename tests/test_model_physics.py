@@ -224,6 +224,7 @@ def test_repulsion_rises_pushes_apart_and_is_smooth(pot):
             assert f == pytest.approx(fd, rel=1e-6, abs=1e-6), (z, r)
 
 
+@pytest.mark.slow
 def test_repulsion_is_in_every_path(pot):
     """Eager, TorchScript and the traced energy+force graph that AOTInductor compiles: the same numbers with a
     pair inside r_off (the repulsion contributes) and without."""

@@ -66,6 +66,7 @@ def test_atom_order_does_not_depend_on_the_seed():
     assert np.array_equal(a.numbers, b.numbers) and not np.allclose(a.positions, b.positions)
 
 
+@pytest.mark.slow
 def test_labels_are_reproducible_for_a_seed(tiny_set, tmp_path):
     generate(tmp_path, GenerationConfig(polymers=["PE"], **TINY), progress=False, log=lambda *_: None)
     a = load_poly24("all", root=tiny_set, polymers=["PE"])
@@ -109,6 +110,7 @@ def test_manifest_records_the_level_of_theory_and_smiles(tiny_set):
     assert cset.meta["level_of_theory"].startswith("GFN2-xTB") and cset.energy is not None
 
 
+@pytest.mark.slow
 def test_generation_resumes_and_refuses_other_settings(tmp_path):
     generate(tmp_path, GenerationConfig(polymers=["PE"], **TINY), progress=False, log=lambda *_: None)
     done = tmp_path / "trajectories" / "PE" / "T300_r0.extxyz"

@@ -212,9 +212,7 @@ def test_sdf_reader(tmp_path, kind):
 # ---------------------------------------------------------------------------- EGNN
 @pytest.mark.parametrize("cutoff", [None, 4.0])
 def test_egnn_potential_symmetries_and_torchscript(cutoff):
-    from forcefield.models.egnn import register_egnn
     from forcefield.potential import Potential
-    register_egnn()
     torch.manual_seed(0)
     pot = Potential({"name": "egnn", "hidden": 16, "num_layers": 2, "cutoff": cutoff}, elements=[1, 6, 8]).double()
     with torch.no_grad():

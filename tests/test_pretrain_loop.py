@@ -12,9 +12,9 @@ import yaml
 from forcefield.data.conformations import ConformationSet
 from forcefield.pretrain.corpus import Corpus
 from forcefield.pretrain.finetune import (
-    FinetuneOptions, PropertyConfig, PropertyTrainer, finetune_forcefield, layerwise_param_groups, load_pretrained,
-    make_finetune_potential,
+    FinetuneOptions, finetune_forcefield, layerwise_param_groups, load_pretrained, make_finetune_potential,
 )
+from forcefield.pretrain.property import PropertyConfig, PropertyTrainer
 from forcefield.pretrain.trainer import Pretrainer, pretrain_config_from_dict
 from forcefield.train.config import config_from_dict
 from tests.helpers import ETHANOL_R, ETHANOL_Z
@@ -149,7 +149,8 @@ def test_property_finetune_loads_backbone_and_reports_meV(tmp_path):
     pt = PropertyTrainer(cfg, tmp_path / "homo", pretrained=tmp_path / "pre" / "pretrained.pt", progress=False,
                          log=lambda s: None)
     ref = tr.task.potential.state_dict()
-    assert all(torch.equal(v, ref[k].float()) for k, v in pt.model.state_dict().items() if k.startswith("backbone."))
+    backbone = {k[len("potential."):]: v for k, v in pt.model.state_dict().items() if k.startswith("potential.backbone.")}
+    assert backbone and all(torch.equal(v, ref[k].float()) for k, v in backbone.items())
     m = pt.fit()
     assert m["unit"] == "meV" and np.isfinite(m["test_mae"]) and m["n_test"] == 4
     assert json.loads((tmp_path / "homo" / "test_metrics.json").read_text())["property"] == "homo"
@@ -158,7 +159,7 @@ def test_property_finetune_loads_backbone_and_reports_meV(tmp_path):
 @have_rmd17
 @pytest.mark.skipif(not QM9_DB.is_file(), reason="SchNetPack QM9 test database not found")
 def test_cli_pretrain_and_finetune(tmp_path, capsys):
-    from forcefield.pretrain.cli import main
+    from forcefield.cli import main
     corpus = {"leakage": {"protocol": "strict", "targets": ["ethanol"], "split_indices": [1]},
               "sources": [{"reader": "qm9", "kind": "equilibrium", "path": str(QM9_DB), "split": "train"},
                           {"reader": "rmd17", "kind": "off-equilibrium", "molecules": ["malonaldehyde"],
@@ -202,3 +203,42 @@ def test_shipped_pretrained_backbones_load_by_name():
                           [0.63, -0.63, -0.63]])
         out = pot(z, r)
         assert torch.isfinite(out["forces"]).all()
+
+
+def _resumes_from_its_compact_state(make, tmp_path, key, first_end, second_end):
+    """``make(out, state_file)`` builds a trainer; the compact state of a finished run restores its weights
+    exactly in a fresh folder and the run continues there, learning curve and CPU time included."""
+    state = tmp_path / "committed" / "state.pt"
+    first = make(tmp_path / "a", state, first_end)
+    first.fit()
+    assert state.is_file()
+    resumed = make(tmp_path / "fresh", state, second_end)
+    resumed.load_checkpoint(state)
+    model = resumed.task if hasattr(resumed, "task") else resumed.model
+    ref = (first.task if hasattr(first, "task") else first.model).state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
+    resumed = make(tmp_path / "fresh2", state, second_end)
+    resumed.fit(resume=True)
+    with open(tmp_path / "fresh2" / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert int(rows[-1][key]) == second_end and len(rows) == len({r[key] for r in rows}) > 1
+    assert resumed.cpu_seconds > first.cpu_seconds > 0 and float(rows[-1]["cpu_hours"]) > 0
+    assert (tmp_path / "fresh2" / "learning_curve.png").is_file()
+
+
+def test_pretraining_keeps_a_compact_run_state(tmp_path):
+    _resumes_from_its_compact_state(
+        lambda out, state, steps: Pretrainer(tiny_config(dtype="float64", max_steps=steps), out, corpus=tiny_corpus(),
+                                             progress=False, log=lambda s: None, state_file=state),
+        tmp_path, "step", 4, 6)
+
+
+@pytest.mark.skipif(not QM9_DB.is_file(), reason="SchNetPack QM9 test database not found")
+def test_property_training_keeps_a_compact_run_state(tmp_path):
+    def make(out, state, epochs):
+        cfg = PropertyConfig(property="gap", source=str(QM9_DB), split="random", train_size=8, val_size=4,
+                             test_size=4, epochs=epochs, batch_size=4, lr_warmup_steps=1,
+                             model={"name": "et", "hidden": 16, "num_layers": 1, "num_heads": 2, "num_rbf": 8,
+                                    "cutoff": 4.0})
+        return PropertyTrainer(cfg, out, progress=False, log=lambda s: None, state_file=state)
+    _resumes_from_its_compact_state(make, tmp_path, "epoch", 1, 2)

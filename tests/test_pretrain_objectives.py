@@ -210,6 +210,24 @@ def test_potential_outputs_match_the_potential():
     assert out.x.shape == (len(b.numbers), 16) and out.vec.shape == (len(b.numbers), 3, 16)
 
 
+def test_pretraining_passes_are_the_learned_part_without_close_atoms_check():
+    """Noisy pretraining geometries may put atoms on top of each other: the objectives' forward pass is the
+    potential's learned part only (no ZBL repulsion, no close-atoms error), where the potential itself refuses."""
+    pot = tiny_potential()
+    z = torch.as_tensor(ETHANOL_Z)
+    r = torch.as_tensor(ETHANOL_R).clone()
+    r[3] = r[0] + torch.tensor([0.0, 0.05, 0.0], dtype=r.dtype)        # 0.05 Å apart: deep in the ZBL range
+    batch = torch.zeros(len(z), dtype=torch.long)
+    with pytest.raises(ValueError, match="apart"):
+        pot(z, r, batch)
+    out = potential_outputs(pot, z, r, batch, 1, create_graph=False)
+    learned = pot.atomic_energies(z, r, batch, learned_only=True)
+    assert torch.equal(out.e_atom, learned) and torch.isfinite(out.forces).all()
+    far = r.clone()
+    far[3] = far[0] + torch.tensor([0.0, 0.45, 0.0], dtype=r.dtype)     # inside r_off: the repulsion is on
+    assert float(pot.atomic_energies(z, far, batch).sum() - pot.atomic_energies(z, far, batch, learned_only=True).sum()) > 1.0
+
+
 def test_noise_level_logits_are_rotation_invariant():
     pot = tiny_potential()
     b = _batch()

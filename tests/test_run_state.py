@@ -42,6 +42,7 @@ def test_quantisation_errors_are_small_and_keep_zero_and_sign():
     assert rel.max() < 0.2 and torch.all(bv[nz] > 0)
 
 
+@pytest.mark.slow
 def test_run_state_is_compact_and_a_fresh_clone_resumes_from_it(tmp_path):
     state = tmp_path / "committed" / "run.pt"
     first = Trainer(_cfg(epochs=2), tmp_path / "a", progress=False, log=_quiet, state_file=state)
@@ -146,6 +147,7 @@ def test_thread_defaults(monkeypatch):
         torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_commands_run_on_one_thread_unless_told():
     env = {k: v for k, v in os.environ.items() if k not in ("OREO_THREADS", "OMP_NUM_THREADS")}
     code = ("import sys, torch; from forcefield.threads import configure_threads; "

@@ -433,6 +433,7 @@ def test_no_edges_single_atom_and_far_apart_atoms():
 # compiled paths (forcefield/compiled.py): traced forward+backward graph, AOTInductor .pt2
 # ---------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype, repulsion", [(torch.float64, False), (torch.float32, False), (torch.float64, True)])
 def test_traced_energy_forces_graph_equals_eager(dtype, repulsion):
     """The make_fx graph that AOTInductor compiles (forward and backward as plain ops) = eager Potential
@@ -457,6 +458,7 @@ def _have_compiler() -> bool:
     return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("OREO_TEST_AOTI", "1") == "0" or not _have_compiler(),
                     reason="OREO_TEST_AOTI=0, or no C++ compiler for AOTInductor (this test takes ~1-2 min)")
 def test_aoti_export_equals_eager(tmp_path):

@@ -25,6 +25,7 @@ def test_training_lowers_the_error(tmp_path):
     assert len(meta["train_frame_ids"]) == 24 and meta["molecule"] == "ethanol"
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     straight = Trainer(_cfg(epochs=3), tmp_path / "a", progress=False, log=lambda s: None)
     straight.fit()
@@ -87,3 +88,36 @@ def test_cli_train_evaluate_export(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     assert oreo(["evaluate", str(out / "best.pt"), "--molecule", "caffeine"]) == 2
     assert "caffeine" in capsys.readouterr().err
+
+
+def test_one_config_loader_converts_every_config():
+    """forcefield.settings builds every config: unknown keys name the valid ones, values get the fields' types,
+    and --set reaches nested keys."""
+    from forcefield.pretrain.corpus import corpus_config_from_obj
+    from forcefield.pretrain.property import PropertyConfig
+    from forcefield.pretrain.trainer import pretrain_config_from_dict
+    from forcefield.settings import apply_overrides, read_yaml
+    from md.config import SimulationConfig
+    from md.errors import MDInputError
+
+    d = apply_overrides({"optim": None}, ["optim.lr=3e-4", "data.polymers=PE", "objectives.weights.zero_force=0.5"])
+    assert d == {"optim": {"lr": "3e-4"}, "data": {"polymers": "PE"}, "objectives": {"weights": {"zero_force": 0.5}}}
+    cfg = config_from_dict({"optim": d["optim"], "data": {"polymers": "PE", "temperatures": [300]}})
+    assert cfg.optim.lr == 3e-4 and cfg.data.polymers == ["PE"] and cfg.data.temperatures == [300.0]
+    with pytest.raises(ValueError, match="section.key=value"):
+        apply_overrides({}, ["lr=1"])
+    pre = pretrain_config_from_dict({"optim": {"max_steps": "10", "lr": "1e-3"}, "elements": ["8"],
+                                     "objectives": {"method": ["force_matching"], "weights": {"force_matching": "2"}}})
+    assert pre.optim.max_steps == 10 and pre.optim.lr == 1e-3 and pre.elements == [8]
+    assert pre.objectives.method == ["force_matching"] and pre.objectives.weights == {"force_matching": 2.0}
+    corpus = corpus_config_from_obj([{"reader": "rmd17", "kind": "off-equilibrium", "split_indices": 2,
+                                      "max_frames": "100"}])
+    assert corpus.sources[0].split_indices == [2] and corpus.sources[0].max_frames == 100
+    assert PropertyConfig.from_dict({"epochs": "3", "layer_decay": "0.8"}).layer_decay == 0.8
+    with pytest.raises(ValueError, match="whole number"):
+        PropertyConfig.from_dict({"epochs": 2.5})
+    assert SimulationConfig.from_dict({"molecule": "ethanol", "replicas": 3.0}).replicas == 3
+    with pytest.raises(MDInputError, match="simulation.bogus"):
+        SimulationConfig.from_dict({"bogus": 1})
+    with pytest.raises(FileNotFoundError, match="examples/configs"):
+        read_yaml("/nonexistent/config.yaml")

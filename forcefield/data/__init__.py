@@ -10,6 +10,9 @@ Units everywhere: positions Å, energies eV, forces eV/Å.
 
 Data files are looked up under :func:`resolve_data_dir` (argument, ``$OREO_DATA_DIR`` or
 ``~/.cache/oreo/data``); a missing file raises :class:`DataNotFoundError` saying how to get it.
+
+Imports from oreo only ``forcefield.units`` and ``forcefield.files`` (plus numpy, torch, ase); every layer above
+(potential's callers, train, pretrain, md, benchmarks) may import it.
 """
 from .ase_reader import load_ase
 from .conformations import Batch, ConformationSet

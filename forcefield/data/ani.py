@@ -23,22 +23,13 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 from ase.data import atomic_numbers as _SYMBOL_TO_Z
 
-from .ase_reader import energy_unit_factor, length_unit_factor
+from ..units import energy_unit_factor, forces_unit_factor
 from .conformations import ConformationSet
 from .paths import DataNotFoundError, PathLike
 
 __all__ = ["load_ani", "forces_unit_factor", "ANI1X_DEFAULT_LEVEL"]
 
 ANI1X_DEFAULT_LEVEL = "wb97x_dz"
-
-
-def forces_unit_factor(unit: str) -> float:
-    """Factor converting a force unit written ``ENERGY/LENGTH`` (e.g. ``hartree/bohr``, ``kcal/mol/Å``) to eV/Å."""
-    text = str(unit).strip()
-    if "/" not in text:
-        raise ValueError(f"force unit must look like ENERGY/LENGTH (e.g. hartree/bohr), got '{unit}'")
-    energy, length = text.rsplit("/", 1)
-    return energy_unit_factor(energy) / length_unit_factor(length)
 
 
 def _molecule_groups(h5) -> List[str]:

@@ -21,47 +21,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
-from ase import units
 
+from ..units import energy_unit_factor, length_unit_factor
 from .conformations import ConformationSet
 from .paths import DataNotFoundError, PathLike
 
-__all__ = ["load_ase", "ENERGY_UNITS", "LENGTH_UNITS", "energy_unit_factor", "length_unit_factor"]
-
-#: Energy units accepted by :func:`load_ase`, as factors to eV (keys are lower case).
-ENERGY_UNITS: Dict[str, float] = {
-    "ev": 1.0,
-    "mev": 1e-3,
-    "kcal/mol": units.kcal / units.mol,
-    "kj/mol": units.kJ / units.mol,
-    "hartree": units.Hartree, "ha": units.Hartree, "eh": units.Hartree,
-    "rydberg": units.Rydberg, "ry": units.Rydberg,
-}
-
-#: Length units accepted by :func:`load_ase`, as factors to Å (keys are lower case).
-LENGTH_UNITS: Dict[str, float] = {
-    "å": 1.0, "a": 1.0, "ang": 1.0, "angstrom": 1.0,
-    "bohr": units.Bohr, "a0": units.Bohr,
-    "nm": 10.0,
-}
-
-
-def _factor(table: Dict[str, float], unit: str, kind: str) -> float:
-    key = str(unit).strip().lower().replace("ångström", "angstrom").replace(" ", "")
-    if key not in table:
-        raise ValueError(f"unknown {kind} unit '{unit}'; known: {', '.join(sorted(table))}")
-    return table[key]
-
-
-def energy_unit_factor(unit: str) -> float:
-    """Factor converting ``unit`` to eV."""
-    return _factor(ENERGY_UNITS, unit, "energy")
-
-
-def length_unit_factor(unit: str) -> float:
-    """Factor converting ``unit`` to Å."""
-    return _factor(LENGTH_UNITS, unit, "length")
-
+__all__ = ["load_ase"]
 
 _DB_FORMATS = ("db", "json", "postgresql", "mysql")
 

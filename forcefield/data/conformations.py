@@ -196,12 +196,30 @@ class Batch:
     equilibrium: Optional[torch.Tensor] = None
     frame_id: Optional[torch.Tensor] = None
 
+    #: per-atom fields (the others, but ``batch``, are per frame)
+    ATOM_FIELDS = ("numbers", "positions", "forces")
+
     @property
     def num_graphs(self) -> int:
         return int(self.batch.max()) + 1 if self.batch.numel() else 0
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "Batch":
         return tensors_to(self, device, dtype)
+
+    def select(self, frame_mask: torch.Tensor) -> "Batch":
+        """The frames where ``frame_mask`` (B,) is True, renumbered 0..B'-1 (every field, of subclasses too)."""
+        atom_mask = frame_mask[self.batch]
+        new_index = torch.cumsum(frame_mask.to(torch.long), 0) - 1
+        kw = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if value is None:
+                kw[name] = None
+            elif name == "batch":
+                kw[name] = new_index[self.batch[atom_mask]]
+            else:
+                kw[name] = value[atom_mask if name in self.ATOM_FIELDS else frame_mask]
+        return replace(self, **kw)
 
 
 def tensors_to(obj, device=None, dtype: Optional[torch.dtype] = None):

@@ -16,13 +16,12 @@ import numpy as np
 
 from .conformations import ConformationSet
 from .paths import DataNotFoundError, PathLike, data_dir_origin, resolve_data_dir
-from .registry import MD17_MOLECULES, md17_filename
-from .rmd17 import KCAL_MOL_TO_EV
+from ..units import KCAL_PER_MOL
+from .registry import MD17_MOLECULES, md17_filename, molecule_key
 
 __all__ = ["MD17_MOLECULES", "load_md17"]
 
 LEVEL_OF_THEORY = "PBE+vdW-TS (FHI-aims)"
-_ALIASES = {"salicylic acid": "salicylic", "salicylic_acid": "salicylic", "salicylic-acid": "salicylic"}
 
 
 def _candidates(root: Path, molecule: str) -> List[Path]:
@@ -50,7 +49,7 @@ def _read_cached(path: str, mtime_ns: int, size: int) -> Dict[str, np.ndarray]:
 
 def _resolve(molecule_or_path: Union[str, PathLike], data_dir: Optional[PathLike]) -> Tuple[Path, Optional[str]]:
     text = str(molecule_or_path)
-    key = _ALIASES.get(text.strip().lower(), text.strip().lower())
+    key = molecule_key(text)
     looks_like_path = text.endswith(".npz") or "/" in text or "\\" in text
     if not looks_like_path:
         if key not in MD17_MOLECULES:
@@ -95,5 +94,5 @@ def load_md17(molecule_or_path: Union[str, PathLike], data_dir: Optional[PathLik
     }
     return ConformationSet.from_arrays(
         numbers=z, positions=np.array(R, dtype=np.float64),
-        energy=energy * KCAL_MOL_TO_EV, forces=np.asarray(data["F"], dtype=np.float64) * KCAL_MOL_TO_EV,
+        energy=energy * KCAL_PER_MOL, forces=np.asarray(data["F"], dtype=np.float64) * KCAL_PER_MOL,
         frame_id=np.arange(n_frames, dtype=np.int64), source=f"md17/{molecule or path.stem}", meta=meta)

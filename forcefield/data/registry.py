@@ -43,12 +43,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from ..files import atomic_write
 from .paths import PathLike, resolve_data_dir
 
 __all__ = [
     "RMD17_MOLECULES", "MD17_MOLECULES", "RMD17_NPZ_COMMIT", "RemoteFile", "DatasetEntry", "DATASETS",
     "DownloadError", "ChecksumError", "FileStatus", "download", "fetch", "verify", "files_for",
-    "sha256sum",
+    "sha256sum", "MOLECULE_ALIASES", "molecule_key",
 ]
 
 #: The ten rMD17 molecules (canonical names, as in the upstream file names).
@@ -61,6 +62,17 @@ RMD17_MOLECULES: Tuple[str, ...] = (
 MD17_MOLECULES: Tuple[str, ...] = (
     "aspirin", "benzene", "ethanol", "malonaldehyde", "naphthalene", "salicylic", "toluene", "uracil",
 )
+
+#: Other names of the MD17 molecules (lower case) -> their canonical name.
+MOLECULE_ALIASES: Dict[str, str] = {"salicylic acid": "salicylic", "salicylic_acid": "salicylic",
+                                    "salicylic-acid": "salicylic"}
+
+
+def molecule_key(name: str) -> str:
+    """A molecule name as the tables spell it: lower case, aliases resolved ("Salicylic acid" -> "salicylic")."""
+    key = str(name).strip().lower()
+    return MOLECULE_ALIASES.get(key, key)
+
 
 #: Commit of github.com/andersx/rmd17-npz whose files the ``rmd17`` checksums describe.
 RMD17_NPZ_COMMIT = "4f6bb0a186822c90d47cd98b7a27991fe0b3173b"
@@ -319,10 +331,9 @@ def _canonical_molecules(entry: DatasetEntry, molecules: Optional[Iterable[str]]
         return None
     if isinstance(molecules, str):
         molecules = [molecules]
-    aliases = {"salicylic acid": "salicylic", "salicylic_acid": "salicylic", "salicylic-acid": "salicylic"}
     out = []
     for m in molecules:
-        key = aliases.get(m.strip().lower(), m.strip().lower())
+        key = molecule_key(m)
         if key not in entry.molecules:
             raise ValueError(f"dataset '{entry.name}' has no molecule '{m}'; valid: {', '.join(entry.molecules)}")
         out.append(key)
@@ -434,34 +445,37 @@ def _stream_to(url: str, tmp: Path, total: Optional[int], desc: str, progress: b
     return h.hexdigest()
 
 
+class _ChecksumMismatch(Exception):
+    pass
+
+
 def _download_one(remote: RemoteFile, dest: Path, progress: bool, timeout: float) -> None:
     expected, origin = _expected_sha256(remote, dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     failures, checksum_failed, unreachable = [], False, False
     for url in remote.urls:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
+        got: List[str] = []
+
+        def fetch(tmp: Path) -> None:     # nothing reaches ``dest`` unless its checksum is right
             actual = _stream_to(url, tmp, remote.size, dest.name, progress, timeout)
             if expected is not None and actual != expected:
-                failures.append(f"{url}: SHA-256 {actual} differs from the {origin} {expected}")
-                checksum_failed = True
-                continue
-            os.replace(tmp, dest)
+                raise _ChecksumMismatch(f"{url}: SHA-256 {actual} differs from the {origin} {expected}")
+            got.append(actual)
+        try:
+            atomic_write(dest, fetch)
             if expected is None:
-                _record_path(dest).write_text(f"{actual}  {dest.name}\n")
-                print(f"oreo: {dest.name} has no published checksum; its SHA-256 is {actual} "
+                _record_path(dest).write_text(f"{got[0]}  {dest.name}\n")
+                print(f"oreo: {dest.name} has no published checksum; its SHA-256 is {got[0]} "
                       f"(recorded in {_record_path(dest)})", file=sys.stderr)
             return
+        except _ChecksumMismatch as exc:
+            failures.append(str(exc))
+            checksum_failed = True
         except urllib.error.HTTPError as exc:
             failures.append(f"{url}: HTTP {exc.code} {exc.reason}")
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", None) or exc
             failures.append(f"{url}: {type(exc).__name__}: {reason}")
             unreachable = True
-        finally:
-            tmp.unlink(missing_ok=True)
     lines = [f"could not download {remote.path}:"] + [f"  {f}" for f in failures]
     if checksum_failed:
         lines.append("the server delivered different bytes than expected; nothing was written.")

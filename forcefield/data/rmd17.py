@@ -23,19 +23,15 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
-from ase import units
 
 from .conformations import ConformationSet
 from .paths import DataNotFoundError, PathLike, data_dir_origin, resolve_data_dir
-from .registry import RMD17_MOLECULES
+from ..units import KCAL_PER_MOL
+from .registry import RMD17_MOLECULES, molecule_key
 
-__all__ = ["RMD17_MOLECULES", "KCAL_MOL_TO_EV", "load_rmd17", "canonical_molecule", "find_rmd17_files"]
-
-#: kcal/mol -> eV (0.0433641...).
-KCAL_MOL_TO_EV = units.kcal / units.mol
+__all__ = ["RMD17_MOLECULES", "load_rmd17", "canonical_molecule", "find_rmd17_files"]
 
 LEVEL_OF_THEORY = {"revised": "PBE/def2-SVP", "original": "PBE+vdW-TS (original MD17, FHI-aims)"}
-_ALIASES = {"salicylic acid": "salicylic", "salicylic_acid": "salicylic", "salicylic-acid": "salicylic"}
 _SPLITS = ("train", "test", "all")
 _N_SPLITS = 5
 _KEYS = ("nuclear_charges", "coords", "energies", "forces", "old_indices", "old_energies", "old_forces")
@@ -43,8 +39,7 @@ _KEYS = ("nuclear_charges", "coords", "energies", "forces", "old_indices", "old_
 
 def canonical_molecule(molecule: str) -> str:
     """Canonical rMD17 molecule name (case-insensitive, ``salicylic acid`` -> ``salicylic``)."""
-    key = str(molecule).strip().lower()
-    key = _ALIASES.get(key, key)
+    key = molecule_key(molecule)
     if key not in RMD17_MOLECULES:
         raise ValueError(f"unknown rMD17 molecule '{molecule}'; valid: {', '.join(RMD17_MOLECULES)} "
                          "(aliases: 'salicylic acid', 'salicylic_acid')")
@@ -217,5 +212,5 @@ def load_rmd17(molecule: str, split: str = "train", split_index: int = 1,
     source = f"rmd17/{mol}/{split}_{split_index:02d}" + ("" if labels == "revised" else "/original")
     return ConformationSet.from_arrays(
         numbers=numbers, positions=coords,
-        energy=energy * KCAL_MOL_TO_EV, forces=forces * KCAL_MOL_TO_EV,
+        energy=energy * KCAL_PER_MOL, forces=forces * KCAL_PER_MOL,
         frame_id=frame_id, source=source, meta=meta)

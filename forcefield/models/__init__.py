@@ -1,4 +1,9 @@
-"""Backbones (representations) and output heads. ``create_backbone`` builds one from a config dict."""
+"""Backbones (representations: atoms and edges in, per-atom scalar and vector features out) and output heads,
+kept apart as in TorchMD-Net. ``create_backbone`` builds one from a config dict.
+
+Imports nothing of oreo (torch only); :mod:`forcefield.potential` puts backbone and head together, the
+pretraining objectives add heads of their own, and the speed reference in the tests mirrors them.
+"""
 from typing import Any, Dict
 
 from torch import nn

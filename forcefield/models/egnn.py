@@ -106,8 +106,3 @@ class EGNN(nn.Module):
         vec = vec + d.unsqueeze(-1) * self.disp_proj
         return self.out_norm(h), vec
 
-
-def register_egnn() -> None:
-    """Make ``{"name": "egnn"}`` buildable by :func:`forcefield.models.create_backbone` (idempotent)."""
-    from . import BACKBONES
-    BACKBONES.setdefault("egnn", EGNN)

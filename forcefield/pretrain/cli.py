@@ -1,10 +1,5 @@
 """``oreo pretrain`` and ``oreo finetune``: argument parsing only; the work is done by the library.
 
-Wire into ``forcefield/cli.py``::
-
-    from .pretrain.cli import register_subcommands
-    register_subcommands(sub)          # inside build_parser(), after the other sub-parsers
-
 Multi-process: ``torchrun --nproc_per_node=N $(which oreo) pretrain --config ... --out ...``.
 """
 from __future__ import annotations
@@ -12,39 +7,22 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict
 
-import yaml
-
+from ..settings import (add_set_argument, add_state_argument, apply_overrides, command_config, from_mapping,
+                        read_yaml, set_in)
 from ..threads import add_threads_argument
 
-__all__ = ["register_subcommands", "add_pretrain_parser", "add_finetune_parser", "cmd_pretrain", "cmd_finetune",
-           "apply_overrides"]
+__all__ = ["register_subcommands", "add_pretrain_parser", "add_finetune_parser", "cmd_pretrain", "cmd_finetune"]
+
+PRETRAIN_HINT = "see examples/configs/pretrain_*.yaml"
 
 
-def apply_overrides(cfg: Dict[str, Any], overrides: Optional[List[str]]) -> Dict[str, Any]:
-    """``section.key=value`` (value parsed as YAML) into a nested dict."""
-    for item in overrides or []:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise SystemExit(f"--set expects section.key=value (e.g. optim.max_steps=1000), got '{item}'")
-        key, value = item.split("=", 1)
-        section, name = key.split(".", 1)
-        if not isinstance(cfg.get(section), dict):
-            cfg[section] = {}
-        cfg[section][name] = yaml.safe_load(value)
-    return cfg
-
-
-def _read_yaml(path: Optional[str], what: str) -> Any:
-    if not path:
-        return None
-    p = Path(path)
-    if not p.is_file():
-        raise SystemExit(f"{what} file {p} not found; see examples/configs/pretrain_*.yaml")
-    try:
-        return yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise SystemExit(f"{what} file {p} is not valid YAML: {exc}") from None
+def _set_given(d: Dict[str, Any], values: Dict[str, Any]) -> None:
+    """The command-line options that were given (not None) into the config mapping ``d``."""
+    for key, value in values.items():
+        if value is not None:
+            set_in(d, key, value)
 
 
 # ---------------------------------------------------------------------------- pretrain
@@ -52,22 +30,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from .distributed import cleanup, init_distributed
     from .trainer import Pretrainer, pretrain_config_from_dict
     out = Path(args.out)
-    d = _read_yaml(args.config, "config")
-    if d is None and args.resume and (out / "config.yaml").is_file():
-        d = yaml.safe_load((out / "config.yaml").read_text())
-    d = dict(d or {})
-    corpus = _read_yaml(args.corpus, "corpus")
-    if corpus is not None:
-        d["corpus"] = corpus
-    if args.method:
-        d.setdefault("objectives", {})
-        d["objectives"] = dict(d["objectives"] or {}, method=args.method)
-    if args.max_steps is not None:
-        d["optim"] = dict(d.get("optim") or {}, max_steps=args.max_steps)
-    if args.device:
-        d["optim"] = dict(d.get("optim") or {}, device=args.device)
-    if args.threads:
-        d["optim"] = dict(d.get("optim") or {}, threads=args.threads)
+    d = command_config(args.config, out, args.resume, hint=PRETRAIN_HINT)
+    if args.corpus:
+        d["corpus"] = read_yaml(args.corpus, "corpus", PRETRAIN_HINT)
+    _set_given(d, {"objectives.method": args.method, "optim.max_steps": args.max_steps, "optim.device": args.device,
+                   "optim.threads": args.threads})
     d = apply_overrides(d, args.set)
     if args.data_dir:
         d["corpus"] = dict(d["corpus"] if isinstance(d.get("corpus"), dict) else {"sources": d.get("corpus") or []},
@@ -75,7 +42,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = pretrain_config_from_dict(d)
     info = init_distributed(cfg.optim.device)
     try:
-        result = Pretrainer(cfg, out, dist_info=info, progress=not args.no_progress).fit(resume=args.resume)
+        result = Pretrainer(cfg, out, dist_info=info, progress=not args.no_progress,
+                            state_file=args.state).fit(resume=args.resume)
     finally:
         cleanup(info)
     if info.is_main:
@@ -95,7 +63,8 @@ def add_pretrain_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
     p.add_argument("--device", help="auto | cpu | cuda")
-    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    add_set_argument(p)
+    add_state_argument(p)
     p.add_argument("--data-dir", help="data folder for relative source paths (default: $OREO_DATA_DIR)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_threads_argument(p)
@@ -105,18 +74,21 @@ def add_pretrain_parser(sub) -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------- finetune
 def cmd_finetune(args: argparse.Namespace) -> int:
-    d = dict(_read_yaml(args.config, "config") or {})
+    out = Path(args.out)
+    d = dict(read_yaml(args.config, "config", PRETRAIN_HINT) or {}) if args.config else {}
     pretrained = args.pretrained or d.pop("from", None)
     d.pop("from", None)
-    out = Path(args.out)
     if args.property or "property" in d:
         return _finetune_property(args, d, pretrained, out)
+    import yaml
+
+    from ..files import atomic_write_text
     from ..train import config_from_dict
     from .finetune import FinetuneOptions, finetune_forcefield
-    if args.resume and not args.config and (out / "config.yaml").is_file():
-        d = yaml.safe_load((out / "config.yaml").read_text()) or {}   # what the run was started with
+    if args.resume and not args.config:
+        d = command_config(None, out, True)                # what the run was started with
         if (out / "finetune.yaml").is_file():
-            d.update(yaml.safe_load((out / "finetune.yaml").read_text()) or {})
+            d.update(read_yaml(out / "finetune.yaml") or {})
         pretrained = pretrained or d.get("from")
         d.pop("from", None)
     if not pretrained:
@@ -128,42 +100,33 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         opts["backbone_lr_factor"] = args.backbone_lr_factor
     if args.reuse_head:
         opts["reuse_head"] = True
-    data = dict(d.get("data") or {})
-    for key, val in (("molecule", args.molecule), ("train_size", args.train_size), ("val_size", args.val_size),
-                     ("split_index", args.split_index), ("data_dir", args.data_dir)):
-        if val is not None:
-            data[key] = val
-    d["data"] = data
-    optim = dict(d.get("optim") or {})
-    for key, val in (("epochs", args.epochs), ("max_minutes", args.max_minutes)):
-        if val is not None:
-            optim[key] = val
-    d["optim"] = optim
+    _set_given(d, {"data.molecule": args.molecule, "data.train_size": args.train_size, "data.val_size": args.val_size,
+                   "data.split_index": args.split_index, "data.data_dir": args.data_dir, "optim.epochs": args.epochs,
+                   "optim.max_minutes": args.max_minutes})
     d = apply_overrides(d, args.set)
     d.pop("model", None)  # the architecture comes from the pretrained model
     cfg = config_from_dict(d)
-    options = FinetuneOptions(**opts)
+    options = from_mapping(FinetuneOptions, opts, "finetune")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "finetune.yaml").write_text(yaml.safe_dump({"from": str(pretrained), "finetune": opts}, sort_keys=False))
-    metrics = finetune_forcefield(pretrained, cfg, out, options, resume=args.resume, progress=not args.no_progress)
+    atomic_write_text(out / "finetune.yaml", yaml.safe_dump({"from": str(pretrained), "finetune": opts}, sort_keys=False))
+    metrics = finetune_forcefield(pretrained, cfg, out, options, resume=args.resume, progress=not args.no_progress,
+                                  state_file=args.state)
     print(json.dumps(metrics, indent=2))
     return 0
 
 
 def _finetune_property(args, d: Dict[str, Any], pretrained, out: Path) -> int:
-    from .finetune import PropertyConfig, finetune_property
+    from .property import PropertyConfig, finetune_property
     pc = dict(d.get("property") or {}) if isinstance(d.get("property"), dict) else {}
     if isinstance(d.get("property"), str):
         pc["property"] = d["property"]
-    for key, val in (("property", args.property), ("train_size", args.train_size), ("val_size", args.val_size),
-                     ("epochs", args.epochs), ("max_minutes", args.max_minutes), ("layer_decay", args.layer_decay),
-                     ("backbone_lr_factor", args.backbone_lr_factor), ("source", args.qm9_source),
-                     ("data_dir", args.data_dir)):
-        if val is not None:
-            pc[key] = val
+    _set_given(pc, {"property": args.property, "train_size": args.train_size, "val_size": args.val_size,
+                    "epochs": args.epochs, "max_minutes": args.max_minutes, "layer_decay": args.layer_decay,
+                    "backbone_lr_factor": args.backbone_lr_factor, "source": args.qm9_source,
+                    "data_dir": args.data_dir})
     pc = apply_overrides({"property": pc}, args.set)["property"]
     metrics = finetune_property(pretrained, PropertyConfig.from_dict(pc), out, resume=args.resume,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, state_file=args.state)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -189,7 +152,8 @@ def add_finetune_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--reuse-head", action="store_true", help="keep the pretrained energy head")
     p.add_argument("--out", default="runs/finetune")
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value")
+    add_set_argument(p)
+    add_state_argument(p)
     p.add_argument("--data-dir")
     p.add_argument("--no-progress", action="store_true")
     add_threads_argument(p)
@@ -201,16 +165,3 @@ def register_subcommands(sub) -> None:
     """Add ``pretrain`` and ``finetune`` to the ``oreo`` sub-parsers."""
     add_pretrain_parser(sub)
     add_finetune_parser(sub)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """Stand-alone entry (``python -m forcefield.pretrain.cli pretrain ...``) until the lead wires the commands."""
-    parser = argparse.ArgumentParser(prog="oreo")
-    register_subcommands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    import sys
-    sys.exit(main())

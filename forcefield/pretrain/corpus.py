@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from ..data.conformations import ConformationSet, tensors_to
+from ..data.conformations import Batch, ConformationSet
 from ..data.paths import resolve_data_dir
+from ..settings import from_mapping
 from .leakage import LeakageConfig, apply_leakage_filter, resolve_targets
 
 __all__ = ["SourceConfig", "CorpusConfig", "Corpus", "PretrainBatch", "EpochSampler", "load_source",
@@ -70,14 +71,6 @@ class CorpusConfig:
     seed: int = 0
 
 
-def _dataclass_from(cls, values: Dict[str, Any], where: str):
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; valid: {', '.join(sorted(known))}")
-    return cls(**values)
-
-
 def corpus_config_from_obj(obj: Any) -> CorpusConfig:
     """A YAML-loaded corpus: a list of sources, or {sources, leakage, data_dir, seed}."""
     if isinstance(obj, CorpusConfig):
@@ -86,27 +79,12 @@ def corpus_config_from_obj(obj: Any) -> CorpusConfig:
         obj = {"sources": obj}
     if not isinstance(obj, dict):
         raise ValueError("a corpus is a list of sources or a mapping with 'sources'")
-    obj = dict(obj)
-    sources = []
-    for k, s in enumerate(obj.pop("sources", []) or []):
-        if isinstance(s, SourceConfig):
-            sources.append(s)
-            continue
-        if not isinstance(s, dict):
-            raise ValueError(f"corpus source {k} must be a mapping, got {s!r}")
-        src = _dataclass_from(SourceConfig, s, f"corpus source {k}")
+    cfg = from_mapping(CorpusConfig, {**obj, "sources": obj.get("sources") or []}, "corpus")
+    for k, src in enumerate(cfg.sources):
         if src.reader not in READERS:
             raise ValueError(f"corpus source {k}: reader must be one of {READERS}, got '{src.reader}'")
         if src.kind not in KINDS:
             raise ValueError(f"corpus source {k}: kind must be 'equilibrium' or 'off-equilibrium', got '{src.kind}'")
-        if isinstance(src.split_indices, int):
-            src.split_indices = [src.split_indices]
-        sources.append(src)
-    leak = obj.pop("leakage", None) or {}
-    if not isinstance(leak, LeakageConfig):
-        leak = _dataclass_from(LeakageConfig, leak, "corpus leakage")
-    cfg = _dataclass_from(CorpusConfig, obj, "corpus")
-    cfg.sources, cfg.leakage = sources, leak
     return cfg
 
 
@@ -181,35 +159,15 @@ def load_source(spec: SourceConfig, data_dir=None, seed: int = 0) -> Conformatio
 
 # ---------------------------------------------------------------------------- batches
 @dataclass
-class PretrainBatch:
-    """A collated batch: per-atom ``numbers`` (N,), ``positions`` (N, 3) Å, ``batch`` (N,), ``forces`` (N, 3)
-    eV/Å (zeros where a frame has none); per-frame ``has_forces``, ``equilibrium`` (B,) bool, ``source`` (B,)."""
-    numbers: torch.Tensor
-    positions: torch.Tensor
-    batch: torch.Tensor
-    forces: torch.Tensor
-    has_forces: torch.Tensor
-    equilibrium: torch.Tensor
-    source: torch.Tensor
-    cell: Optional[torch.Tensor] = None
-    pbc: Optional[torch.Tensor] = None
+class PretrainBatch(Batch):
+    """A collated :class:`~forcefield.data.conformations.Batch` of corpus frames (``forces`` zeros where a frame
+    has none, no energies) with per-frame ``has_forces`` (B,) bool and ``source`` (B,) source index."""
+    has_forces: Optional[torch.Tensor] = None
+    source: Optional[torch.Tensor] = None
 
     @property
     def num_graphs(self) -> int:
         return int(self.has_forces.shape[0])
-
-    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "PretrainBatch":
-        return tensors_to(self, device, dtype)
-
-    def select(self, frame_mask: torch.Tensor) -> "PretrainBatch":
-        """The frames where ``frame_mask`` (B,) is True, renumbered 0..B'-1."""
-        atom_mask = frame_mask[self.batch]
-        new_index = torch.cumsum(frame_mask.to(torch.long), 0) - 1
-        pick = lambda t: None if t is None else t[frame_mask]
-        return PretrainBatch(numbers=self.numbers[atom_mask], positions=self.positions[atom_mask],
-                             batch=new_index[self.batch[atom_mask]], forces=self.forces[atom_mask],
-                             has_forces=self.has_forces[frame_mask], equilibrium=self.equilibrium[frame_mask],
-                             source=self.source[frame_mask], cell=pick(self.cell), pbc=pick(self.pbc))
 
 
 class Corpus:
@@ -268,9 +226,9 @@ class Corpus:
         frames = np.asarray(frames, dtype=np.int64).reshape(-1)
         b = self.frames.collate(frames, dtype=dtype, device=device)
         t = lambda a, dt: torch.as_tensor(a, dtype=dt, device=device)
-        return PretrainBatch(numbers=b.numbers, positions=b.positions, batch=b.batch, forces=b.forces,
-                             has_forces=t(self.has_forces[frames], torch.bool), equilibrium=b.equilibrium,
-                             source=t(self.source_index[frames], torch.long), cell=b.cell, pbc=b.pbc)
+        return PretrainBatch(**{name: getattr(b, name) for name in b.__dataclass_fields__},
+                             has_forces=t(self.has_forces[frames], torch.bool),
+                             source=t(self.source_index[frames], torch.long))
 
 
 def build_corpus(cfg: Union[CorpusConfig, Dict, List], data_dir=None, log=print) -> Corpus:

@@ -88,17 +88,21 @@ def graph_hash(numbers: np.ndarray, positions: np.ndarray, bond_factor: float = 
     return _wl_hash(numbers, _adjacency(numbers, np.asarray(positions, np.float64), bond_factor))
 
 
+def same_atom_groups(cset: ConformationSet, frames: np.ndarray) -> List[Tuple[np.ndarray, List[int]]]:
+    """The listed frames grouped by atom sequence: ``(numbers, positions in frames)`` per group."""
+    groups: Dict[bytes, List[int]] = {}
+    for k, f in enumerate(frames):
+        groups.setdefault(cset.frame_numbers(int(f)).tobytes(), []).append(k)
+    return [(np.frombuffer(key, dtype=np.int64), members) for key, members in groups.items()]
+
+
 def frame_graph_hashes(cset: ConformationSet, frames: np.ndarray, bond_factor: float = 1.25,
                        chunk: int = 256) -> np.ndarray:
     """Graph hash of each listed frame. Frames sharing an atom sequence are handled together, and each distinct
     bond matrix is hashed once (MD trajectories of one molecule cost one hash)."""
     frames = np.asarray(frames, dtype=np.int64)
     out = np.empty(len(frames), dtype=object)
-    groups: Dict[bytes, List[int]] = {}
-    for k, f in enumerate(frames):
-        groups.setdefault(cset.frame_numbers(int(f)).tobytes(), []).append(k)
-    for key, members in groups.items():
-        numbers = np.frombuffer(key, dtype=np.int64)
+    for numbers, members in same_atom_groups(cset, frames):
         cache: Dict[bytes, str] = {}
         for s in range(0, len(members), chunk):
             part = members[s:s + chunk]
@@ -174,11 +178,7 @@ def _test_frame_mask(cset: ConformationSet, frames: np.ndarray, target: LeakageT
     ref = distance_fingerprint(tf.frame_numbers(0), tf.positions.reshape(len(tf), n, 3))
     tree = cKDTree(ref)
     hit = np.zeros(len(frames), dtype=bool)
-    groups: Dict[bytes, List[int]] = {}
-    for k, f in enumerate(frames):
-        groups.setdefault(cset.frame_numbers(int(f)).tobytes(), []).append(k)
-    for key, members in groups.items():
-        numbers = np.frombuffer(key, dtype=np.int64)
+    for numbers, members in same_atom_groups(cset, frames):
         if len(numbers) != n:
             continue
         pos = np.stack([cset.frame_positions(int(frames[k])) for k in members])

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from ase import units
 from torch import Tensor, nn
 
-from ..graph import radius_graph
 from ..models.heads import EquivariantVectorHead
+from ..potential import forces_from_energy, graph_sum
 from .corpus import PretrainBatch
 from .noise import gaussian_perturb, per_atom_sigma, riemann_force_target, riemann_perturb, sigma_schedule
 
@@ -98,25 +98,20 @@ class Outputs:
         if self._forces is None:
             if not self.positions.requires_grad:
                 raise RuntimeError("forces were not prepared for this forward pass (forces=False)")
-            g = torch.autograd.grad([self.energy.sum()], [self.positions], create_graph=self._create_graph,
-                                    allow_unused=True)[0]
-            self._forces = -g if g is not None else torch.zeros_like(self.positions)
+            self._forces = forces_from_energy(self.energy, self.positions, self._create_graph)
         return self._forces
 
 
 def potential_outputs(potential, numbers: Tensor, positions: Tensor, batch: Tensor, num_graphs: int,
                       cell: Optional[Tensor] = None, pbc: Optional[Tensor] = None, forces: bool = True,
                       create_graph: bool = True) -> Outputs:
-    """The steps of :meth:`Potential.atomic_energies`, keeping the backbone features. Energies exclude the
-    per-element references (pretraining never fits energies)."""
+    """One forward pass of the :class:`~forcefield.potential.Potential` keeping its features. The learned part
+    only: no reference energies (pretraining never fits energies), no ZBL repulsion and no close-atoms check
+    (noisy coordinates may put atoms on top of each other)."""
     if forces:
         positions = positions.detach().requires_grad_(True)
-    edge_index, edge_vec = radius_graph(positions, batch, potential.cutoff, cell, pbc)
-    x, vec = potential.backbone(numbers, edge_index, edge_vec)
-    y = potential.head(x, vec)
-    e_atom = y * potential.scale.to(y.dtype) + potential.shift.to(y.dtype)
-    energy = torch.zeros(num_graphs, dtype=e_atom.dtype, device=e_atom.device).index_add(0, batch, e_atom)
-    return Outputs(x, vec, e_atom, energy, positions, create_graph)
+    e_atom, x, vec = potential.atomic_energies_and_features(numbers, positions, batch, cell, pbc, learned_only=True)
+    return Outputs(x, vec, e_atom, graph_sum(e_atom, batch, num_graphs), positions, create_graph)
 
 
 class StepContext:
@@ -172,7 +167,8 @@ class StepContext:
 class Objective(nn.Module):
     """``forward(ctx)`` -> {name: loss} (unweighted; empty when no frame of the batch applies) and optional
     metrics under ``name/...`` (not part of the loss). ``which``: the frames it applies to (all, equilibrium,
-    forces); ``uses_clean``: whether it reads the forward pass at the clean geometries."""
+    forces); ``uses_clean``: whether it reads the forward pass at the clean geometries. A subclass implements
+    :meth:`loss` on the selected frames (or ``forward`` itself)."""
     name = "objective"
     which = "all"
     uses_clean = False
@@ -181,16 +177,21 @@ class Objective(nn.Module):
         super().__init__()
         self.weight = float(weight)
 
+    def forward(self, ctx: StepContext) -> Dict[str, Tensor]:
+        frames = ctx.frames(self.which)
+        return self.loss(ctx, frames) if bool(frames.any()) else {}
+
+    def loss(self, ctx: StepContext, frames: Tensor) -> Dict[str, Tensor]:
+        """The loss on the batch's ``frames`` (B,) bool (at least one)."""
+        raise NotImplementedError
+
 
 class ForceMatching(Objective):
     name = "force_matching"
     which = "forces"
     uses_clean = True
 
-    def forward(self, ctx: StepContext) -> Dict[str, Tensor]:
-        frames = ctx.frames(self.which)
-        if not bool(frames.any()):
-            return {}
+    def loss(self, ctx: StepContext, frames: Tensor) -> Dict[str, Tensor]:
         err = ctx.clean().forces[ctx.clean_atoms(frames)] - ctx.batch.forces[frames[ctx.batch.batch]]
         return {self.name: err.pow(2).mean()}
 
@@ -200,10 +201,7 @@ class ZeroForce(Objective):
     which = "equilibrium"
     uses_clean = True
 
-    def forward(self, ctx: StepContext) -> Dict[str, Tensor]:
-        frames = ctx.frames(self.which)
-        if not bool(frames.any()):
-            return {}
+    def loss(self, ctx: StepContext, frames: Tensor) -> Dict[str, Tensor]:
         return {self.name: ctx.clean().forces[ctx.clean_atoms(frames)].pow(2).mean()}
 
 
@@ -220,10 +218,7 @@ class ForceDenoising(Objective):
     def target(self, eps: Tensor) -> Tensor:
         return -self.stiffness * eps
 
-    def forward(self, ctx: StepContext) -> Dict[str, Tensor]:
-        frames = ctx.frames(self.which)
-        if not bool(frames.any()):
-            return {}
+    def loss(self, ctx: StepContext, frames: Tensor) -> Dict[str, Tensor]:
         sub = ctx.batch.select(frames)
         with torch.no_grad():
             noisy, eps = gaussian_perturb(sub.positions, self.sigma, sub.batch, ctx.generator)
@@ -291,9 +286,7 @@ class RiemannScoreMatching(Objective):
         if s is None:
             return {}
         per_atom = (out.forces - s.target).pow(2).sum(-1)
-        per_graph = torch.zeros(s.sub.num_graphs, dtype=per_atom.dtype, device=per_atom.device).index_add(
-            0, s.sub.batch, per_atom)
-        return {self.name: per_graph.mean()}
+        return {self.name: graph_sum(per_atom, s.sub.batch, s.sub.num_graphs).mean()}
 
 
 class NoiseLevelClassification(Objective):
@@ -311,8 +304,7 @@ class NoiseLevelClassification(Objective):
                                         nn.Linear(hidden, perturbation.num_levels))
 
     def pool(self, x: Tensor, batch: Tensor, num_graphs: int) -> Tensor:
-        h = self.node_dec(x)
-        return torch.zeros((num_graphs, h.shape[-1]), dtype=h.dtype, device=h.device).index_add(0, batch, h)
+        return graph_sum(self.node_dec(x), batch, num_graphs)
 
     def logits(self, x_clean: Tensor, x_noisy: Tensor, batch: Tensor, num_graphs: int) -> Tensor:
         """(B, levels) from per-atom invariant features of the clean and the perturbed geometry."""
@@ -339,10 +331,7 @@ class CoordinateDenoising(Objective):
         self.sigma, self.which = float(sigma), frames
         self.head = EquivariantVectorHead(hidden)
 
-    def forward(self, ctx: StepContext) -> Dict[str, Tensor]:
-        frames = ctx.frames(self.which)
-        if not bool(frames.any()):
-            return {}
+    def loss(self, ctx: StepContext, frames: Tensor) -> Dict[str, Tensor]:
         sub = ctx.batch.select(frames)
         with torch.no_grad():
             noisy, eps = gaussian_perturb(sub.positions, self.sigma, sub.batch, ctx.generator)

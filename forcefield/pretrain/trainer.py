@@ -12,11 +12,9 @@ rank ``r`` only on (seed, s, r), and the optimiser and scheduler states are rest
 from __future__ import annotations
 
 import copy
-import csv
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
 
@@ -24,10 +22,12 @@ import numpy as np
 import torch
 import yaml
 
-from .. import __version__
-from ..io import atomic_torch_save, model_record
+from ..version import __version__
+from ..files import atomic_torch_save, atomic_write_text, write_json
+from ..io import model_record
 from ..potential import Potential
-from ..train.step import optimizer_step
+from ..settings import from_mapping, read_yaml
+from ..train.loop import Panel, TrainingRun, optimizer_step
 from .corpus import Corpus, CorpusConfig, EpochSampler, build_corpus, corpus_config_from_obj
 from .distributed import DistInfo, all_reduce_mean, barrier
 from .objectives import ObjectivesConfig, PretrainTask, build_objectives
@@ -71,41 +71,20 @@ class PretrainConfig:
         return asdict(self)
 
 
-def _build(cls, values, where: str):
-    if values is None:
-        return cls()
-    if is_dataclass(values):
-        return values
-    if not isinstance(values, dict):
-        raise ValueError(f"config section '{where}' must be a mapping")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(where + '.' + k for k in unknown)}; valid: {', '.join(sorted(known))}")
-    return cls(**values)
-
-
 def pretrain_config_from_dict(d: Dict[str, Any]) -> PretrainConfig:
     d = dict(d or {})
-    unknown = sorted(set(d) - {"corpus", "model", "objectives", "optim", "elements"})
-    if unknown:
-        raise ValueError(f"unknown pretraining config section(s) {unknown}; valid: corpus, model, objectives, "
-                         "optim, elements")
     model = dict(DEFAULT_MODEL) if d.get("model") is None else dict(d["model"])
-    if "name" not in model:
-        model["name"] = "et"
-    return PretrainConfig(corpus=corpus_config_from_obj(d.get("corpus") or []), model=model,
-                          objectives=_build(ObjectivesConfig, d.get("objectives"), "objectives"),
-                          optim=_build(PretrainOptim, d.get("optim"), "optim"),
-                          elements=[int(z) for z in d.get("elements") or []])
+    model.setdefault("name", "et")
+    return from_mapping(PretrainConfig, {**d, "model": model, "corpus": corpus_config_from_obj(d.get("corpus") or [])},
+                        "")
 
 
 def load_pretrain_config(path: Union[str, Path], corpus: Optional[Union[str, Path]] = None) -> PretrainConfig:
     """A pretraining YAML (sections corpus, model, objectives, optim); ``corpus`` (a YAML list of sources or a
     corpus mapping) replaces its corpus section."""
-    d = yaml.safe_load(Path(path).read_text()) or {} if path else {}
+    d = (read_yaml(path) or {}) if path else {}
     if corpus:
-        d["corpus"] = yaml.safe_load(Path(corpus).read_text())
+        d["corpus"] = read_yaml(corpus, "corpus")
     return pretrain_config_from_dict(d)
 
 
@@ -113,18 +92,20 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(step), int(rank)]).generate_state(1, np.uint64)[0] >> 1)
 
 
-class Pretrainer:
+class Pretrainer(TrainingRun):
+    """The pretraining loop on :class:`~forcefield.train.loop.TrainingRun` (folder, checkpoints, log, timing):
+    steps over the corpus's epochs, a cosine schedule after a linear warm-up, a row every ``log_every`` steps."""
+    checkpoint_format = PRETRAIN_CHECKPOINT_FORMAT
+    what = "pretraining"
+    csv_key = "step"
+
     def __init__(self, config: PretrainConfig, out: Union[str, Path], corpus: Optional[Corpus] = None,
                  dist_info: Optional[DistInfo] = None, progress: bool = True, log: Callable[[str], None] = print,
-                 data_dir=None):
-        from ..models.egnn import register_egnn
-        register_egnn()
-        self.cfg = config
+                 data_dir=None, state_file: Optional[Path] = None, init_cpu_hours: Optional[float] = None):
         self.dist = dist_info or DistInfo()
-        self.out = Path(out)
-        self.is_main = self.dist.is_main
-        self.log = log if self.is_main else (lambda *_: None)
-        self.progress = progress and self.is_main
+        super().__init__(out, log=log, progress=progress, state_file=state_file, init_cpu_hours=init_cpu_hours,
+                         is_main=self.dist.is_main)
+        self.cfg = config
         o = config.optim
         if o.dtype not in DTYPES:
             raise ValueError(f"optim.dtype must be one of {', '.join(DTYPES)}, got '{o.dtype}'")
@@ -137,8 +118,6 @@ class Pretrainer:
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
             self.device = torch.device(o.device)
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
         self.corpus = corpus if corpus is not None else build_corpus(config.corpus, data_dir, log=self.log)
 
         torch.manual_seed(o.seed)
@@ -174,10 +153,10 @@ class Pretrainer:
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
-        self.elapsed = 0.0
-        self.stop_reason = ""
         self.part_names = list(weights) + (["noise_level/accuracy"] if "noise_level" in weights else [])
-        self.csv_fields = ["step", "epoch", "lr", "loss"] + self.part_names + ["frames", "elapsed_s", "steps_per_s"]
+        self.csv_fields = (["step", "epoch", "lr", "loss"] + self.part_names
+                           + ["frames", "elapsed_s", "steps_per_s", "cpu_hours"])
+        self.curves = (Panel("", "loss", [("loss", "total")] + [(k, k) for k in weights]),)
 
     # ------------------------------------------------------------------ schedule
     def _lr_factor(self, step: int) -> float:
@@ -209,7 +188,8 @@ class Pretrainer:
                 "task": {k: v.detach().cpu() for k, v in self.task.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "elapsed": self.elapsed, "world_size": self.dist.world_size, "total_steps": self.total_steps,
+                "elapsed": self.elapsed, "cpu_seconds": self.cpu_seconds, "world_size": self.dist.world_size,
+                "total_steps": self.total_steps,
                 "corpus": self.corpus.summary(), "objective_weights": self.weights}
 
     def _cpu_potential(self) -> Potential:
@@ -225,30 +205,41 @@ class Pretrainer:
                 "corpus": self.corpus.summary(), "source_weights": self.source_weights.tolist(),
                 "leakage": self.corpus.report.get("leakage", {}), "oreo_version": __version__}
 
-    def save_checkpoint(self) -> Optional[Path]:
-        if not self.is_main:
-            return None
-        st = self.state()
-        atomic_torch_save(st, self.out / "last.pt")
-        rec = dict(st["potential"])
-        rec["pretrain"] = {**self.pretrain_record(), "heads": st["heads"], "config": st["config"]}
-        return atomic_torch_save(rec, self.out / "pretrained.pt")
+    def after_checkpoint(self, state: Dict[str, Any]) -> None:
+        """``pretrained.pt``, the model file fine-tuning starts from, with every checkpoint."""
+        rec = dict(state["potential"])
+        rec["pretrain"] = {**self.pretrain_record(), "heads": state["heads"], "config": state["config"]}
+        atomic_torch_save(rec, self.out / "pretrained.pt")
 
-    def load_checkpoint(self, path: Path) -> None:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-        if ck.get("format") != PRETRAIN_CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not an oreo pretraining checkpoint")
+    def load_state(self, ck: Dict[str, Any]) -> None:
         if ck["corpus"] != self.corpus.summary():
-            raise ValueError(f"cannot resume from {path}: the corpus differs from the one it was trained on "
+            raise ValueError(f"cannot resume the run in {self.out}: the corpus differs from the one it was trained on "
                              f"({ck['corpus']} vs {self.corpus.summary()}); use the original config or a new --out")
         if ck["world_size"] != self.dist.world_size:
-            self.log(f"warning: {path} was written by {ck['world_size']} process(es), now {self.dist.world_size}: "
-                     "training continues, but not step for step as the original run would have")
+            self.log(f"warning: the run in {self.out} was written by {ck['world_size']} process(es), now "
+                     f"{self.dist.world_size}: training continues, but not step for step as the original run would "
+                     f"have")
         self.task.load_state_dict(ck["task"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
         self.step, self.epoch, self.batch_in_epoch = ck["step"], ck["epoch"], ck["batch_in_epoch"]
         self.elapsed = ck["elapsed"]
+        self.cpu_seconds = ck.get("cpu_seconds", self.elapsed)
+
+    def position(self) -> str:
+        return f"step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})"
+
+    def runstate_view(self, state: Dict[str, Any]) -> Dict[str, Any]:
+        """The compact state packs ``train_model`` against ``model``: the task's weights against the potential's
+        (the same numbers: exact), the objectives' heads as they are, AdamW's moments quantised."""
+        rest = {k: v for k, v in state.items() if k not in ("task", "potential", "heads")}
+        sd = {"potential." + k: v for k, v in state["potential"]["state_dict"].items()}
+        return {**rest, "model": {**state["potential"], "state_dict": sd}, "train_model": state["task"]}
+
+    def from_runstate_view(self, ck: Dict[str, Any]) -> Dict[str, Any]:
+        ck["task"] = ck.pop("train_model")
+        ck.pop("model")
+        return ck
 
     # ------------------------------------------------------------------ logging
     def _reduce(self, sums: Dict[str, float], counts: Dict[str, int]) -> Dict[str, float]:
@@ -260,28 +251,6 @@ class Pretrainer:
         red = all_reduce_mean(flat, self.dist)   # mean of sums / mean of counts = pooled mean
         return {k: (red["s:" + k] / red["c:" + k] if red["c:" + k] > 0 else float("nan")) for k in keys}
 
-    def _append_csv(self, row: Dict[str, Any]) -> None:
-        if not self.is_main:
-            return
-        path = self.out / "metrics.csv"
-        new = not path.exists()
-        with open(path, "a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=self.csv_fields)
-            if new:
-                w.writeheader()
-            w.writerow(row)
-
-    def _truncate_csv(self) -> None:
-        path = self.out / "metrics.csv"
-        if not self.is_main or not path.exists():
-            return
-        with open(path) as fh:
-            rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= self.step]
-        with open(path, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=self.csv_fields)
-            w.writeheader()
-            w.writerows(rows)
-
     def _should_stop(self, started: float) -> bool:
         o = self.cfg.optim
         if o.max_minutes is None:
@@ -292,22 +261,13 @@ class Pretrainer:
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: bool = False) -> Dict[str, Any]:
         o = self.cfg.optim
-        last = self.out / "last.pt"
-        if resume:
-            if not last.is_file():
-                raise FileNotFoundError(f"--resume: no checkpoint {last}; start without --resume")
-            self.load_checkpoint(last)
-            self._truncate_csv()
-            self.log(f"resumed from {last} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
-        elif last.exists() or (self.out / "metrics.csv").exists():  # checked on every rank (shared folder)
-            raise FileExistsError(f"{self.out} already holds a pretraining run; pass --resume to continue it or "
-                                  "choose another --out")
+        self.begin(resume)            # checked on every rank (a shared folder)
         barrier(self.dist)
         if self.is_main:
-            (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False,
-                                                                  allow_unicode=True))
-            (self.out / "corpus_report.json").write_text(json.dumps(
-                {"summary": self.corpus.summary(), **self.corpus.report}, indent=2, default=str))
+            atomic_write_text(self.out / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False,
+                                                                       allow_unicode=True))
+            write_json(self.out / "corpus_report.json", {"summary": self.corpus.summary(), **self.corpus.report},
+                       default=str)
         self.log(f"model: {self.task.potential.describe()}; objectives: {self.weights}")
         self.log(f"corpus: {len(self.corpus)} frames; {self.steps_per_epoch} steps per epoch per process, "
                  f"{self.total_steps} steps, {self.dist.world_size} process(es) on {self.device}")
@@ -315,8 +275,8 @@ class Pretrainer:
         if self.progress:
             from tqdm.auto import tqdm
             bar = tqdm(total=self.total_steps, initial=self.step, desc="pretrain", unit="step")
+        self.start_clock()
         started = time.perf_counter()
-        elapsed0 = self.elapsed
         sums: Dict[str, float] = {}
         counts: Dict[str, int] = {}
         n_frames = 0
@@ -336,7 +296,7 @@ class Pretrainer:
                 if self.batch_in_epoch >= len(batches):
                     self.epoch += 1
                     self.batch_in_epoch = 0
-                self.elapsed = elapsed0 + time.perf_counter() - started
+                self.tick()
                 if self.step % o.log_every == 0 or self.step >= self.total_steps:
                     self._log_row(sums, counts, n_frames, window_start, window_step)
                     sums, counts, n_frames = {}, {}, 0
@@ -356,6 +316,7 @@ class Pretrainer:
         self.save_checkpoint()
         barrier(self.dist)
         self.log(self.stop_reason)
+        self.plot_learning_curve()
         return {"steps": self.step, "epochs": self.epoch, "stop_reason": self.stop_reason,
                 "pretrained": str(self.out / "pretrained.pt"), "minutes": self.elapsed / 60}
 
@@ -365,5 +326,5 @@ class Pretrainer:
         dt = max(time.perf_counter() - window_start, 1e-9)
         row = {"step": self.step, "epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"],
                **means, "frames": int(round(frames)), "elapsed_s": round(self.elapsed, 3),
-               "steps_per_s": (self.step - window_step) / dt}
-        self._append_csv(row)
+               "steps_per_s": (self.step - window_step) / dt, "cpu_hours": self.cpu_seconds / 3600}
+        self.append_row(row)

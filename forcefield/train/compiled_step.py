@@ -11,7 +11,7 @@ and Inductor fuses like the forward. Same function as the eager :class:`~forcefi
 
 Cost: the first call compiles (minutes on a small CPU, cached on disk by Inductor for later runs);
 the neighbour search stays eager. ET backbone only (it exposes ``represent`` with the symmetric edge
-layout). Inference uses the AOTInductor export (``forcefield.compiled``) instead.
+layout). The traced graph is :mod:`forcefield.traced`'s, the one the AOTInductor export (inference) compiles.
 """
 import os
 from typing import Dict, List, Optional
@@ -19,8 +19,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from ..compiled import EnergyForces, default_inductor_configs, pairs_and_shifts
-from ..potential import checked_batch
+from ..potential import checked_batch, graph_sum
+from ..traced import EnergyForces, default_inductor_configs, pairs_and_shifts, traceable
 
 
 class _Functional(nn.Module):
@@ -61,10 +61,6 @@ def strip_detach(gm: torch.fx.GraphModule) -> int:
     return removed
 
 
-def supports_compile(potential: nn.Module) -> bool:
-    return hasattr(potential, "backbone") and hasattr(potential.backbone, "represent")
-
-
 class CompiledEnergyForces:
     """``fn(numbers, positions, batch, cell, pbc) -> {"energy": (B,), "forces": (N, 3)}`` for training,
     differentiable in ``potential``'s parameters, compiled on the first call.
@@ -76,7 +72,7 @@ class CompiledEnergyForces:
     """
 
     def __init__(self, potential: nn.Module, backend: Optional[str] = None):
-        if not supports_compile(potential):
+        if not traceable(potential):
             raise ValueError("optim.compile needs the ET backbone (model.name: et); set optim.compile: false "
                              "for other backbones")
         self.potential = potential
@@ -104,5 +100,4 @@ class CompiledEnergyForces:
         if self._compiled is None:
             self._build(args)
         e_atom, forces = self._compiled(*args)
-        energy = torch.zeros(num_graphs, dtype=e_atom.dtype, device=e_atom.device).index_add_(0, batch, e_atom)
-        return {"energy": energy, "forces": forces}
+        return {"energy": graph_sum(e_atom, batch, num_graphs), "forces": forces}

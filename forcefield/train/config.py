@@ -1,9 +1,10 @@
-"""Training configuration: dataclasses with defaults, loaded from YAML (unknown keys are errors)."""
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+"""Training configuration: dataclasses with defaults, loaded from YAML by :mod:`forcefield.settings` (unknown keys
+are errors, values converted to the fields' types)."""
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-import yaml
+from ..settings import from_mapping, read_yaml
 
 
 @dataclass
@@ -67,55 +68,9 @@ class Config:
         return asdict(self)
 
 
-def _build(cls, values: Dict[str, Any], where: str):
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise ValueError(f"config section '{where}' must be a mapping, got {type(values).__name__}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ValueError(f"unknown config key(s) {', '.join(where + '.' + k for k in unknown)}; "
-                         f"valid keys in '{where}': {', '.join(known)}")
-    kw = {}
-    for name, value in values.items():
-        default = getattr(cls(), name)
-        if is_dataclass(default):
-            kw[name] = _build(type(default), value, name)
-        else:
-            kw[name] = _coerce(value, known[name].type, f"{where}.{name}")
-    return cls(**kw)
-
-
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """YAML reads ``1e-3`` as a string and ``5`` as an int: convert to the field's numeric type."""
-    text = str(annotation)
-    if annotation is bool or text == "bool":
-        if not isinstance(value, bool):
-            raise ValueError(f"config key {key} must be true or false, got {value!r}")
-        return value
-    if value is None or isinstance(value, bool):
-        return value
-    try:
-        if "float" in text and isinstance(value, (int, float, str)):
-            return float(value)
-        if "int" in text and isinstance(value, (int, str)) and not isinstance(value, bool):
-            return int(value)
-    except ValueError:
-        raise ValueError(f"config key {key} must be a number, got {value!r}") from None
-    return value
-
-
 def config_from_dict(d: Dict[str, Any]) -> Config:
-    return _build(Config, d, "config")
+    return from_mapping(Config, d, "")
 
 
 def load_config(path: Union[str, Path]) -> Config:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} not found; see examples/ for ready-made configs")
-    try:
-        d = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ValueError(f"config file {path} is not valid YAML: {exc}") from None
-    return config_from_dict(d)
+    return config_from_dict(read_yaml(path) or {})

@@ -1,5 +1,5 @@
 """Per-element reference energies and the energy scale, fitted on training frames."""
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -46,3 +46,16 @@ def energy_scale(cset: ConformationSet, atomref: Dict[int, float]) -> Tuple[floa
     if cset.energy is not None:
         shift = float(np.mean((cset.energy - reference_energy(cset, atomref)) / cset.n_atoms))
     return max(scale, 1e-3), shift
+
+
+def fitted_potential(backbone: Dict, train: ConformationSet, val: Optional[ConformationSet] = None,
+                     metadata: Optional[Dict] = None, scale: Optional[float] = None):
+    """A new :class:`~forcefield.potential.Potential` for these frames: the elements of ``train`` (and ``val``),
+    reference energies and energy scale fitted on ``train`` (``scale``: keep this one instead), the ``backbone``
+    config (fresh weights from torch's current random state)."""
+    from ..potential import Potential
+    elements = sorted(set(train.elements) | (set(val.elements) if val is not None else set()))
+    atomref = fit_reference_energies(train, elements)
+    fitted, shift = energy_scale(train, atomref)
+    return Potential(backbone=dict(backbone), elements=elements, atomref=atomref,
+                     scale=fitted if scale is None else scale, shift=shift, metadata=metadata)

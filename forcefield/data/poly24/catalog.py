@@ -5,13 +5,17 @@ unit *i* to the head of unit *i + 1* and caps both chain ends with hydrogen. ``n
 chosen so that every oligomer has 30-60 atoms: big enough to hold several backbone torsions,
 small enough for GFN2-xTB sampling on a laptop.
 
+The table itself is ``catalog.csv`` (name, full name, repeat-unit SMILES, repeat units, family).
+
 This is oreo's own set, built to stand in for the 24-polymer DFT set of the ET-OREO / PolyGET
 authors, which is not public. The loaders read that set as it is when a user has it
 (:func:`forcefield.data.poly24.load_polymer_set`).
 """
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
 
@@ -24,35 +28,18 @@ class Polymer:
     family: str
 
 
-POLYMERS: Dict[str, Polymer] = {p.name: p for p in [
-    Polymer("PE", "polyethylene", "[*:1]CC[*:2]", 6, "polyolefin"),
-    Polymer("PP", "polypropylene", "[*:1]CC(C)[*:2]", 4, "polyolefin"),
-    Polymer("PIB", "polyisobutylene", "[*:1]CC(C)(C)[*:2]", 3, "polyolefin"),
-    Polymer("PBD", "cis-1,4-polybutadiene", "[*:1]C/C=C\\C[*:2]", 4, "polydiene"),
-    Polymer("PS", "polystyrene", "[*:1]CC(c1ccccc1)[*:2]", 2, "vinyl"),
-    Polymer("PVC", "poly(vinyl chloride)", "[*:1]CC(Cl)[*:2]", 6, "vinyl"),
-    Polymer("PVA", "poly(vinyl alcohol)", "[*:1]CC(O)[*:2]", 5, "vinyl"),
-    Polymer("PVAc", "poly(vinyl acetate)", "[*:1]CC(OC(C)=O)[*:2]", 3, "vinyl"),
-    Polymer("PAN", "polyacrylonitrile", "[*:1]CC(C#N)[*:2]", 5, "vinyl"),
-    Polymer("PMMA", "poly(methyl methacrylate)", "[*:1]CC(C)(C(=O)OC)[*:2]", 3, "acrylic"),
-    Polymer("PTFE", "polytetrafluoroethylene", "[*:1]C(F)(F)C(F)(F)[*:2]", 6, "fluoropolymer"),
-    Polymer("PVDF", "poly(vinylidene fluoride)", "[*:1]CC(F)(F)[*:2]", 6, "fluoropolymer"),
-    Polymer("PEO", "poly(ethylene oxide)", "[*:1]CCO[*:2]", 5, "polyether"),
-    Polymer("POM", "polyoxymethylene", "[*:1]CO[*:2]", 8, "polyether"),
-    Polymer("PEEK", "poly(ether ether ketone)", "[*:1]Oc1ccc(cc1)Oc1ccc(cc1)C(=O)c1ccc(cc1)[*:2]", 1,
-            "polyether"),
-    Polymer("PET", "poly(ethylene terephthalate)", "[*:1]OCCOC(=O)c1ccc(cc1)C(=O)[*:2]", 2, "polyester"),
-    Polymer("PBT", "poly(butylene terephthalate)", "[*:1]OCCCCOC(=O)c1ccc(cc1)C(=O)[*:2]", 2, "polyester"),
-    Polymer("PLA", "poly(lactic acid)", "[*:1]OC(C)C(=O)[*:2]", 4, "polyester"),
-    Polymer("PCL", "polycaprolactone", "[*:1]OCCCCCC(=O)[*:2]", 2, "polyester"),
-    Polymer("PC", "bisphenol-A polycarbonate", "[*:1]Oc1ccc(cc1)C(C)(C)c1ccc(cc1)OC(=O)[*:2]", 1,
-            "polycarbonate"),
-    Polymer("PA6", "nylon-6", "[*:1]NCCCCCC(=O)[*:2]", 2, "polyamide"),
-    Polymer("PA66", "nylon-6,6", "[*:1]NCCCCCCNC(=O)CCCCC(=O)[*:2]", 1, "polyamide"),
-    Polymer("PI", "polyimide (PMDA-ODA, Kapton)",
-            "[*:1]N1C(=O)c2cc3c(cc2C1=O)C(=O)N(c1ccc(Oc2ccc([*:2])cc2)cc1)C3=O", 1, "polyimide"),
-    Polymer("PDMS", "polydimethylsiloxane", "[*:1]O[Si](C)(C)[*:2]", 4, "polysiloxane"),
-]}
+#: the catalogue, one row per polymer, in ``catalog.csv`` beside this module (a table, kept as data)
+CATALOG_FILE = Path(__file__).resolve().parent / "catalog.csv"
+
+
+def _read_catalog(path: Path = CATALOG_FILE) -> Dict[str, Polymer]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    return {r["name"]: Polymer(r["name"], r["full_name"], r["repeat_smiles"], int(r["n_repeat"]), r["family"])
+            for r in rows}
+
+
+POLYMERS: Dict[str, Polymer] = _read_catalog()
 
 _ALIASES = {"NYLON-6": "PA6", "NYLON6": "PA6", "NYLON-6,6": "PA66", "NYLON-66": "PA66", "NYLON66": "PA66",
             "KAPTON": "PI", "PVAC": "PVAc"}

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+from ...files import atomic_write, atomic_write_text
 from .build import build_oligomer, geometry_problems, oligomer_smiles
 from .catalog import POLYMERS, Polymer, select_polymers
 from .sampling import SamplingError, SamplingSettings, sample_trajectory
@@ -94,17 +94,9 @@ def trajectory_name(temperature: float, replica: int) -> str:
     return f"T{temperature:g}_r{replica}"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _atomic_write_extxyz(path: Path, images) -> None:
     from ase.io import write
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(str(tmp), images, format="extxyz")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: write(str(tmp), images, format="extxyz"))
 
 
 def level_of_theory(config: GenerationConfig) -> str:
@@ -166,7 +158,7 @@ def generate_trajectory(out: Path, polymer: Polymer, temperature: float, replica
     info = {"polymer": polymer.name, "temperature_K": temperature, "replica": replica, "split": split,
             "trajectory": f"{polymer.name}/{name}", "level_of_theory": level}
     _atomic_write_extxyz(folder / f"{name}.extxyz", _images(atoms.numbers, frames, info))
-    _atomic_write_text(folder / f"{name}.json", json.dumps(record, indent=1))
+    atomic_write_text(folder / f"{name}.json", json.dumps(record, indent=1))
     return record
 
 
@@ -184,9 +176,9 @@ def _load_or_store_config(out: Path, config: GenerationConfig) -> None:
         config_all = asdict(config)
         config_all["polymers"] = sorted({p.name for p in stored_polymers} | set(config.polymers),
                                         key=list(POLYMERS).index)
-        _atomic_write_text(path, json.dumps(config_all, indent=1))
+        atomic_write_text(path, json.dumps(config_all, indent=1))
     else:
-        _atomic_write_text(path, json.dumps(asdict(config), indent=1))
+        atomic_write_text(path, json.dumps(asdict(config), indent=1))
 
 
 def records(out: Path) -> List[Dict]:
@@ -219,7 +211,7 @@ def write_manifest(out: Path) -> Dict:
         images = [a for r in recs if r["split"] == split for a in read(str(out / r["file"]), index=":")]
         if images:
             _atomic_write_extxyz(out / f"{split}.extxyz", images)
-    _atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False))
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False))
     lines = ["# oreo-poly24", "", DATASET_NOTE, "",
              f"Labels: {'; '.join(levels)}. Units: Å, eV, eV/Å.", "",
              f"Sampling: Langevin MD at {config['temperatures']} K, {config['timestep_fs']} fs steps, "
@@ -231,7 +223,7 @@ def write_manifest(out: Path) -> Dict:
     lines += ["", "| polymer | name | repeat unit | n | atoms | formula |", "|---|---|---|---:|---:|---|"]
     lines += [f"| {k} | {v['full_name']} | `{v['repeat_smiles']}` | {v['n_repeat']} | {v['n_atoms']} | "
               f"{v['formula']} |" for k, v in polymers.items()]
-    _atomic_write_text(out / "MANIFEST.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "MANIFEST.md", "\n".join(lines) + "\n")
     return manifest
 
 

@@ -1,6 +1,6 @@
 """Ship a pretrained backbone from a pretraining run, with a card saying what it saw and what it is worth.
 
-    python benchmarks/ship_pretrained.py runs/pretrain_bench/pretrain/et-oreo --name pretrained-et-oreo \
+    python release/ship_pretrained.py runs/pretrain_bench/pretrain/et-oreo --name pretrained-et-oreo \
         --benchmark runs/pretrain_bench
 
 Writes ``forcefield/pretrained/<name>.pt`` (the run's ``pretrained.pt``: an oreo model file, so
@@ -45,7 +45,7 @@ Reproduce:
 ```bash
 export OREO_DATA_DIR=/path/to/data
 python benchmarks/pretrain_finetune.py {bench_args}
-python benchmarks/ship_pretrained.py {run} --name {name} --benchmark {bench_out}
+python release/ship_pretrained.py {run} --name {name} --benchmark {bench_out}
 ```
 """
 

@@ -1,17 +1,21 @@
-"""Where MD gets its frames: rMD17 molecules (via ``forcefield.data.load_rmd17``) or a structure file.
+"""Where MD gets its frames: rMD17 molecules (via ``forcefield.data.load_rmd17``), oreo-poly24 polymers
+(:mod:`md.poly24`) or a structure file; and the reference geometry the stability criterion compares with.
 
 - held-out frames (initial conditions, force MAE) = rMD17 ``split="test"``;
 - reference frames (bond lengths, h(r)) = every frame of the dataset (``split="all"``).
+
+:func:`load_system_frames` is the one entry point: the simulation and the analysis both call it.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 import numpy as np
 
 from .errors import MDInputError
+
 
 def canonical_molecule(name: str) -> str:
     """Normalise an rMD17 molecule name (case, ``salicylic acid`` aliases) or raise a clear error."""
@@ -85,3 +89,47 @@ def frame_stack(frames, idx: Optional[np.ndarray] = None) -> np.ndarray:
     """Positions of frames that share one atom count as an array (F, n, 3)."""
     idx = np.arange(len(frames)) if idx is None else np.asarray(idx)
     return np.stack([frames.frame_positions(int(f)) for f in idx]) if len(idx) else np.zeros((0, 0, 3))
+
+
+def load_system_frames(config):
+    """``(held_out, reference)`` ConformationSets of a :class:`~md.config.SimulationConfig`: rMD17 test split and
+    all frames of the molecule; poly24 test split of the polymer and its test frames at the simulation
+    temperature (:mod:`md.poly24`); or every frame of ``config.structure`` for both."""
+    if config.structure:
+        frames = frames_from_file(config.structure)
+        return frames, frames
+    if config.polymer:
+        from .poly24 import load_polymer_frames
+        return load_polymer_frames(config.polymer, config.temperature, config.poly24_dir, config.data_dir)
+    held_out = load_frames(config.molecule, "test", config.data_dir, config.split_index)
+    reference = load_frames(config.molecule, "all", config.data_dir, config.split_index)
+    return held_out, reference
+
+
+def describe_frames(config, held_out, reference) -> Dict[str, str]:
+    """Which frames a run starts from / compares with, in words (for the log and summary.json)."""
+    if config.structure:
+        text = f"every frame of {config.structure} ({len(reference)} frames)"
+        return {"held_out": text, "reference": text}
+    if config.molecule:
+        return {"held_out": f"rMD17 {config.molecule} test split {config.split_index} ({len(held_out)} frames)",
+                "reference": f"rMD17 {config.molecule}, all frames ({len(reference)} frames)"}
+    return {"held_out": str(held_out.meta.get("md_held_out", f"{len(held_out)} held-out frames")),
+            "reference": str(reference.meta.get("md_reference", f"{len(reference)} reference frames"))}
+
+
+def reference_bonds(numbers: np.ndarray, first_positions: np.ndarray, reference, cell=None, pbc=None):
+    """Bonds (M, 2) of a replica's first frame and their mean length (M,) over the reference
+    frames of the same molecule (ASE natural cutoffs, MDsim's definition)."""
+    from .metrics import bond_lengths, find_bonds
+    bonds = find_bonds(numbers, first_positions, cell, pbc)
+    idx = same_molecule(reference, numbers)
+    if len(idx) == 0:
+        raise MDInputError("no reference frame has the same atoms (in the same order) as the simulated system; "
+                           "reference frames must be the same molecule")
+    if len(bonds) == 0:
+        return bonds, np.zeros(0)
+    ref_cell = None if reference.cell is None else reference.cell[idx[0]]
+    ref_pbc = None if reference.pbc is None else reference.pbc[idx[0]]
+    lengths = bond_lengths(frame_stack(reference, idx), bonds, ref_cell, ref_pbc)
+    return bonds, lengths.mean(axis=0)

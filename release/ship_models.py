@@ -1,6 +1,6 @@
 """Copy trained runs into the package as shipped models, each with a model card and its frame ids.
 
-    python benchmarks/ship_models.py runs/aspirin runs/ethanol ...
+    python release/ship_models.py runs/aspirin runs/ethanol ...
 
 For every run folder (written by ``oreo train``) this writes ``forcefield/pretrained/<molecule>.pt``
 (EMA weights of the best validation epoch, an oreo model file), ``<molecule>.md`` (the card) and
@@ -91,7 +91,7 @@ Reproduce (generation settings in the set's `MANIFEST.md`):
 export OREO_DATA_DIR=/path/to/data
 oreo data poly24 --out $OREO_DATA_DIR/poly24 --temperatures 300 600 --replicas 4 --equilibration-steps 100 --steps 400 --stride 10
 oreo train --config examples/configs/poly24.yaml --out runs/poly24
-{resume_lines}python benchmarks/ship_models.py runs/poly24
+{resume_lines}python release/ship_models.py runs/poly24
 oreo evaluate poly24.pt        # test split of every polymer
 ```
 
@@ -117,7 +117,7 @@ on another machine the number of epochs, and the result, differ; `--resume` cont
 ```bash
 export OREO_DATA_DIR=/path/to/data          # holds rmd17/ (oreo data download rmd17)
 oreo train --config examples/configs/rmd17_{molecule}.yaml --out runs/{molecule}
-{resume_lines}python benchmarks/ship_models.py runs/{molecule}
+{resume_lines}python release/ship_models.py runs/{molecule}
 ```"""
 
 

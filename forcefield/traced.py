@@ -1,0 +1,71 @@
+"""The energy + forces graph that gets compiled: one module shared by the AOTInductor export
+(:mod:`forcefield.compiled`, inference) and ``optim.compile`` (:mod:`forcefield.train.compiled_step`, training).
+
+:class:`EnergyForces` is :class:`~forcefield.potential.Potential` written for tracing: the neighbour search stays
+outside (it is data-dependent; :func:`pairs_and_shifts` runs it eagerly), the edges come in the symmetric layout
+known without a check, and the energy and its position gradient are one function of the inputs, so ``make_fx``
+turns the backward pass into ordinary forward code. The per-atom energies come from ``Potential.energy_readout``
+(the code eager and TorchScript run: head, scale, shift, ZBL repulsion), the forces from
+:func:`~forcefield.potential.forces_from_energy`. ET backbone only (it exposes ``represent``).
+"""
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .graph import edges_from_pairs, half_pairs, shift_vectors
+from .potential import forces_from_energy
+
+__all__ = ["EnergyForces", "pairs_and_shifts", "traceable", "default_inductor_configs"]
+
+
+# Inductor's generated element-wise kernels run on one thread; GEMMs and the rest of torch keep every
+# torch thread. Measured on the 2-core benchmark machine (aspirin, ET 6x128, torch 2.13): kernels on 2
+# OpenMP threads made the compiled model 2.4x slower for one molecule and 2x slower for 16 and 64
+# replicas (each kernel is small: OpenMP start-up costs more than it saves). Override per call with
+# ``inductor_configs={"cpp.threads": -1}`` (all torch threads) or the environment variable OREO_KERNEL_THREADS.
+def default_inductor_configs(**extra: Any) -> Dict[str, Any]:
+    """Inductor options oreo compiles with (AOTInductor export and ``optim.compile`` training)."""
+    return {"cpp.threads": int(os.environ.get("OREO_KERNEL_THREADS", "1")), **extra}
+
+
+def traceable(potential: nn.Module) -> bool:
+    """Whether ``potential`` is an eager oreo Potential whose backbone can be traced (ET)."""
+    return hasattr(potential, "backbone") and hasattr(potential.backbone, "represent")
+
+
+class EnergyForces(nn.Module):
+    """(numbers (N,), positions (N, 3), pairs (2, P), cart (P, 3)) -> (atomic energies (N,) eV, forces (N, 3) eV/Å).
+
+    ``pairs`` holds one direction of each pair (``graph.half_pairs``), ``cart`` its Cartesian image shift
+    (zeros for molecules). Atomic energies include ``scale``/``shift`` and the ZBL repulsion
+    (``Potential.energy_readout``, the same code as eager) but not the reference energies.
+    """
+
+    def __init__(self, potential: nn.Module, differentiable: bool = False):
+        super().__init__()
+        self.potential = potential
+        self.differentiable = differentiable  # True: outputs stay differentiable in the parameters (training)
+
+    def forward(self, numbers: Tensor, positions: Tensor, pairs: Tensor, cart: Tensor) -> Tuple[Tensor, Tensor]:
+        pot = self.potential
+        with torch.enable_grad():
+            pos = positions.detach().requires_grad_(True)
+            edge_index, edge_vec = edges_from_pairs(pos, pairs, cart)
+            x, v = pot.backbone.represent(numbers, edge_index, edge_vec, 2)
+            # the repulsion is always in the traced graph (branch-free; exactly zero beyond r_off)
+            e_atom = pot.energy_readout(numbers, x, v, edge_index, edge_vec, True)
+            forces = forces_from_energy(e_atom, pos, self.differentiable)
+        return (e_atom, forces) if self.differentiable else (e_atom.detach(), forces)
+
+
+def pairs_and_shifts(positions: Tensor, batch: Tensor, cutoff: float, cell: Optional[Tensor] = None,
+                     pbc: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """The inputs the traced graph takes besides numbers and positions: one direction of each pair (2, P)
+    and its Cartesian image shift (P, 3) in ``positions``' dtype (zeros without periodic directions; constant
+    in the cell: no stress)."""
+    pairs, shifts = half_pairs(positions, batch, cutoff, cell, pbc)
+    if shifts is not None and cell is not None:
+        return pairs, shift_vectors(pairs, shifts, cell.detach(), batch, positions.dtype)
+    return pairs, torch.zeros(pairs.shape[1], 3, dtype=positions.dtype, device=positions.device)

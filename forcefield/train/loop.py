@@ -1,0 +1,362 @@
+"""The training-loop skeleton that every oreo trainer shares.
+
+:class:`TrainingRun` owns what a run leaves in its output folder and how it continues after a kill:
+
+- ``last.pt``: the full checkpoint (atomic), and optionally a compact, committable copy in ``state_file``
+  (:mod:`~forcefield.train.runstate`; a resume on a fresh clone starts from it and gets the learning curve back);
+- ``metrics.csv``: one row per epoch (or logging step), cut back to the checkpoint on resume so nothing is
+  logged twice; ``learning_curve.png`` from it;
+- wall and cumulative CPU time (``elapsed_s`` and ``cpu_hours`` columns; ``init_cpu_hours`` carries the cost of
+  the model a run started from), the time budget, the linear warm-up of every parameter group's ``base_lr``;
+- the refusal to overwrite another run, and the errors that say how to resume.
+
+:class:`EpochTrainer` adds the epoch loop of supervised training (shuffled mini-batches, validation,
+reduce-on-plateau, best model, early stopping). Users: :class:`~forcefield.train.trainer.Trainer` (energies and
+forces; fine-tuning subclasses it), :class:`~forcefield.pretrain.property.PropertyTrainer` (QM9 properties) and
+:class:`~forcefield.pretrain.trainer.Pretrainer` (its own step loop, on :class:`TrainingRun`).
+"""
+import csv
+import io
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..files import atomic_torch_save, atomic_write_text
+from .runstate import is_runstate, pack_checkpoint, unpack_runstate
+
+__all__ = ["Panel", "TrainingRun", "EpochTrainer", "adamw_with_plateau", "warmup_lr", "optimizer_step",
+           "early_stop_reason"]
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters, grad_clip: float, step: int,
+                   checkpoint: Path, what: str = "training", detail: str = "") -> None:
+    """Check the loss is finite (else a clear error naming the checkpoint to resume from), backpropagate,
+    clip the gradient norm (``grad_clip`` > 0) and step."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{what} loss became {loss.item()} at step {step}{detail}; lower optim.lr or "
+                                 f"optim.grad_clip and resume from {checkpoint}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    optimizer.step()
+
+
+def early_stop_reason(epochs_since_best: int, patience: int, lr: float, lr_min: float, step: int,
+                      warmup_steps: int, elapsed_s: float, max_minutes: Optional[float]) -> str:
+    """Why an epoch loop should stop now ("" to go on): no improvement, learning rate at its floor, time budget."""
+    if epochs_since_best >= patience:
+        return f"early stop: no improvement for {patience} epochs"
+    if lr <= lr_min * 1.0001 and step > warmup_steps:
+        return f"learning rate reached its minimum {lr_min:g}"
+    if max_minutes is not None and elapsed_s > 60 * max_minutes:
+        return f"time budget of {max_minutes:g} min reached (continue with --resume)"
+    return ""
+
+
+@dataclass
+class Panel:
+    """One panel of the learning curve: ``lines`` are (CSV column, legend label) pairs on a log axis."""
+    title: str
+    ylabel: str
+    lines: Sequence[Tuple[str, str]]
+
+
+def adamw_with_plateau(groups, lr: float, weight_decay: float, factor: float, patience: int, min_lr: float):
+    """AdamW over ``groups`` (parameters or parameter groups) and its reduce-on-plateau schedule; every group
+    remembers its ``base_lr``, the rate the warm-up leads to."""
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    for g in optimizer.param_groups:
+        g.setdefault("base_lr", g["lr"])
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=factor, patience=patience,
+                                                           min_lr=min_lr)
+    return optimizer, scheduler
+
+
+def warmup_lr(optimizer: torch.optim.Optimizer, step: int, warmup_steps: int) -> None:
+    """Linear warm-up: during the first ``warmup_steps`` steps each group's rate rises to its ``base_lr``."""
+    if warmup_steps > 0 and step <= warmup_steps:
+        w = min(1.0, (step + 1) / warmup_steps)
+        for g in optimizer.param_groups:
+            g["lr"] = g["base_lr"] * w
+
+
+class TrainingRun:
+    """Output folder, checkpoints (full and compact), CSV log, learning curve, wall and CPU time.
+
+    A subclass sets :attr:`checkpoint_format`, :attr:`what`, :attr:`csv_key` (the column rows are cut back by on
+    resume), :attr:`csv_fields` and :attr:`curves`, and implements :meth:`state` / :meth:`load_state` (and, when
+    its checkpoint does not have the layout of a training checkpoint, :meth:`runstate_view` /
+    :meth:`from_runstate_view` for the compact state)."""
+    checkpoint_format = "oreo-checkpoint"
+    what = "training"
+    csv_key = "epoch"
+    csv_fields: Sequence[str] = ()
+    curves: Sequence[Panel] = ()
+
+    def __init__(self, out, log: Callable[[str], None] = print, progress: bool = True,
+                 state_file: Optional[Path] = None, init_cpu_hours: Optional[float] = None, is_main: bool = True):
+        self.out = Path(out)
+        self.is_main = is_main
+        self.log = log if is_main else (lambda *_: None)
+        self.progress = progress and is_main
+        self.state_file = Path(state_file) if state_file else None
+        self.elapsed = 0.0
+        self.cpu_seconds = 3600.0 * float(init_cpu_hours or 0.0)
+        self.stop_reason = ""
+        self._clock: Optional[Tuple[float, float, float, float]] = None
+        if is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ subclass interface
+    def state(self) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def load_state(self, ck: Dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def position(self) -> str:
+        """Where the run is, in words (resume messages)."""
+        return f"{self.csv_key} {getattr(self, self.csv_key)}"
+
+    def runstate_view(self, state: Dict[str, Any]) -> Dict[str, Any]:
+        """The checkpoint in the layout the compact run state packs (``model`` record + ``train_model``)."""
+        return state
+
+    def from_runstate_view(self, ck: Dict[str, Any]) -> Dict[str, Any]:
+        return ck
+
+    # ------------------------------------------------------------------ the log
+    @property
+    def csv_path(self) -> Path:
+        return self.out / "metrics.csv"
+
+    def rows(self) -> List[Dict[str, str]]:
+        if not self.csv_path.exists():
+            return []
+        with open(self.csv_path) as fh:
+            return list(csv.DictReader(fh))
+
+    def write_rows(self, rows: Sequence[Dict[str, Any]]) -> None:
+        """Rewrite the log (atomically) with ``rows``, in this run's columns."""
+        if not self.is_main:
+            return
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(self.csv_fields))
+        w.writeheader()
+        w.writerows([{k: r.get(k, "") for k in self.csv_fields} for r in rows])
+        atomic_write_text(self.csv_path, buf.getvalue())
+
+    def append_row(self, row: Dict[str, Any]) -> None:
+        """Append one row (the header first when the log is new)."""
+        if not self.is_main:
+            return
+        new = not self.csv_path.exists()
+        with open(self.csv_path, "a", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(self.csv_fields))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    def time_columns(self) -> Dict[str, float]:
+        return {"elapsed_s": self.elapsed, "cpu_hours": self.cpu_seconds / 3600.0}
+
+    def plot_learning_curve(self) -> Optional[Path]:
+        """``learning_curve.png`` from the log: one log-scale panel per :attr:`curves` entry."""
+        rows = self.rows() if self.is_main and self.curves else []
+        if not rows:
+            return None
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        def values(col):
+            return [float(r[col]) if r.get(col) not in (None, "") else float("nan") for r in rows]
+
+        x = values(self.csv_key)
+        fig, axes = plt.subplots(1, len(self.curves), figsize=(4.5 * len(self.curves), 3.8), squeeze=False)
+        for ax, panel in zip(axes[0], self.curves):
+            for col, label in panel.lines:
+                ax.semilogy(x, values(col), label=label)
+            ax.set_xlabel(self.csv_key)
+            ax.set_ylabel(panel.ylabel)
+            ax.set_title(panel.title)
+            ax.legend()
+        fig.tight_layout()
+        out = self.out / "learning_curve.png"
+        fig.savefig(out, dpi=110)
+        plt.close(fig)
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def last_path(self) -> Path:
+        return self.out / "last.pt"
+
+    def save_checkpoint(self) -> Optional[Path]:
+        """``last.pt`` and, with a ``state_file``, the compact run state (with the learning curve)."""
+        if not self.is_main:
+            return None
+        state = self.state()
+        path = atomic_torch_save(state, self.last_path)
+        if self.state_file is not None:
+            atomic_torch_save(pack_checkpoint(self.runstate_view(state), history=self.rows()), self.state_file)
+        self.after_checkpoint(state)
+        return path
+
+    def after_checkpoint(self, state: Dict[str, Any]) -> None:
+        """Files written with every checkpoint besides ``last.pt`` (e.g. a model file), from its ``state``."""
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore the run from a full checkpoint or a compact run state (which also rewrites the log)."""
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        if is_runstate(ck):
+            rows = ck.get("history") or []
+            ck = self.from_runstate_view(unpack_runstate(ck))
+            self.write_rows(rows)
+        if not isinstance(ck, dict) or ck.get("format") != self.checkpoint_format:
+            raise ValueError(f"{path} is not an oreo {self.what} checkpoint")
+        self.load_state(ck)
+
+    def begin(self, resume: bool) -> None:
+        """The start of every ``fit``: continue the run in the folder (``resume``; from ``last.pt``, else from the
+        compact state), or refuse a folder that already holds a run."""
+        if resume:
+            last = self.last_path
+            if not last.is_file() and self.state_file is not None and self.state_file.is_file():
+                last = self.state_file
+            if not last.is_file():
+                where = f" or run state {self.state_file}" if self.state_file is not None else ""
+                raise FileNotFoundError(f"--resume: no checkpoint {self.last_path}{where}; start without --resume")
+            self.load_checkpoint(last)
+            value = getattr(self, self.csv_key)
+            self.write_rows([r for r in self.rows() if int(r[self.csv_key]) <= value])
+            self.log(f"resumed from {last} at {self.position()}")
+        elif self.csv_path.exists() or self.last_path.exists():
+            raise FileExistsError(f"{self.out} already holds a {self.what} run; pass --resume to continue it or "
+                                  f"choose another --out")
+
+    # ------------------------------------------------------------------ time
+    def start_clock(self) -> None:
+        self._clock = (time.perf_counter(), self.elapsed, time.process_time(), self.cpu_seconds)
+
+    def tick(self) -> None:
+        """Bring ``elapsed`` and ``cpu_seconds`` up to now."""
+        t0, elapsed0, cpu_t0, cpu0 = self._clock
+        self.elapsed = elapsed0 + time.perf_counter() - t0
+        self.cpu_seconds = cpu0 + time.process_time() - cpu_t0
+
+    def seconds_this_invocation(self) -> float:
+        return time.perf_counter() - self._clock[0]
+
+
+class EpochTrainer(TrainingRun):
+    """The epoch loop of supervised training. The subclass provides ``opts`` (epochs, batch_size, seed,
+    grad_clip, lr_warmup_steps, early_stop_patience, lr_min, max_minutes), ``model``, ``optimizer``,
+    ``scheduler`` and the hooks :meth:`n_train`, :meth:`batch_loss`, :meth:`validate` (a dict whose ``score``
+    is lower for better models), :meth:`save_best`, :meth:`epoch_row`, :meth:`epoch_line`, :meth:`test`."""
+
+    def __init__(self, out, opts, **kwargs):
+        super().__init__(out, **kwargs)
+        self.opts = opts
+        self.epoch = 0
+        self.step = 0
+        self.best_val = math.inf
+        self.epochs_since_best = 0
+
+    # ------------------------------------------------------------------ hooks
+    def n_train(self) -> int:
+        raise NotImplementedError
+
+    def batch_loss(self, idx: np.ndarray) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        """After every optimiser step (e.g. the EMA update)."""
+
+    def validate(self) -> Dict[str, float]:
+        raise NotImplementedError
+
+    def save_best(self, val: Dict[str, float]) -> None:
+        raise NotImplementedError
+
+    def epoch_row(self, loss: float, val: Dict[str, float], lr: float) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def epoch_line(self, loss: float, val: Dict[str, float], lr: float, improved: bool) -> str:
+        raise NotImplementedError
+
+    def on_start(self) -> None:
+        """After :meth:`begin`, before the first epoch (record the config, describe the run)."""
+
+    def test(self) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the loop
+    def train_epoch(self) -> float:
+        """One pass over the training set in a seeded order (same on resume); the mean training loss."""
+        o = self.opts
+        self.model.train()
+        order = np.random.default_rng([o.seed, self.epoch]).permutation(self.n_train())
+        batches = [order[s:s + o.batch_size] for s in range(0, len(order), o.batch_size)]
+        it = batches
+        if self.progress:
+            from tqdm.auto import tqdm
+            it = tqdm(batches, desc=f"epoch {self.epoch + 1}", unit="batch", leave=False)
+        total, count = 0.0, 0
+        for idx in it:
+            warmup_lr(self.optimizer, self.step, o.lr_warmup_steps)
+            loss = self.batch_loss(idx)
+            optimizer_step(loss, self.optimizer, self.model.parameters(), o.grad_clip, self.step, self.last_path,
+                           what=self.what)
+            self.after_step()
+            self.step += 1
+            total += loss.item() * len(idx)
+            count += len(idx)
+            if self.progress:
+                it.set_postfix(loss=f"{total / count:.4g}")
+        return total / max(count, 1)
+
+    def fit(self, resume: bool = False) -> Dict[str, Any]:
+        o = self.opts
+        self.begin(resume)
+        self.on_start()
+        self.start_clock()
+        while self.epoch < o.epochs:
+            loss = self.train_epoch()
+            val = self.validate()
+            if not math.isfinite(val["score"]):
+                raise FloatingPointError(f"validation loss is {val['score']} after epoch {self.epoch + 1}: the model "
+                                         f"diverged; lower the learning rate and start again (or resume from an "
+                                         f"earlier run)")
+            self.epoch += 1
+            if self.step > o.lr_warmup_steps:
+                self.scheduler.step(val["score"])
+            self.tick()
+            improved = val["score"] < self.best_val
+            if improved:
+                self.best_val, self.epochs_since_best = val["score"], 0
+                self.save_best(val)
+            else:
+                self.epochs_since_best += 1
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.append_row(self.epoch_row(loss, val, lr))
+            self.save_checkpoint()
+            self.log(self.epoch_line(loss, val, lr, improved))
+            if self.epoch % 10 == 0:
+                self.plot_learning_curve()
+            self.stop_reason = early_stop_reason(self.epochs_since_best, o.early_stop_patience, lr, o.lr_min,
+                                                 self.step, o.lr_warmup_steps, self.seconds_this_invocation(),
+                                                 o.max_minutes)
+            if self.stop_reason:
+                break
+        else:
+            self.stop_reason = f"all {o.epochs} epochs done"
+        self.log(self.stop_reason)
+        self.plot_learning_curve()
+        return self.test()
