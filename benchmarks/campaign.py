@@ -36,7 +36,7 @@ STATE_DIR = REPO / "benchmarks" / "campaign" / "state"
 RUNS_DIR = REPO / "runs" / "campaign"
 RESULTS_DIR = REPO / "benchmarks" / "results" / "campaign"
 JOB_KEYS = {"name", "group", "config", "set", "init_from", "init_cpu_hours", "budget_cpu_hours", "threads",
-            "target_meV_per_A", "ship", "note"}
+            "target_meV_per_A", "ship", "note", "stopped"}
 
 
 # ---------------------------------------------------------------------------- jobs
