@@ -94,7 +94,7 @@ def finished(job: Dict, state: Optional[Dict]) -> str:
     return ""
 
 
-def job_command(job: Dict, minutes: float, fresh: bool) -> List[str]:
+def job_command(job: Dict, minutes: float, fresh: bool, nice: int = 10) -> List[str]:
     cmd = [sys.executable, "-m", "forcefield.cli", "train", "--config", str(REPO / job["config"]),
            "--out", str(RUNS_DIR / job["name"]), "--state", str(state_path(job)), "--no-progress",
            "--threads", str(job["threads"]), "--set", f"optim.max_minutes={minutes:.2f}"]
@@ -107,10 +107,7 @@ def job_command(job: Dict, minutes: float, fresh: bool) -> List[str]:
                 cmd += ["--init-cpu-hours", str(job["init_cpu_hours"])]
     else:
         cmd.append("--resume")
-    return ["nice", "-n", str(NICE)] + cmd
-
-
-NICE = 10
+    return ["nice", "-n", str(nice)] + cmd
 
 
 # ---------------------------------------------------------------------------- running
@@ -119,11 +116,11 @@ class Slot:
         self.job, self.proc, self.log_path, self.started = job, proc, log_path, started
 
 
-def launch(job: Dict, minutes: float) -> Slot:
+def launch(job: Dict, minutes: float, nice: int) -> Slot:
     out = RUNS_DIR / job["name"]
     out.mkdir(parents=True, exist_ok=True)
     fresh = not (out / "last.pt").is_file() and not state_path(job).is_file()
-    cmd = job_command(job, minutes, fresh)
+    cmd = job_command(job, minutes, fresh, nice)
     log_path = out / "campaign.log"
     env = {**os.environ, "OREO_THREADS": str(job["threads"]), "OMP_NUM_THREADS": str(job["threads"]),
            "MKL_NUM_THREADS": str(job["threads"])}
@@ -144,7 +141,8 @@ def last_csv_row(job: Dict) -> Optional[Dict]:
     return rows[-1] if rows else None
 
 
-def run(jobs: List[Dict], minutes: float, slots: int, every: float, names: Optional[List[str]]) -> None:
+def run(jobs: List[Dict], minutes: float, slots: int, every: float, names: Optional[List[str]],
+        nice: int = 10) -> None:
     deadline = time.time() + 60 * minutes
     running: List[Slot] = []
     tried = set()
@@ -180,7 +178,7 @@ def run(jobs: List[Dict], minutes: float, slots: int, every: float, names: Optio
                     spent = 0.0 if state is None else state["cpu_hours"] - float(job.get("init_cpu_hours") or 0)
                     job_left = min(left, 60 * (budget - spent))
                 tried.add(job["name"])   # once per invocation: a job that stops early is not restarted in a loop
-                running.append(launch(job, job_left))
+                running.append(launch(job, job_left, nice))
                 busy.add(job["name"])
         if not running:
             break
@@ -297,7 +295,8 @@ def ship_improved(jobs: List[Dict]) -> None:
             continue
         cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
         val = build_splits(cfg.data, cfg.optim.seed).val
-        cand, _ = evaluate(load_potential(run_dir / "best.pt", dtype=torch.float32), val)
+        candidate = load_potential(run_dir / "best.pt", dtype=torch.float32)
+        cand, _ = evaluate(candidate, val)
         shipped_path = PRETRAINED_DIR / f"{job['ship']}.pt"
         old = float("inf")
         if shipped_path.is_file():
@@ -307,7 +306,7 @@ def ship_improved(jobs: List[Dict]) -> None:
             print(f"[campaign] {job['name']}: validation force MAE {new:.2f} meV/Å, not below the shipped "
                   f"{job['ship']}.pt ({old:.2f}); not shipped")
             continue
-        meta = load_potential(run_dir / "best.pt").metadata
+        meta = candidate.metadata
         recipe = ", ".join(job["set"]) or "the config as it is"
         training = (f"{meta.get('cpu_hours', float('nan')):.2f} cumulative CPU-hours (1 thread each) over "
                     f"{meta.get('epochs', '?')} epochs of this campaign job"
@@ -354,18 +353,16 @@ def plot_curves(rows: List[Dict]) -> None:
 
 
 def main(argv=None) -> int:
-    global NICE
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, help="wall time to spend (jobs stop at their next epoch end)")
     ap.add_argument("--jobs", nargs="*", help="only these jobs (default: every unfinished one, in file order)")
     ap.add_argument("--slots", type=int, help="jobs at once (default: cores // threads per job)")
     ap.add_argument("--every", type=float, default=60.0, help="seconds between progress lines")
-    ap.add_argument("--nice", type=int, default=NICE, help="nice level of the jobs (default 10)")
+    ap.add_argument("--nice", type=int, default=10, help="nice level of the jobs (default 10)")
     ap.add_argument("--report", action="store_true", help="only regenerate the tables and plots")
     ap.add_argument("--ship", action="store_true", help="ship every job's model that beats the shipped one on "
                                                         "validation (after the run, or alone)")
     args = ap.parse_args(argv)
-    NICE = args.nice
     if args.report and args.minutes:
         raise SystemExit("--report and --minutes exclude each other")
     if not args.report and not args.ship and (not args.minutes or args.minutes <= 0):
@@ -373,7 +370,7 @@ def main(argv=None) -> int:
     if args.minutes:
         jobs = read_jobs(CAMPAIGN_YAML)
         slots = args.slots or max(1, (os.cpu_count() or 1) // int(jobs[0]["threads"] if jobs else 1))
-        run(jobs, args.minutes, slots, args.every, args.jobs)
+        run(jobs, args.minutes, slots, args.every, args.jobs, args.nice)
     if args.ship:
         ship_improved(read_jobs(CAMPAIGN_YAML))
     report(read_jobs(CAMPAIGN_YAML))

@@ -185,6 +185,7 @@ def load_model(spec: str, molecule: Optional[str] = None, data_dir=None, device=
         if isinstance(pot, torch.nn.Module):
             pot = pot.to(device)
         return pot
+    from forcefield.data.registry import molecule_key
     from forcefield.io import load_potential
     try:
         pot = load_potential(spec, device=device, dtype=dt)
@@ -194,7 +195,7 @@ def load_model(spec: str, molecule: Optional[str] = None, data_dir=None, device=
     except (ValueError, KeyError, RuntimeError) as exc:
         raise MDInputError(f"could not load model '{spec}': {exc}") from exc
     trained_on = potential_metadata(pot).get("molecule")
-    if molecule and trained_on and _molecule_key(trained_on) != _molecule_key(molecule):
+    if molecule and trained_on and molecule_key(trained_on) != molecule_key(molecule):
         if not allow_other_molecule:
             raise MDInputError(f"model '{spec}' was trained on {trained_on}, not {molecule}: its energies and "
                                f"forces on {molecule} are an extrapolation. Pass --model with a {molecule} model "
@@ -202,15 +203,6 @@ def load_model(spec: str, molecule: Optional[str] = None, data_dir=None, device=
         warnings.warn(f"model '{spec}' was trained on '{trained_on}' but you simulate '{molecule}' "
                       f"(--allow-other-molecule)", stacklevel=2)
     return pot
-
-
-def _molecule_key(name) -> str:
-    """rMD17 names compare canonically ("salicylic acid" == "salicylic"); other names by lower case."""
-    try:
-        from forcefield.data.rmd17 import canonical_molecule
-        return canonical_molecule(str(name))
-    except (ImportError, ValueError):
-        return str(name).lower()
 
 
 def potential_metadata(pot) -> Dict[str, object]:

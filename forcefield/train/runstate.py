@@ -13,6 +13,7 @@ A full checkpoint (``last.pt``) holds the EMA model, the training weights and Ad
 About 7 bytes a parameter (3.7 MB for the 536k-parameter shipped ET). Resuming from it continues the run
 (same data order, same schedule); the weights match the full checkpoint to the quantisation error above.
 """
+import math
 from typing import Any, Dict
 
 import torch
@@ -60,9 +61,7 @@ def dequantize(rec: Dict[str, Any]) -> torch.Tensor:
     else:
         raise ValueError(f"unknown quantised tensor kind {rec['kind']!r}")
     shape = tuple(rec["shape"])
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
     dtype = getattr(torch, rec["dtype"].replace("torch.", ""))
     return flat[:n].reshape(shape).to(dtype)
 

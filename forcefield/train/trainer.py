@@ -67,14 +67,11 @@ class Trainer(EpochTrainer):
             raise ValueError("the training frames have no energies; set optim.energy_weight: 0")
 
         torch.manual_seed(o.seed)
-        self.init_from = None
         if init_model is not None:
-            meta = init_model.metadata
             missing = sorted((set(tr.elements) | set(self.splits.val.elements)) - set(init_model.elements))
             if missing:
                 raise ValueError(f"the initial model knows elements {init_model.elements} but the data has "
                                  f"{missing} too; start from a model trained on these elements, or from scratch")
-            self.init_from = meta.get("name") or meta.get("source")
         else:
             mc = config.model
             init_model = fitted_potential({"name": mc.name, "hidden": mc.hidden, "num_layers": mc.num_layers,
