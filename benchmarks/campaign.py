@@ -1,15 +1,18 @@
-"""The accuracy campaign: advance long training jobs piece by piece, on fresh clones, until they reach targets.
+"""The campaign: advance long training and MD jobs piece by piece, on fresh clones, until they are done.
 
     python benchmarks/campaign.py --minutes 150            # advance every unfinished job for 150 min of wall time
     python benchmarks/campaign.py --report                 # only regenerate tables and plots from the saved state
     python benchmarks/campaign.py --minutes 60 --jobs aspirin naphthalene
 
 Jobs are listed in ``benchmarks/campaign/campaign.yaml`` (re-read whenever a slot frees, so it can be edited
-while the runner works). Each job is an ``oreo train`` run whose compact state (``--state``, see
+while the runner works). A training job is an ``oreo train`` run whose compact state (``--state``, see
 ``forcefield/train/runstate.py``: weights, EMA, optimiser moments, schedule, RNG, cumulative CPU time and
 learning curve) lives in ``benchmarks/campaign/state/<job>.pt``, one file per job, overwritten with every
-checkpoint (atomically: a kill -9 loses at most one epoch). Commit those files: the next piece, on a fresh
-clone, continues from them. Full checkpoints and logs stay in ``runs/campaign/<job>/``.
+checkpoint (atomically: a kill -9 loses at most one epoch). An MD job (``kind: md``) is an ``oreo-md simulate``
+run whose state file holds positions, velocities, thermostat, RNG, step and the accumulated metrics (h(r)
+counts, each logged frame's largest bond deviation; :mod:`md.observables`), a few hundred kB at 300 ps. Commit
+those files: the next piece, on a fresh clone, continues from them. Full checkpoints, trajectories and logs stay
+in ``runs/campaign/<job>/``.
 
 The runner keeps ``--slots`` jobs running (default: cores / threads per job), each pinned to its threads and
 started with ``nice`` so that interactive work goes first, prints a progress line every ``--every`` seconds,
@@ -33,10 +36,12 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 CAMPAIGN_YAML = REPO / "benchmarks" / "campaign" / "campaign.yaml"
 STATE_DIR = REPO / "benchmarks" / "campaign" / "state"
+MODELS_DIR = REPO / "benchmarks" / "campaign" / "models"   # the model file each MD job started with, pinned
 RUNS_DIR = REPO / "runs" / "campaign"
 RESULTS_DIR = REPO / "benchmarks" / "results" / "campaign"
 JOB_KEYS = {"name", "group", "config", "set", "init_from", "init_cpu_hours", "budget_cpu_hours", "threads",
-            "target_meV_per_A", "ship", "note", "stopped"}
+            "target_meV_per_A", "ship", "note", "stopped", "kind", "molecule", "model", "ps", "replicas"}
+MD_KEYS = {"name", "group", "kind", "molecule", "model", "ps", "replicas", "threads", "note", "stopped"}
 
 
 # ---------------------------------------------------------------------------- jobs
@@ -52,12 +57,20 @@ def read_jobs(path: Path) -> List[Dict]:
         unknown = sorted(set(job) - JOB_KEYS)
         if unknown:
             raise SystemExit(f"{path}: job {i + 1} has unknown key(s) {unknown}; known: {sorted(JOB_KEYS)}")
-        if "name" not in job or "config" not in job:
+        job.setdefault("kind", "train")
+        if job["kind"] not in ("train", "md"):
+            raise SystemExit(f"{path}: job {i + 1}: kind must be 'train' or 'md', got {job['kind']!r}")
+        if job["kind"] == "md":
+            extra = sorted(set(job) - MD_KEYS)
+            if extra or "name" not in job or "molecule" not in job:
+                raise SystemExit(f"{path}: MD job {i + 1} needs 'name' and 'molecule' (optional: model, ps, "
+                                 f"replicas, threads, note, stopped); not {extra}")
+        elif "name" not in job or "config" not in job:
             raise SystemExit(f"{path}: job {i + 1} needs a 'name' and a 'config'")
         if job["name"] in seen:
             raise SystemExit(f"{path}: two jobs are named {job['name']!r}")
         seen.add(job["name"])
-        if not (REPO / job["config"]).is_file():
+        if job["kind"] == "train" and not (REPO / job["config"]).is_file():
             raise SystemExit(f"{path}: job {job['name']}: config {job['config']} not found")
         job.setdefault("group", "campaign")
         job.setdefault("threads", 1)
@@ -71,12 +84,20 @@ def state_path(job: Dict) -> Path:
 
 
 def read_state(job: Dict) -> Optional[Dict]:
-    """The small part of a job's saved state: counters, cumulative CPU time, learning curve."""
+    """The small part of a job's saved state: counters, cumulative CPU time, learning curve (training); step,
+    simulated and requested ps, replicas still running (MD)."""
     path = state_path(job)
     if not path.is_file():
         return None
     import torch
     rs = torch.load(path, map_location="cpu", weights_only=False)
+    if job.get("kind", "train") == "md":
+        cfg = rs["config"]
+        step = int(rs["state"]["step"])
+        n_steps = int(round(cfg["ps"] * 1000.0 / cfg["timestep"]))
+        return {"step": step, "ps_done": step * cfg["timestep"] / 1000.0, "ps": cfg["ps"], "n_steps": n_steps,
+                "running": sum(bool(st.get("active")) for st in rs["status"]), "replicas": len(rs["status"]),
+                "cpu_hours": float(rs.get("wall_s") or 0.0) / 3600.0, "model": rs.get("model") or {}}
     return {"epoch": rs["epoch"], "step": rs["step"], "cpu_hours": rs.get("cpu_seconds", rs["elapsed"]) / 3600,
             "history": rs.get("history") or [], "best_val": rs.get("best_val"),
             "lr": rs["optimizer"]["param_groups"][0]["lr"]}
@@ -86,6 +107,12 @@ def finished(job: Dict, state: Optional[Dict]) -> str:
     """Why a job needs no more compute ("" if it does)."""
     if state is None:
         return ""
+    if job.get("kind", "train") == "md":
+        if state["step"] >= state["n_steps"]:
+            return f"{state['ps']:g} ps simulated"
+        if state["running"] == 0:
+            return "every replica stopped"
+        return job.get("stopped") or ""
     budget = job.get("budget_cpu_hours")
     if budget is not None and state["cpu_hours"] - float(job.get("init_cpu_hours") or 0) >= budget - 1e-3:
         return f"budget of {budget:g} CPU-h spent"
@@ -94,7 +121,36 @@ def finished(job: Dict, state: Optional[Dict]) -> str:
     return ""
 
 
+def pinned_model(job: Dict) -> Path:
+    """The model file an MD job runs, relative to the repository: a copy of the model it names, made when the job
+    starts (``benchmarks/campaign/models/<job>.pt``; git stores an identical copy once, so it costs nothing). A
+    molecule's model re-shipped by a training job later leaves the running MD job on the model it started with."""
+    pinned = MODELS_DIR / f"{job['name']}.pt"
+    if not pinned.is_file():
+        if state_path(job).is_file():
+            raise SystemExit(f"MD job {job['name']}: its state exists but its model {pinned} does not; restore the "
+                             f"file (git checkout) or delete the state to start the job again")
+        sys.path.insert(0, str(REPO))
+        from forcefield.io import resolve_model_path
+        import shutil
+        MODELS_DIR.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(resolve_model_path(str(job.get("model") or job["molecule"])), pinned)
+    return pinned.relative_to(REPO)
+
+
+def md_command(job: Dict, minutes: float) -> List[str]:
+    """``oreo-md simulate`` continuing from the job's state file (MDsim's MD17 protocol unless the job says)."""
+    cmd = [sys.executable, "-m", "md.cli", "simulate", "--molecule", job["molecule"],
+           "--model", str(pinned_model(job)), "--ps", str(job.get("ps", 300)),
+           "--replicas", str(job.get("replicas", 5)), "--out", str(RUNS_DIR / job["name"]),
+           "--state", str(state_path(job)), "--max-minutes", f"{minutes:.2f}", "--no-progress",
+           "--threads", str(job["threads"])]
+    return cmd
+
+
 def job_command(job: Dict, minutes: float, fresh: bool, nice: int = 10) -> List[str]:
+    if job.get("kind", "train") == "md":
+        return ["nice", "-n", str(nice)] + md_command(job, minutes)
     cmd = [sys.executable, "-m", "forcefield.cli", "train", "--config", str(REPO / job["config"]),
            "--out", str(RUNS_DIR / job["name"]), "--state", str(state_path(job)), "--no-progress",
            "--threads", str(job["threads"]), "--set", f"optim.max_minutes={minutes:.2f}"]
@@ -122,8 +178,12 @@ def launch(job: Dict, minutes: float, nice: int) -> Slot:
     fresh = not (out / "last.pt").is_file() and not state_path(job).is_file()
     cmd = job_command(job, minutes, fresh, nice)
     log_path = out / "campaign.log"
+    # each job compiles into its own Inductor cache: two jobs compiling the same graph at once into the shared
+    # cache left an entry that failed every later load (UnboundLocalError in the generated code, torch 2.13)
     env = {**os.environ, "OREO_THREADS": str(job["threads"]), "OMP_NUM_THREADS": str(job["threads"]),
-           "MKL_NUM_THREADS": str(job["threads"])}
+           "MKL_NUM_THREADS": str(job["threads"]),
+           "TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR",
+                                                     f"/tmp/oreo-inductor-{os.getuid()}") + f"/{job['name']}"}
     with open(log_path, "a") as fh:
         fh.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(shlex.quote(c) for c in cmd)}\n")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log_path, "a"), stderr=subprocess.STDOUT)
@@ -186,8 +246,12 @@ def run(jobs: List[Dict], minutes: float, slots: int, every: float, names: Optio
             last_print = now
             parts = []
             for s in running:
-                row = last_csv_row(s.job)
-                if row:
+                row = last_csv_row(s.job) if s.job.get("kind", "train") == "train" else None
+                md = read_state(s.job) if s.job.get("kind", "train") == "md" else None
+                if md:
+                    parts.append(f"{s.job['name']}: {md['ps_done']:.2f}/{md['ps']:g} ps, {md['running']}/"
+                                 f"{md['replicas']} replicas running")
+                elif row:
                     parts.append(f"{s.job['name']}: epoch {row['epoch']} val F {float(row['val_forces_mae_meV_per_A']):.2f}"
                                  f" meV/Å, {float(row.get('cpu_hours') or 'nan'):.2f} CPU-h")
                 else:
@@ -202,7 +266,7 @@ def report(jobs: List[Dict]) -> Dict:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     rows = []
     for job in jobs:
-        st = read_state(job)
+        st = read_state(job) if job.get("kind", "train") == "train" else None
         if st is None:
             continue
         hist = [r for r in st["history"] if r.get("val_forces_mae_meV_per_A") not in (None, "")]
@@ -231,9 +295,67 @@ def report(jobs: List[Dict]) -> Dict:
                          f"{target} | {r['finished'] or 'running'} | {r['note'] or ', '.join(r['set'])} |")
         lines.append("")
     lines += study_table(rows)
+    md_rows = md_summaries([j for j in jobs if j.get("kind", "train") == "md"])
+    lines += md_table(md_rows)
     (RESULTS_DIR / "campaign.md").write_text("\n".join(lines))
+    if md_rows:
+        (RESULTS_DIR / "md17_simulation.json").write_text(json.dumps(md_rows, indent=2))
     plot_curves(rows)
-    return {"rows": rows}
+    return {"rows": rows, "md": md_rows}
+
+
+def md_summaries(jobs: List[Dict]) -> List[Dict]:
+    """Each MD job's summary from its state file alone (no trajectory needed): ``md.analysis.analyze_state``."""
+    sys.path.insert(0, str(REPO))
+    from md.analysis import analyze_state
+    out = []
+    for job in jobs:
+        if not state_path(job).is_file():
+            continue
+        summary = analyze_state(state_path(job))
+        summary["job"], summary["group"] = job["name"], job["group"]
+        summary["model_name"] = Path(str(job.get("model") or job["molecule"])).stem
+        summary["status"] = finished(job, read_state(job)) or "running"
+        out.append(summary)
+    return out
+
+
+def md_table(rows: List[Dict]) -> List[str]:
+    """The MDsim table: stability and h(r) MAE (mean ± std over replicas) beside the h(r) sampling floor."""
+    if not rows:
+        return []
+
+    def pm(stats, digits):
+        if not stats or stats.get("mean") is None:
+            return "n/a"
+        return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+
+    def num(v, digits):
+        return "n/a" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
+
+    out = []
+    for group in dict.fromkeys(r["group"] for r in rows):
+        out += [f"## {group}", "",
+                "Nosé–Hoover, 500 K, 0.5 fs, replicas from held-out rMD17 frames (test split 01). Stability: time "
+                "until a bond deviates > 0.5 Å from its mean over the reference; h(r) MAE over the stable frames "
+                "against every distinct rMD17 frame (9,633), beside the sampling floor (h(r) MAE of as many "
+                "reference frames against the rest of the reference). Force MAE: the model on 1000 held-out "
+                "frames. Model: the shipped model the job started with and the first digits of its SHA-256 (the "
+                "job keeps that file, `benchmarks/campaign/models/<job>.pt`, when the molecule is re-shipped). Steps/s: all replicas in one batch, 1 thread, other jobs sharing the machine.", "",
+                "| molecule | model | simulated (ps) | replicas running | stability (ps) | h(r) MAE | h(r) floor | "
+                "force MAE (meV/Å) | steps/s | status |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in rows:
+            if r["group"] != group:
+                continue
+            meta = r.get("model_metadata") or {}
+            model = f"`{r['model_name']}.pt` {str(meta.get('model_sha256', ''))[:8]}"
+            running = sum(1 for x in r["replicas"] if x.get("stop_reason") is None)
+            out.append(f"| {r['system']} | {model} | {r['simulated_ps']:.1f} / {r['requested_ps']:g} | "
+                       f"{running} / {r['replicas_n']} | {pm(r['stability_ps'], 1)} | {pm(r['hr_mae'], 3)} | "
+                       f"{pm(r.get('hr_floor'), 3)} | {num(r.get('force_mae_meV_per_A'), 1)} | "
+                       f"{num((r.get('speed') or {}).get('steps_per_s'), 1)} | {r['status']} |")
+        out.append("")
+    return out
 
 
 STUDY_MINUTES = (5, 10, 15, 20, 25, 30)

@@ -15,8 +15,10 @@ below, never from a layer above):
    and forces = -dE/dr; every objective, export and property head calls it;
 3. ``io`` (model files: one dispatch over every format), ``evaluate`` (predictions and the one MAE/RMSE),
    ``traced`` (the energy + force graph that gets compiled);
-4. ``compiled`` (AOTInductor ``.pt2``; registers its format with ``io``), ``export`` (TorchScript),
-   ``calculator`` (ASE);
+4. ``compiled`` (AOTInductor ``.pt2``; registers its format with ``io``), ``committee`` (several potentials
+   called as one: mean and spread; registers its format with ``io``), ``export`` (TorchScript), ``calculator``
+   (ASE), ``torchsim`` (torch-sim model; optional: the only module that imports ``torch_sim``, and nothing here
+   imports it);
 5. ``train/`` (configs, splits, the loop skeleton, the trainer), then ``pretrain/`` (corpus, objectives,
    pretraining, fine-tuning, QM9 properties);
 6. ``cli`` (``oreo``: parses arguments, calls the library).

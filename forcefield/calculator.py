@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, all_changes
 
+from .committee import SPREAD_PROPERTIES, is_committee
 from .io import load_potential
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32,
@@ -20,6 +21,19 @@ class OreoCalculator(Calculator):
             model ("aspirin" / "aspirin.pt"), or an already loaded potential module.
         device: "cpu", "cuda", ...
         dtype: "float32" (default, fast) or "float64".
+
+    Uncertainty: when the model is a committee (a file written by ``oreo committee`` /
+    :func:`forcefield.committee.save_committee`, or a :class:`~forcefield.committee.Committee`), ``energy`` and
+    ``forces`` are the committee means and ``implemented_properties`` gains, filled in ``results`` by every
+    calculation (conventions: :mod:`forcefield.committee`):
+
+    - ``energy_std``: float, eV, the standard deviation of the members' energies (over the members, divided by
+      their number, not by one less);
+    - ``forces_std``: (n, 3) array, eV/Å, the same per atom and Cartesian component;
+    - ``forces_std_max``: float, eV/Å, the largest per-atom norm of ``forces_std`` (the active-learning criterion).
+
+    For a single model these keys are absent (not zero): ``"forces_std" in calc.implemented_properties`` says
+    whether the model gives a spread, and ``calc.get_property("forces_std")`` raises for a single model.
     """
 
     implemented_properties = ["energy", "free_energy", "forces"]
@@ -36,6 +50,9 @@ class OreoCalculator(Calculator):
         else:
             self.potential = load_potential(model, device=self.device, dtype=self.dtype)
         self.cutoff = float(self.potential.cutoff)
+        self.committee = is_committee(self.potential)
+        if self.committee:   # an instance attribute: ASE checks it before every get_property
+            self.implemented_properties = list(type(self).implemented_properties) + list(SPREAD_PROPERTIES)
 
     def check_state(self, atoms, tol=1e-15):
         """What changed since the last calculation: ASE's rule with exact array comparisons.
@@ -67,7 +84,14 @@ class OreoCalculator(Calculator):
             pbc = torch.as_tensor(a.pbc, dtype=torch.bool, device=self.device).unsqueeze(0)
         batch = torch.zeros(len(a), dtype=torch.long, device=self.device)
         with torch.enable_grad():
-            out = self.potential(numbers, positions, batch, cell, pbc)
+            if self.committee:
+                out = self.potential.energy_forces_spread(numbers, positions, batch, cell, pbc)
+            else:
+                out = self.potential(numbers, positions, batch, cell, pbc)
         energy = float(out["energy"].detach().double().sum())
         self.results = {"energy": energy, "free_energy": energy,
                         "forces": out["forces"].detach().double().cpu().numpy()}
+        if self.committee:
+            self.results.update(energy_std=float(out["energy_std"].detach().double().sum()),
+                                forces_std=out["forces_std"].detach().double().cpu().numpy(),
+                                forces_std_max=float(out["forces_std_max"].detach().double().max()))

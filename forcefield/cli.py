@@ -84,6 +84,16 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_committee(args) -> int:
+    from .committee import save_committee
+    from .io import load_potential
+    path = save_committee(args.models, args.out)
+    committee = load_potential(path)     # what every user of the file will get: proves it loads
+    print(f"wrote committee of {committee.size} models {path} (OreoCalculator gives energy_std, forces_std, "
+          f"forces_std_max; `oreo info {path}` shows its metadata)")
+    return 0
+
+
 def cmd_info(args) -> int:
     from .io import load_potential, metadata_of
     pot = load_potential(args.model)
@@ -184,6 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torchscript (loads with torch.jit.load alone) or aoti (compiled .pt2, faster; needs g++)")
     add_threads_argument(x)
     x.set_defaults(func=cmd_export)
+
+    c = sub.add_parser("committee", help="combine models of one molecule into a committee file (mean + spread)",
+                       description="Write one model file holding MODEL1 MODEL2 ...: it loads like any model and gives "
+                                   "their mean energy and forces; OreoCalculator adds energy_std, forces_std and "
+                                   "forces_std_max (the uncertainty). Members must agree on cutoff, elements, units "
+                                   "and molecule.")
+    c.add_argument("models", nargs="+", metavar="MODEL",
+                   help="two or more oreo model files, checkpoints or shipped names (not exports)")
+    c.add_argument("-o", "--out", required=True, help="the committee file to write (.pt)")
+    c.set_defaults(func=cmd_committee)
 
     i = sub.add_parser("info", help="print a model's metadata")
     i.add_argument("model")

@@ -69,13 +69,16 @@ def trace_energy_forces(potential: nn.Module, dtype: torch.dtype = torch.float32
 def export_compiled(model: Union[str, Path, nn.Module], out: Union[str, Path], dtype: torch.dtype = torch.float32,
                     max_atoms: int = 100_000, max_pairs: int = 50_000_000,
                     inductor_configs: Optional[Dict[str, Any]] = None) -> Path:
-    """Trace, export and AOT-compile a potential into ``out`` (``.pt2``); metadata rides along in the archive."""
+    """Trace, export and AOT-compile a potential into ``out`` (``.pt2``); metadata rides along in the archive.
+    A committee is refused (a ValueError: a package holds one model; compile each member instead)."""
     from torch.export import Dim
 
+    from .committee import refuse_export
     from .version import __version__
     from .files import atomic_write
 
     pot = load_potential(model, dtype=torch.float64) if isinstance(model, (str, Path)) else model
+    refuse_export(pot, "an AOTInductor package")
     meta = json.loads(getattr(pot, "metadata_json", "{}") or "{}")
     elements = [int(z) for z in torch.nonzero(pot.known_elements).reshape(-1).tolist()]
     info = {"format": COMPILED_FORMAT, "format_version": COMPILED_FORMAT_VERSION, "oreo_version": __version__,

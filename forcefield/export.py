@@ -20,7 +20,8 @@ Forces are -dE/dr by autograd inside: call it with gradients enabled (not under 
 Atoms closer than 0.1 Å, elements the model was not trained on and NaN positions raise an error naming
 the problem. The arithmetic runs in the export's dtype (``metadata["export_dtype"]``, float32 by default).
 The same description, units, training data and hyperparameters are in ``module.metadata_json`` and in the
-file's extra entry ``oreo_metadata.json`` (:func:`read_export_metadata`).
+file's extra entry ``oreo_metadata.json`` (:func:`read_export_metadata`). An export holds one model: exporting a
+committee raises an error that says so (export its members one by one).
 """
 import copy
 import json
@@ -30,6 +31,7 @@ from typing import Optional, Union
 import torch
 
 from .version import __version__
+from .committee import refuse_export
 from .files import atomic_torch_save
 from .io import cast_potential, load_potential
 
@@ -52,11 +54,15 @@ EXPORT_SIGNATURE = {
 
 def export_torchscript(model: Union[str, Path, torch.nn.Module], out: Union[str, Path],
                        dtype: Optional[torch.dtype] = torch.float32) -> Path:
-    """Script a potential (or a model file / checkpoint path) and save it atomically to ``out``."""
+    """Script a potential (or a model file / checkpoint path) and save it atomically to ``out``.
+
+    A committee (:mod:`forcefield.committee`) is refused with a ValueError: an export holds one model (export
+    each member instead, or use the committee file itself, which gives the spread too)."""
     if isinstance(model, (str, Path)):
         pot = load_potential(model, dtype=dtype)
     else:  # never change the caller's module
         pot = cast_potential(copy.deepcopy(model), "cpu", dtype)
+    refuse_export(pot, "TorchScript")
     pot = pot.eval()
     if isinstance(pot, torch.jit.ScriptModule):
         scripted = pot

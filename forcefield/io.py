@@ -10,6 +10,8 @@ upgrades do not break loading:
 - ``oreo-potential``: a model file (config + state dict + metadata), written by :func:`save_model`;
   ``pretrained.pt`` of a pretraining run is one, with the pretraining record under ``"pretrain"``;
 - ``oreo-property-model``: a QM9 property model (:mod:`forcefield.pretrain.property` registers it);
+- ``oreo-committee``: several model records in one file, loaded as one potential that gives the committee mean
+  and spread (:mod:`forcefield.committee` registers it; not trainable as one model);
 - checkpoints that wrap one of these (:data:`WRAPPERS`): ``oreo-checkpoint`` (training: its EMA model),
   ``oreo-runstate`` (the compact run state of ``oreo train --state``), ``oreo-pretrain-checkpoint`` and
   ``oreo-property-checkpoint``.
@@ -44,7 +46,7 @@ PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 WRAPPERS = {"oreo-checkpoint": "model", "oreo-runstate": "model", "oreo-pretrain-checkpoint": "potential",
             "oreo-property-checkpoint": "model"}
 #: modules that register formats (imported by name before the first dispatch)
-FORMAT_PLUGINS = ("forcefield.compiled", "forcefield.pretrain.property")
+FORMAT_PLUGINS = ("forcefield.compiled", "forcefield.pretrain.property", "forcefield.committee")
 
 ModelLike = Union[str, Path]
 
@@ -65,6 +67,7 @@ class RecordFormat:
     version: int
     build: Callable[[Dict[str, Any]], nn.Module]
     potential: bool          # computes energies and forces (usable by the calculator, MD, export)
+    not_trainable: Optional[str] = None   # set: its modules cannot be trained further; says what to start from
 
 
 @dataclass
@@ -198,6 +201,8 @@ class ModelFile:
         if not self.is_export and not self.is_potential:
             raise ModelFileError(f"{self.path} is a {self.kind}, not a potential; start from an oreo model file, "
                                  f"a training checkpoint or a pretrained backbone")
+        if not self.is_export and _RECORD_FORMATS[self.kind].not_trainable:
+            raise ModelFileError(f"{self.path} is an {self.kind} file: {_RECORD_FORMATS[self.kind].not_trainable}")
         pot = self.build()
         pot.set_metadata(name=self.path.stem)
         return cast_potential(pot, "cpu", torch.float32).train()
@@ -246,7 +251,8 @@ def load_potential(model: ModelLike, device: Union[str, torch.device] = "cpu",
                    dtype: Optional[torch.dtype] = torch.float32):
     """A potential (model file, checkpoint, run state, pretrained backbone or export), ready for inference.
 
-    Returns a :class:`Potential`, a scripted one, or a compiled one: all take
+    Returns a :class:`Potential`, a scripted one, a compiled one, or a committee of potentials
+    (:class:`forcefield.committee.Committee`, which gives their mean): all take
     ``(numbers, positions, batch=None, cell=None, pbc=None)``, return ``{"energy", "forces"}`` and have
     ``cutoff`` and ``metadata_json``."""
     mf = open_model_file(model)

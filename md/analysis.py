@@ -10,7 +10,11 @@ Definitions (MDsim, MD17):
   ``bond_threshold`` (0.5 Å); its stability is that frame's time (or, if the simulation stopped
   it for another reason first, the stop time; else the full simulated length);
 - h(r): normalised histogram of all pair distances, 500 bins on (0, 10] Å, over the stable
-  frames; the same over the dataset's frames; h(r) MAE = mean |Δh| × 10;
+  frames; the same over the dataset's frames (rMD17: every distinct frame of the 10 published split files,
+  9,633 per molecule); h(r) MAE = mean |Δh| × 10; beside it the sampling floor: the h(r) MAE of two disjoint
+  draws of the reference with as many frames each (:func:`md.observables.sampling_floor`);
+- all of it is computed from the observables the simulation accumulates (:mod:`md.observables`), saved in the
+  checkpoint and the compact state file, so no trajectory file is needed (:func:`analyze_state`);
 - force MAE of the model on held-out frames (meV/Å); speed in steps/s and ns/day.
 
 Results go to ``summary.json`` plus ``hr.png`` and ``thermo.png``.
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -27,7 +31,8 @@ from . import io
 from .config import SimulationConfig
 from .errors import MDInputError
 from .frames import describe_frames, frame_stack, load_system_frames, reference_bonds, same_molecule
-from .metrics import HR_RMAX, distance_histogram, first_unstable_frame, hr_mae, max_bond_deviation
+from .metrics import HR_RMAX, distance_histogram, hr_mae
+from .observables import Observables, replay_trajectories, sampling_floor
 
 
 def _stats(values: List[Optional[float]]) -> Dict[str, Optional[float]]:
@@ -46,43 +51,156 @@ def load_run(run_dir) -> dict:
     return io.read_json(path)
 
 
-def analyze_replica(traj_atoms, reference, status: dict, bond_threshold: float, h_ref: np.ndarray) -> dict:
-    """Stability and h(r) of one replica from its frames (list of ``ase.Atoms``)."""
-    out = {"replica": status["replica"], "n_frames": len(traj_atoms), "stop_reason": status.get("reason"),
+def replica_metrics(obs: Observables, r: int, status: dict, h_ref: Optional[np.ndarray], timestep_fs: float,
+                    h_floor: Optional[float] = None) -> dict:
+    """Stability and h(r) of replica ``r`` from the run's observables (its logged steps, their max bond deviation
+    and the h(r) counts of its stable frames); ``h_floor``: the h(r) sampling floor for its frame count."""
+    out = {"replica": status["replica"], "n_frames": len(obs.steps[r]), "stop_reason": status.get("reason"),
            "initial_frame_id": status.get("initial_frame_id")}
-    if not traj_atoms:
-        out.update(stability_ps=0.0, unstable=True, first_unstable_time_ps=None, hr_mae=None,
+    if not obs.steps[r]:
+        out.update(stability_ps=0.0, unstable=True, first_unstable_time_ps=None, hr_mae=None, hr_floor=None,
                    n_stable_frames=0, max_bond_deviation=None, hr=None, length_ps=0.0)
         return out
+    ps = timestep_fs / 1000.0
+    length = obs.steps[r][-1] * ps
+    first_bad = int(obs.first_unstable_step[r])
+    stop_time = status.get("stop_time_ps")
+    if first_bad >= 0:
+        stability, unstable = first_bad * ps, True
+    elif stop_time is not None:
+        stability, unstable = float(stop_time), True
+    else:
+        stability, unstable = length, False
+    h = obs.hr(r)
+    ref_ok = h_ref is not None and h_ref.sum() > 0 and np.all(np.isfinite(h_ref))
+    if h is not None and not np.all(np.isfinite(h)):
+        h = None
+    out.update(stability_ps=float(stability), unstable=unstable,
+               first_unstable_time_ps=None if first_bad < 0 else float(first_bad * ps),
+               length_ps=float(length), n_stable_frames=int(obs.hr_frames[r]),
+               max_bond_deviation=float(np.max(obs.max_dev[r])),
+               hr_mae=hr_mae(h, h_ref) if h is not None and ref_ok else None,
+               hr_floor=h_floor if h is not None else None, hr=h)
+    return out
+
+
+def analyze_replica(traj_atoms, reference, status: dict, bond_threshold: float, h_ref: np.ndarray,
+                    timestep_fs: float = 0.5) -> dict:
+    """Stability and h(r) of one replica from its frames (list of ``ase.Atoms``, ``info['step']`` each): the
+    frames replayed through the same observables the simulation accumulates."""
+    if not traj_atoms:
+        return replica_metrics(Observables(1, bond_threshold), 0, status, h_ref, timestep_fs)
     first = traj_atoms[0]
     cell = first.cell.array if first.pbc.any() else None
     pbc = first.pbc if first.pbc.any() else None
-    traj = np.stack([a.positions for a in traj_atoms])
-    times = np.array([float(a.info.get("time_ps", np.nan)) for a in traj_atoms])
-    bonds, ref_len = reference_bonds(first.numbers, first.positions, reference, cell, pbc)
-    dev = max_bond_deviation(traj, bonds, ref_len, cell, pbc)
-    k = first_unstable_frame(traj, bonds, ref_len, bond_threshold, cell, pbc)
-    length = float(times[-1])
-    stop_time = status.get("stop_time_ps")
-    if k is not None:
-        stability, unstable, stable = float(times[k]), True, traj[:k]
-    elif stop_time is not None:
-        stability, unstable, stable = float(stop_time), True, traj
-    else:
-        stability, unstable, stable = length, False, traj
-    # h(r) of the simulation needs a stable frame after t = 0: the first frame is the dataset's own (a replica
-    # stopped at step 0 would otherwise score a perfect 0.000); an empty histogram is no h(r) either
-    simulated = int(np.sum(times[:len(stable)] > 0))
-    h = distance_histogram(stable, cell=cell, pbc=pbc)[1] if simulated else None
-    if h is not None and not (h.sum() > 0 and np.all(np.isfinite(h))):
-        h = None
-    ref_ok = h_ref is not None and h_ref.sum() > 0 and np.all(np.isfinite(h_ref))
-    out.update(stability_ps=stability, unstable=unstable,
-               first_unstable_time_ps=None if k is None else float(times[k]),
-               length_ps=length, n_stable_frames=int(len(stable)),
-               max_bond_deviation=float(np.max(dev)) if len(dev) else None,
-               hr_mae=hr_mae(h, h_ref) if h is not None and ref_ok else None, hr=h)
-    return out
+    bonds = reference_bonds(first.numbers, first.positions, reference, cell, pbc)
+    obs = replay_trajectories([traj_atoms], [bonds], bond_threshold, timestep_fs)
+    return replica_metrics(obs, 0, status, h_ref, timestep_fs)
+
+
+def run_observables(run_dir: Path, cfg: SimulationConfig, ckpt: Optional[dict], statuses: List[dict],
+                    reference) -> Observables:
+    """The run's observables: from its checkpoint, else (checkpoints older than observables) replayed from its
+    trajectory files."""
+    if ckpt is not None and ckpt.get("observables") is not None:
+        return Observables.from_dict(ckpt["observables"])
+    trajectories, bonds = [], []
+    for st in statuses:
+        atoms = io.read_trajectory(io.trajectory_path(run_dir, st["replica"]))
+        trajectories.append(atoms)
+        if atoms:
+            first = atoms[0]
+            cell = first.cell.array if first.pbc.any() else None
+            pbc = first.pbc if first.pbc.any() else None
+            bonds.append(reference_bonds(first.numbers, first.positions, reference, cell, pbc))
+        else:
+            bonds.append((np.zeros((0, 2), np.int64), np.zeros(0)))
+    return replay_trajectories(trajectories, bonds, cfg.bond_threshold, cfg.timestep)
+
+
+def reference_hr(reference, state: dict):
+    """``(bin centres, h(r), reference frames (F, n, 3), cell, pbc)`` of the reference frames of the simulated
+    molecule (the atoms of replica 0 of the stored MD state)."""
+    numbers = np.asarray(state["numbers"])[np.asarray(state["batch"]) == 0]
+    idx = same_molecule(reference, numbers)
+    cell = pbc = None
+    if state.get("cell") is not None and state.get("pbc") is not None and bool(np.any(np.asarray(state["pbc"][0]))):
+        cell, pbc = np.asarray(state["cell"][0]), np.asarray(state["pbc"][0])
+    frames = frame_stack(reference, idx)
+    r, h = distance_histogram(frames, cell=cell, pbc=pbc)
+    return r, h, frames, cell, pbc
+
+
+def summarize(cfg: SimulationConfig, ckpt: dict, statuses: List[dict], obs: Observables, reference, held_out,
+              forcefield=None, force_frames: Optional[int] = None, batch_size: int = 64, speed=None,
+              model_meta=None) -> Tuple[dict, list, Optional[np.ndarray], Optional[np.ndarray]]:
+    """The summary of a run from its checkpoint or state file (``ckpt``) and observables: ``(summary, per-replica
+    results with h(r), bin centres, reference h(r))``. No trajectory file is read."""
+    r_bins, h_ref, ref_frames, cell, pbc = reference_hr(reference, ckpt["state"])
+    floors: Dict[int, Optional[float]] = {}
+    replicas = []
+    for k, st in enumerate(statuses):
+        n = int(obs.hr_frames[k])
+        if n not in floors:
+            floors[n] = sampling_floor(ref_frames, n, seed=cfg.seed, cell=cell, pbc=pbc)
+        replicas.append(replica_metrics(obs, k, st, h_ref, cfg.timestep, floors[n]))
+    force = _force_errors(cfg, held_out, forcefield, cfg.force_frames if force_frames is None else force_frames,
+                          batch_size)
+    step = int(ckpt["state"]["step"])
+    summary = {
+        "system": cfg.system_name, "dataset": cfg.dataset or ("rmd17" if cfg.molecule else "structure"),
+        "model": cfg.model_spec, "model_metadata": model_meta if model_meta is not None else ckpt.get("model", {}),
+        "frames": describe_frames(cfg, held_out, reference),
+        "thermostat": cfg.thermostat, "temperature_K": cfg.temperature, "timestep_fs": cfg.timestep,
+        "replicas_n": cfg.replicas, "simulated_ps": step * cfg.timestep / 1000.0, "requested_ps": cfg.ps,
+        "completed": step >= cfg.n_steps or not any(st.get("active") for st in statuses),
+        "stability_ps": _stats([x["stability_ps"] for x in replicas]),
+        "hr_mae": _stats([x["hr_mae"] for x in replicas]),
+        "hr_floor": _stats([x["hr_floor"] for x in replicas]),
+        "force": force, "force_mae_meV_per_A": None if force is None else force["force_mae_meV_per_A"],
+        "speed": speed if speed is not None else _speed(ckpt, cfg),
+        "replicas": [{k: v for k, v in x.items() if k != "hr"} for x in replicas],
+        "definitions": {"bond_threshold_A": cfg.bond_threshold, "hr_bins": 500, "hr_rmax_A": HR_RMAX,
+                        "hr_floor": "h(r) MAE between two disjoint random draws of the reference with the replica's "
+                                    "number of h(r) frames (at most half the reference each): what sampling alone "
+                                    "gives (MD frames are correlated, so theirs is larger)",
+                        "std": "population standard deviation over replicas (numpy ddof=0)"},
+    }
+    return summary, replicas, r_bins, h_ref
+
+
+def _speed(ckpt: dict, cfg: SimulationConfig) -> dict:
+    wall, steps = float(ckpt.get("wall_s") or 0.0), int(ckpt.get("steps_timed") or 0)
+    if steps <= 0 or wall <= 0:
+        return {"steps_per_s": None, "replica_steps_per_s": None, "ns_per_day": None, "wall_s": wall,
+                "timed_steps": steps}
+    rate = steps / wall
+    return {"steps_per_s": rate, "replica_steps_per_s": rate * cfg.replicas,
+            "ns_per_day": rate * cfg.timestep * 86400.0 / 1e6, "wall_s": wall, "timed_steps": steps}
+
+
+def analyze_state(state_file, forcefield=None, force_frames: Optional[int] = None, data_dir: Optional[str] = None,
+                  batch_size: int = 64, frames=None) -> dict:
+    """The summary of a run from its compact state file alone (``oreo-md simulate --state``): what the campaign
+    report tabulates on a fresh clone, where the run directory is gone. ``frames``: ``(held_out, reference)``
+    (else loaded as in the simulation)."""
+    from .rundir import read_state_file
+    ckpt = read_state_file(state_file)
+    if ckpt is None:
+        raise MDInputError(f"state file '{state_file}' not found")
+    cfg = SimulationConfig.from_dict(ckpt["config"])
+    if data_dir is not None:
+        cfg.data_dir = data_dir
+    held_out, reference = frames if frames is not None else load_system_frames(cfg)
+    obs = Observables.from_dict(ckpt["observables"])
+    if forcefield is None and (force_frames is None or force_frames > 0):
+        from .potential import model_fingerprint
+        had, now = (ckpt.get("model") or {}).get("model_sha256"), model_fingerprint(cfg.model_spec).get("model_sha256")
+        if had and now and had != now:
+            warnings.warn(f"force MAE skipped: the model file of '{cfg.model_spec}' has changed since the run "
+                          f"started (SHA-256 {had[:12]}... then, {now[:12]}... now)", stacklevel=2)
+            force_frames = 0
+    return summarize(cfg, ckpt, ckpt["status"], obs, reference, held_out, forcefield, force_frames, batch_size)[0]
 
 
 def analyze_run(run_dir, forcefield=None, frames=None, force_frames: Optional[int] = None,
@@ -96,6 +214,7 @@ def analyze_run(run_dir, forcefield=None, frames=None, force_frames: Optional[in
     ``force_frames``: number of held-out frames for the force MAE (0 skips it).
     ``data_dir`` / ``poly24_dir``: where to re-load the frames from (default: the run's).
     """
+    from .rundir import read_run_checkpoint
 
     run_dir = Path(run_dir)
     run = load_run(run_dir)
@@ -107,44 +226,19 @@ def analyze_run(run_dir, forcefield=None, frames=None, force_frames: Optional[in
     if device is not None:
         cfg.device = device
     held_out, reference = frames if frames is not None else load_system_frames(cfg)
+    ckpt = read_run_checkpoint(run_dir)
+    if ckpt is None:
+        raise MDInputError(f"'{run_dir}' has no {io.CHECKPOINT}; the run never reached its first checkpoint")
     statuses = run["replicas"]
-
-    replicas = []
-    h_ref = r = None
-    for st in statuses:
-        atoms = io.read_trajectory(io.trajectory_path(run_dir, st["replica"]))
-        if h_ref is None and atoms:
-            idx = same_molecule(reference, atoms[0].numbers)
-            first = atoms[0]
-            pbc = first.pbc if first.pbc.any() else None
-            cell = first.cell.array if pbc is not None else None
-            r, h_ref = distance_histogram(frame_stack(reference, idx), cell=cell, pbc=pbc)
-        replicas.append(analyze_replica(atoms, reference, st, cfg.bond_threshold,
-                                        h_ref if h_ref is not None else np.zeros(1)))
-
-    force = _force_errors(cfg, held_out, forcefield, cfg.force_frames if force_frames is None else force_frames,
-                          batch_size)
-    summary = {
-        "system": cfg.system_name, "dataset": cfg.dataset or ("rmd17" if cfg.molecule else "structure"),
-        "model": cfg.model_spec, "model_metadata": run.get("model", {}),
-        "frames": describe_frames(cfg, held_out, reference),
-        "thermostat": cfg.thermostat, "temperature_K": cfg.temperature, "timestep_fs": cfg.timestep,
-        "replicas_n": cfg.replicas, "simulated_ps": run.get("time_ps"), "requested_ps": cfg.ps,
-        "completed": bool(run.get("completed")),
-        "stability_ps": _stats([x["stability_ps"] for x in replicas]),
-        "hr_mae": _stats([x["hr_mae"] for x in replicas]),
-        "force": force, "force_mae_meV_per_A": None if force is None else force["force_mae_meV_per_A"],
-        "speed": run.get("speed", {}),
-        "replicas": [{k: v for k, v in x.items() if k != "hr"} for x in replicas],
-        "definitions": {"bond_threshold_A": cfg.bond_threshold, "hr_bins": 500, "hr_rmax_A": HR_RMAX,
-                        "std": "population standard deviation over replicas (numpy ddof=0)"},
-    }
+    obs = run_observables(run_dir, cfg, ckpt, statuses, reference)
+    summary, replicas, r, h_ref = summarize(cfg, ckpt, statuses, obs, reference, held_out, forcefield, force_frames,
+                                            batch_size, speed=run.get("speed", {}), model_meta=run.get("model", {}))
+    summary["simulated_ps"], summary["completed"] = run.get("time_ps"), bool(run.get("completed"))
     io.write_json(run_dir / io.SUMMARY_JSON, summary)
     if plots:
         from .plots import plot_hr, plot_thermo
-        if h_ref is not None:
-            plot_hr(run_dir / "hr.png", r, h_ref, [x["hr"] for x in replicas],
-                    title=f"{cfg.system_name}: h(r), {cfg.model_spec}")
+        plot_hr(run_dir / "hr.png", r, h_ref, [x["hr"] for x in replicas],
+                title=f"{cfg.system_name}: h(r), {cfg.model_spec}")
         plot_thermo(run_dir / "thermo.png", io.read_thermo(run_dir / io.THERMO_CSV), cfg.temperature,
                     title=f"{cfg.system_name}: {cfg.thermostat}, {cfg.temperature:g} K")
     return summary

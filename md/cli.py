@@ -7,7 +7,9 @@ Examples::
     oreo-md simulate --dataset poly24 --polymer PE --model runs/poly24.pt --temperature 600   # oreo-poly24 polymer
     oreo-md simulate --out runs/md/aspirin_x                 # resume a killed run (automatic)
     oreo-md simulate --molecule ethanol --model aspirin --allow-other-molecule   # another molecule's model, on purpose
+    oreo-md simulate --molecule aspirin --ps 300 --state aspirin-md.pt --max-minutes 120   # in pieces, any clone
     oreo-md analyze runs/md/aspirin_x
+    oreo-md analyze aspirin-md.pt                          # a run's metrics from its state file alone
     oreo-md dft-check runs/md/aspirin_x --frames 10
 """
 from __future__ import annotations
@@ -110,11 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bond-threshold", type=_positive(float), help="Å (default 0.5)")
     s.add_argument("--max-temperature-factor", type=_positive(float),
                    help="stop replicas hotter than this x --temperature (default 10)")
+    s.add_argument("--max-force-std", type=_positive(float),
+                   help="eV/Å: stop replicas whose committee force spread (largest per-atom norm of the force std "
+                        "over the members) exceeds this; needs a committee model (oreo committee). Committee runs "
+                        "log the spread in thermo.csv (Fstd_max) and each frame (forces_std_max) either way")
     s.add_argument("--force-frames", type=_non_negative_int,
                    help="held-out frames for the force MAE in the analysis (default 1000; 0 skips)")
     s.add_argument("--analyze", action=argparse.BooleanOptionalAction, default=None,
                    help="analyze the run at the end (default on)")
     s.add_argument("--resume", action="store_true", help="require a checkpoint in --out and continue it")
+    s.add_argument("--state", help="also keep the run's compact state in this file (positions, velocities, "
+                                   "thermostat, RNG, step, accumulated metrics: kB, not MB) and continue from it "
+                                   "when it is further along than --out's checkpoint, e.g. on a fresh clone")
+    s.add_argument("--max-minutes", type=_positive(float),
+                   help="pause at the first checkpoint after this many minutes of wall time (run again to continue)")
     s.add_argument("--overwrite", action="store_true", help="delete a previous run in --out and start over")
     s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="tqdm progress bar (default: on when stderr is a terminal); without it a plain progress "
@@ -125,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("analyze", help="stability, h(r), force MAE and speed of a run",
                        description="Write summary.json, hr.png and thermo.png of a run directory.")
-    a.add_argument("run_dir", help="run directory (--out of simulate)")
+    a.add_argument("run_dir", help="run directory (--out of simulate), or a state file (--state of simulate): "
+                                   "then no trajectory file is needed and no plot is written")
     a.add_argument("--force-frames", type=_non_negative_int, help="held-out frames for the force MAE (0 skips)")
     a.add_argument("--batch-size", type=_positive(int), default=64, help="frames per force evaluation (default 64)")
     a.add_argument("--device", help="torch device for the force MAE (default: the run's)")
@@ -160,14 +172,17 @@ def _simulate(args) -> int:
 
     names = {f.name for f in fields(SimulationConfig)}
     given: Dict[str, object] = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    cfg, out, continuing = plan_run(given, Path(args.out) if args.out else None, args.resume, args.overwrite)
+    cfg, out, continuing = plan_run(given, Path(args.out) if args.out else None, args.resume, args.overwrite,
+                                    state_file=args.state)
     if continuing:
         print(f"resuming the run in {out}")
-    run_simulation(cfg, out, resume=True if args.resume else None, overwrite=args.overwrite, progress=args.progress)
+    run_simulation(cfg, out, resume=True if args.resume else None, overwrite=args.overwrite, progress=args.progress,
+                   state_file=args.state, max_minutes=args.max_minutes)
     print(f"run directory: {out}")
-    if cfg.analyze:
+    run = io.read_json(out / io.RUN_JSON)
+    if cfg.analyze and not run.get("paused"):
         _print_summary(io.read_json(out / io.SUMMARY_JSON))
-    replicas = io.read_json(out / io.RUN_JSON)["replicas"]
+    replicas = run["replicas"]
     if replicas and all(r.get("non_finite") for r in replicas):
         first = min(replicas, key=lambda r: r["stop_step"])
         print(f"{PROG} simulate: error: every replica ({len(replicas)}) went non-finite (NaN or inf energies, forces "
@@ -179,7 +194,12 @@ def _simulate(args) -> int:
 
 
 def _analyze(args) -> int:
-    from .analysis import analyze_run
+    from .analysis import analyze_run, analyze_state
+    if Path(args.run_dir).is_file():
+        summary = analyze_state(args.run_dir, force_frames=args.force_frames, data_dir=args.data_dir,
+                                batch_size=args.batch_size)
+        _print_summary(summary)
+        return 0
     summary = analyze_run(args.run_dir, force_frames=args.force_frames, batch_size=args.batch_size,
                           device=args.device, data_dir=args.data_dir, plots=not args.no_plots,
                           poly24_dir=args.poly24_dir)
@@ -217,15 +237,17 @@ def _print_summary(summary: dict) -> None:
           f"{summary['simulated_ps']:g} ps of {summary['requested_ps']:g})")
     for rep in summary["replicas"]:
         why = f"  [{rep['stop_reason']}]" if rep.get("stop_reason") else ""
+        floor = f" (sampling floor {_num(rep.get('hr_floor'), 3)})" if rep.get("hr_floor") is not None else ""
         print(f"  replica {rep['replica']}: stability {_num(rep['stability_ps'], 2)} ps, "
-              f"h(r) MAE {_num(rep['hr_mae'], 3)}{why}")
+              f"h(r) MAE {_num(rep['hr_mae'], 3)}{floor}{why}")
     if summary.get("frames", {}).get("reference") and summary.get("dataset") == "poly24":
         print(f"  reference frames (bonds, h(r)): {summary['frames']['reference']}")
     speed = summary.get("speed") or {}
     steps_per_s = _num(speed.get("steps_per_s"), 1)
     pace = ("speed n/a (no step timed)" if steps_per_s == "n/a"
             else f"{steps_per_s} steps/s ({_num(speed.get('ns_per_day'), 3)} ns/day)")
-    print(f"  stability {_fmt(summary['stability_ps'])} ps | h(r) MAE {_fmt(summary['hr_mae'], 3)} | force MAE "
+    print(f"  stability {_fmt(summary['stability_ps'])} ps | h(r) MAE {_fmt(summary['hr_mae'], 3)} (floor "
+          f"{_fmt(summary.get('hr_floor') or {}, 3)}) | force MAE "
           f"{_num(summary.get('force_mae_meV_per_A'), 1, ' meV/Å')} | {pace}")
 
 

@@ -42,6 +42,7 @@ class SimulationConfig:
     stop_unstable: bool = True            #: stop replicas whose bonds deviate > bond_threshold
     bond_threshold: float = 0.5           #: Å
     max_temperature_factor: float = 10.0  #: stop replicas hotter than this × temperature
+    max_force_std: Optional[float] = None  #: eV/Å: stop replicas whose committee force spread exceeds it (committee models)
     split_index: int = 1                  #: rMD17 split (held-out = test split of this index)
     data_dir: Optional[str] = None
     device: str = "cpu"
@@ -102,6 +103,8 @@ class SimulationConfig:
             (self.bond_threshold > 0, f"--bond-threshold must be > 0 Å, got {self.bond_threshold}"),
             (self.max_temperature_factor > 1, f"--max-temperature-factor must be > 1, got {self.max_temperature_factor}"),
             (self.force_frames >= 0, f"--force-frames must be >= 0, got {self.force_frames}"),
+            (self.max_force_std is None or self.max_force_std > 0,
+             f"--max-force-std must be > 0 eV/Å, got {self.max_force_std}"),
             (self.dtype in ("float32", "float64"), f"--dtype must be float32 or float64, got {self.dtype}"),
             (self.n_steps >= 1, f"--ps {self.ps} is shorter than one timestep of {self.timestep} fs"),
             (1 <= self.split_index <= 5, f"--split-index must be 1..5 (the published rMD17 splits), "

@@ -4,7 +4,7 @@ Layout of a run directory::
 
     run.json              settings + per-replica status (rewritten atomically)
     traj_000.extxyz ...   one extended-XYZ trajectory per replica (ase.io.read(path, ":"))
-    thermo.csv            step,time_ps,replica,T,Epot,Ekin,Etot,Econs
+    thermo.csv            step,time_ps,replica,T,Epot,Ekin,Etot,Econs (committee models: and Fstd_max, eV/Å)
     checkpoint.pt         state + RNG state + step + file sizes (written atomically)
     summary.json, *.png   analysis results
 
@@ -35,6 +35,8 @@ RUN_JSON = "run.json"
 THERMO_CSV = "thermo.csv"
 SUMMARY_JSON = "summary.json"
 THERMO_COLUMNS = ("step", "time_ps", "replica", "T", "Epot", "Ekin", "Etot", "Econs")
+#: the extra thermo column of a committee model: its force spread (forces_std_max, eV/Å)
+SPREAD_COLUMN = "Fstd_max"
 
 
 def trajectory_path(run_dir, replica: int) -> Path:
@@ -92,8 +94,9 @@ def read_trajectory(path):
 class RunFiles:
     """Append-only trajectory (one per replica) and thermo-log files of a run directory."""
 
-    def __init__(self, run_dir, n_replicas: int):
+    def __init__(self, run_dir, n_replicas: int, columns: Sequence[str] = THERMO_COLUMNS):
         self.run_dir = Path(run_dir)
+        self.columns = tuple(columns)
         self.paths: List[Path] = [trajectory_path(run_dir, r) for r in range(n_replicas)]
         self.paths.append(self.run_dir / THERMO_CSV)
         self._handles = None
@@ -117,7 +120,7 @@ class RunFiles:
         self._handles = [open(p, "a", encoding="ascii", newline="\n") for p in self.paths]
         log = self._handles[-1]
         if log.tell() == 0:
-            log.write(",".join(THERMO_COLUMNS) + "\n")
+            log.write(",".join(self.columns) + "\n")
         return self
 
     def write_frame(self, replica: int, text: str) -> None:

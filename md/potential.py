@@ -55,6 +55,10 @@ class ForceField:
     -> ``(energy (B,) float64 eV, forces (N, 3) float64 eV/Å)`` on the device of ``positions``.
     Inactive systems get zero energy and zero forces and are not passed to the potential.
 
+    When the potential is a committee (``forcefield.committee``), the energy and forces are the committee mean and
+    ``last_force_std_max`` holds, after every call, each system's committee force spread (``forces_std_max``, eV/Å,
+    float64 (B,); NaN for systems not evaluated); for a single model it stays None.
+
     When the potential refuses the batch because atoms of some systems overlap (closer than 0.1 Å: oreo
     potentials raise, see ``forcefield.potential.check_pair_distances``), those systems get NaN energy and
     forces and the others are evaluated, so MD stops only the collapsed replicas (as non-finite).
@@ -72,6 +76,9 @@ class ForceField:
         self.cutoff = getattr(potential, "cutoff", None)
         self.metadata = potential_metadata(potential)
         self.n_calls = 0
+        from forcefield.committee import is_committee
+        self.committee = is_committee(potential)
+        self.last_force_std_max: Optional[torch.Tensor] = None
 
     def __call__(self, positions: torch.Tensor, numbers: torch.Tensor, batch: torch.Tensor, n_systems: int,
                  cell: Optional[torch.Tensor] = None, pbc: Optional[torch.Tensor] = None,
@@ -98,7 +105,8 @@ class ForceField:
         args = dict(cell=None if c is None else c.to(dev, dt), pbc=None if p is None else p.to(dev))
         try:
             with torch.enable_grad():
-                out = self.potential(num.to(dev), pos.detach().to(dev, dt), sub_batch.to(dev), **args)
+                call = self.potential.energy_forces_spread if self.committee else self.potential
+                out = call(num.to(dev), pos.detach().to(dev, dt), sub_batch.to(dev), **args)
         except Exception:
             # checked only after a failure: costs nothing on the normal path
             rest = self._without_overlapping(positions, batch, n_systems, cell, pbc, active)
@@ -111,6 +119,14 @@ class ForceField:
             return energy, forces
         self.n_calls += 1
         e, f = self._check(out, n_sub, pos.shape[0])
+        if self.committee:
+            spread = torch.full((n_systems,), float("nan"), dtype=torch.float64, device=out_device)
+            std = out["forces_std_max"].detach().to(out_device, torch.float64)
+            if sel_sys is None:
+                spread = std
+            else:
+                spread[sel_sys] = std
+            self.last_force_std_max = spread
         e = e.detach().to(out_device, torch.float64)
         f = f.detach().to(out_device, torch.float64)
         if sel_atoms is None:
@@ -224,3 +240,18 @@ def model_metadata(pot) -> Dict[str, object]:
         except (TypeError, ValueError):
             pass
     return meta
+
+
+def model_fingerprint(spec: str) -> Dict[str, object]:
+    """Which model file a spec names, and its SHA-256: a run records it so that a run continued later (perhaps after
+    the shipped model was re-trained and re-shipped) is refused instead of silently mixing two models. ``{}`` for
+    ``py:`` factories (no file)."""
+    if not spec or spec.startswith("py:"):
+        return {}
+    from forcefield.data.registry import sha256sum
+    from forcefield.io import resolve_model_path
+    try:
+        path = resolve_model_path(spec)
+    except FileNotFoundError:
+        return {}
+    return {"model_file": path.name, "model_sha256": sha256sum(path)}

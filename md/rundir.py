@@ -6,6 +6,11 @@ it): a directory with a checkpoint is continued automatically (``resume=None``),
 takes the settings it was started with; only :data:`~md.config.RESUMABLE_CHANGES` may differ now (a longer
 ``ps``, another device, ...), any other setting given differently is an error that names it. File layout:
 :mod:`md.io`.
+
+A run can also continue from its compact state file (``--state FILE``: the checkpoint without the trajectory
+files' sizes, small enough to commit), e.g. on a fresh clone where the run directory is gone: the state is taken
+when it is further along than the run directory's checkpoint (or there is none), and the trajectory files then
+start anew at the state's step (the metrics do not need the earlier frames: :mod:`md.observables`).
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from .config import RESUMABLE_CHANGES, SimulationConfig
 from .errors import MDInputError
 
 CHECKPOINT_FORMAT = "oreo-md-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2   #: 2: observables and the model file's SHA-256 in the checkpoint
 #: every file a run (and its analysis) writes: what ``overwrite`` deletes
 RUN_FILES = ("run.json", "checkpoint.pt", "thermo.csv", "summary.json", "hr.png", "thermo.png",
              "dft_check.json", "dft_parity.png", "dft_forces.npz")
@@ -42,6 +47,17 @@ def read_run_checkpoint(out_dir: Path) -> Optional[dict]:
     return ckpt
 
 
+def read_state_file(path) -> Optional[dict]:
+    """A run's compact state file (``--state``), or None when the file does not exist yet."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    state = io.load_checkpoint(path)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise MDInputError(f"'{path}' is not an oreo-md state file; choose another --state")
+    return state
+
+
 def resume_conflicts(stored: SimulationConfig, config: SimulationConfig) -> Dict[str, tuple]:
     """Settings of ``config`` that differ from the ``stored`` run's and may not change on resume:
     ``{name: (stored, now)}``."""
@@ -54,16 +70,19 @@ def _no_checkpoint(out_dir) -> MDInputError:
 
 
 def plan_run(given: Dict[str, object], out_dir: Optional[Path], resume: bool = False,
-             overwrite: bool = False) -> Tuple[SimulationConfig, Path, bool]:
+             overwrite: bool = False, state_file=None) -> Tuple[SimulationConfig, Path, bool]:
     """``(config, run directory, continuing)`` for the settings given on a command line (``given``: only those
-    set). A run directory with a checkpoint (``out_dir``, else the default directory of the given settings) is
-    continued with its stored settings, the given ones on top; otherwise the given settings start a new run."""
+    set). A run directory with a checkpoint (``out_dir``, else the default directory of the given settings), or a
+    ``state_file`` that exists, is continued with its stored settings, the given ones on top; otherwise the given
+    settings start a new run."""
     given = dict(given)
     if given.get("dataset") == "rmd17":        # rMD17 is implied by --molecule; the config stores no dataset
         if not given.get("molecule"):
             raise MDInputError("--dataset rmd17 needs --molecule NAME")
         del given["dataset"]
+    state = read_state_file(state_file) if state_file is not None and not overwrite else None
     ckpt = read_run_checkpoint(out_dir) if out_dir is not None and not overwrite else None
+    ckpt = ckpt or state
     if ckpt is None:
         if resume and out_dir is None:
             raise MDInputError("--resume needs --out DIR (the run directory to continue)")
@@ -77,14 +96,16 @@ def plan_run(given: Dict[str, object], out_dir: Optional[Path], resume: bool = F
         ckpt = None if overwrite else read_run_checkpoint(out_dir)
     if ckpt is None:
         return config, Path(out_dir), False
-    return replace(SimulationConfig.from_dict(ckpt["config"]), **given), Path(out_dir), True
+    stored = SimulationConfig.from_dict(ckpt["config"])
+    return replace(stored, **given), Path(out_dir or default_run_dir(stored)), True
 
 
-def prepare_run_dir(out_dir: Path, config: SimulationConfig, resume: Optional[bool], overwrite: bool):
-    """Create/clean ``out_dir``; return the checkpoint dict to resume from, or ``None``.
+def prepare_run_dir(out_dir: Path, config: SimulationConfig, resume: Optional[bool], overwrite: bool,
+                    state_file=None) -> Tuple[Optional[dict], bool]:
+    """Create/clean ``out_dir``; return ``(checkpoint dict to resume from or None, taken from the state file)``.
 
-    ``resume=None`` resumes automatically when a checkpoint exists; ``True`` requires one;
-    ``False`` refuses to touch an existing run (use ``overwrite``).
+    ``resume=None`` resumes automatically when a checkpoint (or ``state_file``) exists; ``True`` requires one;
+    ``False`` refuses to touch an existing run (use ``overwrite``, which also ignores ``state_file``).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     if overwrite:
@@ -94,27 +115,32 @@ def prepare_run_dir(out_dir: Path, config: SimulationConfig, resume: Optional[bo
             (out_dir / name).unlink(missing_ok=True)
         for p in out_dir.glob("traj_*.extxyz"):
             p.unlink()
-        return None
+        return None, False
     ckpt = read_run_checkpoint(out_dir)
+    state = read_state_file(state_file) if state_file is not None else None
+    from_state = state is not None and (ckpt is None or int(state["state"]["step"]) > int(ckpt["state"]["step"]))
+    if from_state:
+        ckpt = state
     if ckpt is None:
         if resume:
             raise _no_checkpoint(out_dir)
         if any(out_dir.glob("traj_*.extxyz")) or (out_dir / io.THERMO_CSV).exists():
             raise MDInputError(f"'{out_dir}' holds trajectory files but no checkpoint; pass --overwrite to start "
                                f"over there or choose another --out")
-        return None
+        return None, False
+    where = f"the state file '{state_file}'" if from_state else f"'{out_dir}'"
     if resume is False:
-        raise MDInputError(f"'{out_dir}' already holds a run; resume it (drop --no-resume), "
+        raise MDInputError(f"{where} already holds a run; resume it (drop --no-resume), "
                            f"pass --overwrite to start over, or choose another --out")
     conflicts = resume_conflicts(SimulationConfig.from_dict(ckpt["config"]), config)
     if conflicts:
         desc = ", ".join(f"{k}: run has {a!r}, you gave {b!r}" for k, (a, b) in conflicts.items())
-        raise MDInputError(f"cannot resume '{out_dir}' with different settings ({desc}); drop those options, "
+        raise MDInputError(f"cannot resume {where} with different settings ({desc}); drop those options, "
                            f"pass --overwrite to start over, or choose another --out")
     if config.n_steps < int(ckpt["state"]["step"]):
         raise MDInputError(f"--ps {config.ps} is shorter than the {int(ckpt['state']['step']) * config.timestep / 1000:g} ps "
-                           f"already simulated in '{out_dir}'; give a longer --ps or analyse with oreo-md analyze")
-    return ckpt
+                           f"already simulated in {where}; give a longer --ps or analyse with oreo-md analyze")
+    return ckpt, from_state
 
 
 def finished_summary(run_dir, config: SimulationConfig) -> Optional[dict]:

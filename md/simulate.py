@@ -3,8 +3,10 @@
 :func:`run_simulation` does everything between a :class:`~md.config.SimulationConfig` and a
 finished run directory (layout in :mod:`md.io`, resume policy in :mod:`md.rundir`, frames from
 :mod:`md.frames`): it picks seeded initial frames, draws Maxwell–Boltzmann velocities, integrates all
-replicas as one batch, logs, checkpoints, stops replicas that become unstable or too hot, and finally
-runs the analysis (:mod:`md.analysis`).
+replicas as one batch, logs, accumulates the observables the analysis needs (:mod:`md.observables`),
+checkpoints (and, with ``state_file``, writes the compact state a fresh clone continues from), stops replicas
+that become unstable or too hot, and finally runs the analysis (:mod:`md.analysis`). ``max_minutes`` pauses a
+run at the first checkpoint after that much wall time (the campaign runner advances long runs that way).
 """
 from __future__ import annotations
 
@@ -23,9 +25,9 @@ from .config import SimulationConfig
 from .errors import MDInputError
 from .frames import describe_frames, load_system_frames, reference_bonds
 from .integrators import compute_forces, conserved_energy, make_integrator
-from .metrics import max_bond_deviation
+from .observables import Observables, replay_trajectories
 from .rundir import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, prepare_run_dir
-from .potential import ForceField, load_model, model_metadata
+from .potential import ForceField, load_model, model_fingerprint, model_metadata
 from .state import MDState, make_state, maxwell_boltzmann_velocities, overlapping_atoms
 
 #: the wall-time estimate is printed after this many steps or seconds of the run, whichever comes first
@@ -79,6 +81,11 @@ class _Run:
         self.steps_timed = 0
         self.model_meta: Dict[str, object] = {}
         self.frames: Dict[str, str] = {}
+        self.obs = Observables(config.replicas, config.bond_threshold)
+        self.state_file: Optional[Path] = None
+        self.trajectory_from_step = 0    #: the trajectory files start here (> 0 when continued from a state file)
+        self.deadline: Optional[float] = None
+        self.paused = False
 
     # .............................................................. records
     def time_ps(self, step: int) -> float:
@@ -113,6 +120,7 @@ class _Run:
         frc = state.forces.cpu().numpy()
         num = state.numbers.cpu().numpy()
         batch = state.batch.cpu().numpy()
+        spread = None if self.ff.last_force_std_max is None else self.ff.last_force_std_max.cpu().numpy()
         rows = []
         for r in range(state.n_systems):
             if not self.status[r]["active"]:
@@ -122,8 +130,12 @@ class _Run:
             if state.cell is not None:
                 cell, pbc = state.cell[r].cpu().numpy(), state.pbc[r].cpu().numpy()
             info = {"step": int(state.step), "time_ps": float(t), "replica": r, "energy": float(epot[r])}
+            row = (int(state.step), t, r, temp[r], epot[r], ekin[r], epot[r] + ekin[r], econs[r])
+            if spread is not None:
+                info["forces_std_max"] = float(spread[r])
+                row += (spread[r],)
             self.files.write_frame(r, io.format_extxyz_frame(num[sel], pos[sel], frc[sel], info, cell, pbc))
-            rows.append((int(state.step), t, r, temp[r], epot[r], ekin[r], epot[r] + ekin[r], econs[r]))
+            rows.append(row)
         self.files.write_log_rows(rows)
         self.files.flush()
 
@@ -136,7 +148,10 @@ class _Run:
         temp = state.temperature()
         hot = temp > cfg.max_temperature_factor * cfg.temperature if cfg.temperature > 0 \
             else torch.zeros_like(finite)
-        bad = state.active & (~finite | hot)
+        spread = self.ff.last_force_std_max
+        uncertain = (spread > cfg.max_force_std) if cfg.max_force_std is not None and spread is not None \
+            else torch.zeros_like(finite)
+        bad = state.active & (~finite | hot | uncertain)
         if not bool(bad.any()):
             return state
         active = state.active.clone()
@@ -149,17 +164,19 @@ class _Run:
                     from forcefield.potential import close_pair_text
                     reason += f" ({close_pair_text(*overlaps[r])}: the replica collapsed)"
                 self.stop(state, r, reason, non_finite=True)
+            elif bool(uncertain[r]):
+                self.stop(state, r, f"committee force spread {float(spread[r]):.3f} eV/A exceeds --max-force-std "
+                                    f"{cfg.max_force_std:g} eV/A: the model is extrapolating here")
             else:
                 self.stop(state, r, f"temperature {float(temp[r]):.0f} K exceeds {cfg.max_temperature_factor:g} x "
                                     f"the target {cfg.temperature:g} K")
             active[r] = False
         return replace(state, active=active)
 
-    def check_bonds(self, state: MDState) -> MDState:
-        """Stop replicas whose max bond deviation exceeds the threshold (at log steps)."""
+    def observe(self, state: MDState) -> MDState:
+        """Record the frame just logged in the observables (h(r), max bond deviation) and, with ``stop_unstable``,
+        stop replicas whose max bond deviation exceeds the threshold."""
         cfg = self.config
-        if not cfg.stop_unstable:
-            return state
         pos = state.positions.cpu().numpy()
         batch = state.batch.cpu().numpy()
         active = state.active.clone()
@@ -170,8 +187,8 @@ class _Run:
             cell = pbc = None
             if state.cell is not None:
                 cell, pbc = state.cell[r].cpu().numpy(), state.pbc[r].cpu().numpy()
-            dev = float(max_bond_deviation(pos[batch == r][None], bonds, ref, cell, pbc)[0])
-            if dev > cfg.bond_threshold:
+            dev = self.obs.add_frame(r, state.step, pos[batch == r], bonds, ref, cell, pbc)
+            if cfg.stop_unstable and dev > cfg.bond_threshold:
                 self.stop(state, r, f"unstable: max bond deviation {dev:.3f} A > {cfg.bond_threshold:g} A")
                 active[r] = False
         return replace(state, active=active)
@@ -193,9 +210,14 @@ class _Run:
                    "state": state.to_dict(), "generator": self.generator.get_state(),
                    "generator_device": self.generator.device.type,
                    "files": self.files.sizes(), "status": [dict(s) for s in self.status],
-                   "wall_s": self.wall_s, "steps_timed": self.steps_timed}
+                   "wall_s": self.wall_s, "steps_timed": self.steps_timed, "model": self.model_meta,
+                   "frames": self.frames, "observables": self.obs.to_dict(),
+                   "trajectory_from_step": self.trajectory_from_step, "completed": completed}
         self.files.flush(fsync=True)
         io.save_checkpoint(self.out_dir / io.CHECKPOINT, payload)
+        if self.state_file is not None:   # the same without the file sizes: it must not depend on this directory
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            io.save_checkpoint(self.state_file, {**payload, "files": {}, "trajectory_from_step": None})
         self.write_run_json(state, completed)
 
     def write_run_json(self, state: MDState, completed: bool) -> None:
@@ -203,7 +225,8 @@ class _Run:
         io.write_json(self.out_dir / io.RUN_JSON, {
             "config": cfg.to_dict(), "model": self.model_meta, "frames": self.frames, "step": int(state.step),
             "n_steps": cfg.n_steps,
-            "time_ps": self.time_ps(state.step), "completed": completed,
+            "time_ps": self.time_ps(state.step), "completed": completed, "paused": self.paused,
+            "trajectory_from_step": self.trajectory_from_step,
             "n_atoms": [int(n) for n in state.atoms_per_system.cpu().tolist()],
             "replicas": [dict(s) for s in self.status], "speed": self.speed()})
 
@@ -226,6 +249,17 @@ def initial_state(config: SimulationConfig, held_out, generator: torch.Generator
     return state, status
 
 
+def _check_same_model(ckpt: dict, fingerprint: Dict[str, object], where: str) -> None:
+    """A run continues with the model file it started with (the shipped name may point at a re-shipped model)."""
+    had = (ckpt.get("model") or {}).get("model_sha256")
+    now = fingerprint.get("model_sha256")
+    if had and now and had != now:
+        raise MDInputError(f"the model file {fingerprint.get('model_file')} has changed since the run in {where} "
+                           f"started (SHA-256 {had[:12]}... then, {now[:12]}... now; a re-shipped model?): one "
+                           f"trajectory must come from one model. Pass --model with the original file, or start a "
+                           f"new run (--overwrite, or another --out / --state)")
+
+
 def _restore(ckpt: dict, config: SimulationConfig, generator: torch.Generator) -> Tuple[MDState, List[dict]]:
     state = MDState.from_dict(ckpt["state"], device=config.device)
     saved_on = ckpt.get("generator_device", "cpu")
@@ -245,14 +279,18 @@ def _make_generator(device: str, seed: int) -> torch.Generator:
 
 def run_simulation(config: SimulationConfig, out_dir, potential=None, frames=None, resume: Optional[bool] = None,
                    overwrite: bool = False, progress: Optional[bool] = None,
-                   on_log: Optional[Callable[[MDState], None]] = None) -> Path:
+                   on_log: Optional[Callable[[MDState], None]] = None, state_file=None,
+                   max_minutes: Optional[float] = None) -> Path:
     """Run (or resume) the simulation described by ``config`` in ``out_dir``; returns ``out_dir``.
 
     ``potential``: a ready potential object (else ``config.model_spec`` is loaded);
     ``frames``: ``(held_out, reference)`` ConformationSets (else :func:`load_system_frames`);
     ``resume``: None = automatic, True = require a checkpoint, False = refuse an existing run;
     ``progress``: tqdm bar (None = only on a terminal); ``on_log(state)`` is called after every
-    logged frame (tests use it to interrupt a run).
+    logged frame (tests use it to interrupt a run); ``state_file``: also write the compact state there with every
+    checkpoint, and continue from it when it is further along than ``out_dir``'s checkpoint (a fresh clone);
+    ``max_minutes``: pause at the first checkpoint after this much wall time (no analysis then; run again to
+    continue).
     """
     from tqdm.auto import tqdm
 
@@ -265,7 +303,7 @@ def run_simulation(config: SimulationConfig, out_dir, potential=None, frames=Non
     if config.polymer and config.poly24_dir is None:
         from .poly24 import poly24_folder
         config.poly24_dir = str(poly24_folder(None, config.data_dir).resolve())   # recorded for later analysis
-    ckpt = prepare_run_dir(out_dir, config, resume, overwrite)
+    ckpt, from_state = prepare_run_dir(out_dir, config, resume, overwrite, state_file)
     described = describe_frames(config, held_out, reference)
     if config.polymer:
         print(f"{config.system_name}: initial frames and force MAE from {described['held_out']}; "
@@ -275,15 +313,26 @@ def run_simulation(config: SimulationConfig, out_dir, potential=None, frames=Non
                                device=config.device, dtype=config.dtype,
                                allow_other_molecule=config.allow_other_molecule)
     ff = ForceField(potential, device=config.device)
+    if config.max_force_std is not None and not ff.committee:
+        raise MDInputError(f"--max-force-std {config.max_force_std:g} needs a committee model (its spread is the "
+                           f"uncertainty): build one with `oreo committee --out committee.pt MODEL1 MODEL2 ...` and "
+                           f"pass --model committee.pt, or drop --max-force-std")
+    fingerprint = model_fingerprint(config.model_spec) if isinstance(config.model_spec, str) else {}
+    if ckpt is not None:
+        _check_same_model(ckpt, fingerprint, str(state_file) if from_state else str(out_dir))
     generator = _make_generator(config.device, config.seed)
-    files = io.RunFiles(out_dir, config.replicas)
+    files = io.RunFiles(out_dir, config.replicas,
+                        io.THERMO_COLUMNS + ((io.SPREAD_COLUMN,) if ff.committee else ()))
 
     if ckpt is None:
         state, status = initial_state(config, held_out, generator)
         files.truncate({})
     else:
         state, status = _restore(ckpt, config, generator)
-        files.truncate(ckpt["files"])
+        files.truncate({} if from_state else ckpt["files"])
+        if from_state:
+            print(f"continuing from the state file {state_file} at {state.step * config.timestep / 1000:g} ps; "
+                  f"the trajectory files in {out_dir} start there")
 
     integrator = make_integrator(config.thermostat, ff, config.timestep, config.temperature,
                                  tau=config.tau_steps * config.timestep, friction=config.friction,
@@ -294,29 +343,43 @@ def run_simulation(config: SimulationConfig, out_dir, potential=None, frames=Non
                bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} ps [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]")
     run = _Run(config, out_dir, ff, files, generator, bar if not bar.disable else None, on_log)
     run.status = status
-    run.model_meta = model_metadata(potential)
+    run.model_meta = {**model_metadata(potential), **fingerprint}
     run.frames = described
+    run.state_file = Path(state_file) if state_file is not None else None
+    run.deadline = None if max_minutes is None else time.perf_counter() + 60.0 * float(max_minutes)
     if ckpt is not None:
         run.wall_s, run.steps_timed = float(ckpt["wall_s"]), int(ckpt["steps_timed"])
+        run.trajectory_from_step = int(state.step) if from_state else int(ckpt.get("trajectory_from_step") or 0)
     for r in range(state.n_systems):
         sel = (state.batch == r).cpu().numpy()
         first = held_out.frame_positions(status[r]["initial_frame"])
         cell = None if state.cell is None else state.cell[r].cpu().numpy()
         pbc = None if state.pbc is None else state.pbc[r].cpu().numpy()
         run.bonds.append(reference_bonds(state.numbers.cpu().numpy()[sel], first, reference, cell, pbc))
+    if ckpt is not None and ckpt.get("observables") is not None:
+        run.obs = Observables.from_dict(ckpt["observables"])
+    elif ckpt is not None:   # a checkpoint from before observables existed: rebuild them from its trajectories
+        run.obs = replay_trajectories([io.read_trajectory(io.trajectory_path(out_dir, r))
+                                       for r in range(config.replicas)], run.bonds, config.bond_threshold,
+                                      config.timestep)
 
     files.open()
     try:
         if ckpt is None:
             state = integrator.init(compute_forces(state, ff))
             run.log(state)
-            state = run.check_bonds(run.check_step(state))
+            state = run.observe(run.check_step(state))
             run.checkpoint(state)
         state = _loop(run, state, integrator)
-        run.checkpoint(state, completed=True)
+        if not run.paused:
+            run.checkpoint(state, completed=True)
     finally:
         files.close()
         bar.close()
+    if run.paused:
+        print(f"paused at {run.time_ps(state.step):g} ps of {config.ps:g} ps after {max_minutes:g} min (--max-minutes); "
+              f"run the same command again to continue")
+        return out_dir
     if config.analyze:
         from .analysis import analyze_run
         analyze_run(out_dir, forcefield=ff, frames=(held_out, reference))
@@ -377,7 +440,7 @@ def _loop(run: _Run, state: MDState, integrator) -> MDState:
         state = run.check_step(integrator.step(state))
         if state.step % log_every == 0 or state.step == n_steps:
             run.log(state)
-            state = run.check_bonds(state)
+            state = run.observe(state)
             last_logged = state.step
             now = time.perf_counter()
             run.wall_s += now - t0
@@ -385,6 +448,10 @@ def _loop(run: _Run, state: MDState, integrator) -> MDState:
             t0, steps0 = now, state.step
             if state.step % ckpt_every == 0 or state.step == n_steps:
                 run.checkpoint(state)
+                if run.deadline is not None and time.perf_counter() >= run.deadline and state.step < n_steps:
+                    run.paused = True
+                    run.write_run_json(state, completed=False)
+                    break
             if run.bar is not None:
                 speed = run.speed()
                 if speed["steps_per_s"] is not None:

@@ -1,6 +1,7 @@
 """Compact run state (committable), --init-from, thread defaults, and the campaign runner's job file."""
 import os
 import subprocess
+import shutil
 import sys
 from pathlib import Path
 
@@ -180,3 +181,30 @@ def test_campaign_job_file_is_checked(tmp_path, monkeypatch):
     assert campaign.finished({"budget_cpu_hours": 0.25, "init_cpu_hours": 1.5},
                              {"cpu_hours": 1.76}) and not campaign.finished({"budget_cpu_hours": 0.25},
                                                                             {"cpu_hours": 0.1})
+
+
+def test_campaign_md_job_pins_its_model_and_continues_from_its_state(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import campaign
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setattr(campaign, "MODELS_DIR", REPO / "runs" / "test-campaign-models")
+    monkeypatch.setattr(campaign, "STATE_DIR", tmp_path / "state")
+    job = {"name": "md-test", "kind": "md", "molecule": "ethanol", "threads": 1}
+    cmd = campaign.job_command(job, 10, fresh=True)
+    assert cmd[:3] == ["nice", "-n", "10"] and cmd[4:7] == ["-m", "md.cli", "simulate"]
+    assert cmd[cmd.index("--state") + 1] == str(tmp_path / "state" / "md-test.pt")
+    assert cmd[cmd.index("--max-minutes") + 1] == "10.00" and cmd[cmd.index("--ps") + 1] == "300"
+    pinned = REPO / cmd[cmd.index("--model") + 1]
+    from forcefield.io import resolve_model_path
+    assert pinned.read_bytes() == resolve_model_path("ethanol").read_bytes()    # a copy: git stores it once
+    shutil.rmtree(campaign.MODELS_DIR)
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "md-test.pt").write_bytes(b"x")
+    with pytest.raises(SystemExit, match="its model .* does not"):
+        campaign.job_command(job, 10, fresh=False)                            # never silently another model
+    assert campaign.finished(job, {"step": 10, "n_steps": 10, "ps": 300.0, "running": 5})
+    assert campaign.finished(job, {"step": 5, "n_steps": 10, "ps": 300.0, "running": 0}) == "every replica stopped"
+    assert campaign.finished(job, {"step": 5, "n_steps": 10, "ps": 300.0, "running": 2}) == ""
+

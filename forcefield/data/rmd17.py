@@ -32,7 +32,7 @@ from .registry import RMD17_MOLECULES, molecule_key
 __all__ = ["RMD17_MOLECULES", "load_rmd17", "canonical_molecule", "find_rmd17_files"]
 
 LEVEL_OF_THEORY = {"revised": "PBE/def2-SVP", "original": "PBE+vdW-TS (original MD17, FHI-aims)"}
-_SPLITS = ("train", "test", "all")
+_SPLITS = ("train", "test", "all", "distinct")
 _N_SPLITS = 5
 _KEYS = ("nuclear_charges", "coords", "energies", "forces", "old_indices", "old_energies", "old_forces")
 
@@ -152,8 +152,10 @@ def load_rmd17(molecule: str, split: str = "train", split_index: int = 1,
 
     Args:
         molecule: one of :data:`RMD17_MOLECULES` (``"salicylic acid"`` is accepted).
-        split: ``"train"``, ``"test"`` or ``"all"`` (union of ``train_0N`` and ``test_0N``,
-            unique frame ids, train frames first).
+        split: ``"train"``, ``"test"``, ``"all"`` (union of ``train_0N`` and ``test_0N``,
+            unique frame ids, train frames first) or ``"distinct"`` (every distinct frame of all 10
+            published split files, 9,633 per molecule: the union over ``split_index`` 1-5, in the order
+            train_01, test_01, train_02, ...; ``split_index`` is then ignored).
         split_index: which of the 5 published splits (1-5).
         data_dir: data directory (see :func:`resolve_data_dir`) or the ``rmd17`` folder itself.
         labels: ``"revised"`` (rMD17, PBE/def2-SVP) or ``"original"`` (original MD17 labels of
@@ -174,8 +176,11 @@ def load_rmd17(molecule: str, split: str = "train", split_index: int = 1,
     if labels not in LEVEL_OF_THEORY:
         raise ValueError(f"labels must be 'revised' or 'original', got '{labels}'")
 
-    parts = ["train", "test"] if split == "all" else [split]
-    loaded = [_load_arrays(mol, part, split_index, data_dir) for part in parts]
+    if split == "distinct":
+        parts = [(part, k) for k in range(1, _N_SPLITS + 1) for part in ("train", "test")]
+    else:
+        parts = [(part, split_index) for part in (["train", "test"] if split == "all" else [split])]
+    loaded = [_load_arrays(mol, part, k, data_dir) for part, k in parts]
     e_key, f_key = ("energies", "forces") if labels == "revised" else ("old_energies", "old_forces")
 
     numbers = loaded[0][0]["nuclear_charges"]
@@ -189,7 +194,7 @@ def load_rmd17(molecule: str, split: str = "train", split_index: int = 1,
         forces.append(arrays[f_key][rows])
         frame_id.append(arrays["old_indices"][rows])
     coords, energy, forces, frame_id = map(np.concatenate, (coords, energy, forces, frame_id))
-    if split == "all":
+    if split in ("all", "distinct"):
         _, first = np.unique(frame_id, return_index=True)
         keep = np.sort(first)
         coords, energy, forces, frame_id = coords[keep], energy[keep], forces[keep], frame_id[keep]
@@ -199,7 +204,7 @@ def load_rmd17(molecule: str, split: str = "train", split_index: int = 1,
         "dataset": "rmd17",
         "molecule": mol,
         "split": split,
-        "split_index": split_index,
+        "split_index": split_index if split != "distinct" else list(range(1, _N_SPLITS + 1)),
         "labels": labels,
         "layout": infos[0]["layout"],
         "path": infos[0]["path"] if len(infos) == 1 else [i["path"] for i in infos],
@@ -209,7 +214,8 @@ def load_rmd17(molecule: str, split: str = "train", split_index: int = 1,
     }
     if "index_path" in infos[0]:
         meta["index_path"] = [i["index_path"] for i in infos] if len(infos) > 1 else infos[0]["index_path"]
-    source = f"rmd17/{mol}/{split}_{split_index:02d}" + ("" if labels == "revised" else "/original")
+    source = f"rmd17/{mol}/" + ("distinct" if split == "distinct" else f"{split}_{split_index:02d}") \
+        + ("" if labels == "revised" else "/original")
     return ConformationSet.from_arrays(
         numbers=numbers, positions=coords,
         energy=energy * KCAL_PER_MOL, forces=forces * KCAL_PER_MOL,

@@ -1,0 +1,143 @@
+"""What the analysis of a run needs, accumulated as the run goes.
+
+A 300 ps run of 5 replicas logs 30,000 frames; its metrics need far less: per replica the h(r) histogram of its
+stable frames and each logged frame's largest bond deviation. :class:`Observables` holds exactly that, is updated
+at every logged frame by the simulation, saved in every checkpoint (a few hundred kB at 300 ps), and is what the
+analysis reads. A run continued from its compact state on a fresh clone (``oreo-md simulate --state``), whose
+earlier trajectory files are gone, is therefore analysed as completely as one whose files are all on disk.
+
+Definitions (MDsim, as :mod:`md.analysis` states them): a replica is stable until the first logged frame whose
+largest |bond length - reference length| exceeds the threshold; h(r) is the histogram of all pair distances of
+its stable frames (500 bins on (0, 10] Å), and needs at least one stable frame after t = 0.
+
+:func:`replay_trajectories` rebuilds the observables from a run's trajectory files, for checkpoints written before
+they existed: the same function accumulates both ways, so the two cannot disagree.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .metrics import HR_BINS, HR_RMAX, hr_bins, max_bond_deviation, pair_distances
+
+FORMAT = "oreo-md-observables"
+VERSION = 1
+
+
+class Observables:
+    """Per-replica accumulators: h(r) counts of stable frames, the logged steps and their max bond deviation.
+
+    ``threshold``: bond deviation (Å) above which a replica is unstable from that frame on.
+    """
+
+    def __init__(self, n_replicas: int, threshold: float, n_bins: int = HR_BINS, rmax: float = HR_RMAX):
+        self.threshold = float(threshold)
+        self.n_bins, self.rmax = int(n_bins), float(rmax)
+        self.hr_counts = np.zeros((n_replicas, self.n_bins), dtype=np.float64)
+        self.hr_frames = np.zeros(n_replicas, dtype=np.int64)        #: stable frames counted in h(r)
+        self.hr_simulated = np.zeros(n_replicas, dtype=np.int64)     #: of those, frames after step 0
+        self.first_unstable_step = np.full(n_replicas, -1, dtype=np.int64)
+        self.steps: List[List[int]] = [[] for _ in range(n_replicas)]
+        self.max_dev: List[List[float]] = [[] for _ in range(n_replicas)]
+
+    @property
+    def n_replicas(self) -> int:
+        return len(self.hr_frames)
+
+    def stable(self, replica: int) -> bool:
+        return int(self.first_unstable_step[replica]) < 0
+
+    def add_frame(self, replica: int, step: int, positions: np.ndarray, bonds: np.ndarray, ref_len: np.ndarray,
+                  cell=None, pbc=None) -> float:
+        """Record one logged frame (positions (n, 3) Å) of ``replica``; returns its max bond deviation (Å)."""
+        positions = np.asarray(positions, dtype=np.float64)
+        dev = float(max_bond_deviation(positions[None], bonds, ref_len, cell, pbc)[0])
+        self.steps[replica].append(int(step))
+        self.max_dev[replica].append(dev)
+        if not self.stable(replica):
+            return dev
+        if dev > self.threshold:
+            self.first_unstable_step[replica] = int(step)
+            return dev
+        d = pair_distances(positions[None], cell, pbc)
+        d = d[(d > 0) & (d <= self.rmax)]
+        self.hr_counts[replica] += np.histogram(d, bins=hr_bins(self.rmax, self.n_bins))[0]
+        self.hr_frames[replica] += 1
+        self.hr_simulated[replica] += int(step > 0)
+        return dev
+
+    def hr(self, replica: int) -> Optional[np.ndarray]:
+        """Normalised h(r) (density) of the replica's stable frames; None without a stable frame after t = 0 or
+        without any distance in range (an empty histogram is no h(r))."""
+        counts = self.hr_counts[replica]
+        total = counts.sum()
+        if self.hr_simulated[replica] == 0 or not total > 0:
+            return None
+        return counts / (total * (self.rmax / self.n_bins))
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> Dict[str, object]:
+        """Compact arrays (steps int32, deviations float32: 8 bytes per logged frame)."""
+        lengths = np.array([len(s) for s in self.steps], dtype=np.int64)
+        return {"format": FORMAT, "version": VERSION, "threshold": self.threshold, "n_bins": self.n_bins,
+                "rmax": self.rmax, "hr_counts": self.hr_counts.copy(), "hr_frames": self.hr_frames.copy(),
+                "hr_simulated": self.hr_simulated.copy(), "first_unstable_step": self.first_unstable_step.copy(),
+                "lengths": lengths,
+                "steps": np.concatenate([np.asarray(s, dtype=np.int32) for s in self.steps]) if lengths.sum()
+                else np.zeros(0, np.int32),
+                "max_dev": np.concatenate([np.asarray(d, dtype=np.float32) for d in self.max_dev]) if lengths.sum()
+                else np.zeros(0, np.float32)}
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, object]) -> "Observables":
+        if d.get("format") != FORMAT:
+            raise ValueError(f"not an {FORMAT} record")
+        obs = cls(len(d["hr_frames"]), d["threshold"], d["n_bins"], d["rmax"])
+        obs.hr_counts = np.array(d["hr_counts"], dtype=np.float64)
+        obs.hr_frames = np.array(d["hr_frames"], dtype=np.int64)
+        obs.hr_simulated = np.array(d["hr_simulated"], dtype=np.int64)
+        obs.first_unstable_step = np.array(d["first_unstable_step"], dtype=np.int64)
+        bounds = np.concatenate([[0], np.cumsum(d["lengths"])]).astype(np.int64)
+        steps, dev = np.asarray(d["steps"]), np.asarray(d["max_dev"])
+        obs.steps = [steps[a:b].astype(np.int64).tolist() for a, b in zip(bounds, bounds[1:])]
+        obs.max_dev = [dev[a:b].astype(np.float64).tolist() for a, b in zip(bounds, bounds[1:])]
+        return obs
+
+
+def replay_trajectories(trajectories: Sequence[Sequence], bonds: Sequence, threshold: float,
+                        timestep_fs: float) -> Observables:
+    """Observables of trajectories already on disk: ``trajectories[r]`` is replica r's list of ``ase.Atoms``
+    (``info['step']`` or ``info['time_ps']`` per frame), ``bonds[r]`` its ``(bonds, reference lengths)``."""
+    obs = Observables(len(trajectories), threshold)
+    for r, frames in enumerate(trajectories):
+        for atoms in frames:
+            step = atoms.info.get("step")
+            if step is None:
+                step = round(float(atoms.info.get("time_ps", 0.0)) * 1000.0 / timestep_fs)
+            cell = atoms.cell.array if atoms.pbc.any() else None
+            pbc = atoms.pbc if atoms.pbc.any() else None
+            obs.add_frame(r, int(step), atoms.positions, bonds[r][0], bonds[r][1], cell, pbc)
+    return obs
+
+
+def sampling_floor(reference: np.ndarray, n_frames: int, seed: int = 0, cell=None, pbc=None,
+                   draws: int = 3) -> Optional[float]:
+    """The h(r) MAE that sampling alone gives with ``n_frames`` frames: ``min(n_frames, len(reference) // 2)``
+    random frames of the reference (F, n, 3) against the disjoint rest of it, as a replica's h(r) is compared with
+    the reference; the mean over ``draws`` seeded draws.
+
+    An MD trajectory's frames are correlated, so its own sampling noise at the same frame count is larger: the
+    floor is a lower bound on what any model can score against this reference with that many frames."""
+    from .metrics import distance_histogram, hr_mae
+    n = min(int(n_frames), len(reference) // 2)
+    if n < 1:
+        return None
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(draws):
+        perm = rng.permutation(len(reference))
+        drawn = distance_histogram(reference[perm[:n]], cell=cell, pbc=pbc)[1]
+        rest = distance_histogram(reference[perm[n:]], cell=cell, pbc=pbc)[1]
+        values.append(hr_mae(drawn, rest))
+    return float(np.mean(values))

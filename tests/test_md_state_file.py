@@ -1,0 +1,147 @@
+"""Runs that add up across fresh clones: the compact state file, accumulated observables, pausing, the model check,
+the h(r) sampling floor and the full rMD17 reference."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from md import io
+from md.analysis import analyze_run, analyze_state
+from md.errors import MDInputError
+from md.metrics import distance_histogram, hr_mae
+from md.observables import Observables, sampling_floor
+from md.simulate import run_simulation
+from md.testing import synthetic_frames
+
+from test_md_cli import needs_data
+from test_md_simulate import config, ethanol_setup
+
+
+def piecewise(tmp_path, cfg, pot, frames, pieces):
+    """Run ``cfg`` in pieces, each in a new run directory (a fresh clone keeps only the state file)."""
+    state = tmp_path / "state.pt"
+    for k, ps in enumerate(pieces):
+        cfg.ps = ps
+        out = tmp_path / f"clone{k}"
+        run_simulation(cfg, out, potential=pot, frames=(frames, frames), progress=False, state_file=state)
+    return out, state
+
+
+@pytest.mark.parametrize("thermostat", ["nose-hoover", "langevin"])
+def test_pieces_on_fresh_clones_equal_one_run(tmp_path, thermostat):
+    pot, frames = ethanol_setup()
+    straight = run_simulation(config(ps=0.15, thermostat=thermostat), tmp_path / "straight", potential=pot,
+                              frames=(frames, frames), progress=False)
+    last, state = piecewise(tmp_path, config(thermostat=thermostat), pot, frames, [0.05, 0.1, 0.15])
+    a, b = io.load_checkpoint(straight / io.CHECKPOINT), io.load_checkpoint(state)
+    for key in ("positions", "velocities", "forces", "energy"):
+        assert torch.equal(a["state"][key], b["state"][key]), key
+    assert a["observables"]["max_dev"].tolist() == b["observables"]["max_dev"].tolist()
+    np.testing.assert_array_equal(a["observables"]["hr_counts"], b["observables"]["hr_counts"])
+    # the last clone's trajectory starts where the state left off; its summary still covers the whole run
+    run = json.loads((last / io.RUN_JSON).read_text())
+    assert run["trajectory_from_step"] == 200
+    assert [x.info["step"] for x in io.read_trajectory(last / "traj_000.extxyz")][0] == 210
+    s1, s2 = (json.loads((d / io.SUMMARY_JSON).read_text()) for d in (straight, last))
+    for key in ("stability_ps", "hr_mae", "hr_floor"):
+        assert s1[key] == s2[key], key
+    assert s2["simulated_ps"] == pytest.approx(0.15)
+    # and from the state file alone, as the campaign report reads it
+    s3 = analyze_state(state, force_frames=0, frames=(frames, frames))
+    assert s3["hr_mae"] == s1["hr_mae"] and s3["stability_ps"] == s1["stability_ps"]
+
+
+def test_observables_equal_the_trajectory_replay(tmp_path):
+    """What the simulation accumulates is what the trajectory files give (checkpoints without observables)."""
+    pot, frames = ethanol_setup()
+    out = run_simulation(config(ps=0.1), tmp_path / "r", potential=pot, frames=(frames, frames), progress=False)
+    accumulated = json.loads((out / io.SUMMARY_JSON).read_text())
+    ckpt = io.load_checkpoint(out / io.CHECKPOINT)
+    del ckpt["observables"]
+    io.save_checkpoint(out / io.CHECKPOINT, ckpt)
+    replayed = analyze_run(out, forcefield=None, frames=(frames, frames), force_frames=0, plots=False)
+    assert replayed["stability_ps"] == accumulated["stability_ps"]
+    # positions in the files are rounded to 1e-10 Å: the same histogram bins up to that
+    assert replayed["hr_mae"]["mean"] == pytest.approx(accumulated["hr_mae"]["mean"], abs=1e-9)
+
+
+def test_unstable_replica_h_r_stops_at_its_first_unstable_frame():
+    obs = Observables(1, threshold=0.5)
+    from ase.build import molecule
+    a = molecule("CH3CH2OH")
+    from md.metrics import find_bonds, bond_lengths
+    bonds = find_bonds(a.numbers, a.positions)
+    ref = bond_lengths(a.positions[None], bonds)[0]
+    stretched = a.positions.copy()
+    stretched[3] += 2.0                                                 # the O-H bond torn
+    for step, pos in [(0, a.positions), (10, a.positions), (20, stretched), (30, a.positions)]:
+        obs.add_frame(0, step, pos, bonds, ref)
+    assert obs.first_unstable_step[0] == 20 and obs.hr_frames[0] == 2 and obs.hr_simulated[0] == 1
+    expected = distance_histogram(np.stack([a.positions, a.positions]))[1]
+    np.testing.assert_allclose(obs.hr(0), expected)
+    assert obs.max_dev[0][2] > 1.0
+    again = Observables.from_dict(obs.to_dict())
+    assert again.steps == obs.steps and np.allclose(again.max_dev, obs.max_dev, rtol=1e-6)
+
+
+def test_max_minutes_pauses_at_a_checkpoint_and_the_same_call_continues(tmp_path, capsys):
+    pot, frames = ethanol_setup()
+    cfg = config(ps=0.1, checkpoint_every=50)
+    out = run_simulation(cfg, tmp_path / "r", potential=pot, frames=(frames, frames), progress=False,
+                         max_minutes=1e-9)
+    run = json.loads((out / io.RUN_JSON).read_text())
+    assert run["paused"] and not run["completed"] and run["step"] == 50
+    assert not (out / io.SUMMARY_JSON).exists() and "paused at 0.025 ps" in capsys.readouterr().out
+    run_simulation(cfg, out, potential=pot, frames=(frames, frames), progress=False)
+    run = json.loads((out / io.RUN_JSON).read_text())
+    assert run["completed"] and not run["paused"] and run["step"] == 200
+
+
+def test_a_changed_model_file_is_not_continued(tmp_path):
+    """The state records the model file's SHA-256: a re-shipped model must not continue another's trajectory."""
+    from forcefield.io import save_model
+    from helpers import tiny_potential
+    from md.config import SimulationConfig
+    model = tiny_potential(dtype=torch.float32)
+    path = tmp_path / "m.pt"
+    save_model(model, path)
+    _, frames = ethanol_setup()
+    cfg = SimulationConfig(molecule="ethanol", model=str(path), ps=0.005, replicas=1, log_every=5, force_frames=0,
+                           analyze=False)
+    run_simulation(cfg, tmp_path / "a", frames=(frames, frames), progress=False, state_file=tmp_path / "s.pt")
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    save_model(model, path)
+    cfg.ps = 0.01
+    with pytest.raises(MDInputError, match="has changed since the run.*SHA-256"):
+        run_simulation(cfg, tmp_path / "b", frames=(frames, frames), progress=False, state_file=tmp_path / "s.pt")
+
+
+def test_sampling_floor_falls_with_frames_and_is_what_two_draws_give():
+    ref = synthetic_frames("CH3CH2OH", n_frames=400, noise=0.1, seed=3)
+    x = np.stack([ref.frame_positions(f) for f in range(len(ref))])
+    few, many = sampling_floor(x, 5), sampling_floor(x, 200)
+    assert few > 2 * many > 0
+    assert sampling_floor(x, 10_000) == sampling_floor(x, 200)          # capped at half the reference
+    perm = np.random.default_rng(0).permutation(400)
+    direct = hr_mae(distance_histogram(x[perm[:5]])[1], distance_histogram(x[perm[5:]])[1])
+    assert sampling_floor(x, 5, seed=0, draws=1) == pytest.approx(direct)
+    assert sampling_floor(x[:1], 5) is None
+
+
+@needs_data
+def test_rmd17_reference_is_every_distinct_frame():
+    import os
+    from forcefield.data import load_rmd17
+    rmd17_dir = os.environ["OREO_DATA_DIR"]
+    distinct = load_rmd17("ethanol", "distinct", data_dir=rmd17_dir)
+    assert len(distinct) == 9633 and len(np.unique(distinct.frame_id)) == 9633
+    for k in range(1, 6):
+        for part in ("train", "test"):
+            assert np.isin(load_rmd17("ethanol", part, k, data_dir=rmd17_dir).frame_id, distinct.frame_id).all()
+    from md.config import SimulationConfig
+    from md.frames import load_system_frames
+    held_out, reference = load_system_frames(SimulationConfig(molecule="ethanol", data_dir=str(rmd17_dir)))
+    assert len(reference) == 9633 and len(held_out) == 1000
