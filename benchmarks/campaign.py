@@ -40,8 +40,8 @@ MODELS_DIR = REPO / "benchmarks" / "campaign" / "models"   # the model file each
 RUNS_DIR = REPO / "runs" / "campaign"
 RESULTS_DIR = REPO / "benchmarks" / "results" / "campaign"
 JOB_KEYS = {"name", "group", "config", "set", "init_from", "init_cpu_hours", "budget_cpu_hours", "threads",
-            "target_meV_per_A", "ship", "note", "stopped", "kind", "molecule", "model", "ps", "replicas"}
-MD_KEYS = {"name", "group", "kind", "molecule", "model", "ps", "replicas", "threads", "note", "stopped"}
+            "target_meV_per_A", "ship", "note", "stopped", "kind", "molecule", "model", "ps", "replicas", "dft_frames"}
+MD_KEYS = {"name", "group", "kind", "molecule", "model", "ps", "replicas", "threads", "note", "stopped", "dft_frames"}
 
 
 # ---------------------------------------------------------------------------- jobs
@@ -95,9 +95,22 @@ def read_state(job: Dict) -> Optional[Dict]:
         cfg = rs["config"]
         step = int(rs["state"]["step"])
         n_steps = int(round(cfg["ps"] * 1000.0 / cfg["timestep"]))
+        dft = dft_report(job)
         return {"step": step, "ps_done": step * cfg["timestep"] / 1000.0, "ps": cfg["ps"], "n_steps": n_steps,
                 "running": sum(bool(st.get("active")) for st in rs["status"]), "replicas": len(rs["status"]),
-                "cpu_hours": float(rs.get("wall_s") or 0.0) / 3600.0, "model": rs.get("model") or {}}
+                "cpu_hours": float(rs.get("wall_s") or 0.0) / 3600.0, "model": rs.get("model") or {},
+                "sampled": len((rs.get("observables") or {}).get("sample") or []),
+                "dft_done": 0 if dft is None else int(dft["n_frames"])}
+
+
+def dft_report(job: Dict) -> Optional[Dict]:
+    """The DFT check along an MD job's trajectory (``oreo-md dft-check STATE``), when it has run."""
+    path = state_path(job).with_suffix(".dft_check.json")
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def md_simulated(state: Dict) -> bool:
+    return state["step"] >= state["n_steps"] or state["running"] == 0
     return {"epoch": rs["epoch"], "step": rs["step"], "cpu_hours": rs.get("cpu_seconds", rs["elapsed"]) / 3600,
             "history": rs.get("history") or [], "best_val": rs.get("best_val"),
             "lr": rs["optimizer"]["param_groups"][0]["lr"]}
@@ -108,11 +121,13 @@ def finished(job: Dict, state: Optional[Dict]) -> str:
     if state is None:
         return ""
     if job.get("kind", "train") == "md":
-        if state["step"] >= state["n_steps"]:
-            return f"{state['ps']:g} ps simulated"
-        if state["running"] == 0:
-            return "every replica stopped"
-        return job.get("stopped") or ""
+        if not md_simulated(state):
+            return job.get("stopped") or ""
+        how = f"{state['ps']:g} ps simulated" if state["step"] >= state["n_steps"] else "every replica stopped"
+        want = min(int(job.get("dft_frames", 10)), state.get("sampled", 0))
+        if state.get("dft_done", 0) < want:
+            return ""                                    # the DFT check along the trajectory is still to do
+        return how + (f", DFT-checked on {state['dft_done']} frames" if want else ", no frame for the DFT check")
     budget = job.get("budget_cpu_hours")
     if budget is not None and state["cpu_hours"] - float(job.get("init_cpu_hours") or 0) >= budget - 1e-3:
         return f"budget of {budget:g} CPU-h spent"
@@ -148,8 +163,18 @@ def md_command(job: Dict, minutes: float) -> List[str]:
     return cmd
 
 
+def dft_command(job: Dict) -> List[str]:
+    """``oreo-md dft-check`` on the frames of the last 100 ps the finished MD job kept in its state (PBE/def2-SVP,
+    rMD17's level; each frame saved as it finishes)."""
+    return [sys.executable, "-m", "md.cli", "dft-check", str(state_path(job)), "--frames",
+            str(int(job.get("dft_frames", 10))), "--threads", str(job["threads"])]
+
+
 def job_command(job: Dict, minutes: float, fresh: bool, nice: int = 10) -> List[str]:
     if job.get("kind", "train") == "md":
+        state = read_state(job)
+        if state is not None and md_simulated(state):
+            return ["nice", "-n", str(nice)] + dft_command(job)
         return ["nice", "-n", str(nice)] + md_command(job, minutes)
     cmd = [sys.executable, "-m", "forcefield.cli", "train", "--config", str(REPO / job["config"]),
            "--out", str(RUNS_DIR / job["name"]), "--state", str(state_path(job)), "--no-progress",
@@ -315,6 +340,10 @@ def md_summaries(jobs: List[Dict]) -> List[Dict]:
         summary = analyze_state(state_path(job))
         summary["job"], summary["group"] = job["name"], job["group"]
         summary["model_name"] = Path(str(job.get("model") or job["molecule"])).stem
+        dft = dft_report(job)
+        summary["dft_check"] = dft
+        summary["dft_text"] = "—" if dft is None else (f"{dft['force_mae_meV_per_A']:.1f} ({dft['n_frames']} frames, "
+                                                      f"{dft['settings']['xc'].upper()}/{dft['settings']['basis']})")
         summary["status"] = finished(job, read_state(job)) or "running"
         out.append(summary)
     return out
@@ -340,10 +369,13 @@ def md_table(rows: List[Dict]) -> List[str]:
                 "until a bond deviates > 0.5 Å from its mean over the reference; h(r) MAE over the stable frames "
                 "against every distinct rMD17 frame (9,633), beside the sampling floor (h(r) MAE of as many "
                 "reference frames against the rest of the reference). Force MAE: the model on 1000 held-out "
-                "frames. Model: the shipped model the job started with and the first digits of its SHA-256 (the "
+                "frames; beside it, against PBE/def2-SVP (PySCF, rMD17's level) on frames of the last 100 ps of the "
+                "model's own trajectories (`oreo-md dft-check STATE`): much larger means the MD visits places the "
+                "data does not cover. Model: the shipped model the job started with and the first digits of its SHA-256 (the "
                 "job keeps that file, `benchmarks/campaign/models/<job>.pt`, when the molecule is re-shipped). Steps/s: all replicas in one batch, 1 thread, other jobs sharing the machine.", "",
                 "| molecule | model | simulated (ps) | replicas running | stability (ps) | h(r) MAE | h(r) floor | "
-                "force MAE (meV/Å) | steps/s | status |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+                "force MAE, test (meV/Å) | force MAE vs DFT on its trajectory | steps/s | status |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in rows:
             if r["group"] != group:
                 continue
@@ -352,7 +384,7 @@ def md_table(rows: List[Dict]) -> List[str]:
             running = sum(1 for x in r["replicas"] if x.get("stop_reason") is None)
             out.append(f"| {r['system']} | {model} | {r['simulated_ps']:.1f} / {r['requested_ps']:g} | "
                        f"{running} / {r['replicas_n']} | {pm(r['stability_ps'], 1)} | {pm(r['hr_mae'], 3)} | "
-                       f"{pm(r.get('hr_floor'), 3)} | {num(r.get('force_mae_meV_per_A'), 1)} | "
+                       f"{pm(r.get('hr_floor'), 3)} | {num(r.get('force_mae_meV_per_A'), 1)} | {r['dft_text']} | "
                        f"{num((r.get('speed') or {}).get('steps_per_s'), 1)} | {r['status']} |")
         out.append("")
     return out

@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("dft-check", help="PySCF forces on frames of the model's own trajectory",
                        description="Recompute forces of sampled trajectory frames at PBE/def2-SVP (rMD17's level) "
                                    "with PySCF and report the model's force MAE. Needs: pip install 'oreo[dft]'.")
-    d.add_argument("run_dir", help="run directory (--out of simulate)")
+    d.add_argument("run_dir", help="run directory (--out of simulate: frames from its trajectory), or a state file "
+                                   "(--state of simulate: frames from the sample of the run's last 100 ps it keeps)")
     d.add_argument("--frames", type=_positive(int), default=10, help="frames to check (default 10)")
     d.add_argument("--seed", type=int, default=0, help="seed of the frame sample (default 0)")
     d.add_argument("--replica", type=_non_negative_int, help="only frames of this replica")
@@ -215,7 +216,9 @@ def _dft_check(args) -> int:
                        max_memory=args.max_memory)
     print(f"DFT check ({args.xc}/{args.basis}) on {report['n_frames']} frames: force MAE "
           f"{report['force_mae_meV_per_A']:.1f} meV/Å (RMSE {report['force_rmse_meV_per_A']:.1f})")
-    print(f"wrote {Path(args.run_dir) / 'dft_check.json'} and dft_parity.png")
+    from .dft import output_paths
+    paths = output_paths(Path(args.run_dir))
+    print(f"wrote {paths['json']}" + (f" and {paths['png'].name}" if paths["png"] is not None else ""))
     return 0
 
 

@@ -1,10 +1,16 @@
-"""DFT spot-check of a run (``oreo-md dft-check DIR``): PySCF forces on frames of the model's own trajectory.
+"""DFT spot-check of a run (``oreo-md dft-check DIR | STATE``): PySCF forces on frames of the model's own trajectory.
 
 PySCF is optional (``pip install 'oreo[dft]'`` or ``pip install pyscf``). Default level of
-theory = rMD17's: PBE/def2-SVP. The model forces come from the trajectory files (they are
-written with every frame), so the model is not needed here. Results: ``dft_check.json`` (per
-frame and overall force MAE, meV/Å; finished frames are reused when the command is re-run with
-the same settings), ``dft_forces.npz`` and ``dft_parity.png``.
+theory = rMD17's: PBE/def2-SVP. The model forces come with the frames, so the model is not needed here:
+
+- a run directory: frames drawn from its trajectory files (they hold the forces of every frame); results in the
+  directory: ``dft_check.json`` (per frame and overall force MAE, meV/Å), ``dft_forces.npz``, ``dft_parity.png``;
+- a state file (``oreo-md simulate --state``): frames drawn from the sample of stable frames of the run's last
+  100 ps that the run keeps in its state (:mod:`md.observables`), so the check works on a fresh clone where the
+  trajectory is gone; results beside it: ``<state>.dft_check.json`` and ``<state>.dft_forces.npz`` (small enough
+  to commit).
+
+Every frame is saved as it finishes: a re-run with the same settings reuses finished frames.
 """
 from __future__ import annotations
 
@@ -74,26 +80,64 @@ def sample_frames(run_dir: Path, n_frames: int, seed: int, replica: Optional[int
     return [pool[k] for k in pick]
 
 
+def sample_state_frames(state_file: Path, n_frames: int, seed: int, replica: Optional[int] = None) -> List[dict]:
+    """Seeded sample of the frames a run keeps in its state file for this check (stable frames of its last
+    100 ps, :mod:`md.observables`) -> the dicts of :func:`sample_frames`."""
+    from .config import SimulationConfig
+    from .observables import Observables
+    from .rundir import read_state_file
+    from .simulate import sample_window_start
+    state = read_state_file(state_file)
+    if state is None:
+        raise MDInputError(f"state file '{state_file}' not found")
+    cfg = SimulationConfig.from_dict(state["config"])
+    if state["state"].get("cell") is not None and bool(np.any(np.asarray(state["state"]["pbc"]))):
+        raise MDInputError("dft-check supports isolated molecules only (this run is periodic)")
+    numbers, batch = np.asarray(state["state"]["numbers"]), np.asarray(state["state"]["batch"])
+    kept = Observables.from_dict(state["observables"]).sampled_frames(sample_window_start(cfg))
+    pool = [{"replica": f["replica"], "step": f["step"], "time_ps": f["step"] * cfg.timestep / 1000.0,
+             "numbers": numbers[batch == f["replica"]].copy(), "positions": f["positions"],
+             "model_forces": f["forces"]} for f in kept if replica is None or f["replica"] == replica]
+    if not pool:
+        step = int(state["state"]["step"])
+        raise MDInputError(f"'{state_file}' keeps no stable frame of the run's last 100 ps yet (it is at "
+                           f"{step * cfg.timestep / 1000:g} of {cfg.ps:g} ps); simulate further first")
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(pool), size=min(n_frames, len(pool)), replace=False))
+    return [pool[k] for k in pick]
+
+
+def output_paths(source: Path) -> Dict[str, Optional[Path]]:
+    """Where a check of ``source`` (run directory or state file) writes its report, forces and parity plot."""
+    if source.is_file():
+        return {"json": source.with_suffix(".dft_check.json"), "npz": source.with_suffix(".dft_forces.npz"),
+                "png": None}
+    return {"json": source / DFT_JSON, "npz": source / "dft_forces.npz", "png": source / "dft_parity.png"}
+
+
 def dft_check(run_dir, n_frames: int = 10, seed: int = 0, replica: Optional[int] = None, xc: str = "pbe",
               basis: str = "def2-svp", grid_level: int = 4, conv_tol: float = 1e-10,
               max_memory: Optional[int] = None, progress: Optional[bool] = None) -> Dict[str, object]:
-    """Recompute forces of sampled trajectory frames with PySCF; write and return the report."""
+    """Recompute forces of sampled frames of a run (``run_dir``: its directory or its state file) with PySCF;
+    write and return the report."""
     from tqdm.auto import tqdm
 
     run_dir = Path(run_dir)
-    if not (run_dir / io.RUN_JSON).is_file():
-        raise MDInputError(f"'{run_dir}' is not an oreo-md run directory (no {io.RUN_JSON}); "
-                           f"pass the --out folder of 'oreo-md simulate'")
+    if not run_dir.is_file() and not (run_dir / io.RUN_JSON).is_file():
+        raise MDInputError(f"'{run_dir}' is not an oreo-md run directory (no {io.RUN_JSON}) or state file; "
+                           f"pass the --out folder of 'oreo-md simulate' or its --state file")
     if n_frames < 1:
         raise MDInputError(f"--frames must be >= 1, got {n_frames}")
     require_pyscf()
-    frames = sample_frames(run_dir, n_frames, seed, replica)
+    paths = output_paths(run_dir)
+    frames = sample_state_frames(run_dir, n_frames, seed, replica) if run_dir.is_file() \
+        else sample_frames(run_dir, n_frames, seed, replica)
     settings = {"xc": xc, "basis": basis, "grid_level": grid_level, "conv_tol": conv_tol}
     done = {}
-    if (run_dir / DFT_JSON).is_file():
-        old = io.read_json(run_dir / DFT_JSON)
-        if old.get("settings") == settings and (run_dir / "dft_forces.npz").is_file():
-            cache = np.load(run_dir / "dft_forces.npz")
+    if paths["json"].is_file():
+        old = io.read_json(paths["json"])
+        if old.get("settings") == settings and paths["npz"].is_file():
+            cache = np.load(paths["npz"])
             for k, rec in enumerate(old.get("frames", [])):
                 done[(rec["replica"], rec["step"])] = (rec["dft_energy_eV"], cache[f"dft_{k}"])
     records, dft_all, model_all = [], [], []
@@ -109,15 +153,16 @@ def dft_check(run_dir, n_frames: int = 10, seed: int = 0, replica: Optional[int]
                         "dft_energy_eV": e, "force_mae_meV_per_A": mae_rmse(err)[0]})
         dft_all.append(f)
         model_all.append(fr["model_forces"])
-        _write(run_dir, settings, records, dft_all, model_all)
-    report = _write(run_dir, settings, records, dft_all, model_all)
-    from .plots import plot_parity
-    plot_parity(run_dir / "dft_parity.png", np.concatenate(dft_all), np.concatenate(model_all),
-                title=f"model vs {xc.upper()}/{basis}: MAE {report['force_mae_meV_per_A']:.1f} meV/Å")
+        _write(paths, settings, records, dft_all, model_all)
+    report = _write(paths, settings, records, dft_all, model_all)
+    if paths["png"] is not None:
+        from .plots import plot_parity
+        plot_parity(paths["png"], np.concatenate(dft_all), np.concatenate(model_all),
+                    title=f"model vs {xc.upper()}/{basis}: MAE {report['force_mae_meV_per_A']:.1f} meV/Å")
     return report
 
 
-def _write(run_dir: Path, settings, records, dft_all, model_all) -> dict:
+def _write(paths: Dict[str, Optional[Path]], settings, records, dft_all, model_all) -> dict:
     mae, rmse = mae_rmse(np.concatenate(model_all) - np.concatenate(dft_all))
     report = {"settings": settings, "n_frames": len(records), "force_mae_meV_per_A": mae,
               "force_rmse_meV_per_A": rmse, "frames": records}
@@ -126,6 +171,6 @@ def _write(run_dir: Path, settings, records, dft_all, model_all) -> dict:
     def save(tmp):
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
-    atomic_write(run_dir / "dft_forces.npz", save)
-    io.write_json(run_dir / DFT_JSON, report)
+    atomic_write(paths["npz"], save)
+    io.write_json(paths["json"], report)
     return report

@@ -1,7 +1,8 @@
 """What the analysis of a run needs, accumulated as the run goes.
 
 A 300 ps run of 5 replicas logs 30,000 frames; its metrics need far less: per replica the h(r) histogram of its
-stable frames and each logged frame's largest bond deviation. :class:`Observables` holds exactly that, is updated
+stable frames and each logged frame's largest bond deviation, plus a small sample of stable frames from the end of
+the run (positions and the model's forces) for the DFT check along the trajectory (``oreo-md dft-check``). :class:`Observables` holds exactly that, is updated
 at every logged frame by the simulation, saved in every checkpoint (a few hundred kB at 300 ps), and is what the
 analysis reads. A run continued from its compact state on a fresh clone (``oreo-md simulate --state``), whose
 earlier trajectory files are gone, is therefore analysed as completely as one whose files are all on disk.
@@ -23,6 +24,18 @@ from .metrics import HR_BINS, HR_RMAX, hr_bins, max_bond_deviation, pair_distanc
 
 FORMAT = "oreo-md-observables"
 VERSION = 1
+#: frames kept for the DFT check: a uniform sample of the stable frames logged in the last ``SAMPLE_WINDOW_PS``
+SAMPLE_SIZE = 24
+SAMPLE_WINDOW_PS = 100.0
+
+
+def _priority(replica: int, step: int) -> float:
+    """A fixed pseudo-random number in [0, 1) per (replica, step): keeping the frames with the smallest ones is a
+    uniform sample that needs no RNG state and comes out the same however the run was split into pieces."""
+    x = (replica * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        x = ((x ^ (x >> shift)) * mult) & 0xFFFFFFFFFFFFFFFF
+    return ((x ^ (x >> 31)) >> 11) / float(1 << 53)
 
 
 class Observables:
@@ -31,8 +44,11 @@ class Observables:
     ``threshold``: bond deviation (Å) above which a replica is unstable from that frame on.
     """
 
-    def __init__(self, n_replicas: int, threshold: float, n_bins: int = HR_BINS, rmax: float = HR_RMAX):
+    def __init__(self, n_replicas: int, threshold: float, n_bins: int = HR_BINS, rmax: float = HR_RMAX,
+                 sample_size: int = SAMPLE_SIZE):
         self.threshold = float(threshold)
+        self.sample_size = int(sample_size)
+        self.sample: List[Dict[str, object]] = []    #: kept frames: replica, step, priority, positions, forces
         self.n_bins, self.rmax = int(n_bins), float(rmax)
         self.hr_counts = np.zeros((n_replicas, self.n_bins), dtype=np.float64)
         self.hr_frames = np.zeros(n_replicas, dtype=np.int64)        #: stable frames counted in h(r)
@@ -49,8 +65,11 @@ class Observables:
         return int(self.first_unstable_step[replica]) < 0
 
     def add_frame(self, replica: int, step: int, positions: np.ndarray, bonds: np.ndarray, ref_len: np.ndarray,
-                  cell=None, pbc=None) -> float:
-        """Record one logged frame (positions (n, 3) Å) of ``replica``; returns its max bond deviation (Å)."""
+                  cell=None, pbc=None, forces: Optional[np.ndarray] = None, sample_from_step: Optional[int] = None
+                  ) -> float:
+        """Record one logged frame (positions (n, 3) Å) of ``replica``; returns its max bond deviation (Å).
+        A stable frame with ``forces`` (the model's, eV/Å) at or after ``sample_from_step`` is a candidate for
+        the frame sample (:meth:`sampled_frames`)."""
         positions = np.asarray(positions, dtype=np.float64)
         dev = float(max_bond_deviation(positions[None], bonds, ref_len, cell, pbc)[0])
         self.steps[replica].append(int(step))
@@ -65,7 +84,26 @@ class Observables:
         self.hr_counts[replica] += np.histogram(d, bins=hr_bins(self.rmax, self.n_bins))[0]
         self.hr_frames[replica] += 1
         self.hr_simulated[replica] += int(step > 0)
+        if forces is not None and sample_from_step is not None and step > 0 and step >= sample_from_step:
+            self._offer(replica, step, positions, forces, sample_from_step)
         return dev
+
+    def _offer(self, replica: int, step: int, positions: np.ndarray, forces: np.ndarray,
+               window_start: int) -> None:
+        self.sample = [f for f in self.sample if f["step"] >= window_start]   # the window moves when --ps grows
+        prio = _priority(replica, step)
+        if len(self.sample) >= self.sample_size and prio >= max(f["priority"] for f in self.sample):
+            return
+        self.sample.append({"replica": int(replica), "step": int(step), "priority": prio,
+                            "positions": np.array(positions, dtype=np.float64),
+                            "forces": np.array(forces, dtype=np.float64)})
+        if len(self.sample) > self.sample_size:
+            self.sample.remove(max(self.sample, key=lambda f: f["priority"]))
+
+    def sampled_frames(self, from_step: int = 0) -> List[Dict[str, object]]:
+        """The kept frames at or after ``from_step``, in (replica, step) order: dicts with replica, step,
+        positions (n, 3) Å and forces (n, 3) eV/Å of the model."""
+        return sorted((f for f in self.sample if f["step"] >= from_step), key=lambda f: (f["replica"], f["step"]))
 
     def hr(self, replica: int) -> Optional[np.ndarray]:
         """Normalised h(r) (density) of the replica's stable frames; None without a stable frame after t = 0 or
@@ -87,13 +125,15 @@ class Observables:
                 "steps": np.concatenate([np.asarray(s, dtype=np.int32) for s in self.steps]) if lengths.sum()
                 else np.zeros(0, np.int32),
                 "max_dev": np.concatenate([np.asarray(d, dtype=np.float32) for d in self.max_dev]) if lengths.sum()
-                else np.zeros(0, np.float32)}
+                else np.zeros(0, np.float32),
+                "sample_size": self.sample_size, "sample": [dict(f) for f in self.sample]}
 
     @classmethod
     def from_dict(cls, d: Dict[str, object]) -> "Observables":
         if d.get("format") != FORMAT:
             raise ValueError(f"not an {FORMAT} record")
-        obs = cls(len(d["hr_frames"]), d["threshold"], d["n_bins"], d["rmax"])
+        obs = cls(len(d["hr_frames"]), d["threshold"], d["n_bins"], d["rmax"], d.get("sample_size", SAMPLE_SIZE))
+        obs.sample = [dict(f) for f in d.get("sample", [])]
         obs.hr_counts = np.array(d["hr_counts"], dtype=np.float64)
         obs.hr_frames = np.array(d["hr_frames"], dtype=np.int64)
         obs.hr_simulated = np.array(d["hr_simulated"], dtype=np.int64)

@@ -178,6 +178,7 @@ class _Run:
         stop replicas whose max bond deviation exceeds the threshold."""
         cfg = self.config
         pos = state.positions.cpu().numpy()
+        frc = state.forces.cpu().numpy()
         batch = state.batch.cpu().numpy()
         active = state.active.clone()
         for r in range(state.n_systems):
@@ -187,7 +188,9 @@ class _Run:
             cell = pbc = None
             if state.cell is not None:
                 cell, pbc = state.cell[r].cpu().numpy(), state.pbc[r].cpu().numpy()
-            dev = self.obs.add_frame(r, state.step, pos[batch == r], bonds, ref, cell, pbc)
+            sel = batch == r
+            dev = self.obs.add_frame(r, state.step, pos[sel], bonds, ref, cell, pbc, forces=frc[sel],
+                                     sample_from_step=sample_window_start(cfg))
             if cfg.stop_unstable and dev > cfg.bond_threshold:
                 self.stop(state, r, f"unstable: max bond deviation {dev:.3f} A > {cfg.bond_threshold:g} A")
                 active[r] = False
@@ -229,6 +232,13 @@ class _Run:
             "trajectory_from_step": self.trajectory_from_step,
             "n_atoms": [int(n) for n in state.atoms_per_system.cpu().tolist()],
             "replicas": [dict(s) for s in self.status], "speed": self.speed()})
+
+
+def sample_window_start(config: SimulationConfig) -> int:
+    """First step of the window the DFT-check frames are sampled from: the last ``SAMPLE_WINDOW_PS`` of the run
+    (the whole run when it is shorter)."""
+    from .observables import SAMPLE_WINDOW_PS
+    return max(0, config.n_steps - int(round(SAMPLE_WINDOW_PS * 1000.0 / config.timestep)))
 
 
 def initial_state(config: SimulationConfig, held_out, generator: torch.Generator) -> Tuple[MDState, List[dict]]:

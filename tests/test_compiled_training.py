@@ -103,3 +103,36 @@ def test_compile_flag_must_be_a_boolean():
     with pytest.raises(ValueError, match="optim.compile must be true or false"):
         config_from_dict({"optim": {"compile": "fast"}})
     assert config_from_dict({"optim": {"compile": True}}).optim.compile is True
+
+
+def test_a_compiler_failure_falls_back_to_the_eager_path_with_a_warning(monkeypatch):
+    """A compiled graph whose trial step fails (as torch 2.13's Inductor does for ethanol batches) must not end a
+    long run: the same numbers come from the eager path, and the warning says why."""
+    import forcefield.train.compiled_step as cs
+
+    def broken_compile(gm, **kw):
+        def run(*args):
+            out = gm(*args)
+            return _Raising.apply(out[0]), out[1]
+        return run
+
+    class _Raising(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise UnboundLocalError("cannot access local variable 'buf199' where it is not associated with a value")
+
+    monkeypatch.setattr(cs.torch, "compile", broken_compile)
+    pot = tiny_potential().train()
+    fn = CompiledEnergyForces(pot, backend="aot_eager")
+    numbers, pos, batch, cell, pbc, e, f = _batch(0)
+    with pytest.warns(RuntimeWarning, match="failed its trial step.*buf199.*eager path"):
+        out = fn(numbers, pos, batch, cell, pbc)
+    assert fn.failure.startswith("UnboundLocalError") and fn.compiles == 1
+    eager = pot(numbers, pos, batch, cell, pbc, with_reference=False)
+    torch.testing.assert_close(out["forces"], eager["forces"], rtol=0, atol=0)
+    loss, grads = _grads(fn(numbers, pos, batch, cell, pbc), e, f, list(pot.parameters()))   # trains: eager
+    assert all(torch.isfinite(g).all() for g in grads)

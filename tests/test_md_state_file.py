@@ -145,3 +145,48 @@ def test_rmd17_reference_is_every_distinct_frame():
     from md.frames import load_system_frames
     held_out, reference = load_system_frames(SimulationConfig(molecule="ethanol", data_dir=str(rmd17_dir)))
     assert len(reference) == 9633 and len(held_out) == 1000
+
+
+def test_frame_sample_for_the_dft_check_is_the_same_in_pieces_and_from_the_window(tmp_path, monkeypatch):
+    import md.observables
+    monkeypatch.setattr(md.observables, "SAMPLE_WINDOW_PS", 0.05)      # the last 100 of 200 steps
+    pot, frames = ethanol_setup()
+    straight = run_simulation(config(ps=0.1, analyze=False), tmp_path / "straight", potential=pot,
+                              frames=(frames, frames), progress=False)
+    state, k = tmp_path / "state.pt", 0
+    while not io.read_json(tmp_path / f"clone{k}" / io.RUN_JSON)["completed"] if k else True:
+        k += 1                                                          # pieces of 50 steps, each on a "fresh clone"
+        run_simulation(config(ps=0.1, analyze=False, checkpoint_every=50), tmp_path / f"clone{k}", potential=pot,
+                       frames=(frames, frames), progress=False, state_file=state, max_minutes=1e-9)
+    assert k == 4
+    a = Observables.from_dict(io.load_checkpoint(straight / io.CHECKPOINT)["observables"]).sampled_frames()
+    b = Observables.from_dict(io.load_checkpoint(state)["observables"]).sampled_frames()
+    assert [(f["replica"], f["step"]) for f in a] == [(f["replica"], f["step"]) for f in b]
+    assert all(np.array_equal(x["positions"], y["positions"]) for x, y in zip(a, b))
+    # 3 replicas x 11 logged frames in the window (steps 100..200), 24 kept, none before the window
+    assert len(a) == 24 and min(f["step"] for f in a) >= 100 and len({f["replica"] for f in a}) == 3
+
+
+def test_dft_check_of_a_state_file_uses_its_frame_sample_and_saves_each_frame(tmp_path, monkeypatch, capsys):
+    import md.dft
+    from md.cli import main
+    pot, frames = ethanol_setup()
+    state = tmp_path / "run.pt"
+    run_simulation(config(ps=0.05, analyze=False), tmp_path / "r", potential=pot, frames=(frames, frames),
+                   progress=False, state_file=state)
+    calls = []
+
+    def fake_dft(numbers, positions, xc, basis, **kw):                  # "DFT" = the model's forces + 10 meV/Å
+        calls.append(positions)
+        n = len(numbers)
+        model = pot(torch.as_tensor(numbers), torch.as_tensor(positions), torch.zeros(n, dtype=torch.long))
+        model = model["forces"].detach().numpy()
+        return 0.0, model + 0.01
+
+    monkeypatch.setattr(md.dft, "require_pyscf", lambda: None)
+    monkeypatch.setattr(md.dft, "dft_forces", fake_dft)
+    assert main(["dft-check", str(state), "--frames", "3"]) == 0
+    report = json.loads(state.with_suffix(".dft_check.json").read_text())
+    assert report["n_frames"] == 3 and report["force_mae_meV_per_A"] == pytest.approx(10.0, abs=1e-6)
+    assert len(calls) == 3 and state.with_suffix(".dft_forces.npz").is_file()
+    assert main(["dft-check", str(state), "--frames", "3"]) == 0 and len(calls) == 3   # finished frames reused

@@ -203,8 +203,15 @@ def test_campaign_md_job_pins_its_model_and_continues_from_its_state(tmp_path, m
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "md-test.pt").write_bytes(b"x")
     with pytest.raises(SystemExit, match="its model .* does not"):
-        campaign.job_command(job, 10, fresh=False)                            # never silently another model
-    assert campaign.finished(job, {"step": 10, "n_steps": 10, "ps": 300.0, "running": 5})
-    assert campaign.finished(job, {"step": 5, "n_steps": 10, "ps": 300.0, "running": 0}) == "every replica stopped"
+        campaign.pinned_model(job)                                            # never silently another model
+    # simulated and DFT-checked: finished; simulated, DFT check to do: not; no frame to check: finished
+    assert campaign.finished(job, {"step": 10, "n_steps": 10, "ps": 300.0, "running": 5, "sampled": 24,
+                                   "dft_done": 10}) == "300 ps simulated, DFT-checked on 10 frames"
+    assert campaign.finished(job, {"step": 10, "n_steps": 10, "ps": 300.0, "running": 5, "sampled": 24,
+                                   "dft_done": 3}) == ""
+    assert campaign.finished(job, {"step": 5, "n_steps": 10, "ps": 300.0, "running": 0, "sampled": 0,
+                                   "dft_done": 0}) == "every replica stopped, no frame for the DFT check"
     assert campaign.finished(job, {"step": 5, "n_steps": 10, "ps": 300.0, "running": 2}) == ""
+    cmd = campaign.dft_command(job)
+    assert cmd[1:5] == ["-m", "md.cli", "dft-check", str(tmp_path / "state" / "md-test.pt")]
 

@@ -10,10 +10,14 @@ and Inductor fuses like the forward. Same function as the eager :class:`~forcefi
 (tested: parameter gradients of an energy + force loss equal eager to float rounding).
 
 Cost: the first call compiles (minutes on a small CPU, cached on disk by Inductor for later runs);
-the neighbour search stays eager. ET backbone only (it exposes ``represent`` with the symmetric edge
+the neighbour search stays eager. The first call also runs one trial forward + parameter backward through the
+compiled graph: when that fails (a compiler bug: torch 2.13's Inductor generates a backward for the ethanol
+batches that raises ``UnboundLocalError``), training continues on the eager path with a warning that says so,
+instead of dying minutes into a long run. ET backbone only (it exposes ``represent`` with the symmetric edge
 layout). The traced graph is :mod:`forcefield.traced`'s, the one the AOTInductor export (inference) compiles.
 """
 import os
+import warnings
 from typing import Dict, List, Optional
 
 import torch
@@ -80,6 +84,7 @@ class CompiledEnergyForces:
         self._fn = _Functional(potential)
         self._compiled = None
         self.compiles = 0
+        self.failure: Optional[str] = None   #: why the compiled graph was given up for the eager path
 
     def _build(self, example) -> None:
         from torch.fx.experimental.proxy_tensor import make_fx
@@ -90,14 +95,30 @@ class CompiledEnergyForces:
         options = default_inductor_configs() if self.backend == "inductor" else None
         self._compiled = torch.compile(gm, backend=self.backend, dynamic=True, options=options)
         self.compiles += 1
+        try:   # what training will do: forward, then a backward in the parameters through the force graph
+            params = [t for t in example[0] if t.requires_grad]
+            e_atom, forces = self._compiled(*example)
+            torch.autograd.grad(e_atom.sum() + forces.square().sum(), params, allow_unused=True)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager path computes the same
+            first = (str(exc).strip().splitlines() or [""])[-1]
+            self.failure = f"{type(exc).__name__}: {first}"[:300]
+            self._compiled = None
+            warnings.warn(f"optim.compile: the compiled force graph failed its trial step (torch "
+                          f"{torch.__version__}, {self.backend}: {self.failure}); training continues on the eager "
+                          f"path (the same numbers, about 1.2x slower). Set optim.compile: false to skip the "
+                          f"compile", RuntimeWarning, stacklevel=3)
 
     def __call__(self, numbers: Tensor, positions: Tensor, batch: Optional[Tensor] = None,
                  cell: Optional[Tensor] = None, pbc: Optional[Tensor] = None) -> Dict[str, Tensor]:
         pot = self.potential
         batch, num_graphs = checked_batch(numbers, positions, batch, pot.known_elements)
         pairs, cart = pairs_and_shifts(positions, batch, pot.cutoff, cell, pbc)  # no stress training
+        if self.failure is not None:
+            return pot(numbers, positions, batch, cell, pbc, with_reference=False)
         args = (self._fn.tensors(), numbers, positions.detach(), pairs, cart)
         if self._compiled is None:
             self._build(args)
+            if self.failure is not None:
+                return pot(numbers, positions, batch, cell, pbc, with_reference=False)
         e_atom, forces = self._compiled(*args)
         return {"energy": graph_sum(e_atom, batch, num_graphs), "forces": forces}
