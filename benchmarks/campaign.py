@@ -40,7 +40,8 @@ MODELS_DIR = REPO / "benchmarks" / "campaign" / "models"   # the model file each
 RUNS_DIR = REPO / "runs" / "campaign"
 RESULTS_DIR = REPO / "benchmarks" / "results" / "campaign"
 JOB_KEYS = {"name", "group", "config", "set", "init_from", "init_cpu_hours", "budget_cpu_hours", "threads",
-            "target_meV_per_A", "ship", "note", "stopped", "kind", "molecule", "model", "ps", "replicas", "dft_frames"}
+            "target_meV_per_A", "ship", "note", "stopped", "kind", "molecule", "model", "ps", "replicas", "dft_frames",
+            "corpus", "method"}
 MD_KEYS = {"name", "group", "kind", "molecule", "model", "ps", "replicas", "threads", "note", "stopped", "dft_frames"}
 
 
@@ -58,8 +59,8 @@ def read_jobs(path: Path) -> List[Dict]:
         if unknown:
             raise SystemExit(f"{path}: job {i + 1} has unknown key(s) {unknown}; known: {sorted(JOB_KEYS)}")
         job.setdefault("kind", "train")
-        if job["kind"] not in ("train", "md"):
-            raise SystemExit(f"{path}: job {i + 1}: kind must be 'train' or 'md', got {job['kind']!r}")
+        if job["kind"] not in ("train", "md", "pretrain"):
+            raise SystemExit(f"{path}: job {i + 1}: kind must be 'train', 'pretrain' or 'md', got {job['kind']!r}")
         if job["kind"] == "md":
             extra = sorted(set(job) - MD_KEYS)
             if extra or "name" not in job or "molecule" not in job:
@@ -70,7 +71,9 @@ def read_jobs(path: Path) -> List[Dict]:
         if job["name"] in seen:
             raise SystemExit(f"{path}: two jobs are named {job['name']!r}")
         seen.add(job["name"])
-        if job["kind"] == "train" and not (REPO / job["config"]).is_file():
+        if job["kind"] == "pretrain" and job.get("corpus") and not (REPO / job["corpus"]).is_file():
+            raise SystemExit(f"{path}: job {job['name']}: corpus {job['corpus']} not found")
+        if job["kind"] in ("train", "pretrain") and not (REPO / job["config"]).is_file():
             raise SystemExit(f"{path}: job {job['name']}: config {job['config']} not found")
         job.setdefault("group", "campaign")
         job.setdefault("threads", 1)
@@ -101,6 +104,9 @@ def read_state(job: Dict) -> Optional[Dict]:
                 "cpu_hours": float(rs.get("wall_s") or 0.0) / 3600.0, "model": rs.get("model") or {},
                 "sampled": len((rs.get("observables") or {}).get("sample") or []),
                 "dft_done": 0 if dft is None else int(dft["n_frames"])}
+    return {"epoch": rs["epoch"], "step": rs["step"], "cpu_hours": rs.get("cpu_seconds", rs["elapsed"]) / 3600,
+            "history": rs.get("history") or [], "best_val": rs.get("best_val"),
+            "lr": rs["optimizer"]["param_groups"][0]["lr"]}
 
 
 def dft_report(job: Dict) -> Optional[Dict]:
@@ -111,9 +117,6 @@ def dft_report(job: Dict) -> Optional[Dict]:
 
 def md_simulated(state: Dict) -> bool:
     return state["step"] >= state["n_steps"] or state["running"] == 0
-    return {"epoch": rs["epoch"], "step": rs["step"], "cpu_hours": rs.get("cpu_seconds", rs["elapsed"]) / 3600,
-            "history": rs.get("history") or [], "best_val": rs.get("best_val"),
-            "lr": rs["optimizer"]["param_groups"][0]["lr"]}
 
 
 def finished(job: Dict, state: Optional[Dict]) -> str:
@@ -170,7 +173,24 @@ def dft_command(job: Dict) -> List[str]:
             str(int(job.get("dft_frames", 10))), "--threads", str(job["threads"])]
 
 
+def pretrain_command(job: Dict, minutes: float, fresh: bool) -> List[str]:
+    """``oreo pretrain`` advancing the job's run from its compact state (``--state``; ``--resume`` after the first
+    piece)."""
+    cmd = [sys.executable, "-m", "forcefield.cli", "pretrain", "--config", str(REPO / job["config"]),
+           "--out", str(RUNS_DIR / job["name"]), "--state", str(state_path(job)), "--no-progress",
+           "--threads", str(job["threads"]), "--set", f"optim.max_minutes={minutes:.2f}"]
+    if job.get("corpus"):
+        cmd += ["--corpus", str(REPO / job["corpus"])]
+    if job.get("method"):
+        cmd += ["--method", str(job["method"])]
+    for item in job["set"]:
+        cmd += ["--set", item]
+    return cmd + ([] if fresh else ["--resume"])
+
+
 def job_command(job: Dict, minutes: float, fresh: bool, nice: int = 10) -> List[str]:
+    if job.get("kind", "train") == "pretrain":
+        return ["nice", "-n", str(nice)] + pretrain_command(job, minutes, fresh)
     if job.get("kind", "train") == "md":
         state = read_state(job)
         if state is not None and md_simulated(state):
@@ -291,6 +311,17 @@ def report(jobs: List[Dict]) -> Dict:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     rows = []
     for job in jobs:
+        st = read_state(job) if job.get("kind", "train") == "pretrain" else None
+        if st is None:
+            continue
+        curve = [(float(r["cpu_hours"]), float(r["loss"])) for r in st["history"]
+                 if r.get("cpu_hours") not in (None, "") and r.get("loss") not in (None, "")]
+        rows.append({"name": job["name"], "group": job["group"], "note": job.get("note", ""), "set": job["set"],
+                     "kind": "pretrain", "epochs": st["epoch"], "steps": st["step"], "cpu_hours": st["cpu_hours"],
+                     "own_cpu_hours": st["cpu_hours"], "last_loss": curve[-1][1] if curve else float("nan"),
+                     "lr": st["lr"], "target": None, "finished": finished(job, st), "curve": curve,
+                     "ylabel": "pretraining loss (training batches)"})
+    for job in jobs:
         st = read_state(job) if job.get("kind", "train") == "train" else None
         if st is None:
             continue
@@ -308,7 +339,14 @@ def report(jobs: List[Dict]) -> Dict:
     lines = ["# Campaign state", "", "Regenerated from `benchmarks/campaign/state/*.pt` by "
              "`python benchmarks/campaign.py --report`. Validation force MAE of the EMA model (meV/Å) on the "
              "job's validation frames; CPU-hours are cumulative (including the model a job started from).", ""]
-    for group in dict.fromkeys(r["group"] for r in rows):
+    for group in dict.fromkeys(r["group"] for r in rows if r.get("kind") == "pretrain"):
+        lines += [f"## {group}", "", "| job | CPU-h | epochs | steps | last loss | lr | status | recipe |",
+                  "|---|---:|---:|---:|---:|---:|---|---|"]
+        lines += [f"| {r['name']} | {r['cpu_hours']:.2f} | {r['epochs']} | {r['steps']} | {r['last_loss']:.4g} | "
+                  f"{r['lr']:.1e} | {r['finished'] or 'running'} | {r['note'] or ', '.join(r['set'])} |"
+                  for r in rows if r["group"] == group]
+        lines.append("")
+    for group in dict.fromkeys(r["group"] for r in rows if r.get("kind") != "pretrain"):
         lines += [f"## {group}", "", "| job | CPU-h (own) | epochs | best val F MAE | last | lr | target | status | "
                   "recipe |", "|---|---:|---:|---:|---:|---:|---:|---|---|"]
         for r in rows:
@@ -497,7 +535,8 @@ def plot_curves(rows: List[Dict]) -> None:
             ax.plot([m / 60 for m in TORCHMDNET_ET], list(TORCHMDNET_ET.values()), "kx", ms=7,
                     label="TorchMD-Net ET 6x128 (its trainer)")
         ax.set_xlabel("cumulative CPU-hours")
-        ax.set_ylabel("validation force MAE (meV/Å)")
+        ax.set_ylabel(next((r.get("ylabel") for r in rows if r["group"] == group and r.get("ylabel")),
+                           "validation force MAE (meV/Å)"))
         ax.set_title(group)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)

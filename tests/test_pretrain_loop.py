@@ -242,3 +242,26 @@ def test_property_training_keeps_a_compact_run_state(tmp_path):
                                     "cutoff": 4.0})
         return PropertyTrainer(cfg, out, progress=False, log=lambda s: None, state_file=state)
     _resumes_from_its_compact_state(make, tmp_path, "epoch", 1, 2)
+
+
+def test_campaign_reads_a_pretraining_state_and_builds_its_command(tmp_path, monkeypatch):
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import campaign
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setattr(campaign, "STATE_DIR", tmp_path)
+    job = {"name": "pre", "kind": "pretrain", "config": "examples/configs/pretrain_et_oro.yaml",
+           "corpus": "examples/configs/pretrain_corpus.yaml", "method": "et-oro", "set": ["model.hidden=96"],
+           "threads": 1}
+    cmd = campaign.job_command(job, 30, fresh=True)
+    assert cmd[4:7] == ["-m", "forcefield.cli", "pretrain"] and "--resume" not in cmd
+    assert cmd[cmd.index("--state") + 1] == str(tmp_path / "pre.pt") and "optim.max_minutes=30.00" in cmd
+    assert cmd[cmd.index("--method") + 1] == "et-oro" and "model.hidden=96" in cmd
+    assert "--resume" in campaign.job_command(job, 30, fresh=False)
+    Pretrainer(tiny_config(dtype="float64", max_steps=4), tmp_path / "run", corpus=tiny_corpus(), progress=False,
+               log=lambda s: None, state_file=tmp_path / "pre.pt").fit()
+    st = campaign.read_state(job)
+    assert st["step"] == 4 and st["cpu_hours"] > 0 and st["history"] and "loss" in st["history"][-1]

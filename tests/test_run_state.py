@@ -168,6 +168,9 @@ def test_campaign_job_file_is_checked(tmp_path, monkeypatch):
         sys.path.pop(0)
     jobs = campaign.read_jobs(campaign.CAMPAIGN_YAML)     # the committed job list is valid
     assert jobs and len({j["name"] for j in jobs}) == len(jobs)
+    committed = next(j for j in jobs if j["name"] == "aspirin")          # its committed state reads back
+    st = campaign.read_state(committed)
+    assert st["epoch"] > 0 and st["cpu_hours"] > 1 and st["history"] and st["lr"] > 0
     bad = tmp_path / "c.yaml"
     bad.write_text("jobs:\n  - {name: a, config: examples/configs/rmd17_aspirin.yaml, budget: 1}\n")
     with pytest.raises(SystemExit, match="unknown key"):
