@@ -41,8 +41,9 @@ RUNS_DIR = REPO / "runs" / "campaign"
 RESULTS_DIR = REPO / "benchmarks" / "results" / "campaign"
 JOB_KEYS = {"name", "group", "config", "set", "init_from", "init_cpu_hours", "budget_cpu_hours", "threads",
             "target_meV_per_A", "ship", "note", "stopped", "kind", "molecule", "model", "ps", "replicas", "dft_frames",
-            "corpus", "method"}
-MD_KEYS = {"name", "group", "kind", "molecule", "model", "ps", "replicas", "threads", "note", "stopped", "dft_frames"}
+            "corpus", "method", "compile"}
+MD_KEYS = {"name", "group", "kind", "molecule", "model", "ps", "replicas", "threads", "note", "stopped", "dft_frames",
+           "compile"}
 
 
 # ---------------------------------------------------------------------------- jobs
@@ -162,7 +163,7 @@ def md_command(job: Dict, minutes: float) -> List[str]:
            "--model", str(pinned_model(job)), "--ps", str(job.get("ps", 300)),
            "--replicas", str(job.get("replicas", 5)), "--out", str(RUNS_DIR / job["name"]),
            "--state", str(state_path(job)), "--max-minutes", f"{minutes:.2f}", "--no-progress",
-           "--threads", str(job["threads"])]
+           "--threads", str(job["threads"]), "--compile" if job.get("compile", True) else "--no-compile"]
     return cmd
 
 

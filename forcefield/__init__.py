@@ -10,7 +10,7 @@ below, never from a layer above):
 
 1. ``units`` (every unit conversion and constant), ``files`` (atomic writes), ``settings`` (config loading with
    type conversion, ``--set``), ``threads``, ``reference`` (xTB/DFT labels), ``graph`` (radius graph, pair
-   search, minimum image), ``models/`` (backbones and heads), ``data/`` (readers -> ConformationSet -> Batch);
+   search, minimum image), ``bonds`` (bonds and MDsim's stability criterion), ``models/`` (backbones and heads), ``data/`` (readers -> ConformationSet -> Batch);
 2. ``potential``: :class:`Potential`, the one owner of features, per-atom energies (learned part, ZBL repulsion)
    and forces = -dE/dr; every objective, export and property head calls it;
 3. ``io`` (model files: one dispatch over every format), ``evaluate`` (predictions and the one MAE/RMSE),
@@ -20,7 +20,8 @@ below, never from a layer above):
    (ASE), ``torchsim`` (torch-sim model; optional: the only module that imports ``torch_sim``, and nothing here
    imports it);
 5. ``train/`` (configs, splits, the loop skeleton, the trainer), then ``pretrain/`` (corpus, objectives,
-   pretraining, fine-tuning, QM9 properties);
+   pretraining, fine-tuning, QM9 properties), then ``fit/`` (``oreo fit``: a molecule's own force field by
+   active learning: xTB pool, labels, committee fine-tuning, committee MD on ASE, report);
 6. ``cli`` (``oreo``: parses arguments, calls the library).
 
 Who may import it: ``md``, ``benchmarks``, ``release``, ``examples`` and ``tests``; nothing in ``forcefield``

@@ -147,6 +147,21 @@ def cmd_poly24(args) -> int:
     return 0
 
 
+def cmd_qm9_xtb(args) -> int:
+    from .pretrain.qm9xtb import generate_qm9_xtb, qm9_xtb_root
+    out = qm9_xtb_root(args.data_dir, args.out)
+    manifest = generate_qm9_xtb(out, molecules=args.molecules, start=args.start, workers=args.workers,
+                                data_dir=args.data_dir, temperature=args.temperature,
+                                frames_per_molecule=args.frames_per_molecule, stride=args.stride,
+                                equilibration_steps=args.equilibration_steps, timestep_fs=args.timestep,
+                                seed=args.seed, qm9=args.qm9, shard_size=args.shard_size,
+                                targets=args.targets)
+    c = manifest["counts"]
+    print(f"oreo-qm9-xtb in {out}: {c['frames']} frames of {c['sampled']} molecules ({c['skipped']} skipped as "
+          f"fine-tuning targets, {c['failed']} failed) in {len(manifest['shards'])} shard(s); see {out / 'manifest.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="oreo", description="oreo machine-learning force field")
     sub = p.add_subparsers(dest="command", required=True)
@@ -212,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the shipped models")
     m.set_defaults(func=cmd_models)
 
-    d = sub.add_parser("data", help="download or verify reference data; generate the polymer set")
+    d = sub.add_parser("data", help="download or verify reference data; generate the polymer and QM9-xTB sets")
     dsub = d.add_subparsers(dest="action", required=True)
     for action, text in (("download", "download a dataset (with SHA-256 checks)"),
                          ("verify", "check the SHA-256 of downloaded files")):
@@ -244,8 +259,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true")
     g.set_defaults(func=cmd_poly24)
 
+    q = dsub.add_parser("qm9-xtb", help="generate oreo-qm9-xtb: QM9 molecules, GFN2-xTB MD frames (pretraining)",
+                        description="Generate (or continue) off-equilibrium conformations of QM9 molecules in --out: "
+                                    "short GFN2-xTB Langevin MD from each QM9 geometry, every kept frame labelled; "
+                                    "molecules of a fine-tuning target are skipped; sharded, resumable. Options not "
+                                    "given come from the folder's recipe (or the defaults). Needs: pip install tblite.")
+    q.add_argument("--out", help="folder (default: $OREO_DATA_DIR/qm9xtb, where the corpus looks)")
+    q.add_argument("--data-dir", help="data folder (QM9 archive, rMD17 targets; its qm9xtb/ unless --out)")
+    q.add_argument("--molecules", type=int, help="how many molecules of the fixed QM9 order (default: to the end)")
+    q.add_argument("--start", type=int, default=0, help="first position in that order (default 0)")
+    q.add_argument("--frames-per-molecule", type=int, help="kept MD frames per molecule (default 4)")
+    q.add_argument("--temperature", type=float, help="K (default 800)")
+    q.add_argument("--stride", type=int, help="MD steps between kept frames (default 10)")
+    q.add_argument("--equilibration-steps", type=int, help="default 100")
+    q.add_argument("--timestep", type=float, help="fs (default 0.5)")
+    q.add_argument("--seed", type=int, help="default 0")
+    q.add_argument("--qm9", help="QM9 source: qm9pack, archive, folder or .db (default: $OREO_DATA_DIR/qm9/ "
+                                 "archive or db if there, else qm9pack)")
+    q.add_argument("--shard-size", type=int, help="molecules per shard (default 500)")
+    q.add_argument("--targets", nargs="*", help="fine-tuning targets whose molecules are skipped "
+                                                "(default: aspirin ethanol naphthalene salicylic)")
+    q.add_argument("--workers", type=int, default=1, help="processes, one thread each (default 1)")
+    add_threads_argument(q, default=1)
+    q.set_defaults(func=cmd_qm9_xtb)
+
     from .pretrain.cli import register_subcommands  # oreo pretrain / oreo finetune
     register_subcommands(sub)
+    from .fit.cli import add_fit_parser             # oreo fit
+    add_fit_parser(sub)
     return p
 
 

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split-index", type=_positive(int), help="rMD17 split 1-5 for the held-out frames (default 1)")
     s.add_argument("--device", help="torch device (default cpu)")
     s.add_argument("--dtype", choices=("float32", "float64"), help="dtype of the potential (default float32)")
+    s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the model through its AOTInductor export, built once in --out (a few minutes; needs a "
+                        "C++ compiler): the same function in fused kernels (benchmarks/md_paths.py measures the gain)")
     s.add_argument("--log-every", type=_positive(int), help="steps between logged frames (default 100)")
     s.add_argument("--checkpoint-every", type=_positive(int), help="steps between checkpoints (default 10 x log-every)")
     s.add_argument("--stop-unstable", action=argparse.BooleanOptionalAction, default=None,

@@ -10,7 +10,9 @@ from .errors import MDInputError
 from .integrators import THERMOSTATS
 
 #: settings that may change when a run is resumed (everything else must match the run directory)
-RESUMABLE_CHANGES = ("ps", "device", "data_dir", "poly24_dir", "checkpoint_every", "analyze", "force_frames")
+#: (``compile`` like ``device``: the same function, other kernels; trajectories differ only by float rounding)
+RESUMABLE_CHANGES = ("ps", "device", "data_dir", "poly24_dir", "checkpoint_every", "analyze", "force_frames",
+                     "compile")
 #: datasets besides rMD17 (--molecule) that ``--dataset`` names
 DATASETS = ("poly24",)
 
@@ -47,6 +49,7 @@ class SimulationConfig:
     data_dir: Optional[str] = None
     device: str = "cpu"
     dtype: str = "float32"                #: dtype the potential is called in
+    compile: bool = False                 #: run the model through its AOTInductor export (built once per run dir)
     analyze: bool = True                  #: run the analysis at the end
     force_frames: int = 1000              #: held-out frames for the force MAE in the analysis
 

@@ -319,7 +319,9 @@ def run_simulation(config: SimulationConfig, out_dir, potential=None, frames=Non
         print(f"{config.system_name}: initial frames and force MAE from {described['held_out']}; "
               f"bond lengths and h(r) against {described['reference']}")
     if potential is None:
-        potential = load_model(config.model_spec, molecule=config.molecule, data_dir=config.data_dir,
+        from .potential import compiled_model
+        spec = compiled_model(config.model_spec, out_dir, config.dtype) if config.compile else config.model_spec
+        potential = load_model(spec, molecule=config.molecule, data_dir=config.data_dir,
                                device=config.device, dtype=config.dtype,
                                allow_other_molecule=config.allow_other_molecule)
     ff = ForceField(potential, device=config.device)

@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("forcefield", "forcefield.data", "forcefield.data.poly24", "forcefield.models", "forcefield.train",
-            "forcefield.pretrain", "md")
+            "forcefield.pretrain", "forcefield.fit", "md")
 
 
 def _modules():

@@ -190,3 +190,26 @@ def test_dft_check_of_a_state_file_uses_its_frame_sample_and_saves_each_frame(tm
     assert report["n_frames"] == 3 and report["force_mae_meV_per_A"] == pytest.approx(10.0, abs=1e-6)
     assert len(calls) == 3 and state.with_suffix(".dft_forces.npz").is_file()
     assert main(["dft-check", str(state), "--frames", "3"]) == 0 and len(calls) == 3   # finished frames reused
+
+
+@pytest.mark.slow
+def test_compile_runs_the_export_built_once_and_equal_to_eager(tmp_path):
+    from forcefield.io import save_model
+    from helpers import tiny_potential
+    from md.config import SimulationConfig
+    path = tmp_path / "m.pt"
+    save_model(tiny_potential(dtype=torch.float32), path)
+    _, frames = ethanol_setup()
+    runs = {}
+    for flag in (False, True):
+        cfg = SimulationConfig(molecule="ethanol", model=str(path), ps=0.01, replicas=2, log_every=10,
+                               force_frames=0, analyze=False, compile=flag)
+        runs[flag] = run_simulation(cfg, tmp_path / str(flag), frames=(frames, frames), progress=False)
+    built = list((tmp_path / "True").glob("model-*-float32.pt2"))
+    assert len(built) == 1
+    a, b = (io.read_trajectory(runs[f] / "traj_000.extxyz") for f in (False, True))
+    np.testing.assert_allclose(a[1].get_forces(), b[1].get_forces(), atol=1e-4)     # same function, float32
+    mtime = built[0].stat().st_mtime
+    cfg.ps = 0.02
+    run_simulation(cfg, runs[True], frames=(frames, frames), progress=False)          # the next piece reuses it
+    assert built[0].stat().st_mtime == mtime

@@ -2,6 +2,7 @@
 
 - :mod:`.corpus` - sources tagged equilibrium / off-equilibrium, one frame table, the sharded epoch sampler
 - :mod:`.leakage` - strict / paper leakage protocols against the fine-tuning targets
+- :mod:`.qm9xtb` - oreo-qm9-xtb: GFN2-xTB MD frames of QM9 molecules (``oreo data qm9-xtb``), a corpus source
 - :mod:`.noise` - Gaussian and Riemann-Gaussian perturbations and their score targets
 - :mod:`.objectives` - one small loss module per objective, the presets, :class:`PretrainTask`
 - :mod:`.trainer` - :class:`Pretrainer` (single process or DistributedDataParallel), configs

@@ -10,10 +10,12 @@ A corpus file is YAML, either a plain list of sources or a mapping with ``source
       - {reader: ani, kind: off-equilibrium, path: alkane_goodpaster/C2H6_DFT+Force_NMS.h5,
          forces_unit: hartree/bohr}
       - {reader: pcqm, kind: equilibrium, path: pcqm4m-v2-train.sdf.tar.gz, max_frames: 200000}
+      - {reader: qm9-xtb, kind: off-equilibrium}                          # `oreo data qm9-xtb`; path: its folder
 
 Relative paths are taken below the data directory (``--data-dir`` / ``$OREO_DATA_DIR``). Readers: ``qm9``,
 ``rmd17``, ``md17``, ``ase`` (extxyz, ASE db, anything ase.io reads), ``ani`` (ANI-1/ANI-1x HDF5), ``pcqm``
-(PCQM4Mv2 SDF), ``sdf``.
+(PCQM4Mv2 SDF), ``sdf``, ``poly24`` (oreo-poly24), ``qm9-xtb`` (oreo-qm9-xtb: QM9 molecules, GFN2-xTB MD
+frames; default path ``qm9xtb``; ``level`` keeps the frames of one level of theory).
 
 Energies are dropped: sources come from different levels of theory and no pretraining objective needs them.
 Off-equilibrium sources must have forces. ``weight`` scales how often a source's frames are drawn per epoch
@@ -39,7 +41,7 @@ __all__ = ["SourceConfig", "CorpusConfig", "Corpus", "PretrainBatch", "EpochSamp
            "build_corpus", "corpus_config_from_obj", "KINDS", "READERS"]
 
 KINDS = ("equilibrium", "off-equilibrium")
-READERS = ("qm9", "rmd17", "md17", "ase", "ani", "pcqm", "sdf", "poly24")
+READERS = ("qm9", "rmd17", "md17", "ase", "ani", "pcqm", "sdf", "poly24", "qm9-xtb")
 
 
 @dataclass
@@ -57,7 +59,7 @@ class SourceConfig:
     length_unit: str = "Å"
     forces_unit: Optional[str] = None                   # ani: ENERGY/LENGTH
     forces_key: str = "forces"
-    level: Optional[str] = None                         # ani-1x level of theory
+    level: Optional[str] = None                         # ani-1x level of theory; qm9-xtb: prefix of it
     max_frames: Optional[int] = None                    # random subset (seeded)
     stride: int = 1
     weight: float = 1.0
@@ -131,6 +133,10 @@ def load_source(spec: SourceConfig, data_dir=None, seed: int = 0) -> Conformatio
         cset = load_poly24(spec.split or "train", polymers=None if mols in (None, "all") else
                            ([mols] if isinstance(mols, str) else list(mols)), data_dir=data_dir,
                            root=None if spec.path is None else _path(spec, data_dir))
+    elif r == "qm9-xtb":  # oreo-qm9-xtb shards; path = the set's folder (default <data_dir>/qm9xtb)
+        from .qm9xtb import load_qm9_xtb
+        cset = load_qm9_xtb(None if spec.path is None else _path(spec, data_dir), data_dir=data_dir,
+                            level=spec.level)
     elif r == "ani":
         from ..data.ani import load_ani
         cset = load_ani(_path(spec, data_dir), level=spec.level,
@@ -245,6 +251,10 @@ def build_corpus(cfg: Union[CorpusConfig, Dict, List], data_dir=None, log=print)
     sets, report = [], {"leakage": asdict(cfg.leakage), "sources": []}
     for k, spec in enumerate(cfg.sources):
         cset = load_source(spec, data_dir, cfg.seed)
+        if cset.meta.get("qm9_split") in ("test", "all") and cfg.leakage.protocol != "none":
+            raise ValueError(f"corpus source '{spec.name or cset.source}' was generated from QM9 split "
+                             f"'{cset.meta['qm9_split']}', which holds QM9 test molecules; generate it from the "
+                             f"train split (or use leakage protocol 'none' on purpose)")
         keep, rep = apply_leakage_filter(cset, cfg.leakage, targets)
         name = spec.name or cset.source
         sets.append(cset.subset(np.flatnonzero(keep)))

@@ -3,11 +3,15 @@
 The dynamics run on GFN2-xTB forces (tblite); every kept frame carries the energy and forces
 of the step it was taken at, so labelling is free. Seeded: the same seed gives the same frames
 (to floating-point reproducibility of tblite on one machine).
+
+:func:`sample_trajectory` takes any ASE calculator: ``oreo fit`` (:mod:`forcefield.fit`) runs its xTB candidate
+pool and its committee MD through it too, with ``frame_info`` (e.g. the committee's spread of each kept frame) and
+``stop_when`` (end a trajectory early, keeping its frames, instead of raising).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, List, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -19,6 +23,7 @@ class SampledFrame:
     forces: np.ndarray      # (n, 3) eV/Å
     step: int               # MD step (0 = first production step)
     time_fs: float
+    info: Dict[str, Any] = field(default_factory=dict)   # frame_info's values; "stop_reason" on a stopping frame
 
 
 @dataclass
@@ -38,9 +43,16 @@ class SamplingError(RuntimeError):
 
 
 def sample_trajectory(atoms, settings: SamplingSettings, seed: int, calculator,
-                      on_step: Optional[Callable[[int], None]] = None) -> List[SampledFrame]:
+                      on_step: Optional[Callable[[int], None]] = None,
+                      frame_info: Optional[Callable[[Any], Dict[str, Any]]] = None,
+                      stop_when: Optional[Callable[[Any], Optional[str]]] = None) -> List[SampledFrame]:
     """Run relaxation, equilibration and production on ``atoms`` (modified in place) with the
-    ASE ``calculator``; returns the kept production frames."""
+    ASE ``calculator``; returns the kept production frames.
+
+    ``frame_info(atoms)``: extra values stored in each kept frame's ``info`` (called right after the step's
+    calculation, so ``atoms.calc.results`` are that step's). ``stop_when(atoms)``: checked every step before the
+    unphysical-force check; a reason (text) ends the trajectory there: the frames kept so far are returned, plus
+    that step's frame with ``info["stop_reason"]``, and no :class:`SamplingError` is raised."""
     from ase import units
     from ase.constraints import FixCom
     from ase.md.langevin import Langevin
@@ -64,14 +76,24 @@ def sample_trajectory(atoms, settings: SamplingSettings, seed: int, calculator,
         dyn.run(1)
         forces = atoms.get_forces(apply_constraint=False)   # the labels: raw xTB forces, not FixCom's projection
         energy = atoms.get_potential_energy()
+        prod = i + 1 - settings.equilibration_steps
+        reason = stop_when(atoms) if stop_when is not None else None
+        if reason:
+            frames.append(_frame(atoms, energy, forces, prod, settings, frame_info, stop_reason=reason))
+            return frames
         if not np.isfinite(energy) or not np.all(np.isfinite(forces)) or np.abs(forces).max() > settings.max_force:
             raise SamplingError(f"xTB trajectory became unphysical at step {i + 1} of {total} "
                                 f"(max |F| = {np.abs(forces).max():.1f} eV/Å); lower the temperature or timestep")
-        prod = i + 1 - settings.equilibration_steps
         if prod > 0 and prod % settings.stride == 0:
-            frames.append(SampledFrame(positions=atoms.positions.copy(), energy=float(energy),
-                                       forces=np.array(forces, dtype=np.float64), step=prod,
-                                       time_fs=prod * settings.timestep_fs))
+            frames.append(_frame(atoms, energy, forces, prod, settings, frame_info))
         if on_step is not None:
             on_step(1)
     return frames
+
+
+def _frame(atoms, energy, forces, step: int, settings: SamplingSettings, frame_info, **extra) -> SampledFrame:
+    info = dict(frame_info(atoms)) if frame_info is not None else {}
+    info.update(extra)
+    return SampledFrame(positions=atoms.positions.copy(), energy=float(energy),
+                        forces=np.array(forces, dtype=np.float64), step=step, time_fs=step * settings.timestep_fs,
+                        info=info)

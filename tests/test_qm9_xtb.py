@@ -1,0 +1,168 @@
+"""oreo-qm9-xtb: seeded GFN2-xTB MD frames of QM9 molecules, resumable shards, targets skipped, corpus source."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tblite")
+
+from forcefield.cli import main  # noqa: E402
+from forcefield.pretrain import qm9xtb  # noqa: E402
+from forcefield.pretrain.corpus import build_corpus  # noqa: E402
+from forcefield.pretrain.qm9xtb import generate_qm9_xtb, load_qm9_xtb  # noqa: E402
+from forcefield.reference import xtb_energy_forces, xtb_level  # noqa: E402
+
+DATA = Path(os.environ["OREO_DATA_DIR"])
+QM9_DB = DATA / "schnetpack_testdata" / "test_qm9.db"      # 20 QM9 molecules, 15 of them in the train split
+HAVE_RMD17 = (DATA / "rmd17" / "rmd17_ethanol_test_01.npz").is_file()   # the targets' reference geometries
+pytestmark = pytest.mark.skipif(not QM9_DB.is_file(), reason="SchNetPack QM9 test database not found")
+
+# positions 9..13 of the fixed order in this database: HCN, CH2O, NH3, H2O and ethanol (QM9 gdb 14, a target)
+RANGE = dict(start=9, molecules=5)
+TINY = dict(frames_per_molecule=3, stride=5, equilibration_steps=10, shard_size=2, qm9=str(QM9_DB),
+            targets=["ethanol"] if HAVE_RMD17 else [])
+quiet = dict(log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qm9xtb")
+    generate_qm9_xtb(out, **RANGE, **TINY, **quiet)
+    return out
+
+
+def _same(a, b):
+    for name in ("numbers", "positions", "forces", "energy", "frame_id", "ptr"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
+def test_frames_are_labelled_sharded_and_recorded(tiny_set):
+    m = json.loads((tiny_set / "manifest.json").read_text())
+    assert m["level_of_theory"] == [xtb_level()]
+    assert m["counts"]["molecules"] == 5 and m["counts"]["failed"] == 0 and m["pending_molecules"] == []
+    assert m["counts"]["frames"] == 3 * m["counts"]["sampled"] - m["counts"]["frames_dropped"]
+    # blocks of 2 positions: 4 (9 only: incomplete), 5 (10, 11), 6 (12, 13)
+    assert [(s["block"], s["molecules"], s["complete"]) for s in m["shards"]] == [(4, 1, False), (5, 2, True),
+                                                                                 (6, 2, True)]
+    cset = load_qm9_xtb(tiny_set)
+    assert len(cset) == m["counts"]["frames"] and len(np.unique(cset.frame_id)) == len(cset)
+    assert not cset.equilibrium.any() and np.isfinite(cset.forces).all()
+    shard = np.load(tiny_set / m["shards"][1]["file"])
+    assert shard["level"].tolist() == [xtb_level()] * int(shard["mol_frames"].sum())     # per frame
+    assert (shard["mol_seed"] == [qm9xtb.molecule_seed(0, i) for i in shard["mol_index"]]).all()
+
+
+def test_seeded_determinism(tiny_set, tmp_path):
+    generate_qm9_xtb(tmp_path / "again", **RANGE, **TINY, **quiet)
+    _same(load_qm9_xtb(tiny_set), load_qm9_xtb(tmp_path / "again"))
+    generate_qm9_xtb(tmp_path / "s1", start=11, molecules=1, **{**TINY, "seed": 1}, **quiet)
+    other = load_qm9_xtb(tmp_path / "s1")
+    mine = load_qm9_xtb(tiny_set)
+    same_molecule = mine.subset(np.flatnonzero(np.isin(mine.frame_id, other.frame_id)))
+    assert len(same_molecule) == len(other) and not np.allclose(same_molecule.positions, other.positions)
+
+
+@pytest.mark.slow
+def test_workers_give_the_same_frames(tiny_set, tmp_path):
+    generate_qm9_xtb(tmp_path, **RANGE, **TINY, workers=2, **quiet)     # two spawned processes
+    _same(load_qm9_xtb(tiny_set), load_qm9_xtb(tmp_path))
+
+
+def test_resume_after_interruption_redoes_no_finished_molecule(tiny_set, tmp_path, monkeypatch, capsys):
+    calls, real = [], qm9xtb.sample_molecule
+
+    def killed_on_third(task):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(task[1])
+        return real(task)
+    monkeypatch.setattr(qm9xtb, "sample_molecule", killed_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        generate_qm9_xtb(tmp_path, **RANGE, **TINY, **quiet)
+    first = list(calls)
+    assert len(list((tmp_path / "pending").glob("*/*.npz"))) >= 2      # finished molecules are on disk
+    calls.clear()
+
+    def counting(task):
+        calls.append(task[1])
+        return real(task)
+    monkeypatch.setattr(qm9xtb, "sample_molecule", counting)
+    # continue with the command and no recipe options: the folder's recipe is used
+    assert main(["data", "qm9-xtb", "--out", str(tmp_path), "--start", "9", "--molecules", "5"]) == 0
+    assert "oreo-qm9-xtb in" in capsys.readouterr().out
+    assert not set(calls) & set(first) and len(first) + len(calls) == 4    # ethanol is never sampled
+    _same(load_qm9_xtb(tiny_set), load_qm9_xtb(tmp_path))                 # same frames as one run
+    assert not list((tmp_path / "pending").glob("*/*.npz"))
+    calls.clear()
+    generate_qm9_xtb(tmp_path, **RANGE, **quiet)                          # all done: nothing sampled
+    assert calls == []
+    # extending the range into the unfinished block 4 (position 9 only) rewrites its shard with both molecules
+    generate_qm9_xtb(tmp_path, start=8, molecules=1, **quiet)
+    shard = np.load(tmp_path / "shards" / qm9xtb.shard_name(4))
+    assert shard["mol_position"].tolist() == [8, 9] and len(calls) == 1
+    assert json.loads((tmp_path / "manifest.json").read_text())["shards"][0]["complete"]
+    before, after = load_qm9_xtb(tiny_set), load_qm9_xtb(tmp_path)
+    _same(before, after.subset(np.flatnonzero(np.isin(after.frame_id, before.frame_id))))
+    with pytest.raises(ValueError, match="temperature: 800.0 -> 500.0"):
+        generate_qm9_xtb(tmp_path, **RANGE, temperature=500.0, **quiet)
+
+
+@pytest.mark.skipif(not HAVE_RMD17, reason="rMD17 reference data not found (the targets' geometries)")
+def test_target_molecules_are_skipped_and_recorded(tiny_set):
+    m = json.loads((tiny_set / "manifest.json").read_text())
+    assert m["counts"]["skipped"] == 1
+    assert m["skipped"] == [{"qm9_index": 14, "reason": "leakage: bond graph of ethanol"}]
+    assert 14 not in (load_qm9_xtb(tiny_set).frame_id // qm9xtb.MAX_FRAMES).tolist()
+
+
+def test_stored_labels_equal_a_fresh_tblite_call(tiny_set):
+    cset = load_qm9_xtb(tiny_set)
+    for f in (0, len(cset) - 1):
+        energy, forces = xtb_energy_forces(cset.frame_numbers(f), cset.frame_positions(f))
+        assert abs(energy - cset.energy[f]) < 1e-5                        # eV (SCF started from another guess)
+        # eV/Å; the MD's SCF started from the previous step's solution: differences of a few 1e-4 eV/Å
+        np.testing.assert_allclose(cset.forces[cset.ptr[f]:cset.ptr[f + 1]], forces, atol=1e-3)
+        assert np.abs(forces).max() > 0.1                                 # off equilibrium
+
+
+def test_corpus_reads_the_shards_with_their_level_of_theory(tiny_set):
+    cset = load_qm9_xtb(tiny_set, energy="relative")
+    assert cset.meta["level_of_theory"] == [xtb_level()] and cset.meta["qm9_split"] == "train"
+    assert np.all(np.abs(cset.energy) < 5.0)           # eV above/below the xTB energy at the QM9 geometry
+    assert len(load_qm9_xtb(tiny_set, level="GFN2-xTB")) == len(cset)
+    assert len(load_qm9_xtb(tiny_set, level="PBE")) == 0
+    leakage = {"protocol": "strict", "targets": ["ethanol"], "split_indices": [1]} if HAVE_RMD17 else \
+        {"protocol": "none"}
+    corpus = build_corpus({"leakage": leakage,
+                           "sources": [{"name": "qm9-xtb", "reader": "qm9-xtb", "kind": "off-equilibrium",
+                                        "path": str(tiny_set)}]}, log=lambda *_: None)
+    assert len(corpus) == len(cset) and corpus.has_forces.all() and not corpus.frames.equilibrium.any()
+    assert corpus.frames.energy is None                # energies of every source are dropped
+    assert corpus.report["sources"][0]["dropped"] == ({"ethanol": 0} if HAVE_RMD17 else {})
+    with pytest.raises(FileNotFoundError, match="oreo data qm9-xtb"):
+        load_qm9_xtb(tiny_set / "nothing")
+
+
+@pytest.mark.skipif(not HAVE_RMD17, reason="rMD17 reference data not found (the targets' geometries)")
+def test_corpus_refuses_a_set_made_from_qm9_test_molecules(tmp_path):
+    generate_qm9_xtb(tmp_path, start=0, molecules=1, **{**TINY, "split": "all", "frames_per_molecule": 1}, **quiet)
+    src = [{"reader": "qm9-xtb", "kind": "off-equilibrium", "path": str(tmp_path)}]
+    with pytest.raises(ValueError, match="QM9 split 'all'"):
+        build_corpus({"leakage": {"protocol": "strict", "targets": ["ethanol"], "split_indices": [1]},
+                      "sources": src}, log=lambda *_: None)
+    assert len(build_corpus({"leakage": {"protocol": "none"}, "sources": src}, log=lambda *_: None)) == 1
+
+
+def test_a_broken_or_new_bond_is_detected_but_vibration_is_not():
+    z = np.array([8, 1, 1])
+    water = np.array([[0.0, 0.0, 0.0], [0.96, 0.0, 0.0], [-0.24, 0.93, 0.0]])
+    assert qm9xtb.bonds_intact(z, water, water)
+    assert qm9xtb.bonds_intact(z, water, water * 1.2)                      # O-H 1.15 Å: stretched, not broken
+    broken = water.copy()
+    broken[1, 0] = 1.6                                                     # O-H past 1.5 x covalent sum
+    assert not qm9xtb.bonds_intact(z, water, broken)
+    formed = water.copy()
+    formed[2] = formed[1] + [0.0, 0.55, 0.0]                               # H-H at 0.55 Å: a new bond
+    assert not qm9xtb.bonds_intact(z, water, formed)
