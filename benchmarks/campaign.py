@@ -41,9 +41,9 @@ RUNS_DIR = REPO / "runs" / "campaign"
 RESULTS_DIR = REPO / "benchmarks" / "results" / "campaign"
 JOB_KEYS = {"name", "group", "config", "set", "init_from", "init_cpu_hours", "budget_cpu_hours", "threads",
             "target_meV_per_A", "ship", "note", "stopped", "kind", "molecule", "model", "ps", "replicas", "dft_frames",
-            "corpus", "method", "compile"}
+            "corpus", "method", "compile", "priority"}
 MD_KEYS = {"name", "group", "kind", "molecule", "model", "ps", "replicas", "threads", "note", "stopped", "dft_frames",
-           "compile"}
+           "compile", "priority"}
 
 
 # ---------------------------------------------------------------------------- jobs
@@ -224,8 +224,9 @@ def launch(job: Dict, minutes: float, nice: int) -> Slot:
     fresh = not (out / "last.pt").is_file() and not state_path(job).is_file()
     cmd = job_command(job, minutes, fresh, nice)
     log_path = out / "campaign.log"
-    # each job compiles into its own Inductor cache: two jobs compiling the same graph at once into the shared
-    # cache left an entry that failed every later load (UnboundLocalError in the generated code, torch 2.13)
+    # each job compiles into its own Inductor cache: after ethanol's compiled step failed (torch 2.13 Inductor,
+    # UnboundLocalError in the generated backward), a naphthalene export reading the shared cache failed the same
+    # way and built fine in a fresh one
     env = {**os.environ, "OREO_THREADS": str(job["threads"]), "OMP_NUM_THREADS": str(job["threads"]),
            "MKL_NUM_THREADS": str(job["threads"]),
            "TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR",
@@ -245,6 +246,26 @@ def last_csv_row(job: Dict) -> Optional[Dict]:
     with open(path) as fh:
         rows = list(csv.DictReader(fh))
     return rows[-1] if rows else None
+
+
+def own_cpu_hours(job: Dict, state: Optional[Dict]) -> float:
+    """CPU-hours a job has had of its own (not counting the model it started from)."""
+    if state is None:
+        return 0.0
+    return float(state["cpu_hours"]) - float(job.get("init_cpu_hours") or 0.0)
+
+
+def schedule(jobs: List[Dict], names: Optional[List[str]]) -> List[Dict]:
+    """The order free slots are filled in: the jobs named by ``--jobs`` in that order; otherwise fair shares
+    across pieces: lowest ``priority`` first (default 0), then the job that has had the least CPU time of its own,
+    so training, MD and pretraining jobs all advance from one session to the next."""
+    if names:
+        by_name = {j["name"]: j for j in jobs}
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise SystemExit(f"--jobs: no job named {unknown} in {CAMPAIGN_YAML}; known: {sorted(by_name)}")
+        return [by_name[n] for n in names]
+    return sorted(jobs, key=lambda j: (float(j.get("priority", 0)), own_cpu_hours(j, read_state(j))))
 
 
 def run(jobs: List[Dict], minutes: float, slots: int, every: float, names: Optional[List[str]],
@@ -268,7 +289,7 @@ def run(jobs: List[Dict], minutes: float, slots: int, every: float, names: Optio
         left = (deadline - now) / 60
         # fill free slots (the YAML is re-read, so edits take effect)
         if left > 2:
-            jobs = read_jobs(CAMPAIGN_YAML)
+            jobs = schedule(read_jobs(CAMPAIGN_YAML), names)
             busy = {s.job["name"] for s in running}
             for job in jobs:
                 if len(running) >= slots:
@@ -549,7 +570,8 @@ def plot_curves(rows: List[Dict]) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, help="wall time to spend (jobs stop at their next epoch end)")
-    ap.add_argument("--jobs", nargs="*", help="only these jobs (default: every unfinished one, in file order)")
+    ap.add_argument("--jobs", nargs="*", help="only these jobs, in this order (default: every unfinished one, "
+                                              "lowest priority first, then the one with the least CPU time so far)")
     ap.add_argument("--slots", type=int, help="jobs at once (default: cores // threads per job)")
     ap.add_argument("--every", type=float, default=60.0, help="seconds between progress lines")
     ap.add_argument("--nice", type=int, default=10, help="nice level of the jobs (default 10)")

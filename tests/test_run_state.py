@@ -218,3 +218,18 @@ def test_campaign_md_job_pins_its_model_and_continues_from_its_state(tmp_path, m
     cmd = campaign.dft_command(job)
     assert cmd[1:5] == ["-m", "md.cli", "dft-check", str(tmp_path / "state" / "md-test.pt")]
 
+
+
+def test_campaign_gives_free_slots_to_the_least_served_job(monkeypatch):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import campaign
+    finally:
+        sys.path.pop(0)
+    spent = {"a": {"cpu_hours": 3.0}, "b": {"cpu_hours": 2.5}, "c": None, "d": {"cpu_hours": 0.2}}
+    monkeypatch.setattr(campaign, "read_state", lambda job: spent[job["name"]])
+    jobs = [{"name": "a", "init_cpu_hours": 2.0}, {"name": "b"}, {"name": "c"}, {"name": "d", "priority": 1}]
+    assert [j["name"] for j in campaign.schedule(jobs, None)] == ["c", "a", "b", "d"]   # a: 1 CPU-h of its own
+    assert [j["name"] for j in campaign.schedule(jobs, ["d", "b"])] == ["d", "b"]       # --jobs: as given
+    with pytest.raises(SystemExit, match="no job named"):
+        campaign.schedule(jobs, ["zz"])
