@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Dict, Optional
 
 import numpy as np
@@ -47,19 +46,13 @@ def load_frames(molecule: str, split: str = "test", data_dir=None, split_index: 
 
 def frames_from_file(path) -> "object":
     """Every frame of an ASE-readable structure file as a ``ConformationSet`` (cell/pbc kept)."""
-    from ase.io import read
+    from forcefield.data.ase_reader import read_structures
     from forcefield.data.conformations import ConformationSet
 
-    path = Path(path)
-    if not path.is_file():
-        raise MDInputError(f"structure file '{path}' does not exist; pass an ASE-readable file "
-                           f"(e.g. .xyz/.extxyz/.cif/.traj) to --structure")
     try:
-        images = read(str(path), index=":")
-    except Exception as exc:  # ase raises many types for unreadable files
-        raise MDInputError(f"cannot read structure file '{path}' with ase.io.read: {exc}") from exc
-    if not images:
-        raise MDInputError(f"structure file '{path}' holds no frames")
+        images = read_structures(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise MDInputError(f"--structure: {exc}") from None
     counts = np.array([len(a) for a in images])
     periodic = any(a.pbc.any() for a in images)
     energy = forces = None

@@ -8,13 +8,16 @@ Shapes: a trajectory is ``traj`` (T, n, 3) Å (T frames of one system with n ato
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 import torch
 
 from forcefield.bonds import bond_lengths, find_bonds, first_unstable_frame, max_bond_deviation  # noqa: F401
 from forcefield.evaluate import mae_rmse
+
+__all__ = ["HR_RMAX", "HR_BINS", "hr_bins", "pair_distances", "distance_histogram", "hr_mae", "force_errors",
+           "find_bonds", "bond_lengths", "max_bond_deviation", "first_unstable_frame"]
 
 HR_RMAX = 10.0   #: Å, upper edge of the h(r) histogram
 HR_BINS = 500    #: number of h(r) bins on (0, HR_RMAX]

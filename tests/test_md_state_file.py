@@ -1,7 +1,6 @@
 """Runs that add up across fresh clones: the compact state file, accumulated observables, pausing, the model check,
 the h(r) sampling floor and the full rMD17 reference."""
 import json
-import shutil
 
 import numpy as np
 import pytest

@@ -26,9 +26,26 @@ from ..units import energy_unit_factor, length_unit_factor
 from .conformations import ConformationSet
 from .paths import DataNotFoundError, PathLike
 
-__all__ = ["load_ase"]
+__all__ = ["load_ase", "read_structures"]
 
 _DB_FORMATS = ("db", "json", "postgresql", "mysql")
+
+
+def read_structures(path: PathLike) -> list:
+    """Every frame of an ASE-readable structure file (a user's ``--structure``) as ``ase.Atoms``: a missing,
+    unreadable or empty file is an error (FileNotFoundError / ValueError) that names it and what to pass."""
+    from ase.io import read
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"structure file '{path}' does not exist; pass an ASE-readable file "
+                                f"(e.g. .xyz/.extxyz/.sdf/.cif/.traj)")
+    try:
+        images = read(str(path), index=":")
+    except Exception as exc:  # ase raises many types for unreadable files
+        raise ValueError(f"cannot read structure file '{path}' with ase.io.read: {exc}") from None
+    if not images:
+        raise ValueError(f"structure file '{path}' holds no frames")
+    return images
 
 
 class _Frame:

@@ -32,6 +32,7 @@ from .config import FitConfig
 from .label import LabelStore, Level
 from .state import ROUND_ID_BASE, FitState, md_frame_id, round_dir
 
+
 class _Run:
     """One invocation: the settings, the manifest, the pool, the label store, the backbone."""
 

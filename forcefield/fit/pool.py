@@ -65,17 +65,12 @@ def conformers_from_smiles(smiles: str, n: int, seed: int = 0) -> List["object"]
 
 def conformers_from_file(path) -> List["object"]:
     """Every frame of an ASE-readable file (one molecule, same atoms in every frame)."""
-    from ase.io import read
+    from ..data.ase_reader import read_structures
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"structure file {path} does not exist; pass an ASE-readable file (.xyz, .extxyz, "
-                                f".sdf, ...) to --structure, or the molecule as --smiles")
     try:
-        images = read(str(path), index=":")
-    except Exception as exc:  # ase raises many types for unreadable files
-        raise ValueError(f"cannot read structure file {path} with ase.io.read: {exc}") from None
-    if not images:
-        raise ValueError(f"structure file {path} holds no frames")
+        images = read_structures(path)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{exc} to --structure, or give the molecule as --smiles") from None
     if any(a.pbc.any() for a in images):
         raise ValueError(f"{path} is periodic; oreo fit supports isolated molecules only")
     first = images[0].numbers
