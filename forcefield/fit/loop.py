@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
+from ..data.poly24.sampling import write_extxyz
 from ..files import atomic_write, write_json
 from .config import FitConfig
 from .label import LabelStore, Level
@@ -87,7 +88,7 @@ class _Run:
 
     # ------------------------------------------------------------------ stages 1-3
     def conformer_stage(self) -> None:
-        from ase.io import read, write
+        from ase.io import read
         from .pool import conformers_from_file, conformers_from_smiles
         path = self.out / "pool" / "conformers.extxyz"
         cfg = self.cfg
@@ -95,7 +96,7 @@ class _Run:
             t0 = time.perf_counter()
             confs = conformers_from_smiles(cfg.smiles, cfg.conformers, cfg.seed) if cfg.smiles \
                 else conformers_from_file(cfg.structure)
-            atomic_write(path, lambda tmp: write(str(tmp), confs, format="extxyz"))
+            write_extxyz(path, confs)
             a = confs[0]
             self.state.data["molecule"] = {"smiles": cfg.smiles, "structure": cfg.structure, "name": cfg.name,
                                            "formula": a.get_chemical_formula(), "n_atoms": len(a),
@@ -228,7 +229,6 @@ class _Run:
 
     def explore_round(self, r: int, bonds, reference) -> None:
         from ase import Atoms
-        from ase.io import write
         from .explore import STOP_UNCERTAIN, STOP_UNSTABLE, ExploreSettings, explore
         rec = self.state.round(r)
         if rec.get("md"):
@@ -251,7 +251,7 @@ class _Run:
                                  bonds, reference, self.log, what=f"round {r} committee MD")
         for k, a in enumerate(cands):
             a.info["frame_id"] = md_frame_id(r, k)
-        atomic_write(folder / "candidates.extxyz", lambda tmp: write(str(tmp), cands, format="extxyz"))
+        write_extxyz(folder / "candidates.extxyz", cands)
         self._candidates[r] = cands
         spreads = [a.info["forces_std_max"] for a in cands]
         summary = {"replicas": len(records), "steps": cfg.md_steps, "ps": cfg.md_ps,

@@ -15,7 +15,7 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
-from ..files import atomic_write
+from ..data.poly24.sampling import frames_to_images, write_extxyz
 from .label import FIT_HINT
 from .progress import Progress
 
@@ -88,23 +88,6 @@ def trajectory_name(temperature: float, conformer: int) -> str:
     return f"T{temperature:g}_c{conformer}"
 
 
-def _write_extxyz(path: Path, images) -> None:
-    from ase.io import write
-    atomic_write(path, lambda tmp: write(str(tmp), images, format="extxyz"))
-
-
-def _images(numbers, frames, info) -> list:
-    from ase import Atoms
-    from ase.calculators.singlepoint import SinglePointCalculator
-    images = []
-    for fr in frames:
-        a = Atoms(numbers=numbers, positions=fr.positions)
-        a.info.update(info, step=fr.step, time_fs=fr.time_fs)
-        a.calc = SinglePointCalculator(a, energy=fr.energy, forces=fr.forces)
-        images.append(a)
-    return images
-
-
 def sample_pool_trajectory(conformer, temperature: float, index: int, settings: PoolSettings,
                            on_step: Optional[Callable[[int], None]] = None, max_attempts: int = 3):
     """The kept frames of one xTB trajectory from ``conformer`` (a new seed per attempt if xTB blows up)."""
@@ -140,7 +123,8 @@ def build_pool(folder, conformers: Sequence, settings: PoolSettings, log: Callab
         index = jobs.index((t, c))
         frames, seed = sample_pool_trajectory(conformers[c], t, index, settings, progress.advance)
         info = {"temperature_K": t, "conformer": c, "seed": seed}
-        _write_extxyz(folder / f"{trajectory_name(t, c)}.extxyz", _images(conformers[c].numbers, frames, info))
+        images = frames_to_images(conformers[c].numbers, frames, info)
+        write_extxyz(folder / f"{trajectory_name(t, c)}.extxyz", images)
     if todo:
         progress.finish()
     from ase.io import read
@@ -149,7 +133,7 @@ def build_pool(folder, conformers: Sequence, settings: PoolSettings, log: Callab
         for a in read(str(folder / f"{trajectory_name(t, c)}.extxyz"), index=":"):
             a.info["frame_id"] = len(pool)
             pool.append(a)
-    _write_extxyz(folder / "pool.extxyz", pool)
+    write_extxyz(folder / "pool.extxyz", pool)
     return pool
 
 

@@ -20,12 +20,12 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
-from ...files import atomic_write, atomic_write_text
+from ...files import atomic_write_text
 from .build import build_oligomer, geometry_problems, oligomer_smiles
 from .catalog import POLYMERS, Polymer, select_polymers
-from .sampling import SamplingError, SamplingSettings, sample_trajectory
+from .sampling import SamplingError, SamplingSettings, frames_to_images, sample_trajectory, write_extxyz
 
 FORMAT = "oreo-poly24"
 VERSION = 1
@@ -94,28 +94,11 @@ def trajectory_name(temperature: float, replica: int) -> str:
     return f"T{temperature:g}_r{replica}"
 
 
-def _atomic_write_extxyz(path: Path, images) -> None:
-    from ase.io import write
-    atomic_write(path, lambda tmp: write(str(tmp), images, format="extxyz"))
-
-
 def level_of_theory(config: GenerationConfig) -> str:
     from ...reference import dft_level, xtb_level
     if config.labels == "dft":
         return f"{dft_level(config.dft_xc, config.dft_basis)}; sampled by {xtb_level()} MD"
     return xtb_level()
-
-
-def _images(numbers, frames, info: Dict[str, Any]):
-    from ase import Atoms
-    from ase.calculators.singlepoint import SinglePointCalculator
-    images = []
-    for fr in frames:
-        atoms = Atoms(numbers=numbers, positions=fr.positions)
-        atoms.info.update(info, step=fr.step, time_fs=fr.time_fs)
-        atoms.calc = SinglePointCalculator(atoms, energy=fr.energy, forces=fr.forces)
-        images.append(atoms)
-    return images
 
 
 def _relabel_dft(numbers, frames, config: GenerationConfig):
@@ -157,7 +140,7 @@ def generate_trajectory(out: Path, polymer: Polymer, temperature: float, replica
               "seconds": round(time.perf_counter() - started, 2)}
     info = {"polymer": polymer.name, "temperature_K": temperature, "replica": replica, "split": split,
             "trajectory": f"{polymer.name}/{name}", "level_of_theory": level}
-    _atomic_write_extxyz(folder / f"{name}.extxyz", _images(atoms.numbers, frames, info))
+    write_extxyz(folder / f"{name}.extxyz", frames_to_images(atoms.numbers, frames, info))
     atomic_write_text(folder / f"{name}.json", json.dumps(record, indent=1))
     return record
 
@@ -210,7 +193,7 @@ def write_manifest(out: Path) -> Dict:
     for split in SPLITS:
         images = [a for r in recs if r["split"] == split for a in read(str(out / r["file"]), index=":")]
         if images:
-            _atomic_write_extxyz(out / f"{split}.extxyz", images)
+            write_extxyz(out / f"{split}.extxyz", images)
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False))
     lines = ["# oreo-poly24", "", DATASET_NOTE, "",
              f"Labels: {'; '.join(levels)}. Units: Å, eV, eV/Å.", "",

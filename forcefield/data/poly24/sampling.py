@@ -97,3 +97,25 @@ def _frame(atoms, energy, forces, step: int, settings: SamplingSettings, frame_i
     return SampledFrame(positions=atoms.positions.copy(), energy=float(energy),
                         forces=np.array(forces, dtype=np.float64), step=step, time_fs=step * settings.timestep_fs,
                         info=info)
+
+
+def frames_to_images(numbers, frames: List[SampledFrame], info: Dict[str, Any]) -> list:
+    """Kept frames as ``ase.Atoms`` with their energy and forces (a single-point calculator), ``info`` plus the
+    step and time of each: what the sampled trajectories are written as."""
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+    images = []
+    for fr in frames:
+        atoms = Atoms(numbers=numbers, positions=fr.positions)
+        atoms.info.update(info, step=fr.step, time_fs=fr.time_fs)
+        atoms.calc = SinglePointCalculator(atoms, energy=fr.energy, forces=fr.forces)
+        images.append(atoms)
+    return images
+
+
+def write_extxyz(path, images) -> None:
+    """Write ``images`` to ``path`` as extended XYZ, atomically (a killed run leaves the old file or none)."""
+    from ase.io import write
+    from ...files import atomic_write
+    atomic_write(path, lambda tmp: write(str(tmp), images, format="extxyz"))
+
