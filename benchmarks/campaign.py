@@ -167,11 +167,11 @@ def md_command(job: Dict, minutes: float) -> List[str]:
     return cmd
 
 
-def dft_command(job: Dict) -> List[str]:
+def dft_command(job: Dict, minutes: float) -> List[str]:
     """``oreo-md dft-check`` on the frames of the last 100 ps the finished MD job kept in its state (PBE/def2-SVP,
     rMD17's level; each frame saved as it finishes)."""
     return [sys.executable, "-m", "md.cli", "dft-check", str(state_path(job)), "--frames",
-            str(int(job.get("dft_frames", 10))), "--threads", str(job["threads"])]
+            str(int(job.get("dft_frames", 10))), "--threads", str(job["threads"]), "--max-minutes", f"{minutes:.2f}"]
 
 
 def pretrain_command(job: Dict, minutes: float, fresh: bool) -> List[str]:
@@ -195,7 +195,7 @@ def job_command(job: Dict, minutes: float, fresh: bool, nice: int = 10) -> List[
     if job.get("kind", "train") == "md":
         state = read_state(job)
         if state is not None and md_simulated(state):
-            return ["nice", "-n", str(nice)] + dft_command(job)
+            return ["nice", "-n", str(nice)] + dft_command(job, minutes)
         return ["nice", "-n", str(nice)] + md_command(job, minutes)
     cmd = [sys.executable, "-m", "forcefield.cli", "train", "--config", str(REPO / job["config"]),
            "--out", str(RUNS_DIR / job["name"]), "--state", str(state_path(job)), "--no-progress",

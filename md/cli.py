@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--grid-level", type=_non_negative_int, default=4, help="PySCF DFT grid level (default 4)")
     d.add_argument("--conv-tol", type=_positive(float), default=1e-10, help="SCF convergence, Hartree (default 1e-10)")
     d.add_argument("--max-memory", type=_positive(int), help="PySCF memory limit in MB")
+    d.add_argument("--max-minutes", type=_positive(float),
+                   help="start no new frame after this many minutes (frames are saved as they finish; run the same "
+                        "command again to continue)")
     add_threads_argument(d)
     return p
 
@@ -216,8 +219,11 @@ def _dft_check(args) -> int:
     from .dft import dft_check
     report = dft_check(args.run_dir, n_frames=args.frames, seed=args.seed, replica=args.replica, xc=args.xc,
                        basis=args.basis, grid_level=args.grid_level, conv_tol=args.conv_tol,
-                       max_memory=args.max_memory)
-    print(f"DFT check ({args.xc}/{args.basis}) on {report['n_frames']} frames: force MAE "
+                       max_memory=args.max_memory, max_minutes=args.max_minutes)
+    if not report["n_frames"]:
+        print(f"DFT check: no frame done within --max-minutes {args.max_minutes:g}; run again to continue")
+        return 0
+    print(f"DFT check ({args.xc}/{args.basis}) on {report['n_frames']} of {args.frames} frames: force MAE "
           f"{report['force_mae_meV_per_A']:.1f} meV/Å (RMSE {report['force_rmse_meV_per_A']:.1f})")
     from .dft import output_paths
     paths = output_paths(Path(args.run_dir))

@@ -48,6 +48,12 @@ def dft_forces(numbers: np.ndarray, positions: np.ndarray, xc: str = "pbe", basi
                              conv_tol=conv_tol, max_memory=max_memory)
 
 
+def nested_pick(n_pool: int, n_frames: int, seed: int) -> np.ndarray:
+    """``n_frames`` seeded indices of a pool, sorted; asking for more frames later keeps the earlier ones (a check
+    extended from 10 to 20 frames reuses the 10 it has)."""
+    return np.sort(np.random.default_rng(seed).permutation(n_pool)[:min(n_frames, n_pool)])
+
+
 def sample_frames(run_dir: Path, n_frames: int, seed: int, replica: Optional[int] = None) -> List[dict]:
     """Seeded sample of trajectory frames (after t = 0, before each replica's first unstable
     frame when summary.json says so) -> dicts with replica, step, time_ps, numbers, positions,
@@ -75,8 +81,7 @@ def sample_frames(run_dir: Path, n_frames: int, seed: int, replica: Optional[int
                          "positions": a.positions.copy(), "model_forces": a.get_forces().copy()})
     if not pool:
         raise MDInputError(f"no stable frames after t = 0 in '{run_dir}' to check; simulate longer first")
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(len(pool), size=min(n_frames, len(pool)), replace=False))
+    pick = nested_pick(len(pool), n_frames, seed)
     return [pool[k] for k in pick]
 
 
@@ -102,8 +107,7 @@ def sample_state_frames(state_file: Path, n_frames: int, seed: int, replica: Opt
         step = int(state["state"]["step"])
         raise MDInputError(f"'{state_file}' keeps no stable frame of the run's last 100 ps yet (it is at "
                            f"{step * cfg.timestep / 1000:g} of {cfg.ps:g} ps); simulate further first")
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(len(pool), size=min(n_frames, len(pool)), replace=False))
+    pick = nested_pick(len(pool), n_frames, seed)
     return [pool[k] for k in pick]
 
 
@@ -117,10 +121,14 @@ def output_paths(source: Path) -> Dict[str, Optional[Path]]:
 
 def dft_check(run_dir, n_frames: int = 10, seed: int = 0, replica: Optional[int] = None, xc: str = "pbe",
               basis: str = "def2-svp", grid_level: int = 4, conv_tol: float = 1e-10,
-              max_memory: Optional[int] = None, progress: Optional[bool] = None) -> Dict[str, object]:
+              max_memory: Optional[int] = None, progress: Optional[bool] = None,
+              max_minutes: Optional[float] = None) -> Dict[str, object]:
     """Recompute forces of sampled frames of a run (``run_dir``: its directory or its state file) with PySCF;
-    write and return the report."""
+    write and return the report. ``max_minutes``: start no new frame after this much wall time (the report then
+    covers the frames done; the same call later continues with the rest)."""
+    import time
     from tqdm.auto import tqdm
+    deadline = None if max_minutes is None else time.perf_counter() + 60.0 * max_minutes
 
     run_dir = Path(run_dir)
     if not run_dir.is_file() and not (run_dir / io.RUN_JSON).is_file():
@@ -145,6 +153,8 @@ def dft_check(run_dir, n_frames: int = 10, seed: int = 0, replica: Optional[int]
         key = (fr["replica"], fr["step"])
         if key in done:
             e, f = done[key][0], np.asarray(done[key][1])
+        elif deadline is not None and time.perf_counter() >= deadline:
+            continue                     # no new frame after the deadline; finished ones still count
         else:
             e, f = dft_forces(fr["numbers"], fr["positions"], xc, basis, grid_level=grid_level,
                               conv_tol=conv_tol, max_memory=max_memory)
@@ -154,6 +164,9 @@ def dft_check(run_dir, n_frames: int = 10, seed: int = 0, replica: Optional[int]
         dft_all.append(f)
         model_all.append(fr["model_forces"])
         _write(paths, settings, records, dft_all, model_all)
+    if not records:
+        return {"settings": settings, "n_frames": 0, "force_mae_meV_per_A": None, "force_rmse_meV_per_A": None,
+                "frames": []}
     report = _write(paths, settings, records, dft_all, model_all)
     if paths["png"] is not None:
         from .plots import plot_parity

@@ -189,6 +189,9 @@ def test_dft_check_of_a_state_file_uses_its_frame_sample_and_saves_each_frame(tm
     assert report["n_frames"] == 3 and report["force_mae_meV_per_A"] == pytest.approx(10.0, abs=1e-6)
     assert len(calls) == 3 and state.with_suffix(".dft_forces.npz").is_file()
     assert main(["dft-check", str(state), "--frames", "3"]) == 0 and len(calls) == 3   # finished frames reused
+    assert main(["dft-check", str(state), "--frames", "5", "--max-minutes", "1e-9"]) == 0   # no new frame started
+    assert len(calls) == 3 and json.loads(state.with_suffix(".dft_check.json").read_text())["n_frames"] == 3
+    assert main(["dft-check", str(state), "--frames", "5"]) == 0 and len(calls) == 5   # the same call continues
 
 
 @pytest.mark.slow

@@ -215,8 +215,9 @@ def test_campaign_md_job_pins_its_model_and_continues_from_its_state(tmp_path, m
     assert campaign.finished(job, {"step": 5, "n_steps": 10, "ps": 300.0, "running": 0, "sampled": 0,
                                    "dft_done": 0}) == "every replica stopped, no frame for the DFT check"
     assert campaign.finished(job, {"step": 5, "n_steps": 10, "ps": 300.0, "running": 2}) == ""
-    cmd = campaign.dft_command(job)
+    cmd = campaign.dft_command(job, 20)
     assert cmd[1:5] == ["-m", "md.cli", "dft-check", str(tmp_path / "state" / "md-test.pt")]
+    assert cmd[cmd.index("--max-minutes") + 1] == "20.00"
 
 
 
