@@ -304,6 +304,7 @@ def run_simulation(config: SimulationConfig, out_dir, potential=None, frames=Non
     """
     from tqdm.auto import tqdm
 
+    deadline = None if max_minutes is None else time.perf_counter() + 60.0 * float(max_minutes)  # loading counts
     config = SimulationConfig.from_dict(config.to_dict()).validate()
     if config.molecule and config.data_dir is None and os.environ.get("OREO_DATA_DIR"):
         config.data_dir = str(Path(os.environ["OREO_DATA_DIR"]).resolve())   # recorded for later analysis
@@ -358,7 +359,7 @@ def run_simulation(config: SimulationConfig, out_dir, potential=None, frames=Non
     run.model_meta = {**model_metadata(potential), **fingerprint}
     run.frames = described
     run.state_file = Path(state_file) if state_file is not None else None
-    run.deadline = None if max_minutes is None else time.perf_counter() + 60.0 * float(max_minutes)
+    run.deadline = deadline
     if ckpt is not None:
         run.wall_s, run.steps_timed = float(ckpt["wall_s"]), int(ckpt["steps_timed"])
         run.trajectory_from_step = int(state.step) if from_state else int(ckpt.get("trajectory_from_step") or 0)
