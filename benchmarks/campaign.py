@@ -288,7 +288,7 @@ def run(jobs: List[Dict], minutes: float, slots: int, every: float, names: Optio
                     print("  " + "\n  ".join(tail), flush=True)
         left = (deadline - now) / 60
         # fill free slots (the YAML is re-read, so edits take effect)
-        if left > 2:
+        if left > 2 and len(running) < slots:   # only when a core is free: states are MBs, the loop ticks every 5 s
             jobs = schedule(read_jobs(CAMPAIGN_YAML), names)
             busy = {s.job["name"] for s in running}
             for job in jobs:

@@ -31,7 +31,7 @@ from . import io
 from .config import SimulationConfig
 from .errors import MDInputError
 from .frames import describe_frames, frame_stack, load_system_frames, reference_bonds, same_molecule
-from .metrics import HR_RMAX, distance_histogram, hr_mae
+from .metrics import HR_RMAX, distance_histogram, hr_mae, speed_record
 from .observables import Observables, replay_trajectories, sampling_floor
 
 
@@ -158,7 +158,8 @@ def summarize(cfg: SimulationConfig, ckpt: dict, statuses: List[dict], obs: Obse
         "hr_mae": _stats([x["hr_mae"] for x in replicas]),
         "hr_floor": _stats([x["hr_floor"] for x in replicas]),
         "force": force, "force_mae_meV_per_A": None if force is None else force["force_mae_meV_per_A"],
-        "speed": speed if speed is not None else _speed(ckpt, cfg),
+        "speed": speed if speed is not None else speed_record(ckpt.get("wall_s"), ckpt.get("steps_timed"),
+                                                              cfg.replicas, cfg.timestep),
         "replicas": [{k: v for k, v in x.items() if k != "hr"} for x in replicas],
         "definitions": {"bond_threshold_A": cfg.bond_threshold, "hr_bins": 500, "hr_rmax_A": HR_RMAX,
                         "hr_floor": "h(r) MAE between two disjoint random draws of the reference with the replica's "
@@ -167,16 +168,6 @@ def summarize(cfg: SimulationConfig, ckpt: dict, statuses: List[dict], obs: Obse
                         "std": "population standard deviation over replicas (numpy ddof=0)"},
     }
     return summary, replicas, r_bins, h_ref
-
-
-def _speed(ckpt: dict, cfg: SimulationConfig) -> dict:
-    wall, steps = float(ckpt.get("wall_s") or 0.0), int(ckpt.get("steps_timed") or 0)
-    if steps <= 0 or wall <= 0:
-        return {"steps_per_s": None, "replica_steps_per_s": None, "ns_per_day": None, "wall_s": wall,
-                "timed_steps": steps}
-    rate = steps / wall
-    return {"steps_per_s": rate, "replica_steps_per_s": rate * cfg.replicas,
-            "ns_per_day": rate * cfg.timestep * 86400.0 / 1e6, "wall_s": wall, "timed_steps": steps}
 
 
 def analyze_state(state_file, forcefield=None, force_frames: Optional[int] = None, data_dir: Optional[str] = None,

@@ -89,9 +89,8 @@ def sample_state_frames(state_file: Path, n_frames: int, seed: int, replica: Opt
     """Seeded sample of the frames a run keeps in its state file for this check (stable frames of its last
     100 ps, :mod:`md.observables`) -> the dicts of :func:`sample_frames`."""
     from .config import SimulationConfig
-    from .observables import Observables
+    from .observables import Observables, sample_window_start
     from .rundir import read_state_file
-    from .simulate import sample_window_start
     state = read_state_file(state_file)
     if state is None:
         raise MDInputError(f"state file '{state_file}' not found")

@@ -17,7 +17,7 @@ from forcefield.bonds import bond_lengths, find_bonds, first_unstable_frame, max
 from forcefield.evaluate import mae_rmse
 
 __all__ = ["HR_RMAX", "HR_BINS", "hr_bins", "pair_distances", "distance_histogram", "hr_mae", "force_errors",
-           "find_bonds", "bond_lengths", "max_bond_deviation", "first_unstable_frame"]
+           "find_bonds", "bond_lengths", "max_bond_deviation", "first_unstable_frame", "speed_record"]
 
 HR_RMAX = 10.0   #: Å, upper edge of the h(r) histogram
 HR_BINS = 500    #: number of h(r) bins on (0, HR_RMAX]
@@ -63,6 +63,19 @@ def distance_histogram(traj: np.ndarray, rmax: float = HR_RMAX, n_bins: int = HR
 def hr_mae(h_model: np.ndarray, h_ref: np.ndarray, rmax: float = HR_RMAX) -> float:
     """MDsim's h(r) MAE: ``mean |h_model − h_ref| × rmax`` (dimensionless)."""
     return float(np.abs(np.asarray(h_model) - np.asarray(h_ref)).mean() * rmax)
+
+
+# ---------------------------------------------------------------------------------- speed
+def speed_record(wall_s: float, timed_steps: int, replicas: int, timestep_fs: float) -> dict:
+    """Steps per second (all replicas in one batch), replica-steps per second and ns/day of the timed steps;
+    None (printed "n/a") when no step was timed."""
+    wall_s, timed_steps = float(wall_s or 0.0), int(timed_steps or 0)
+    if timed_steps <= 0 or wall_s <= 0:
+        return {"steps_per_s": None, "replica_steps_per_s": None, "ns_per_day": None, "wall_s": wall_s,
+                "timed_steps": timed_steps}
+    rate = timed_steps / wall_s
+    return {"steps_per_s": rate, "replica_steps_per_s": rate * replicas,
+            "ns_per_day": rate * timestep_fs * 86400.0 / 1e6, "wall_s": wall_s, "timed_steps": timed_steps}
 
 
 # ---------------------------------------------------------------------------------- forces

@@ -145,6 +145,12 @@ class Observables:
         return obs
 
 
+def sample_window_start(config) -> int:
+    """First step of the window the DFT-check frames are sampled from (``config``: a SimulationConfig): the last
+    ``SAMPLE_WINDOW_PS`` of the run (the whole run when it is shorter)."""
+    return max(0, config.n_steps - int(round(SAMPLE_WINDOW_PS * 1000.0 / config.timestep)))
+
+
 def replay_trajectories(trajectories: Sequence[Sequence], bonds: Sequence, threshold: float,
                         timestep_fs: float) -> Observables:
     """Observables of trajectories already on disk: ``trajectories[r]`` is replica r's list of ``ase.Atoms``

@@ -25,7 +25,7 @@ from .config import SimulationConfig
 from .errors import MDInputError
 from .frames import describe_frames, load_system_frames, reference_bonds
 from .integrators import compute_forces, conserved_energy, make_integrator
-from .observables import Observables, replay_trajectories
+from .observables import Observables, replay_trajectories, sample_window_start
 from .rundir import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, prepare_run_dir
 from .potential import ForceField, load_model, model_fingerprint, model_metadata
 from .state import MDState, make_state, maxwell_boltzmann_velocities, overlapping_atoms
@@ -197,15 +197,9 @@ class _Run:
         return replace(state, active=active)
 
     def speed(self) -> Dict[str, Optional[float]]:
-        """Steps per second etc. of the timed steps; None (printed "n/a") when no step was timed."""
-        if self.steps_timed <= 0 or self.wall_s <= 0:
-            return {"steps_per_s": None, "replica_steps_per_s": None, "ns_per_day": None,
-                    "wall_s": self.wall_s, "timed_steps": self.steps_timed}
-        steps_per_s = self.steps_timed / self.wall_s
-        return {"steps_per_s": steps_per_s,
-                "replica_steps_per_s": steps_per_s * self.config.replicas,
-                "ns_per_day": steps_per_s * self.config.timestep * 86400.0 / 1e6,
-                "wall_s": self.wall_s, "timed_steps": self.steps_timed}
+        """Steps per second etc. of the timed steps (:func:`md.metrics.speed_record`)."""
+        from .metrics import speed_record
+        return speed_record(self.wall_s, self.steps_timed, self.config.replicas, self.config.timestep)
 
     def checkpoint(self, state: MDState, completed: bool = False) -> None:
         cfg = self.config
@@ -232,13 +226,6 @@ class _Run:
             "trajectory_from_step": self.trajectory_from_step,
             "n_atoms": [int(n) for n in state.atoms_per_system.cpu().tolist()],
             "replicas": [dict(s) for s in self.status], "speed": self.speed()})
-
-
-def sample_window_start(config: SimulationConfig) -> int:
-    """First step of the window the DFT-check frames are sampled from: the last ``SAMPLE_WINDOW_PS`` of the run
-    (the whole run when it is shorter)."""
-    from .observables import SAMPLE_WINDOW_PS
-    return max(0, config.n_steps - int(round(SAMPLE_WINDOW_PS * 1000.0 / config.timestep)))
 
 
 def initial_state(config: SimulationConfig, held_out, generator: torch.Generator) -> Tuple[MDState, List[dict]]:
