@@ -136,3 +136,41 @@ def test_a_compiler_failure_falls_back_to_the_eager_path_with_a_warning(monkeypa
     torch.testing.assert_close(out["forces"], eager["forces"], rtol=0, atol=0)
     loss, grads = _grads(fn(numbers, pos, batch, cell, pbc), e, f, list(pot.parameters()))   # trains: eager
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_a_buffer_reuse_failure_is_retried_without_reuse_before_the_eager_path(monkeypatch):
+    """torch 2.13's Inductor frees a buffer of the ethanol backward that a later kernel still reads; the build
+    without buffer reuse works there, so the compiled step tries it before giving up."""
+    import forcefield.train.compiled_step as cs
+    builds = []
+
+    class _Raising(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise UnboundLocalError("cannot access local variable 'buf199' where it is not associated with a value")
+
+    def compile_like_inductor_2_13(gm, backend=None, dynamic=None, options=None):
+        builds.append(dict(options))
+        broken = options.get("inplace_buffers", True)
+
+        def run(*args):
+            out = gm(*args)
+            return (_Raising.apply(out[0]) if broken else out[0]), out[1]
+        return run
+
+    monkeypatch.setattr(cs.torch, "compile", compile_like_inductor_2_13)
+    pot = tiny_potential().train()
+    fn = CompiledEnergyForces(pot, backend="inductor")
+    numbers, pos, batch, cell, pbc, e, f = _batch(0)
+    with pytest.warns(RuntimeWarning, match=r"first build failed.*buf199.*'inplace_buffers': False\} works"):
+        out = fn(numbers, pos, batch, cell, pbc)
+    assert fn.failure is None and fn.compiles == 2 and fn.options["inplace_buffers"] is False
+    assert [b.get("inplace_buffers", True) for b in builds] == [True, False]
+    eager = pot(numbers, pos, batch, cell, pbc, with_reference=False)
+    torch.testing.assert_close(out["forces"], eager["forces"], rtol=0, atol=0)
+    _, grads = _grads(fn(numbers, pos, batch, cell, pbc), e, f, list(pot.parameters()))   # through the build
+    assert len(builds) == 2 and all(torch.isfinite(g).all() for g in grads)

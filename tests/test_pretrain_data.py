@@ -13,7 +13,7 @@ from forcefield.data import load_rmd17
 from forcefield.data.ani import forces_unit_factor, load_ani
 from forcefield.data.conformations import ConformationSet
 from forcefield.data.pcqm import iter_sdf, load_pcqm4mv2
-from forcefield.data.qm9 import QM9_N_MOLECULES, parse_qm9_xyz, qm9_split_labels, read_qm9
+from forcefield.data.qm9 import QM9_N_MOLECULES, parse_qm9_xyz, qm9_split_labels, qm9_uncharacterized, read_qm9
 from forcefield.pretrain.corpus import Corpus, EpochSampler, corpus_config_from_obj
 from forcefield.pretrain.leakage import LeakageConfig, apply_leakage_filter, graph_hash, resolve_targets
 from tests.helpers import ETHANOL_R, ETHANOL_Z, random_rotation
@@ -89,12 +89,27 @@ def test_qm9_forms_agree(tmp_path, form):
     assert c.frame_positions(1)[1, 2] == pytest.approx(1.2e-3)
 
 
-def test_qm9_split_is_fixed_and_disjoint():
+def test_qm9_split_is_torchmd_nets_and_fixed():
     idx = np.arange(1, QM9_N_MOLECULES + 1)
     lab = qm9_split_labels(idx)
-    frac = {k: float(np.mean(lab == k)) for k in ("train", "val", "test")}
-    assert frac["train"] == pytest.approx(0.8, abs=1e-4) and frac["test"] == pytest.approx(0.1, abs=1e-4)
+    counts = {k: int(np.sum(lab == k)) for k in ("train", "val", "test", "none")}
+    assert counts == {"train": 110_000, "val": 10_000, "test": 10_831, "none": 3_054}   # TorchMD-Net's ET-QM9 sizes
+    bad = qm9_uncharacterized()
+    assert len(bad) == 3054 and (lab[bad - 1] == "none").all() and bad[:3].tolist() == [58, 61, 80]
+    # TorchMD-Net's train_val_test_split: default_rng(seed=1).permutation over the characterized molecules in order
+    members = np.setdiff1d(idx, bad)
+    perm = np.random.default_rng(1).permutation(len(members))
+    assert (lab[members[perm[:110_000]] - 1] == "train").all() and (lab[members[perm[-10_831:]] - 1] == "test").all()
     assert (qm9_split_labels(idx[::7]) == lab[::7]).all()      # a molecule's split does not depend on the others
+
+
+def test_qm9_legacy_split_is_kept():
+    idx = np.arange(1, QM9_N_MOLECULES + 1)
+    lab = qm9_split_labels(idx, "seeded-80-10-10")
+    assert float(np.mean(lab == "train")) == pytest.approx(0.8, abs=1e-4) and not (lab == "none").any()
+    assert qm9_split_labels([1, 2, 3, 4, 5], "seeded-80-10-10").tolist() == lab[:5].tolist()
+    with pytest.raises(ValueError, match="split scheme"):
+        qm9_split_labels([1], "80-10-10")
 
 
 @pytest.mark.skipif(not QM9_DB.is_file(), reason="SchNetPack QM9 test database not found")

@@ -15,12 +15,12 @@ from forcefield.pretrain.qm9xtb import generate_qm9_xtb, load_qm9_xtb  # noqa: E
 from forcefield.reference import xtb_energy_forces, xtb_level  # noqa: E402
 
 DATA = Path(os.environ["OREO_DATA_DIR"])
-QM9_DB = DATA / "schnetpack_testdata" / "test_qm9.db"      # 20 QM9 molecules, 15 of them in the train split
+QM9_DB = DATA / "schnetpack_testdata" / "test_qm9.db"      # 20 QM9 molecules, 19 of them in the train split
 HAVE_RMD17 = (DATA / "rmd17" / "rmd17_ethanol_test_01.npz").is_file()   # the targets' reference geometries
 pytestmark = pytest.mark.skipif(not QM9_DB.is_file(), reason="SchNetPack QM9 test database not found")
 
-# positions 9..13 of the fixed order in this database: HCN, CH2O, NH3, H2O and ethanol (QM9 gdb 14, a target)
-RANGE = dict(start=9, molecules=5)
+# positions 13..17 of the fixed order in this database: CH3CN, HCN, CH2O, NH3 and ethanol (QM9 gdb 14, a target)
+RANGE = dict(start=13, molecules=5)
 TINY = dict(frames_per_molecule=3, stride=5, equilibration_steps=10, shard_size=2, qm9=str(QM9_DB),
             targets=["ethanol"] if HAVE_RMD17 else [])
 quiet = dict(log=lambda *_: None)
@@ -43,9 +43,9 @@ def test_frames_are_labelled_sharded_and_recorded(tiny_set):
     assert m["level_of_theory"] == [xtb_level()]
     assert m["counts"]["molecules"] == 5 and m["counts"]["failed"] == 0 and m["pending_molecules"] == []
     assert m["counts"]["frames"] == 3 * m["counts"]["sampled"] - m["counts"]["frames_dropped"]
-    # blocks of 2 positions: 4 (9 only: incomplete), 5 (10, 11), 6 (12, 13)
-    assert [(s["block"], s["molecules"], s["complete"]) for s in m["shards"]] == [(4, 1, False), (5, 2, True),
-                                                                                 (6, 2, True)]
+    # blocks of 2 positions: 6 (13 only: incomplete), 7 (14, 15), 8 (16, 17)
+    assert [(s["block"], s["molecules"], s["complete"]) for s in m["shards"]] == [(6, 1, False), (7, 2, True),
+                                                                                 (8, 2, True)]
     cset = load_qm9_xtb(tiny_set)
     assert len(cset) == m["counts"]["frames"] and len(np.unique(cset.frame_id)) == len(cset)
     assert not cset.equilibrium.any() and np.isfinite(cset.forces).all()
@@ -57,7 +57,7 @@ def test_frames_are_labelled_sharded_and_recorded(tiny_set):
 def test_seeded_determinism(tiny_set, tmp_path):
     generate_qm9_xtb(tmp_path / "again", **RANGE, **TINY, **quiet)
     _same(load_qm9_xtb(tiny_set), load_qm9_xtb(tmp_path / "again"))
-    generate_qm9_xtb(tmp_path / "s1", start=11, molecules=1, **{**TINY, "seed": 1}, **quiet)
+    generate_qm9_xtb(tmp_path / "s1", start=15, molecules=1, **{**TINY, "seed": 1}, **quiet)
     other = load_qm9_xtb(tmp_path / "s1")
     mine = load_qm9_xtb(tiny_set)
     same_molecule = mine.subset(np.flatnonzero(np.isin(mine.frame_id, other.frame_id)))
@@ -90,7 +90,7 @@ def test_resume_after_interruption_redoes_no_finished_molecule(tiny_set, tmp_pat
         return real(task)
     monkeypatch.setattr(qm9xtb, "sample_molecule", counting)
     # continue with the command and no recipe options: the folder's recipe is used
-    assert main(["data", "qm9-xtb", "--out", str(tmp_path), "--start", "9", "--molecules", "5"]) == 0
+    assert main(["data", "qm9-xtb", "--out", str(tmp_path), "--start", "13", "--molecules", "5"]) == 0
     assert "oreo-qm9-xtb in" in capsys.readouterr().out
     assert not set(calls) & set(first) and len(first) + len(calls) == 4    # ethanol is never sampled
     _same(load_qm9_xtb(tiny_set), load_qm9_xtb(tmp_path))                 # same frames as one run
@@ -98,10 +98,10 @@ def test_resume_after_interruption_redoes_no_finished_molecule(tiny_set, tmp_pat
     calls.clear()
     generate_qm9_xtb(tmp_path, **RANGE, **quiet)                          # all done: nothing sampled
     assert calls == []
-    # extending the range into the unfinished block 4 (position 9 only) rewrites its shard with both molecules
-    generate_qm9_xtb(tmp_path, start=8, molecules=1, **quiet)
-    shard = np.load(tmp_path / "shards" / qm9xtb.shard_name(4))
-    assert shard["mol_position"].tolist() == [8, 9] and len(calls) == 1
+    # extending the range into the unfinished block 6 (position 13 only) rewrites its shard with both molecules
+    generate_qm9_xtb(tmp_path, start=12, molecules=1, **quiet)
+    shard = np.load(tmp_path / "shards" / qm9xtb.shard_name(6))
+    assert shard["mol_position"].tolist() == [12, 13] and len(calls) == 1
     assert json.loads((tmp_path / "manifest.json").read_text())["shards"][0]["complete"]
     before, after = load_qm9_xtb(tiny_set), load_qm9_xtb(tmp_path)
     _same(before, after.subset(np.flatnonzero(np.isin(after.frame_id, before.frame_id))))

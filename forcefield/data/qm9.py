@@ -18,9 +18,15 @@ SchNetPack ASE database (``qm9.db``)
 ``frame_id`` is the QM9 molecule index (1..133885; the row id for databases), ``equilibrium`` is True,
 ``energy`` is U0 (eV) when the source has it.
 
-Split: :func:`qm9_split_labels` assigns every QM9 index to train/val/test from one seeded permutation of
-1..133885, so a molecule lands in the same split whichever form the data is read from. Pretraining reads
-``split="train"`` only; property fine-tuning trains on ``train``, selects on ``val`` and reports ``test``.
+Split: :func:`qm9_split_labels` assigns every QM9 index to train/val/test by a named scheme, so a molecule
+lands in the same split whichever form the data is read from. The default, ``"torchmd-net"``, is the split of
+TorchMD-Net's ET on QM9 (the architecture and setting ET-OREO builds on): of the 130,831 characterized
+molecules in index order, a ``numpy.random.default_rng(1)`` permutation gives 110,000 train, 10,000 val and the
+other 10,831 test (TorchMD-Net's ``train_val_test_split`` with its default seed 1 over PyTorch Geometric's QM9,
+which holds the same molecules in the same order); the 3,054 uncharacterized molecules are in no split.
+``"seeded-80-10-10"`` is oreo's earlier split (80/10/10 of 1..133885 by a seeded permutation), kept to
+reproduce what was made with it (the first shipped pretrained backbones read its train part). Pretraining reads ``split="train"`` only; property fine-tuning
+trains on ``train``, selects on ``val`` and reports ``test``.
 """
 from __future__ import annotations
 
@@ -40,11 +46,16 @@ from .conformations import ConformationSet
 from .paths import DataNotFoundError, PathLike, resolve_data_dir
 
 __all__ = ["QM9_N_MOLECULES", "QM9_PROPERTIES", "QM9Data", "read_qm9", "load_qm9", "qm9_split_labels",
-           "parse_qm9_xyz", "QM9_SPLIT_SEED", "QM9_SPLIT_FRACTIONS"]
+           "qm9_uncharacterized", "parse_qm9_xyz", "QM9_SPLIT", "QM9_SPLIT_SCHEMES"]
 
 QM9_N_MOLECULES = 133885
-QM9_SPLIT_SEED = 20140805  # fixed: changing it would move molecules between pretraining and the property test
-QM9_SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+#: the default split scheme (fixed: changing it would move molecules between pretraining and the property test)
+QM9_SPLIT = "torchmd-net"
+QM9_SPLIT_SCHEMES = ("torchmd-net", "seeded-80-10-10")
+_TORCHMD_NET_SIZES = (110_000, 10_000)   # train, val; test: the other 10,831 characterized molecules
+_TORCHMD_NET_SEED = 1                    # TorchMD-Net's default --seed
+_LEGACY_SEED = 20140805                  # seeded-80-10-10
+_LEGACY_FRACTIONS = (0.8, 0.1, 0.1)
 LEVEL_OF_THEORY = "B3LYP/6-31G(2df,p)"
 
 _HA = units.Hartree
@@ -81,29 +92,51 @@ DEFAULT_PROPERTIES = ("homo", "lumo", "gap", "U0")
 
 
 # ---------------------------------------------------------------------------- split
-@functools.lru_cache(maxsize=4)
-def _split_rank(seed: int) -> np.ndarray:
-    perm = np.random.default_rng(seed).permutation(QM9_N_MOLECULES)
-    rank = np.empty(QM9_N_MOLECULES, dtype=np.int64)
-    rank[perm] = np.arange(QM9_N_MOLECULES)
-    rank.flags.writeable = False
-    return rank
+@functools.lru_cache(maxsize=1)
+def qm9_uncharacterized() -> np.ndarray:
+    """The 3,054 QM9 indices of upstream ``uncharacterized.txt`` (shipped with oreo, sorted)."""
+    path = Path(__file__).with_name("qm9_uncharacterized.txt")
+    out = np.loadtxt(path, dtype=np.int64, comments="#")
+    out.flags.writeable = False
+    return out
 
 
-def qm9_split_labels(index: Iterable[int], seed: int = QM9_SPLIT_SEED,
-                     fractions: Sequence[float] = QM9_SPLIT_FRACTIONS) -> np.ndarray:
-    """``"train"``/``"val"``/``"test"`` for each QM9 index (1-based), independent of which molecules a
-    source holds: index ``i`` goes to the split its rank in one seeded permutation of 1..133885 falls in."""
+@functools.lru_cache(maxsize=2)
+def _split_table(scheme: str) -> np.ndarray:
+    """Split code per QM9 index (position i - 1): 0 train, 1 val, 2 test, 3 in no split."""
+    code = np.full(QM9_N_MOLECULES, 3, dtype=np.int8)
+    if scheme == "torchmd-net":
+        ok = np.ones(QM9_N_MOLECULES, dtype=bool)
+        ok[qm9_uncharacterized() - 1] = False
+        members = np.flatnonzero(ok)                          # characterized molecules in index order
+        perm = np.random.default_rng(_TORCHMD_NET_SEED).permutation(len(members))
+        ntr, nva = _TORCHMD_NET_SIZES
+        code[members[perm[:ntr]]] = 0
+        code[members[perm[ntr:ntr + nva]]] = 1
+        code[members[perm[ntr + nva:]]] = 2
+    elif scheme == "seeded-80-10-10":
+        perm = np.random.default_rng(_LEGACY_SEED).permutation(QM9_N_MOLECULES)
+        rank = np.empty(QM9_N_MOLECULES, dtype=np.int64)
+        rank[perm] = np.arange(QM9_N_MOLECULES)
+        u = rank / QM9_N_MOLECULES
+        code[:] = 2
+        code[u < _LEGACY_FRACTIONS[0] + _LEGACY_FRACTIONS[1]] = 1
+        code[u < _LEGACY_FRACTIONS[0]] = 0
+    else:
+        raise ValueError(f"unknown QM9 split scheme '{scheme}'; known: {', '.join(QM9_SPLIT_SCHEMES)}")
+    code.flags.writeable = False
+    return code
+
+
+def qm9_split_labels(index: Iterable[int], scheme: str = QM9_SPLIT) -> np.ndarray:
+    """``"train"``/``"val"``/``"test"`` (``"none"`` for the uncharacterized molecules, which the
+    ``torchmd-net`` scheme leaves out) for each QM9 index (1-based), independent of which molecules a source
+    holds. Schemes: see the module docstring."""
     index = np.asarray(list(index) if not isinstance(index, np.ndarray) else index, dtype=np.int64)
-    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-9:
-        raise ValueError(f"fractions must be three non-negative numbers adding up to 1, got {fractions}")
     if len(index) and (index.min() < 1 or index.max() > QM9_N_MOLECULES):
         raise ValueError(f"QM9 indices must lie in 1..{QM9_N_MOLECULES}")
-    u = _split_rank(int(seed))[index - 1] / QM9_N_MOLECULES
-    out = np.full(len(index), "test", dtype=object)
-    out[u < fractions[0] + fractions[1]] = "val"
-    out[u < fractions[0]] = "train"
-    return out.astype(str)
+    names = np.array(["train", "val", "test", "none"])
+    return names[_split_table(scheme)[index - 1]]
 
 
 # ---------------------------------------------------------------------------- container
@@ -350,8 +383,7 @@ def _read_uncharacterized(spec) -> np.ndarray:
 # ---------------------------------------------------------------------------- public API
 def read_qm9(source: Optional[Union[str, PathLike]] = None, split: str = "all",
              properties: Sequence[str] = DEFAULT_PROPERTIES, max_molecules: Optional[int] = None,
-             data_dir: Optional[PathLike] = None, seed: int = QM9_SPLIT_SEED,
-             fractions: Sequence[float] = QM9_SPLIT_FRACTIONS, uncharacterized=None,
+             data_dir: Optional[PathLike] = None, split_scheme: str = QM9_SPLIT, uncharacterized=None,
              max_atoms: Optional[int] = None) -> QM9Data:
     """QM9 molecules of one split with their properties (energies in eV).
 
@@ -359,7 +391,8 @@ def read_qm9(source: Optional[Union[str, PathLike]] = None, split: str = "all",
         source: ``None`` (``<data_dir>/qm9/dsgdb9nsd.xyz.tar.bz2`` or ``qm9.db`` if there, else the
             qm9pack package), ``"qm9pack"``, or a path: upstream archive / folder / xyz file, a qm9pack CSV
             (or folder of them), a SchNetPack ``.db``.
-        split: ``"train"``, ``"val"``, ``"test"`` or ``"all"`` (see :func:`qm9_split_labels`).
+        split: ``"train"``, ``"val"``, ``"test"`` or ``"all"`` (every molecule the source holds).
+        split_scheme: which split (:data:`QM9_SPLIT_SCHEMES`, see :func:`qm9_split_labels`).
         properties: names from :data:`QM9_PROPERTIES`.
         max_molecules: keep the first N molecules (by index) of the split; for archives, reading also stops
             after N files (handy for quick tests).
@@ -372,13 +405,15 @@ def read_qm9(source: Optional[Union[str, PathLike]] = None, split: str = "all",
         raise ValueError(f"unknown QM9 properties {unknown}; known: {', '.join(QM9_PROPERTIES)}")
     if split not in ("train", "val", "test", "all"):
         raise ValueError(f"split must be train, val, test or all, got '{split}'")
+    if split_scheme not in QM9_SPLIT_SCHEMES:
+        raise ValueError(f"unknown QM9 split scheme '{split_scheme}'; known: {', '.join(QM9_SPLIT_SCHEMES)}")
     kind, path = _resolve_source(source, data_dir)
     props = tuple(dict.fromkeys(properties))
     index, counts, numbers, positions, values = _read_cached(
         kind, str(path) if path else "", _stamp(path), props, max_molecules if kind == "xyz" else None)
     keep = np.ones(len(index), dtype=bool)
     if split != "all":
-        keep &= qm9_split_labels(index, seed, fractions) == split
+        keep &= qm9_split_labels(index, split_scheme) == split
     bad = _read_uncharacterized(uncharacterized)
     if len(bad):
         keep &= ~np.isin(index, bad)
@@ -393,7 +428,7 @@ def read_qm9(source: Optional[Union[str, PathLike]] = None, split: str = "all",
                            frame_id=index.copy(), equilibrium=np.ones(len(index), dtype=bool),
                            source=f"qm9/{split}",
                            meta={"dataset": "qm9", "reader": kind, "path": str(path) if path else "qm9pack",
-                                 "split": split, "split_seed": seed, "split_fractions": list(fractions),
+                                 "split": split, "split_scheme": split_scheme,
                                  "level_of_theory": LEVEL_OF_THEORY,
                                  "units": {"positions": "Å", "energy": "eV (U0)"},
                                  "property_units": {p: QM9_PROPERTIES[p].unit for p in props},

@@ -11,9 +11,11 @@ and Inductor fuses like the forward. Same function as the eager :class:`~forcefi
 
 Cost: the first call compiles (minutes on a small CPU, cached on disk by Inductor for later runs);
 the neighbour search stays eager. The first call also runs one trial forward + parameter backward through the
-compiled graph: when that fails (a compiler bug: torch 2.13's Inductor generates a backward for the ethanol
-batches that raises ``UnboundLocalError``), training continues on the eager path with a warning that says so,
-instead of dying minutes into a long run. ET backbone only (it exposes ``represent`` with the symmetric edge
+compiled graph. When that fails, it is built once more with Inductor's buffer reuse off (torch 2.13's Inductor
+lets a kernel of the ethanol batches' backward write in place over a buffer that a later kernel still reads:
+``UnboundLocalError``); when
+that fails too, training continues on the eager path with a warning that says so, instead of dying minutes
+into a long run. ET backbone only (it exposes ``represent`` with the symmetric edge
 layout). The traced graph is :mod:`forcefield.traced`'s, the one the AOTInductor export (inference) compiles.
 """
 import os
@@ -25,6 +27,10 @@ from torch import Tensor, nn
 
 from ..potential import checked_batch, graph_sum
 from ..traced import EnergyForces, default_inductor_configs, pairs_and_shifts, traceable
+
+
+#: Inductor options of the second build (see CompiledEnergyForces._build)
+NO_BUFFER_REUSE = {"allow_buffer_reuse": False, "inplace_buffers": False}
 
 
 class _Functional(nn.Module):
@@ -85,6 +91,7 @@ class CompiledEnergyForces:
         self._compiled = None
         self.compiles = 0
         self.failure: Optional[str] = None   #: why the compiled graph was given up for the eager path
+        self.options: Optional[Dict] = None   #: the Inductor options of the build in use
 
     def _build(self, example) -> None:
         from torch.fx.experimental.proxy_tensor import make_fx
@@ -92,21 +99,41 @@ class CompiledEnergyForces:
         tensors = [t.detach() for t in example[0]]
         gm = make_fx(self._fn, tracing_mode="symbolic", _allow_non_fake_inputs=True)(tensors, *example[1:])
         strip_detach(gm)
-        options = default_inductor_configs() if self.backend == "inductor" else None
-        self._compiled = torch.compile(gm, backend=self.backend, dynamic=True, options=options)
-        self.compiles += 1
-        try:   # what training will do: forward, then a backward in the parameters through the force graph
-            params = [t for t in example[0] if t.requires_grad]
-            e_atom, forces = self._compiled(*example)
-            torch.autograd.grad(e_atom.sum() + forces.square().sum(), params, allow_unused=True)
-        except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager path computes the same
-            first = (str(exc).strip().splitlines() or [""])[-1]
-            self.failure = f"{type(exc).__name__}: {first}"[:300]
-            self._compiled = None
-            warnings.warn(f"optim.compile: the compiled force graph failed its trial step (torch "
-                          f"{torch.__version__}, {self.backend}: {self.failure}); training continues on the eager "
-                          f"path (the same numbers, about 1.2x slower). Set optim.compile: false to skip the "
-                          f"compile", RuntimeWarning, stacklevel=3)
+        # Inductor's in-place buffer reuse can hand a buffer's storage to a kernel's in/out argument while a later
+        # kernel of the backward still reads it (torch 2.13, ethanol batches: "UnboundLocalError: cannot access
+        # local variable 'buf199'"); the second build turns buffer reuse off (a little more memory), before giving
+        # up for the eager path
+        attempts = [default_inductor_configs(), default_inductor_configs(**NO_BUFFER_REUSE)] \
+            if self.backend == "inductor" else [None]
+        failures = []
+        for options in attempts:
+            self._compiled = torch.compile(gm, backend=self.backend, dynamic=True, options=options)
+            self.compiles += 1
+            try:   # what training will do: forward, then a backward in the parameters through the force graph
+                params = [t for t in example[0] if t.requires_grad]
+                e_atom, forces = self._compiled(*example)
+                torch.autograd.grad(e_atom.sum() + forces.square().sum(), params, allow_unused=True)
+                self.options = options
+                if failures:
+                    warnings.warn(f"optim.compile: the first build failed its trial step ({failures[0]}); the "
+                                  f"build with Inductor option(s) {self._changed(options)} works and is used",
+                                  RuntimeWarning, stacklevel=3)
+                return
+            except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager path computes the same
+                first = (str(exc).strip().splitlines() or [""])[-1]
+                failures.append(f"{type(exc).__name__}: {first}"[:300])
+                torch._dynamo.reset()
+        self.failure = "; ".join(failures)
+        self._compiled = None
+        warnings.warn(f"optim.compile: the compiled force graph failed its trial step in {len(failures)} build(s) "
+                      f"(torch {torch.__version__}, {self.backend}: {self.failure}); training continues on the "
+                      f"eager path (the same numbers, about 1.2x slower). Set optim.compile: false to skip the "
+                      f"compile", RuntimeWarning, stacklevel=3)
+
+    @staticmethod
+    def _changed(options) -> Dict:
+        base = default_inductor_configs()
+        return {k: v for k, v in (options or {}).items() if base.get(k) != v}
 
     def __call__(self, numbers: Tensor, positions: Tensor, batch: Optional[Tensor] = None,
                  cell: Optional[Tensor] = None, pbc: Optional[Tensor] = None) -> Dict[str, Tensor]:
