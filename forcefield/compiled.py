@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .graph import half_pairs
 from .io import FileFormat, cast_potential, load_potential, register_file_format
 from .potential import check_pair_distances, checked_batch, graph_sum
-from .traced import EnergyForces, default_inductor_configs, pairs_and_shifts, traceable
+from .traced import NO_BUFFER_REUSE, EnergyForces, default_inductor_configs, pairs_and_shifts, traceable
 
 COMPILED_FORMAT = "oreo-aoti"
 COMPILED_FORMAT_VERSION = 1
@@ -94,13 +94,44 @@ def export_compiled(model: Union[str, Path, nn.Module], out: Union[str, Path], d
     ep = torch.export.export(gm, example, dynamic_shapes=({0: n}, {0: n}, {1: p}, {0: p}), strict=False)
     options = default_inductor_configs()
     options.update(inductor_configs or {})
+    eager = EnergyForces(cast_potential(pot, "cpu", dtype).eval()).eval()
+    tol = EXPORT_TOLERANCE[str(dtype).replace("torch.", "")]
 
     def write(tmp: Path) -> None:     # the archive's root folder is named after the file: tmp has out's name
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp), inductor_configs=options)
-        with zipfile.ZipFile(tmp, "a") as zf:
-            root = zf.namelist()[0].split("/")[0]
-            zf.writestr(f"{root}/extra/{METADATA_ENTRY}", json.dumps(info))
+        # every build is checked against eager on the traced example before it is kept: a compiler bug must not
+        # reach an MD run as silently wrong forces; a failed first build is rebuilt with buffer reuse off
+        failures = []
+        for opts in (options, {**options, **NO_BUFFER_REUSE}):
+            torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp), inductor_configs=opts)
+            problem = check_against_eager(torch._inductor.aoti_load_package(str(tmp)), eager, example, tol)
+            if problem is None:
+                info["inductor_configs"] = {k: v for k, v in opts.items() if isinstance(v, (bool, int, float, str))}
+                with zipfile.ZipFile(tmp, "a") as zf:
+                    root = zf.namelist()[0].split("/")[0]
+                    zf.writestr(f"{root}/extra/{METADATA_ENTRY}", json.dumps(info))
+                return
+            failures.append(problem)
+            tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"the AOTInductor build of this model does not compute what the eager model does "
+                           f"(torch {torch.__version__}): {'; with buffer reuse off: '.join(failures)}. Use the eager "
+                           f"model (no --compile / compiled=False)")
     return atomic_write(out, write, keep_name=True)
+
+
+def check_against_eager(runner, eager: nn.Module, example, tol: Dict[str, float]) -> Optional[str]:
+    """None when ``runner`` (a loaded AOTInductor package) gives the eager module's atomic energies and forces on
+    ``example`` within ``tol`` (``EXPORT_TOLERANCE``); else what differs (or what it raised)."""
+    try:
+        e_c, f_c = runner(*example)
+    except Exception as exc:  # noqa: BLE001 - a broken build may raise anything
+        return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1][:200]}"
+    e_e, f_e = eager(*example)
+    de = float((e_c.sum().double() - e_e.sum().double()).abs() / e_e.sum().double().abs().clamp_min(1.0))
+    df = float((f_c.double() - f_e.double()).abs().max())
+    if not (de <= tol["energy_rel"] and df <= tol["forces_abs"]):
+        return f"energy off by {de:.2e} (relative), forces by {df:.2e} eV/Å (allowed {tol['energy_rel']:g}, " \
+               f"{tol['forces_abs']:g})"
+    return None
 
 
 def is_compiled_file(path: Union[str, Path]) -> bool:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .graph import edges_from_pairs, half_pairs, shift_vectors
 from .potential import forces_from_energy
 
-__all__ = ["EnergyForces", "pairs_and_shifts", "traceable", "default_inductor_configs"]
+__all__ = ["EnergyForces", "pairs_and_shifts", "traceable", "default_inductor_configs", "NO_BUFFER_REUSE"]
 
 
 # Inductor's generated element-wise kernels run on one thread; GEMMs and the rest of torch keep every
@@ -28,6 +28,12 @@ __all__ = ["EnergyForces", "pairs_and_shifts", "traceable", "default_inductor_co
 def default_inductor_configs(**extra: Any) -> Dict[str, Any]:
     """Inductor options oreo compiles with (AOTInductor export and ``optim.compile`` training)."""
     return {"cpp.threads": int(os.environ.get("OREO_KERNEL_THREADS", "1")), **extra}
+
+
+#: Inductor options of the second build when the first fails its check against eager: torch 2.13's Inductor let a
+#: fused kernel of the ethanol training backward write in place over a buffer a later kernel still read
+#: (``UnboundLocalError: ... 'buf199'``); with buffer reuse off the same graph builds right (a little more memory)
+NO_BUFFER_REUSE = {"allow_buffer_reuse": False, "inplace_buffers": False}
 
 
 def traceable(potential: nn.Module) -> bool:

@@ -493,3 +493,49 @@ def test_frozen_torchscript_equals_eager():
     z, r = _molecule(21, 24)
     _assert_same(pot(z, r), frozen(z, r), 1e-12)
     assert frozen.cutoff == pot.cutoff
+
+
+def test_an_export_that_differs_from_eager_is_rebuilt_without_buffer_reuse_or_refused(tmp_path, monkeypatch):
+    """Every AOTInductor build is checked against eager before it is kept (a compiler bug must not reach MD as
+    wrong forces): a wrong first build is rebuilt with buffer reuse off; two wrong builds are an error."""
+    import json
+    import zipfile
+
+    from forcefield.compiled import export_compiled, read_compiled_metadata
+
+    builds, bad = [], {"after": 1}
+
+    def fake_compile(ep, package_path, inductor_configs):      # a package like AOTInductor's, minus the C++
+        builds.append(dict(inductor_configs))
+        with zipfile.ZipFile(package_path, "w") as zf:
+            zf.writestr(f"{Path(package_path).stem}/build.json", json.dumps(inductor_configs))
+
+    def fake_load(path):
+        module = ep_module["gm"]
+        wrong = len(builds) <= bad["after"]
+
+        def run(*args):
+            e, f = module(*args)
+            return e, (f + 1e-3 if wrong else f)           # a wrong build: forces off by 1e-3 eV/Å
+        return run
+
+    import forcefield.compiled as fc
+    ep_module = {}
+    real_trace = fc.trace_energy_forces
+
+    def trace(pot, dtype):
+        gm, example = real_trace(pot, dtype)
+        ep_module["gm"] = gm
+        return gm, example
+    monkeypatch.setattr(fc, "trace_energy_forces", trace)
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fake_compile)
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", fake_load)
+    pot = _model({"name": "et", "hidden": 16, "num_layers": 1, "num_heads": 2, "num_rbf": 8, "cutoff": 5.0}, seed=3)
+    path = export_compiled(pot, tmp_path / "m.pt2")
+    assert [b.get("inplace_buffers", True) for b in builds] == [True, False]
+    assert read_compiled_metadata(path)["inductor_configs"]["allow_buffer_reuse"] is False
+    builds.clear()
+    bad["after"] = 2
+    with pytest.raises(RuntimeError, match=r"forces by 1\.00e-03.*with buffer reuse off.*eager model"):
+        export_compiled(pot, tmp_path / "n.pt2")
+    assert len(builds) == 2 and not (tmp_path / "n.pt2").exists()

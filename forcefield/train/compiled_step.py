@@ -26,11 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..potential import checked_batch, graph_sum
-from ..traced import EnergyForces, default_inductor_configs, pairs_and_shifts, traceable
-
-
-#: Inductor options of the second build (see CompiledEnergyForces._build)
-NO_BUFFER_REUSE = {"allow_buffer_reuse": False, "inplace_buffers": False}
+from ..traced import NO_BUFFER_REUSE, EnergyForces, default_inductor_configs, pairs_and_shifts, traceable
 
 
 class _Functional(nn.Module):
