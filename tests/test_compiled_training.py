@@ -105,6 +105,17 @@ def test_compile_flag_must_be_a_boolean():
     assert config_from_dict({"optim": {"compile": True}}).optim.compile is True
 
 
+class _BrokenBackward(torch.autograd.Function):
+    """The identity whose backward fails the way torch 2.13's Inductor build of the ethanol backward did."""
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise UnboundLocalError("cannot access local variable 'buf199' where it is not associated with a value")
+
+
 def test_a_compiler_failure_falls_back_to_the_eager_path_with_a_warning(monkeypatch):
     """A compiled graph whose trial step fails (as torch 2.13's Inductor does for ethanol batches) must not end a
     long run: the same numbers come from the eager path, and the warning says why."""
@@ -113,17 +124,8 @@ def test_a_compiler_failure_falls_back_to_the_eager_path_with_a_warning(monkeypa
     def broken_compile(gm, **kw):
         def run(*args):
             out = gm(*args)
-            return _Raising.apply(out[0]), out[1]
+            return _BrokenBackward.apply(out[0]), out[1]
         return run
-
-    class _Raising(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.clone()
-
-        @staticmethod
-        def backward(ctx, g):
-            raise UnboundLocalError("cannot access local variable 'buf199' where it is not associated with a value")
 
     monkeypatch.setattr(cs.torch, "compile", broken_compile)
     pot = tiny_potential().train()
@@ -139,19 +141,10 @@ def test_a_compiler_failure_falls_back_to_the_eager_path_with_a_warning(monkeypa
 
 
 def test_a_buffer_reuse_failure_is_retried_without_reuse_before_the_eager_path(monkeypatch):
-    """torch 2.13's Inductor frees a buffer of the ethanol backward that a later kernel still reads; the build
+    """torch 2.13's Inductor writes in place over a buffer of the ethanol backward that a later kernel still reads; the build
     without buffer reuse works there, so the compiled step tries it before giving up."""
     import forcefield.train.compiled_step as cs
     builds = []
-
-    class _Raising(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.clone()
-
-        @staticmethod
-        def backward(ctx, g):
-            raise UnboundLocalError("cannot access local variable 'buf199' where it is not associated with a value")
 
     def compile_like_inductor_2_13(gm, backend=None, dynamic=None, options=None):
         builds.append(dict(options))
@@ -159,7 +152,7 @@ def test_a_buffer_reuse_failure_is_retried_without_reuse_before_the_eager_path(m
 
         def run(*args):
             out = gm(*args)
-            return (_Raising.apply(out[0]) if broken else out[0]), out[1]
+            return (_BrokenBackward.apply(out[0]) if broken else out[0]), out[1]
         return run
 
     monkeypatch.setattr(cs.torch, "compile", compile_like_inductor_2_13)
