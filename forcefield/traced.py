@@ -46,13 +46,15 @@ class EnergyForces(nn.Module):
 
     ``pairs`` holds one direction of each pair (``graph.half_pairs``), ``cart`` its Cartesian image shift
     (zeros for molecules). Atomic energies include ``scale``/``shift`` and the ZBL repulsion
-    (``Potential.energy_readout``, the same code as eager) but not the reference energies.
+    (``Potential.energy_readout``, the same code as eager; ``with_repulsion=False``: the learned part alone, as
+    ``Potential.atomic_energies_and_features(learned_only=True)``) but not the reference energies.
     """
 
-    def __init__(self, potential: nn.Module, differentiable: bool = False):
+    def __init__(self, potential: nn.Module, differentiable: bool = False, with_repulsion: bool = True):
         super().__init__()
         self.potential = potential
         self.differentiable = differentiable  # True: outputs stay differentiable in the parameters (training)
+        self.with_repulsion = with_repulsion  # False: the learned part only (pretraining on noisy coordinates)
 
     def forward(self, numbers: Tensor, positions: Tensor, pairs: Tensor, cart: Tensor) -> Tuple[Tensor, Tensor]:
         pot = self.potential
@@ -60,8 +62,9 @@ class EnergyForces(nn.Module):
             pos = positions.detach().requires_grad_(True)
             edge_index, edge_vec = edges_from_pairs(pos, pairs, cart)
             x, v = pot.backbone.represent(numbers, edge_index, edge_vec, 2)
-            # the repulsion is always in the traced graph (branch-free; exactly zero beyond r_off)
-            e_atom = pot.energy_readout(numbers, x, v, edge_index, edge_vec, True)
+            # the repulsion is in the traced graph unless left out on purpose (branch-free; exactly zero beyond
+            # r_off)
+            e_atom = pot.energy_readout(numbers, x, v, edge_index, edge_vec, self.with_repulsion)
             forces = forces_from_energy(e_atom, pos, self.differentiable)
         return (e_atom, forces) if self.differentiable else (e_atom.detach(), forces)
 

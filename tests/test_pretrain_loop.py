@@ -265,3 +265,34 @@ def test_campaign_reads_a_pretraining_state_and_builds_its_command(tmp_path, mon
                log=lambda s: None, state_file=tmp_path / "pre.pt").fit()
     st = campaign.read_state(job)
     assert st["step"] == 4 and st["cpu_hours"] > 0 and st["history"] and "loss" in st["history"][-1]
+
+
+@pytest.mark.parametrize("method", ["et-oreo", pytest.param("et-oro", marks=pytest.mark.slow)])
+def test_a_compiled_pretraining_step_equals_the_eager_one(tmp_path, monkeypatch, method):
+    """optim.compile: the objectives' forward passes through the traced + compiled energy/force graph (learned
+    part only) give the eager loss and parameter gradients (aot_eager: the same traced graph, built in seconds)."""
+    monkeypatch.setenv("OREO_COMPILE_BACKEND", "aot_eager")
+    cfg = tiny_config(method, dtype="float64", compile=True)
+    tr = Pretrainer(cfg, tmp_path, corpus=tiny_corpus(), progress=False, log=lambda s: None)
+    assert tr._runner is not None
+    b = tr.corpus.collate(np.arange(len(tr.corpus)), dtype=tr.dtype)
+    params = [p for p in tr.task.parameters() if p.requires_grad]
+    tr.task.train()
+    results = []
+    for runner in (None, tr._runner):
+        loss, parts = tr.task(b, torch.Generator().manual_seed(3), runner=runner)
+        results.append((loss, parts, torch.autograd.grad(loss, params, allow_unused=True)))
+    (le, pe, ge), (lc, pc, gc) = results
+    torch.testing.assert_close(lc, le, rtol=1e-10, atol=1e-12)
+    assert set(pc) == set(pe) and len(pe) == len(cfg.objectives.resolved_weights())
+    for a, e in zip(gc, ge):
+        if e is not None:
+            torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-10)
+    tr.fit()                                                              # the loop runs on it
+    assert tr.step == 6
+
+
+def test_compiled_pretraining_refuses_objectives_that_read_features(tmp_path):
+    with pytest.raises(ValueError, match="coord_denoising read the backbone's features.*optim.compile: false"):
+        Pretrainer(tiny_config("denoise", compile=True), tmp_path, corpus=tiny_corpus(), progress=False,
+                   log=lambda s: None)

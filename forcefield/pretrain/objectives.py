@@ -167,11 +167,14 @@ class StepContext:
 class Objective(nn.Module):
     """``forward(ctx)`` -> {name: loss} (unweighted; empty when no frame of the batch applies) and optional
     metrics under ``name/...`` (not part of the loss). ``which``: the frames it applies to (all, equilibrium,
-    forces); ``uses_clean``: whether it reads the forward pass at the clean geometries. A subclass implements
-    :meth:`loss` on the selected frames (or ``forward`` itself)."""
+    forces); ``uses_clean``: whether it reads the forward pass at the clean geometries; ``needs_features``:
+    whether it reads the backbone's features (``x``, ``vec``), not only energies and forces (a compiled step,
+    ``optim.compile``, gives only those). A subclass implements :meth:`loss` on the selected frames (or
+    ``forward`` itself)."""
     name = "objective"
     which = "all"
     uses_clean = False
+    needs_features = False
 
     def __init__(self, weight: float = 1.0):
         super().__init__()
@@ -294,6 +297,7 @@ class NoiseLevelClassification(Objective):
     geometry (node MLP, sum over atoms, concatenation, MLP -> logits over the levels)."""
     name = "noise_level"
     uses_clean = True
+    needs_features = True
 
     def __init__(self, perturbation: RiemannPerturbation, hidden: int, weight: float = 0.2):
         super().__init__(weight)
@@ -325,6 +329,7 @@ class NoiseLevelClassification(Objective):
 class CoordinateDenoising(Objective):
     """Zaidi et al.: a vector head on the features of x + eps predicts eps / sigma."""
     name = "coord_denoising"
+    needs_features = True
 
     def __init__(self, hidden: int, weight: float = 1.0, sigma: float = 0.04, frames: str = "all"):
         super().__init__(weight)

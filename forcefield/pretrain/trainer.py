@@ -30,7 +30,7 @@ from ..settings import from_mapping, read_yaml
 from ..train.loop import Panel, TrainingRun, optimizer_step
 from .corpus import Corpus, CorpusConfig, EpochSampler, build_corpus, corpus_config_from_obj
 from .distributed import DistInfo, all_reduce_mean, barrier
-from .objectives import ObjectivesConfig, PretrainTask, build_objectives
+from .objectives import ObjectivesConfig, Outputs, PretrainTask, build_objectives
 
 __all__ = ["PretrainOptim", "PretrainConfig", "pretrain_config_from_dict", "load_pretrain_config", "Pretrainer",
            "PRETRAIN_CHECKPOINT_FORMAT", "DEFAULT_MODEL"]
@@ -57,6 +57,8 @@ class PretrainOptim:
     checkpoint_every: int = 500          # steps
     log_every: int = 50                  # steps
     max_minutes: Optional[float] = None  # wall-clock budget of this invocation; --resume continues
+    compile: bool = False                # fuse the double backward with torch.compile (ET; objectives that read
+                                         # only energies and forces: et-oreo, et-oro; minutes to compile, cached)
 
 
 @dataclass
@@ -137,6 +139,7 @@ class Pretrainer(TrainingRun):
         else:
             self.model = self.task
         self.optimizer = torch.optim.AdamW(self.task.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        self._runner = self._compiled_runner() if o.compile else None
         # sources that no objective uses (e.g. equilibrium geometries for ET-ORO) are not drawn at all
         used = self.task.frames_used(self.corpus.has_forces, self.corpus.frames.equilibrium)
         self.source_weights = self.corpus.weights.copy()
@@ -174,12 +177,33 @@ class Pretrainer(TrainingRun):
         batch = self.corpus.collate(frames, dtype=self.dtype, device=self.device)
         gen = torch.Generator().manual_seed(_step_seed(o.seed, self.step, self.dist.rank))
         self.model.train()
-        loss, parts = self.model(batch, gen)
+        loss, parts = self.model(batch, gen, runner=self._runner)
         optimizer_step(loss, self.optimizer, self.task.parameters(), o.grad_clip, self.step, self.out / "last.pt",
                        what="pretraining", detail=f" ({ {k: float(v) for k, v in parts.items()} })")
         self.scheduler.step()
         self.step += 1
         return {"loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()}}
+
+    def _compiled_runner(self):
+        """The forward passes of the objectives through one compiled energy + force graph (learned part only,
+        as :func:`~forcefield.pretrain.objectives.potential_outputs`), built on the first step."""
+        readers = [name for name, obj in self.task.objectives.items() if obj.needs_features]
+        if readers:
+            raise ValueError(f"optim.compile: the objective(s) {', '.join(readers)} read the backbone's features, "
+                             f"which the compiled step does not give (it computes energies and forces); set "
+                             f"optim.compile: false for this method")
+        if self.dist.enabled:
+            raise ValueError("optim.compile is not supported with several processes (torchrun); set "
+                             "optim.compile: false")
+        from ..train.compiled_step import CompiledEnergyForces
+        compiled = CompiledEnergyForces(self.task.potential, learned_only=True)   # ET only: a clear error else
+
+        def run(sub, positions, forces: bool) -> Outputs:
+            if compiled.compiles == 0:
+                self.log("optim.compile: compiling the energy + force graph on the first batch (minutes; cached)")
+            out = compiled(sub.numbers, positions, sub.batch, sub.cell, sub.pbc)
+            return Outputs(None, None, out["atomic_energies"], out["energy"], positions, True, forces=out["forces"])
+        return run
 
     # ------------------------------------------------------------------ state
     def state(self) -> Dict[str, Any]:

@@ -25,16 +25,16 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from ..potential import checked_batch, graph_sum
+from ..potential import checked_batch, forces_from_energy, graph_sum
 from ..traced import NO_BUFFER_REUSE, EnergyForces, default_inductor_configs, pairs_and_shifts, traceable
 
 
 class _Functional(nn.Module):
     """``EnergyForces`` with the potential's parameters and buffers passed in as tensors."""
 
-    def __init__(self, potential: nn.Module):
+    def __init__(self, potential: nn.Module, with_repulsion: bool = True):
         super().__init__()
-        self.inner = EnergyForces(potential, differentiable=True)
+        self.inner = EnergyForces(potential, differentiable=True, with_repulsion=with_repulsion)
         self.names = [n for n, _ in potential.named_parameters()] + [n for n, _ in potential.named_buffers()]
 
     def tensors(self) -> List[Tensor]:
@@ -74,16 +74,20 @@ class CompiledEnergyForces:
     The parameters are read from ``potential`` at every call, so optimiser steps, ``load_state_dict``
     and resumed checkpoints are seen. ``backend``: ``"inductor"`` (fused C++ kernels; the default) or
     ``"aot_eager"`` (the same traced graph without code generation: seconds to build, for tests and
-    debugging); the environment variable ``OREO_COMPILE_BACKEND`` sets the default.
+    debugging); the environment variable ``OREO_COMPILE_BACKEND`` sets the default. ``learned_only``: the
+    learned energy alone, as ``Potential.atomic_energies_and_features(learned_only=True)`` (no ZBL repulsion,
+    no close-atoms check: pretraining objectives on noisy coordinates); the output then also holds
+    ``"atomic_energies"``.
     """
 
-    def __init__(self, potential: nn.Module, backend: Optional[str] = None):
+    def __init__(self, potential: nn.Module, backend: Optional[str] = None, learned_only: bool = False):
         if not traceable(potential):
             raise ValueError("optim.compile needs the ET backbone (model.name: et); set optim.compile: false "
                              "for other backbones")
         self.potential = potential
         self.backend = backend or os.environ.get("OREO_COMPILE_BACKEND", "inductor")
-        self._fn = _Functional(potential)
+        self.learned_only = bool(learned_only)
+        self._fn = _Functional(potential, with_repulsion=not self.learned_only)
         self._compiled = None
         self.compiles = 0
         self.failure: Optional[str] = None   #: why the compiled graph was given up for the eager path
@@ -135,13 +139,23 @@ class CompiledEnergyForces:
                  cell: Optional[Tensor] = None, pbc: Optional[Tensor] = None) -> Dict[str, Tensor]:
         pot = self.potential
         batch, num_graphs = checked_batch(numbers, positions, batch, pot.known_elements)
-        pairs, cart = pairs_and_shifts(positions, batch, pot.cutoff, cell, pbc)  # no stress training
-        if self.failure is not None:
+        if self.failure is None:
+            pairs, cart = pairs_and_shifts(positions, batch, pot.cutoff, cell, pbc)  # no stress training
+            args = (self._fn.tensors(), numbers, positions.detach(), pairs, cart)
+            if self._compiled is None:
+                self._build(args)
+            if self.failure is None:
+                e_atom, forces = self._compiled(*args)
+                out = {"energy": graph_sum(e_atom, batch, num_graphs), "forces": forces}
+                return {**out, "atomic_energies": e_atom} if self.learned_only else out
+        return self._eager(numbers, positions, batch, num_graphs, cell, pbc)
+
+    def _eager(self, numbers, positions, batch, num_graphs, cell, pbc) -> Dict[str, Tensor]:
+        """The same numbers by eager autograd (after a failed build)."""
+        pot = self.potential
+        if not self.learned_only:
             return pot(numbers, positions, batch, cell, pbc, with_reference=False)
-        args = (self._fn.tensors(), numbers, positions.detach(), pairs, cart)
-        if self._compiled is None:
-            self._build(args)
-            if self.failure is not None:
-                return pot(numbers, positions, batch, cell, pbc, with_reference=False)
-        e_atom, forces = self._compiled(*args)
-        return {"energy": graph_sum(e_atom, batch, num_graphs), "forces": forces}
+        pos = positions.detach().requires_grad_(True)
+        e_atom, _, _ = pot.atomic_energies_and_features(numbers, pos, batch, cell, pbc, learned_only=True)
+        energy = graph_sum(e_atom, batch, num_graphs)
+        return {"energy": energy, "forces": forces_from_energy(energy, pos, True), "atomic_energies": e_atom}
