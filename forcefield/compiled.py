@@ -33,13 +33,12 @@ from torch import Tensor, nn
 from .graph import half_pairs
 from .io import FileFormat, cast_potential, load_potential, register_file_format
 from .potential import check_pair_distances, checked_batch, graph_sum
-from .traced import NO_BUFFER_REUSE, EnergyForces, default_inductor_configs, pairs_and_shifts, traceable
+from .traced import (EXPORT_TOLERANCE, NO_BUFFER_REUSE, EnergyForces, check_against_eager,  # noqa: F401
+                     default_inductor_configs, pairs_and_shifts, traceable)
 
 COMPILED_FORMAT = "oreo-aoti"
 COMPILED_FORMAT_VERSION = 1
 METADATA_ENTRY = "oreo_metadata.json"
-# |compiled - eager| seen on aspirin (float32, 6x128, random weights, forces ~1 eV/Å): ~1e-6; what we promise:
-EXPORT_TOLERANCE = {"float32": {"energy_rel": 1e-5, "forces_abs": 1e-4}, "float64": {"energy_rel": 1e-10, "forces_abs": 1e-9}}
 
 
 def _example_inputs(dtype: torch.dtype, cutoff: float):
@@ -116,22 +115,6 @@ def export_compiled(model: Union[str, Path, nn.Module], out: Union[str, Path], d
                            f"(torch {torch.__version__}): {'; with buffer reuse off: '.join(failures)}. Use the eager "
                            f"model (no --compile / compiled=False)")
     return atomic_write(out, write, keep_name=True)
-
-
-def check_against_eager(runner, eager: nn.Module, example, tol: Dict[str, float]) -> Optional[str]:
-    """None when ``runner`` (a loaded AOTInductor package) gives the eager module's atomic energies and forces on
-    ``example`` within ``tol`` (``EXPORT_TOLERANCE``); else what differs (or what it raised)."""
-    try:
-        e_c, f_c = runner(*example)
-    except Exception as exc:  # noqa: BLE001 - a broken build may raise anything
-        return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1][:200]}"
-    e_e, f_e = eager(*example)
-    de = float((e_c.sum().double() - e_e.sum().double()).abs() / e_e.sum().double().abs().clamp_min(1.0))
-    df = float((f_c.double() - f_e.double()).abs().max())
-    if not (de <= tol["energy_rel"] and df <= tol["forces_abs"]):
-        return f"energy off by {de:.2e} (relative), forces by {df:.2e} eV/Å (allowed {tol['energy_rel']:g}, " \
-               f"{tol['forces_abs']:g})"
-    return None
 
 
 def is_compiled_file(path: Union[str, Path]) -> bool:

@@ -167,3 +167,24 @@ def test_a_buffer_reuse_failure_is_retried_without_reuse_before_the_eager_path(m
     torch.testing.assert_close(out["forces"], eager["forces"], rtol=0, atol=0)
     _, grads = _grads(fn(numbers, pos, batch, cell, pbc), e, f, list(pot.parameters()))   # through the build
     assert len(builds) == 2 and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_a_build_with_wrong_forces_is_not_trained_on(monkeypatch):
+    """The trial step checks the build's forces against eager: a build that raises nothing but computes other
+    numbers is rebuilt (and given up for eager if that is wrong too)."""
+    import forcefield.train.compiled_step as cs
+
+    def compile_wrong(gm, backend=None, dynamic=None, options=None):
+        def run(*args):
+            e, f = gm(*args)
+            return e, f + 1e-3
+        return run
+
+    monkeypatch.setattr(cs.torch, "compile", compile_wrong)
+    pot = tiny_potential().train()
+    fn = CompiledEnergyForces(pot, backend="inductor")
+    numbers, pos, batch, cell, pbc, e, f = _batch(0)
+    with pytest.warns(RuntimeWarning, match=r"in 2 build\(s\).*not the eager numbers: energy off by .*forces by 1\.00e-03"):
+        out = fn(numbers, pos, batch, cell, pbc)
+    assert fn.compiles == 2 and fn.failure is not None
+    torch.testing.assert_close(out["forces"], pot(numbers, pos, batch, cell, pbc, with_reference=False)["forces"])

@@ -10,8 +10,8 @@ and Inductor fuses like the forward. Same function as the eager :class:`~forcefi
 (tested: parameter gradients of an energy + force loss equal eager to float rounding).
 
 Cost: the first call compiles (minutes on a small CPU, cached on disk by Inductor for later runs);
-the neighbour search stays eager. The first call also runs one trial forward + parameter backward through the
-compiled graph. When that fails, it is built once more with Inductor's buffer reuse off (torch 2.13's Inductor
+the neighbour search stays eager. The first call also runs one trial forward (checked against eager within
+``EXPORT_TOLERANCE``) + parameter backward through the compiled graph. When that fails, it is built once more with Inductor's buffer reuse off (torch 2.13's Inductor
 lets a kernel of the ethanol batches' backward write in place over a buffer that a later kernel still reads:
 ``UnboundLocalError``); when
 that fails too, training continues on the eager path with a warning that says so, instead of dying minutes
@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from ..potential import checked_batch, forces_from_energy, graph_sum
-from ..traced import NO_BUFFER_REUSE, EnergyForces, default_inductor_configs, pairs_and_shifts, traceable
+from ..traced import (EXPORT_TOLERANCE, NO_BUFFER_REUSE, EnergyForces, check_against_eager, default_inductor_configs,
+                      pairs_and_shifts, traceable)
 
 
 class _Functional(nn.Module):
@@ -105,11 +106,15 @@ class CompiledEnergyForces:
         # up for the eager path
         attempts = [default_inductor_configs(), default_inductor_configs(**NO_BUFFER_REUSE)] \
             if self.backend == "inductor" else [None]
+        tol = EXPORT_TOLERANCE.get(str(example[2].dtype).replace("torch.", ""), EXPORT_TOLERANCE["float32"])
         failures = []
         for options in attempts:
             self._compiled = torch.compile(gm, backend=self.backend, dynamic=True, options=options)
             self.compiles += 1
-            try:   # what training will do: forward, then a backward in the parameters through the force graph
+            try:   # what training will do: forward (checked against eager), then a backward in the parameters
+                problem = check_against_eager(self._compiled, self._fn, example, tol)
+                if problem is not None:
+                    raise RuntimeError(f"not the eager numbers: {problem}")
                 params = [t for t in example[0] if t.requires_grad]
                 e_atom, forces = self._compiled(*example)
                 torch.autograd.grad(e_atom.sum() + forces.square().sum(), params, allow_unused=True)
