@@ -116,18 +116,26 @@ class _BrokenBackward(torch.autograd.Function):
         raise UnboundLocalError("cannot access local variable 'buf199' where it is not associated with a value")
 
 
+def _fake_compile(monkeypatch, outputs, builds=None):
+    """torch.compile replaced by the traced graph run eagerly, its (atomic energies, forces) passed through
+    ``outputs(options, e, f)``: a stand-in for a compiler that builds right or wrong, in milliseconds."""
+    import forcefield.train.compiled_step as cs
+
+    def compile_(gm, backend=None, dynamic=None, options=None):
+        if builds is not None:
+            builds.append(dict(options or {}))
+
+        def run(*args):
+            e, f = gm(*args)
+            return outputs(options or {}, e, f)
+        return run
+    monkeypatch.setattr(cs.torch, "compile", compile_)
+
+
 def test_a_compiler_failure_falls_back_to_the_eager_path_with_a_warning(monkeypatch):
     """A compiled graph whose trial step fails (as torch 2.13's Inductor does for ethanol batches) must not end a
     long run: the same numbers come from the eager path, and the warning says why."""
-    import forcefield.train.compiled_step as cs
-
-    def broken_compile(gm, **kw):
-        def run(*args):
-            out = gm(*args)
-            return _BrokenBackward.apply(out[0]), out[1]
-        return run
-
-    monkeypatch.setattr(cs.torch, "compile", broken_compile)
+    _fake_compile(monkeypatch, lambda options, e, f: (_BrokenBackward.apply(e), f))
     pot = tiny_potential().train()
     fn = CompiledEnergyForces(pot, backend="aot_eager")
     numbers, pos, batch, cell, pbc, e, f = _batch(0)
@@ -143,19 +151,9 @@ def test_a_compiler_failure_falls_back_to_the_eager_path_with_a_warning(monkeypa
 def test_a_buffer_reuse_failure_is_retried_without_reuse_before_the_eager_path(monkeypatch):
     """torch 2.13's Inductor writes in place over a buffer of the ethanol backward that a later kernel still reads; the build
     without buffer reuse works there, so the compiled step tries it before giving up."""
-    import forcefield.train.compiled_step as cs
-    builds = []
-
-    def compile_like_inductor_2_13(gm, backend=None, dynamic=None, options=None):
-        builds.append(dict(options))
-        broken = options.get("inplace_buffers", True)
-
-        def run(*args):
-            out = gm(*args)
-            return (_BrokenBackward.apply(out[0]) if broken else out[0]), out[1]
-        return run
-
-    monkeypatch.setattr(cs.torch, "compile", compile_like_inductor_2_13)
+    builds = []          # like torch 2.13's Inductor: broken unless in-place buffer reuse is off
+    _fake_compile(monkeypatch, lambda options, e, f: (_BrokenBackward.apply(e) if options.get("inplace_buffers", True)
+                                                      else e, f), builds)
     pot = tiny_potential().train()
     fn = CompiledEnergyForces(pot, backend="inductor")
     numbers, pos, batch, cell, pbc, e, f = _batch(0)
@@ -172,15 +170,7 @@ def test_a_buffer_reuse_failure_is_retried_without_reuse_before_the_eager_path(m
 def test_a_build_with_wrong_forces_is_not_trained_on(monkeypatch):
     """The trial step checks the build's forces against eager: a build that raises nothing but computes other
     numbers is rebuilt (and given up for eager if that is wrong too)."""
-    import forcefield.train.compiled_step as cs
-
-    def compile_wrong(gm, backend=None, dynamic=None, options=None):
-        def run(*args):
-            e, f = gm(*args)
-            return e, f + 1e-3
-        return run
-
-    monkeypatch.setattr(cs.torch, "compile", compile_wrong)
+    _fake_compile(monkeypatch, lambda options, e, f: (e, f + 1e-3))
     pot = tiny_potential().train()
     fn = CompiledEnergyForces(pot, backend="inductor")
     numbers, pos, batch, cell, pbc, e, f = _batch(0)
