@@ -36,7 +36,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 CAMPAIGN_YAML = REPO / "benchmarks" / "campaign" / "campaign.yaml"
 STATE_DIR = REPO / "benchmarks" / "campaign" / "state"
-MODELS_DIR = REPO / "benchmarks" / "campaign" / "models"   # the model file each MD job started with, pinned
+MODELS_DIR = REPO / "benchmarks" / "campaign" / "models"   # MD jobs' pinned models, pretraining jobs' backbones
 RUNS_DIR = REPO / "runs" / "campaign"
 RESULTS_DIR = REPO / "benchmarks" / "results" / "campaign"
 JOB_KEYS = {"name", "group", "config", "set", "init_from", "init_cpu_hours", "budget_cpu_hours", "threads",
@@ -107,7 +107,7 @@ def read_state(job: Dict) -> Optional[Dict]:
                 "dft_done": 0 if dft is None else int(dft["n_frames"])}
     return {"epoch": rs["epoch"], "step": rs["step"], "cpu_hours": rs.get("cpu_seconds", rs["elapsed"]) / 3600,
             "history": rs.get("history") or [], "best_val": rs.get("best_val"),
-            "lr": rs["optimizer"]["param_groups"][0]["lr"]}
+            "lr": rs["optimizer"]["param_groups"][0]["lr"], "total_steps": rs.get("total_steps")}
 
 
 def dft_report(job: Dict) -> Optional[Dict]:
@@ -132,12 +132,43 @@ def finished(job: Dict, state: Optional[Dict]) -> str:
         if state.get("dft_done", 0) < want:
             return ""                                    # the DFT check along the trajectory is still to do
         return how + (f", DFT-checked on {state['dft_done']} frames" if want else ", no frame for the DFT check")
+    if job.get("kind") == "pretrain" and state.get("total_steps") and state["step"] >= state["total_steps"]:
+        if not backbone_path(job).is_file():
+            return ""                                    # one short run still writes the backbone from the state
+        return f"all {state['total_steps']} steps done ({state['epoch']} epochs); backbone {shown(backbone_path(job))}"
     budget = job.get("budget_cpu_hours")
     if budget is not None and state["cpu_hours"] - float(job.get("init_cpu_hours") or 0) >= budget - 1e-3:
         return f"budget of {budget:g} CPU-h spent"
     if job.get("stopped"):
         return job["stopped"]
     return ""
+
+
+def shown(path: Path) -> str:
+    """A path as the repository names it (as it is when outside)."""
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def backbone_path(job: Dict) -> Path:
+    """Where a finished pretraining job's backbone is kept (committed: fine-tuning starts from it on any clone)."""
+    return MODELS_DIR / f"{job['name']}.pt"
+
+
+def keep_backbone(job: Dict) -> Optional[Path]:
+    """After a piece of a pretraining job: once every step is done, its ``pretrained.pt`` (written from the state
+    by the last piece; ``oreo pretrain --resume`` on a finished state only writes it) becomes
+    :func:`backbone_path`."""
+    state = read_state(job)
+    made = RUNS_DIR / job["name"] / "pretrained.pt"
+    if state is None or not state.get("total_steps") or state["step"] < state["total_steps"] or not made.is_file():
+        return None
+    import shutil
+    MODELS_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = backbone_path(job).with_suffix(".tmp")
+    shutil.copyfile(made, tmp)
+    tmp.replace(backbone_path(job))
+    print(f"[campaign] {job['name']}: pretraining done, backbone kept in {shown(backbone_path(job))}", flush=True)
+    return backbone_path(job)
 
 
 def pinned_model(job: Dict) -> Path:
@@ -286,6 +317,8 @@ def run(jobs: List[Dict], minutes: float, slots: int, every: float, names: Optio
                 if rc != 0:
                     tail = s.log_path.read_text().splitlines()[-5:]
                     print("  " + "\n  ".join(tail), flush=True)
+                elif s.job.get("kind") == "pretrain":
+                    keep_backbone(s.job)
         left = (deadline - now) / 60
         # fill free slots (the YAML is re-read, so edits take effect)
         if left > 2 and len(running) < slots:   # only when a core is free: states are MBs, the loop ticks every 5 s

@@ -261,10 +261,23 @@ def test_campaign_reads_a_pretraining_state_and_builds_its_command(tmp_path, mon
     assert cmd[cmd.index("--state") + 1] == str(tmp_path / "pre.pt") and "optim.max_minutes=30.00" in cmd
     assert cmd[cmd.index("--method") + 1] == "et-oro" and "model.hidden=96" in cmd
     assert "--resume" in campaign.job_command(job, 30, fresh=False)
-    Pretrainer(tiny_config(dtype="float64", max_steps=4), tmp_path / "run", corpus=tiny_corpus(), progress=False,
+    monkeypatch.setattr(campaign, "RUNS_DIR", tmp_path / "runs")
+    monkeypatch.setattr(campaign, "MODELS_DIR", tmp_path / "models")
+    run = tmp_path / "runs" / "pre"
+    Pretrainer(tiny_config(dtype="float64", max_steps=4), run, corpus=tiny_corpus(), progress=False,
                log=lambda s: None, state_file=tmp_path / "pre.pt").fit()
     st = campaign.read_state(job)
     assert st["step"] == 4 and st["cpu_hours"] > 0 and st["history"] and "loss" in st["history"][-1]
+    # every step done: the job still wants one run, which (on a fresh clone) only writes the backbone from the state
+    assert st["total_steps"] == 4 and campaign.finished(job, st) == ""
+    import shutil
+    shutil.rmtree(run)
+    Pretrainer(tiny_config(dtype="float64", max_steps=4), run, corpus=tiny_corpus(), progress=False,
+               log=lambda s: None, state_file=tmp_path / "pre.pt").fit(resume=True)
+    assert campaign.read_state(job)["step"] == 4
+    kept = campaign.keep_backbone(job)
+    assert kept == tmp_path / "models" / "pre.pt" and load_pretrained(kept) is not None
+    assert campaign.finished(job, campaign.read_state(job)).startswith("all 4 steps done")
 
 
 @pytest.mark.parametrize("method", ["et-oreo", pytest.param("et-oro", marks=pytest.mark.slow)])
