@@ -22,7 +22,8 @@ except ImportError:  # a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = {"et-oreo": REPO / "examples/configs/pretrain_et_oreo.yaml", "et-oro": REPO / "examples/configs/pretrain_et_oro.yaml"}
+CONFIGS = {"et-oreo": REPO / "examples/configs/pretrain_et_oreo.yaml",
+           "et-oro": REPO / "examples/configs/pretrain_et_oro.yaml"}
 
 
 def main(argv=None) -> int:

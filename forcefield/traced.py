@@ -37,7 +37,8 @@ def default_inductor_configs(**extra: Any) -> Dict[str, Any]:
 NO_BUFFER_REUSE = {"allow_buffer_reuse": False, "inplace_buffers": False}
 
 # |compiled - eager| seen on aspirin (float32, 6x128, random weights, forces ~1 eV/Å): ~1e-6; what we promise:
-EXPORT_TOLERANCE = {"float32": {"energy_rel": 1e-5, "forces_abs": 1e-4}, "float64": {"energy_rel": 1e-10, "forces_abs": 1e-9}}
+EXPORT_TOLERANCE = {"float32": {"energy_rel": 1e-5, "forces_abs": 1e-4},
+                    "float64": {"energy_rel": 1e-10, "forces_abs": 1e-9}}
 
 
 def check_against_eager(runner, eager: nn.Module, example, tol: Dict[str, float]) -> Optional[str]:

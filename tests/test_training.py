@@ -121,3 +121,13 @@ def test_one_config_loader_converts_every_config():
         SimulationConfig.from_dict({"bogus": 1})
     with pytest.raises(FileNotFoundError, match="examples/configs"):
         read_yaml("/nonexistent/config.yaml")
+
+
+def test_a_cpu_time_budget_stops_the_loop():
+    """optim.max_cpu_minutes: equal-compute comparisons on a shared machine count CPU time, not wall time."""
+    from forcefield.train.loop import early_stop_reason
+    common = dict(epochs_since_best=0, patience=10, lr=1e-3, lr_min=1e-6, step=100, warmup_steps=10, elapsed_s=3600.0,
+                  max_minutes=None)
+    assert early_stop_reason(**common, cpu_s=59.0, max_cpu_minutes=1.0) == ""
+    assert early_stop_reason(**common, cpu_s=61.0, max_cpu_minutes=1.0).startswith("CPU budget of 1 min reached")
+    assert config_from_dict({"optim": {"max_cpu_minutes": 10}}).optim.max_cpu_minutes == 10

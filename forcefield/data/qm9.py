@@ -25,8 +25,8 @@ molecules in index order, a ``numpy.random.default_rng(1)`` permutation gives 11
 other 10,831 test (TorchMD-Net's ``train_val_test_split`` with its default seed 1 over PyTorch Geometric's QM9,
 which holds the same molecules in the same order); the 3,054 uncharacterized molecules are in no split.
 ``"seeded-80-10-10"`` is oreo's earlier split (80/10/10 of 1..133885 by a seeded permutation), kept to
-reproduce what was made with it (the first shipped pretrained backbones read its train part). Pretraining reads ``split="train"`` only; property fine-tuning
-trains on ``train``, selects on ``val`` and reports ``test``.
+reproduce what was made with it (the first shipped pretrained backbones read its train part). Pretraining
+reads ``split="train"`` only; property fine-tuning trains on ``train``, selects on ``val`` and reports ``test``.
 """
 from __future__ import annotations
 

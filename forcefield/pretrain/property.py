@@ -38,7 +38,8 @@ class PropertyConfig:
     property: str = "homo"
     source: Optional[str] = None            # QM9 source (see forcefield.data.qm9.read_qm9); None: default
     data_dir: Optional[str] = None
-    split: str = "qm9"                      # qm9: the fixed QM9 split (TorchMD-Net's, see forcefield.data.qm9); random: seeded split of all molecules
+    split: str = "qm9"                      # qm9: the fixed QM9 split (TorchMD-Net's: forcefield.data.qm9);
+                                            # random: seeded split of all molecules
     train_size: Optional[int] = None        # None: the whole split
     val_size: Optional[int] = None
     test_size: Optional[int] = None
@@ -62,6 +63,7 @@ class PropertyConfig:
     dtype: str = "float32"
     threads: Optional[int] = None
     max_minutes: Optional[float] = None
+    max_cpu_minutes: Optional[float] = None  # CPU-time budget of this invocation
     eval_batch_size: int = 128
 
     @classmethod

@@ -11,12 +11,11 @@ and Inductor fuses like the forward. Same function as the eager :class:`~forcefi
 
 Cost: the first call compiles (minutes on a small CPU, cached on disk by Inductor for later runs);
 the neighbour search stays eager. The first call also runs one trial forward (checked against eager within
-``EXPORT_TOLERANCE``) + parameter backward through the compiled graph. When that fails, it is built once more with Inductor's buffer reuse off (torch 2.13's Inductor
-lets a kernel of the ethanol batches' backward write in place over a buffer that a later kernel still reads:
-``UnboundLocalError``); when
-that fails too, training continues on the eager path with a warning that says so, instead of dying minutes
-into a long run. ET backbone only (it exposes ``represent`` with the symmetric edge
-layout). The traced graph is :mod:`forcefield.traced`'s, the one the AOTInductor export (inference) compiles.
+``EXPORT_TOLERANCE``) + parameter backward through the compiled graph. When that fails, it is built once more
+with Inductor's buffer reuse off (torch 2.13's Inductor lets a kernel of the ethanol batches' backward write in
+place over a buffer that a later kernel still reads: ``UnboundLocalError``); when that fails too, training
+continues on the eager path with a warning that says so, instead of dying minutes into a long run. ET backbone
+only (it exposes ``represent`` with the symmetric edge layout). The traced graph is :mod:`forcefield.traced`'s, the one the AOTInductor export (inference) compiles.
 """
 import os
 import warnings

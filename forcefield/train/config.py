@@ -52,6 +52,7 @@ class OptimConfig:
     early_stop_patience: int = 150   # epochs without improvement
     seed: int = 1
     max_minutes: Optional[float] = None  # wall-clock budget of this invocation; --resume continues
+    max_cpu_minutes: Optional[float] = None  # CPU-time budget of this invocation (equal-compute comparisons)
     dtype: str = "float32"
     threads: Optional[int] = None
     eval_batch_size: int = 64

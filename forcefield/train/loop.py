@@ -48,14 +48,18 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, paramet
 
 
 def early_stop_reason(epochs_since_best: int, patience: int, lr: float, lr_min: float, step: int,
-                      warmup_steps: int, elapsed_s: float, max_minutes: Optional[float]) -> str:
-    """Why an epoch loop should stop now ("" to go on): no improvement, learning rate at its floor, time budget."""
+                      warmup_steps: int, elapsed_s: float, max_minutes: Optional[float], cpu_s: float = 0.0,
+                      max_cpu_minutes: Optional[float] = None) -> str:
+    """Why an epoch loop should stop now ("" to go on): no improvement, learning rate at its floor, wall-clock or
+    CPU-time budget of this invocation."""
     if epochs_since_best >= patience:
         return f"early stop: no improvement for {patience} epochs"
     if lr <= lr_min * 1.0001 and step > warmup_steps:
         return f"learning rate reached its minimum {lr_min:g}"
     if max_minutes is not None and elapsed_s > 60 * max_minutes:
         return f"time budget of {max_minutes:g} min reached (continue with --resume)"
+    if max_cpu_minutes is not None and cpu_s > 60 * max_cpu_minutes:
+        return f"CPU budget of {max_cpu_minutes:g} min reached (continue with --resume)"
     return ""
 
 
@@ -254,10 +258,15 @@ class TrainingRun:
     def seconds_this_invocation(self) -> float:
         return time.perf_counter() - self._clock[0]
 
+    def cpu_seconds_this_invocation(self) -> float:
+        """CPU time of this process since the loop started (all its threads): a budget that other jobs on the
+        machine do not eat into."""
+        return time.process_time() - self._clock[2]
+
 
 class EpochTrainer(TrainingRun):
     """The epoch loop of supervised training. The subclass provides ``opts`` (epochs, batch_size, seed,
-    grad_clip, lr_warmup_steps, early_stop_patience, lr_min, max_minutes), ``model``, ``optimizer``,
+    grad_clip, lr_warmup_steps, early_stop_patience, lr_min, max_minutes, max_cpu_minutes), ``model``, ``optimizer``,
     ``scheduler`` and the hooks :meth:`n_train`, :meth:`batch_loss`, :meth:`validate` (a dict whose ``score``
     is lower for better models), :meth:`save_best`, :meth:`epoch_row`, :meth:`epoch_line`, :meth:`test`."""
 
@@ -352,7 +361,8 @@ class EpochTrainer(TrainingRun):
                 self.plot_learning_curve()
             self.stop_reason = early_stop_reason(self.epochs_since_best, o.early_stop_patience, lr, o.lr_min,
                                                  self.step, o.lr_warmup_steps, self.seconds_this_invocation(),
-                                                 o.max_minutes)
+                                                 o.max_minutes, self.cpu_seconds_this_invocation(),
+                                                 o.max_cpu_minutes)
             if self.stop_reason:
                 break
         else:
