@@ -17,6 +17,17 @@ Every run is resumable and finished runs are skipped, so the script can be kille
     python benchmarks/pretrain_finetune.py --out runs/bench                  # the full grid (GPU-sized)
     python benchmarks/pretrain_finetune.py --out runs/bench-smoke --smoke    # tiny, for a check on a CPU
 
+As a grid that adds up across fresh clones (the campaign's fine-tune grid): ``--backbone METHOD=FILE`` takes
+pretrained backbones made elsewhere (the campaign's pretraining jobs) instead of pretraining, ``--seeds 50:3
+200:3`` repeats the small sizes with other seeds (data draw and initialisation), ``--finetune-cpu-minutes`` gives
+every run the same CPU time (immune to other jobs on the machine), ``--state FILE`` records every finished cell
+in a small JSON that is committed (cells in it are never run again; an interrupted cell restarts), and
+``--max-minutes`` starts no cell that would not finish in this invocation::
+
+    python benchmarks/pretrain_finetune.py --out runs/grid --state benchmarks/campaign/state/grid.json \
+        --methods scratch et-oro et-oreo --backbone et-oro=A.pt --backbone et-oreo=B.pt --hidden 96 --layers 4 \
+        --sizes 50 200 950 --seeds 50:3 200:3 --finetune-cpu-minutes 15 --properties --max-minutes 150
+
 Leakage: the corpus drops the fine-tuning molecules (strict protocol) unless the corpus file says otherwise.
 """
 import argparse
@@ -24,9 +35,11 @@ import copy
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 import torch
 import yaml
 
@@ -136,14 +149,16 @@ def run_pretrain(method: str, args, smoke, log) -> Path:
     return out / "pretrained.pt"
 
 
-def finetune_config(molecule: str, size: int, args, smoke, model: Dict) -> Dict[str, Any]:
-    optim = dict(FINETUNE_OPTIM)
+def finetune_config(molecule: str, size: int, args, smoke, model: Dict, seed: int = 1) -> Dict[str, Any]:
+    optim = {**FINETUNE_OPTIM, "seed": seed}
     data = {"molecule": molecule, "train_size": size, "val_size": 50, "split_index": 1}
     if smoke:
         optim.update(smoke["finetune_optim"])
         data.update(val_size=smoke["val_size"], test_size=smoke["test_size"])
     if args.finetune_minutes:
         optim["max_minutes"] = args.finetune_minutes
+    if getattr(args, "finetune_cpu_minutes", None):
+        optim["max_cpu_minutes"] = args.finetune_cpu_minutes
     if args.finetune_epochs:
         optim["epochs"] = args.finetune_epochs
     if args.data_dir:
@@ -154,17 +169,23 @@ def finetune_config(molecule: str, size: int, args, smoke, model: Dict) -> Dict[
     return {"data": data, "model": m, "optim": optim}
 
 
-def run_finetune(molecule: str, size: int, method: str, pretrained: Optional[Path], args, smoke, log) -> Dict:
-    out = Path(args.out) / "finetune" / molecule / str(size) / method
+def cell_dir(args, molecule: str, size: int, method: str, seed: int = 1) -> str:
+    """``<mol>/<n>/<method>`` (seed 1) or ``<mol>/<n>/<method>-s<seed>``, below ``finetune/`` and ``md/``."""
+    return f"{molecule}/{size}/{method}" + (f"-s{seed}" if seed != 1 else "")
+
+
+def run_finetune(molecule: str, size: int, method: str, pretrained: Optional[Path], args, smoke, log,
+                 seed: int = 1) -> Dict:
+    out = Path(args.out) / "finetune" / cell_dir(args, molecule, size, method, seed)
     if _done(out):
         return json.loads((out / "test_metrics.json").read_text())
     resume = (out / "last.pt").is_file()
-    log(f"[finetune {molecule} n={size} {method}] " + ("resuming" if resume else "starting"))
+    log(f"[finetune {molecule} n={size} {method} seed {seed}] " + ("resuming" if resume else "starting"))
     if method in SCRATCH:
         model = (smoke["egnn_model"] if SCRATCH[method] == "egnn" else smoke["model"]) if smoke else \
             resized_model(yaml.safe_load((CONFIGS / (METHOD_CONFIGS["3d-emgp-egnn"] if SCRATCH[method] == "egnn"
                                                      else METHOD_CONFIGS["et-oreo"])).read_text())["model"], args)
-        d = finetune_config(molecule, size, args, smoke, model)
+        d = finetune_config(molecule, size, args, smoke, model, seed)
         if SCRATCH[method] == "egnn":
             # ModelConfig knows ET hyper-parameters only: build the EGNN potential here, train with the same Trainer
             from forcefield.train.datasets import build_splits
@@ -177,7 +198,7 @@ def run_finetune(molecule: str, size: int, method: str, pretrained: Optional[Pat
                            log=log).fit(resume=resume)
         d["model"].setdefault("num_heads", 8)
         return Trainer(config_from_dict(d), out, progress=not args.no_progress, log=log).fit(resume=resume)
-    d = finetune_config(molecule, size, args, smoke, {})
+    d = finetune_config(molecule, size, args, smoke, {}, seed)
     d.pop("model")
     return finetune_forcefield(pretrained, config_from_dict(d), out, FinetuneOptions(layer_decay=args.layer_decay),
                                resume=resume, progress=not args.no_progress, log=log)
@@ -194,6 +215,7 @@ def run_property(prop: str, method: str, pretrained: Optional[Path], args, smoke
         pc.update(smoke["property"])
     else:
         pc.update(epochs=args.qm9_epochs, max_minutes=args.qm9_minutes or args.finetune_minutes,
+                  max_cpu_minutes=args.qm9_cpu_minutes or args.finetune_cpu_minutes,
                   data_dir=args.data_dir, threads=args.threads)
         if args.qm9_train_size:
             pc["train_size"] = args.qm9_train_size
@@ -207,12 +229,13 @@ def run_property(prop: str, method: str, pretrained: Optional[Path], args, smoke
                              progress=not args.no_progress, log=log)
 
 
-def run_md(molecule: str, size: int, method: str, args, log) -> Dict:
+def run_md(molecule: str, size: int, method: str, args, log, seed: int = 1) -> Dict:
     """MDsim-protocol stability of one fine-tuned model (benchmarks/md17_simulation.py, same settings)."""
     import argparse as _argparse
     from md17_simulation import run_one
-    model = Path(args.out) / "finetune" / molecule / str(size) / method / "best.pt"
-    md_args = _argparse.Namespace(out=str(Path(args.out) / "md" / molecule / str(size) / method), ps=args.md_ps,
+    model = Path(args.out) / "finetune" / cell_dir(args, molecule, size, method, seed) / "best.pt"
+    md_args = _argparse.Namespace(out=str(Path(args.out) / "md" / cell_dir(args, molecule, size, method, seed)),
+                                  ps=args.md_ps,
                                   replicas=args.md_replicas, temperature=500.0, timestep=0.5, seed=123,
                                   data_dir=args.data_dir, device="cpu", force_frames=0, log_every=100,
                                   progress=False)
@@ -234,27 +257,40 @@ def merged_results(path: Path, results: List[Dict], qm9: List[Dict]):
     return results, qm9
 
 
+def mean_std(values: List[float], bold: bool = False) -> str:
+    """``12.3`` for one value, ``12.3 ± 0.4 (3)`` for several; bold marks the best of a row."""
+    m = float(np.mean(values))
+    text = f"{m:.1f}" if len(values) == 1 else f"{m:.1f} ± {float(np.std(values, ddof=1)):.1f} ({len(values)})"
+    return f"**{text}**" if bold else text
+
+
 def write_report(out: Path, results: List[Dict], qm9: List[Dict], methods: List[str],
                  notes: Optional[List[str]] = None) -> None:
     (out / "results.json").write_text(json.dumps({"forcefield": results, "qm9": qm9}, indent=2, default=str))
     lines = ["# Pretraining benchmark", "", "## Force MAE on the rMD17 test frames (meV/Å)", "",
              "| molecule | train frames | " + " | ".join(methods) + " |",
              "|---|---:|" + "---:|" * len(methods)]
-    table: Dict[tuple, Dict[str, float]] = {}
+    table: Dict[tuple, Dict[str, List[float]]] = {}
     for r in results:
-        table.setdefault((r["molecule"], r["size"]), {})[r["method"]] = r["forces_mae_meV_per_A"]
+        table.setdefault((r["molecule"], r["size"]), {}).setdefault(r["method"], []).append(r["forces_mae_meV_per_A"])
     for (mol, size), row in sorted(table.items()):
-        best = min(row.values())
-        cells = [("**%.1f**" if row.get(m) == best else "%.1f") % row[m] if m in row else "–" for m in methods]
+        best = min(float(np.mean(v)) for v in row.values())
+        cells = [mean_std(row[m], bold=float(np.mean(row[m])) == best) if m in row else "–" for m in methods]
         lines.append(f"| {mol} | {size} | " + " | ".join(cells) + " |")
+    if any(len(v) > 1 for row in table.values() for v in row.values()):
+        lines += ["", "mean ± standard deviation over seeds (number of seeds in brackets) where a cell has several"]
     md_rows = [r for r in results if r.get("stability_ps") is not None]
     if md_rows:
         lines += ["", "## MD stability of the fine-tuned models (Nosé–Hoover 500 K; ps stable, mean over replicas; "
                       "h(r) MAE)", "", "| molecule | train frames | " + " | ".join(methods) + " |",
                   "|---|---:|" + "---:|" * len(methods)]
         mt: Dict[tuple, Dict[str, str]] = {}
-        for r in md_rows:
-            mt.setdefault((r["molecule"], r["size"]), {})[r["method"]] = f"{r['stability_ps']:.1f} / {r['hr_mae']:.3f}"
+        for r in md_rows:   # several seeds: their mean
+            cell = mt.setdefault((r["molecule"], r["size"]), {})
+            runs = [x for x in md_rows if (x["molecule"], x["size"], x["method"]) == (r["molecule"], r["size"],
+                                                                                         r["method"])]
+            cell[r["method"]] = (f"{np.mean([x['stability_ps'] for x in runs]):.1f} / "
+                                 f"{np.mean([x['hr_mae'] for x in runs]):.3f}")
         for (mol, size), row in sorted(mt.items()):
             lines.append(f"| {mol} | {size} | " + " | ".join(row.get(m, "–") for m in methods) + " |")
     if qm9:
@@ -276,10 +312,17 @@ def write_report(out: Path, results: List[Dict], qm9: List[Dict], methods: List[
     fig, axes = plt.subplots(1, len(mols), figsize=(4.2 * len(mols), 3.8), squeeze=False)
     for ax, mol in zip(axes[0], mols):
         for m in methods:
-            pts = sorted((r["size"], r["forces_mae_meV_per_A"]) for r in results
-                         if r["molecule"] == mol and r["method"] == m)
-            if pts:
-                ax.loglog(*zip(*pts), "o-", label=m)
+            by_size: Dict[int, List[float]] = {}
+            for r in results:
+                if r["molecule"] == mol and r["method"] == m:
+                    by_size.setdefault(r["size"], []).append(r["forces_mae_meV_per_A"])
+            if by_size:
+                xs = sorted(by_size)
+                ax.errorbar(xs, [np.mean(by_size[x]) for x in xs],
+                            yerr=[np.std(by_size[x], ddof=1) if len(by_size[x]) > 1 else 0.0 for x in xs],
+                            fmt="o-", capsize=3, label=m)
+                ax.set_xscale("log")
+                ax.set_yscale("log")
         sizes = sorted({r["size"] for r in results if r["molecule"] == mol})
         ax.set_xticks(sizes)
         ax.set_xticks([], minor=True)
@@ -291,6 +334,75 @@ def write_report(out: Path, results: List[Dict], qm9: List[Dict], methods: List[
     fig.tight_layout()
     fig.savefig(out / "learning_curves.png", dpi=110)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- a grid across invocations
+def parse_backbones(specs: List[str], methods: List[str], parser) -> Dict[str, Path]:
+    out = {}
+    for spec in specs:
+        method, _, path = spec.partition("=")
+        if not path or method not in METHOD_CONFIGS:
+            parser.error(f"--backbone takes METHOD=FILE with METHOD from {list(METHOD_CONFIGS)}, got '{spec}'")
+        if method not in methods:
+            parser.error(f"--backbone {method}: the method is not in --methods")
+        if not Path(path).is_file():
+            parser.error(f"--backbone {method}: no file {path}")
+        out[method] = Path(path)
+    return out
+
+
+def parse_seeds(specs: List[str], parser) -> Dict[int, int]:
+    out = {}
+    for spec in specs:
+        size, _, n = spec.partition(":")
+        if not (size.isdigit() and n.isdigit() and int(n) >= 1):
+            parser.error(f"--seeds takes SIZE:N (e.g. 50:3), got '{spec}'")
+        out[int(size)] = int(n)
+    return out
+
+
+def grid_settings(args, backbones: Dict[str, Path]) -> Dict[str, Any]:
+    """What makes two invocations' cells comparable: the same backbones, model size and fine-tuning budget."""
+    from forcefield.data.registry import sha256sum
+    return {"backbones": {m: sha256sum(f) for m, f in sorted(backbones.items())},
+            "model": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads},
+            "finetune": {"cpu_minutes": args.finetune_cpu_minutes, "minutes": args.finetune_minutes,
+                         "epochs": args.finetune_epochs, "layer_decay": args.layer_decay, "optim": FINETUNE_OPTIM},
+            "qm9": {"epochs": args.qm9_epochs, "cpu_minutes": args.qm9_cpu_minutes, "train_size": args.qm9_train_size},
+            "md": {"ps": args.md_ps, "replicas": args.md_replicas}}
+
+
+class GridState:
+    """The finished cells of a grid in one small JSON (committed), rewritten atomically after each cell."""
+
+    def __init__(self, path: Path, settings: Dict[str, Any]):
+        self.path = path
+        self.data = {"settings": settings, "forcefield": [], "qm9": [], "complete": False}
+        if path.is_file():
+            old = json.loads(path.read_text())
+            if old.get("settings") != json.loads(json.dumps(settings)):
+                raise SystemExit(f"--state {path}: its cells were run with other settings ({old.get('settings')}); "
+                                 f"use the same backbones and budgets, or another --state file")
+            self.data = old
+
+    def row(self, table: str, key: Dict[str, Any]) -> Optional[Dict]:
+        for r in self.data[table]:
+            if all(r.get(k) == v for k, v in key.items()):
+                return r
+        return None
+
+    def add(self, table: str, row: Dict[str, Any]) -> None:
+        self.data[table].append(json.loads(json.dumps(row, default=str)))
+        self._write()
+
+    def finish(self, complete: bool) -> None:
+        self.data["complete"] = complete
+        self._write()
+
+    def _write(self) -> None:
+        from forcefield.files import write_json
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(self.path, self.data, indent=1)
 
 
 # ---------------------------------------------------------------------------- main
@@ -316,6 +428,16 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, help="torch threads per run")
     p.add_argument("--finetune-epochs", type=int)
     p.add_argument("--finetune-minutes", type=float, help="wall-clock cap per fine-tuning run")
+    p.add_argument("--finetune-cpu-minutes", type=float,
+                   help="CPU-time cap per fine-tuning run (equal compute on a shared machine)")
+    p.add_argument("--qm9-cpu-minutes", type=float, help="CPU-time cap per QM9 run (default: --finetune-cpu-minutes)")
+    p.add_argument("--backbone", action="append", default=[], metavar="METHOD=FILE",
+                   help="use this pretrained backbone for METHOD instead of pretraining it (repeatable)")
+    p.add_argument("--seeds", nargs="*", default=[], metavar="SIZE:N",
+                   help="N seeds (1..N: data draw and initialisation) for a training-set size (default 1 each)")
+    p.add_argument("--state", help="JSON of the finished cells (commit it): they are skipped, new ones added")
+    p.add_argument("--max-minutes", type=float,
+                   help="start no run after this many minutes minus one run's budget (campaign pieces)")
     p.add_argument("--qm9-epochs", type=int, default=300)
     p.add_argument("--qm9-minutes", type=float, help="wall-clock cap per QM9 run (default: --finetune-minutes)")
     p.add_argument("--qm9-train-size", type=int, help="default: the whole QM9 train split")
@@ -340,21 +462,54 @@ def main(argv=None) -> int:
         args.molecules, args.sizes = smoke["molecules"], smoke["sizes"]
         args.properties = [q for q in args.properties if q in smoke["properties"]] or smoke["properties"]
     log = print
-    pretrained = {m: run_pretrain(m, args, smoke, log) for m in args.methods if m in METHOD_CONFIGS}
-    results = []
+    backbones = parse_backbones(args.backbone, args.methods, p)
+    seeds = parse_seeds(args.seeds, p)
+    pretrained = {m: backbones.get(m) or run_pretrain(m, args, smoke, log) for m in args.methods
+                  if m in METHOD_CONFIGS}
+    grid = GridState(Path(args.state), grid_settings(args, backbones)) if args.state else None
+    started = time.time()
+    run_minutes = (args.finetune_cpu_minutes or args.finetune_minutes or 0.0) + (2.0 * args.md_ps if args.md_ps else 0)
+
+    def time_left() -> bool:
+        if args.max_minutes is None or (time.time() - started) / 60 + run_minutes <= args.max_minutes:
+            return True
+        return False
+
+    results, qm9, left = [], [], 0
     for mol in args.molecules:
         for size in args.sizes:
             for m in args.methods:
-                r = run_finetune(mol, size, m, pretrained.get(m), args, smoke, log)
-                if args.md_ps:
-                    r = {**r, **run_md(mol, size, m, args, log)}
-                results.append({"molecule": mol, "size": size, "method": m, **r})
-                write_report(out, results, [], args.methods)
-    qm9 = []
+                for seed in range(1, seeds.get(size, 1) + 1):
+                    key = {"molecule": mol, "size": size, "method": m, "seed": seed}
+                    row = grid.row("forcefield", key) if grid else None
+                    if row is None:
+                        if not time_left():
+                            left += 1
+                            continue
+                        r = run_finetune(mol, size, m, pretrained.get(m), args, smoke, log, seed)
+                        if args.md_ps:
+                            r = {**r, **run_md(mol, size, m, args, log, seed)}
+                        row = {**key, **r}
+                        if grid:
+                            grid.add("forcefield", row)
+                    results.append(row)
+                    write_report(out, results, [], args.methods)
     for prop in args.properties:
         for m in args.methods:
-            r = run_property(prop, m, pretrained.get(m), args, smoke, log)
-            qm9.append({"method": m, **r})
+            key = {"property": prop, "method": m}
+            row = grid.row("qm9", key) if grid else None
+            if row is None:
+                if not time_left():
+                    left += 1
+                    continue
+                row = {"method": m, **run_property(prop, m, pretrained.get(m), args, smoke, log)}
+                if grid:
+                    grid.add("qm9", {**key, **row})
+            qm9.append(row)
+    if grid:
+        grid.finish(left == 0)
+    if left:
+        log(f"{left} run(s) left for a later invocation (--max-minutes {args.max_minutes:g})")
     notes = []
     if args.merge:
         n_before = len(results) + len(qm9)

@@ -49,3 +49,40 @@ def test_speed_benchmark_batched_md_is_physical():
     spring = speed_contenders.Contender("spring", None, lambda pos, batch: -10.0 * (pos - r0), None, None)
     times = speed_harness.bench_batched([spring], (z, r, e, f, 2), rounds=1, replicas=2, per_block=3)
     assert len(times["spring"]) == 1 and times["spring"][0] > 0
+
+
+def test_grid_cells_are_kept_in_a_state_file_and_seeds_are_reported_as_mean_and_spread(tmp_path):
+    assert pretrain_finetune.mean_std([12.34]) == "12.3"
+    assert pretrain_finetune.mean_std([1.0, 2.0, 3.0], bold=True) == "**2.0 ± 1.0 (3)**"
+    settings = {"backbones": {"et-oro": "abc"}, "finetune": {"cpu_minutes": 15.0}}
+    grid = pretrain_finetune.GridState(tmp_path / "grid.json", settings)
+    key = {"molecule": "ethanol", "size": 50, "method": "et-oro", "seed": 2}
+    assert grid.row("forcefield", key) is None
+    grid.add("forcefield", {**key, "forces_mae_meV_per_A": 30.0})
+    again = pretrain_finetune.GridState(tmp_path / "grid.json", settings)      # a later invocation, a fresh clone
+    assert again.row("forcefield", key)["forces_mae_meV_per_A"] == 30.0
+    assert again.row("forcefield", {**key, "seed": 1}) is None
+    with pytest.raises(SystemExit, match="other settings"):
+        pretrain_finetune.GridState(tmp_path / "grid.json", {**settings, "backbones": {"et-oro": "other"}})
+    rows = [{"molecule": "ethanol", "size": 50, "method": m, "seed": s, "forces_mae_meV_per_A": v}
+            for m, s, v in (("scratch", 1, 40.0), ("scratch", 2, 44.0), ("et-oro", 1, 30.0), ("et-oro", 2, 32.0))]
+    pretrain_finetune.write_report(tmp_path, rows, [], ["scratch", "et-oro"])
+    text = (tmp_path / "results.md").read_text()
+    assert "| ethanol | 50 | 42.0 ± 2.8 (2) | **31.0 ± 1.4 (2)** |" in text
+
+
+@pytest.mark.slow
+def test_the_fine_tune_grid_adds_up_across_invocations(tmp_path, monkeypatch):
+    """A grid piece records its finished cells in the state file; the next piece, in a fresh folder (a fresh clone),
+    runs none of them again; a piece without time runs nothing and says how many runs are left."""
+    common = ["--smoke", "--methods", "scratch", "et-oro", "--seeds", "8:2", "--properties", "--no-progress",
+              "--state", str(tmp_path / "grid.json")]
+    assert pretrain_finetune.main(common + ["--out", str(tmp_path / "a")]) == 0
+    first = json.loads((tmp_path / "grid.json").read_text())
+    assert first["complete"] and {(r["size"], r["method"], r["seed"]) for r in first["forcefield"]} == \
+        {(8, "scratch", 1), (8, "scratch", 2), (8, "et-oro", 1), (8, "et-oro", 2), (16, "scratch", 1), (16, "et-oro", 1)}
+    monkeypatch.setattr(pretrain_finetune, "run_finetune", lambda *a, **k: pytest.fail("a finished cell ran again"))
+    monkeypatch.setattr(pretrain_finetune, "run_property", lambda *a, **k: pytest.fail("a finished cell ran again"))
+    assert pretrain_finetune.main(common + ["--out", str(tmp_path / "b")]) == 0
+    assert "± " in (tmp_path / "b" / "results.md").read_text()
+    assert json.loads((tmp_path / "grid.json").read_text())["forcefield"] == first["forcefield"]
