@@ -41,7 +41,8 @@ RUNS_DIR = REPO / "runs" / "campaign"
 RESULTS_DIR = REPO / "benchmarks" / "results" / "campaign"
 JOB_KEYS = {"name", "group", "config", "set", "init_from", "init_cpu_hours", "budget_cpu_hours", "threads",
             "target_meV_per_A", "ship", "note", "stopped", "kind", "molecule", "model", "ps", "replicas", "dft_frames",
-            "corpus", "method", "compile", "priority"}
+            "corpus", "method", "compile", "priority", "args", "backbones"}
+GRID_KEYS = {"name", "group", "kind", "args", "backbones", "threads", "note", "stopped", "priority"}
 MD_KEYS = {"name", "group", "kind", "molecule", "model", "ps", "replicas", "threads", "note", "stopped", "dft_frames",
            "compile", "priority"}
 
@@ -60,9 +61,16 @@ def read_jobs(path: Path) -> List[Dict]:
         if unknown:
             raise SystemExit(f"{path}: job {i + 1} has unknown key(s) {unknown}; known: {sorted(JOB_KEYS)}")
         job.setdefault("kind", "train")
-        if job["kind"] not in ("train", "md", "pretrain"):
-            raise SystemExit(f"{path}: job {i + 1}: kind must be 'train', 'pretrain' or 'md', got {job['kind']!r}")
-        if job["kind"] == "md":
+        if job["kind"] not in ("train", "md", "pretrain", "grid"):
+            raise SystemExit(f"{path}: job {i + 1}: kind must be 'train', 'pretrain', 'md' or 'grid', got "
+                             f"{job['kind']!r}")
+        if job["kind"] == "grid":
+            extra = sorted(set(job) - GRID_KEYS)
+            if extra or "name" not in job or not isinstance(job.get("args"), list):
+                raise SystemExit(f"{path}: grid job {i + 1} needs 'name' and 'args' (a list: the arguments of "
+                                 f"benchmarks/pretrain_finetune.py); optional: backbones (method: pretraining "
+                                 f"job), threads, note, stopped, priority; not {extra}")
+        elif job["kind"] == "md":
             extra = sorted(set(job) - MD_KEYS)
             if extra or "name" not in job or "molecule" not in job:
                 raise SystemExit(f"{path}: MD job {i + 1} needs 'name' and 'molecule' (optional: model, ps, "
@@ -84,7 +92,7 @@ def read_jobs(path: Path) -> List[Dict]:
 
 
 def state_path(job: Dict) -> Path:
-    return STATE_DIR / f"{job['name']}.pt"
+    return STATE_DIR / (f"{job['name']}.json" if job.get("kind") == "grid" else f"{job['name']}.pt")
 
 
 def read_state(job: Dict) -> Optional[Dict]:
@@ -93,6 +101,10 @@ def read_state(job: Dict) -> Optional[Dict]:
     path = state_path(job)
     if not path.is_file():
         return None
+    if job.get("kind") == "grid":
+        g = json.loads(path.read_text())
+        return {"cpu_hours": float(g.get("cpu_hours") or 0.0), "complete": bool(g.get("complete")),
+                "cells": len(g.get("forcefield") or []) + len(g.get("qm9") or [])}
     import torch
     rs = torch.load(path, map_location="cpu", weights_only=False)
     if job.get("kind", "train") == "md":
@@ -122,6 +134,14 @@ def md_simulated(state: Dict) -> bool:
 
 def finished(job: Dict, state: Optional[Dict]) -> str:
     """Why a job needs no more compute ("" if it does)."""
+    if job.get("kind") == "grid":
+        missing = [f"{m} ({name})" for m, name in (job.get("backbones") or {}).items()
+                   if not backbone_path({"name": name}).is_file()]
+        if missing:
+            return f"waits for the backbone(s) of {', '.join(missing)}"
+        if state is not None and state["complete"]:
+            return f"all {state['cells']} runs done"
+        return job.get("stopped") or ""
     if state is None:
         return ""
     if job.get("kind", "train") == "md":
@@ -220,7 +240,20 @@ def pretrain_command(job: Dict, minutes: float, fresh: bool) -> List[str]:
     return cmd + ([] if fresh else ["--resume"])
 
 
+def grid_command(job: Dict, minutes: float) -> List[str]:
+    """``benchmarks/pretrain_finetune.py`` advancing the job's grid: its finished cells are in its state file
+    (JSON), its backbones are the pretraining jobs' kept backbones."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "pretrain_finetune.py"), *[str(a) for a in job["args"]],
+           "--out", str(RUNS_DIR / job["name"]), "--state", str(state_path(job)), "--max-minutes", f"{minutes:.2f}",
+           "--threads", str(job["threads"]), "--no-progress"]
+    for method, name in (job.get("backbones") or {}).items():
+        cmd += ["--backbone", f"{method}={backbone_path({'name': name})}"]
+    return cmd
+
+
 def job_command(job: Dict, minutes: float, fresh: bool, nice: int = 10) -> List[str]:
+    if job.get("kind") == "grid":
+        return ["nice", "-n", str(nice)] + grid_command(job, minutes)
     if job.get("kind", "train") == "pretrain":
         return ["nice", "-n", str(nice)] + pretrain_command(job, minutes, fresh)
     if job.get("kind", "train") == "md":
@@ -413,6 +446,7 @@ def report(jobs: List[Dict]) -> Dict:
                          f"{target} | {r['finished'] or 'running'} | {r['note'] or ', '.join(r['set'])} |")
         lines.append("")
     lines += study_table(rows)
+    lines += grid_tables([j for j in jobs if j.get("kind") == "grid"])
     md_rows = md_summaries([j for j in jobs if j.get("kind", "train") == "md"])
     lines += md_table(md_rows)
     (RESULTS_DIR / "campaign.md").write_text("\n".join(lines))
@@ -420,6 +454,29 @@ def report(jobs: List[Dict]) -> Dict:
         (RESULTS_DIR / "md17_simulation.json").write_text(json.dumps(md_rows, indent=2))
     plot_curves(rows)
     return {"rows": rows, "md": md_rows}
+
+
+def grid_tables(jobs: List[Dict]) -> List[str]:
+    """Each fine-tune grid's tables (``benchmarks/results/campaign/<job>/results.md`` and its plot, regenerated from
+    the state file) and one status line per grid for ``campaign.md``."""
+    if not jobs:
+        return []
+    import pretrain_finetune
+    lines = ["## Fine-tune grids", "", "| job | runs done | CPU-h | status | tables |", "|---|---:|---:|---|---|"]
+    for job in jobs:
+        st = read_state(job)
+        status = finished(job, st) or ("running" if st else "not started")
+        where = ""
+        if st is not None:
+            g = json.loads(state_path(job).read_text())
+            out = RESULTS_DIR / job["name"]
+            out.mkdir(parents=True, exist_ok=True)
+            methods = list(dict.fromkeys(r["method"] for r in g["forcefield"] + g["qm9"]))
+            pretrain_finetune.write_report(out, g["forcefield"], g["qm9"], methods)
+            where = f"`{shown(out / 'results.md')}`"
+        lines.append(f"| {job['name']} | {0 if st is None else st['cells']} | "
+                     f"{0.0 if st is None else st['cpu_hours']:.2f} | {status} | {where} |")
+    return lines + [""]
 
 
 def md_summaries(jobs: List[Dict]) -> List[Dict]:

@@ -377,7 +377,7 @@ class GridState:
 
     def __init__(self, path: Path, settings: Dict[str, Any]):
         self.path = path
-        self.data = {"settings": settings, "forcefield": [], "qm9": [], "complete": False}
+        self.data = {"settings": settings, "forcefield": [], "qm9": [], "complete": False, "cpu_hours": 0.0}
         if path.is_file():
             old = json.loads(path.read_text())
             if old.get("settings") != json.loads(json.dumps(settings)):
@@ -391,8 +391,9 @@ class GridState:
                 return r
         return None
 
-    def add(self, table: str, row: Dict[str, Any]) -> None:
+    def add(self, table: str, row: Dict[str, Any], cpu_seconds: float = 0.0) -> None:
         self.data[table].append(json.loads(json.dumps(row, default=str)))
+        self.data["cpu_hours"] = float(self.data.get("cpu_hours") or 0.0) + cpu_seconds / 3600.0
         self._write()
 
     def finish(self, complete: bool) -> None:
@@ -486,12 +487,13 @@ def main(argv=None) -> int:
                         if not time_left():
                             left += 1
                             continue
+                        cpu0 = time.process_time()
                         r = run_finetune(mol, size, m, pretrained.get(m), args, smoke, log, seed)
                         if args.md_ps:
                             r = {**r, **run_md(mol, size, m, args, log, seed)}
                         row = {**key, **r}
                         if grid:
-                            grid.add("forcefield", row)
+                            grid.add("forcefield", row, time.process_time() - cpu0)
                     results.append(row)
                     write_report(out, results, [], args.methods)
     for prop in args.properties:
@@ -502,9 +504,10 @@ def main(argv=None) -> int:
                 if not time_left():
                     left += 1
                     continue
+                cpu0 = time.process_time()
                 row = {"method": m, **run_property(prop, m, pretrained.get(m), args, smoke, log)}
                 if grid:
-                    grid.add("qm9", {**key, **row})
+                    grid.add("qm9", {**key, **row}, time.process_time() - cpu0)
             qm9.append(row)
     if grid:
         grid.finish(left == 0)

@@ -1,4 +1,5 @@
 """Compact run state (committable), --init-from, thread defaults, and the campaign runner's job file."""
+import json
 import os
 import subprocess
 import shutil
@@ -184,6 +185,34 @@ def test_campaign_job_file_is_checked(tmp_path, monkeypatch):
     assert campaign.finished({"budget_cpu_hours": 0.25, "init_cpu_hours": 1.5},
                              {"cpu_hours": 1.76}) and not campaign.finished({"budget_cpu_hours": 0.25},
                                                                             {"cpu_hours": 0.1})
+
+
+def test_campaign_grid_job_waits_for_its_backbones_then_continues_its_state(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import campaign
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setattr(campaign, "MODELS_DIR", tmp_path / "models")
+    monkeypatch.setattr(campaign, "STATE_DIR", tmp_path / "state")
+    grid = next(j for j in campaign.read_jobs(campaign.CAMPAIGN_YAML) if j["kind"] == "grid")
+    assert campaign.finished(grid, None).startswith("waits for the backbone(s) of et-oro")
+    (tmp_path / "models").mkdir()
+    for name in grid["backbones"].values():
+        (tmp_path / "models" / f"{name}.pt").write_bytes(b"backbone")
+    assert campaign.finished(grid, None) == ""
+    cmd = campaign.job_command(grid, 45, fresh=True)
+    assert cmd[cmd.index("--state") + 1] == str(tmp_path / "state" / f"{grid['name']}.json")
+    assert f"et-oro={tmp_path / 'models' / 'pretrain-et-oro.pt'}" in cmd and "45.00" in cmd
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / f"{grid['name']}.json").write_text(json.dumps(
+        {"forcefield": [{"molecule": "ethanol"}] * 3, "qm9": [], "complete": True, "cpu_hours": 0.7}))
+    st = campaign.read_state(grid)
+    assert st == {"cpu_hours": 0.7, "complete": True, "cells": 3} and campaign.finished(grid, st) == "all 3 runs done"
+    bad = tmp_path / "c.yaml"
+    bad.write_text("jobs:\n  - {name: g, kind: grid, args: [--sizes, 50], molecule: ethanol}\n")
+    with pytest.raises(SystemExit, match="grid job 1 needs"):
+        campaign.read_jobs(bad)
 
 
 def test_campaign_md_job_pins_its_model_and_continues_from_its_state(tmp_path, monkeypatch):
