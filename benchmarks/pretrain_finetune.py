@@ -204,10 +204,21 @@ def run_finetune(molecule: str, size: int, method: str, pretrained: Optional[Pat
                                resume=resume, progress=not args.no_progress, log=log)
 
 
+def validation_curve(out: Path, y: str = "val_mae_meV", max_points: int = 60) -> List[List[float]]:
+    """[[CPU-minutes, validation value], ...] of a run's ``metrics.csv``, thinned to at most ``max_points`` (the last
+    point kept): small enough to keep in a grid's state file."""
+    import csv
+    with open(out / "metrics.csv", newline="") as fh:
+        pts = [[round(60.0 * float(r["cpu_hours"]), 2), float(r[y])] for r in csv.DictReader(fh)
+               if r.get("cpu_hours") not in (None, "") and r.get(y) not in (None, "")]
+    step = max(1, -(-len(pts) // max_points))
+    return pts[::step] + ([pts[-1]] if pts and (len(pts) - 1) % step else [])
+
+
 def run_property(prop: str, method: str, pretrained: Optional[Path], args, smoke, log) -> Dict:
     out = Path(args.out) / "qm9" / prop / method
     if _done(out):
-        return json.loads((out / "test_metrics.json").read_text())
+        return {**json.loads((out / "test_metrics.json").read_text()), "curve": validation_curve(out)}
     resume = (out / "last.pt").is_file()
     log(f"[qm9 {prop} {method}] " + ("resuming" if resume else "starting"))
     pc: Dict[str, Any] = {"property": prop, "layer_decay": args.layer_decay}
@@ -225,8 +236,9 @@ def run_property(prop: str, method: str, pretrained: Optional[Path], args, smoke
                                                      else METHOD_CONFIGS["et-oreo"])).read_text())["model"], args)
         pc["model"] = model
         pretrained = None
-    return finetune_property(pretrained, PropertyConfig.from_dict(pc), out, resume=resume,
-                             progress=not args.no_progress, log=log)
+    metrics = finetune_property(pretrained, PropertyConfig.from_dict(pc), out, resume=resume,
+                                progress=not args.no_progress, log=log)
+    return {**metrics, "curve": validation_curve(out)}
 
 
 def run_md(molecule: str, size: int, method: str, args, log, seed: int = 1) -> Dict:
@@ -303,6 +315,7 @@ def write_report(out: Path, results: List[Dict], qm9: List[Dict], methods: List[
             lines.append(f"| {prop} | " + " | ".join("%.1f" % row[m] if m in row else "–" for m in methods) + " |")
     lines += [""] + [f"- {n}" for n in notes or []]
     (out / "results.md").write_text("\n".join(lines) + "\n")
+    plot_qm9_curves(out, qm9, methods)
     if not results:
         return
     import matplotlib
@@ -333,6 +346,33 @@ def write_report(out: Path, results: List[Dict], qm9: List[Dict], methods: List[
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "learning_curves.png", dpi=110)
+    plt.close(fig)
+
+
+def plot_qm9_curves(out: Path, qm9: List[Dict], methods: List[str]) -> None:
+    """``qm9_curves.png``: validation MAE against CPU-minutes per property, a line per method (equal budgets are
+    long enough to rank the methods when the lines have stopped crossing)."""
+    props = list(dict.fromkeys(r["property"] for r in qm9 if r.get("curve")))
+    if not props:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(props), figsize=(4.2 * len(props), 3.6), squeeze=False)
+    for ax, prop in zip(axes[0], props):
+        for m in methods:
+            for r in qm9:
+                if r["property"] == prop and r["method"] == m and r.get("curve"):
+                    x, y = zip(*r["curve"])
+                    ax.plot(x, y, label=m)
+        ax.set_yscale("log")
+        ax.set_title(f"QM9 {prop}")
+        ax.set_xlabel("CPU-minutes")
+        ax.set_ylabel("validation MAE (meV)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "qm9_curves.png", dpi=110)
     plt.close(fig)
 
 

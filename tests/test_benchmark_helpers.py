@@ -81,6 +81,7 @@ def test_the_fine_tune_grid_adds_up_across_invocations(tmp_path, monkeypatch):
     first = json.loads((tmp_path / "grid.json").read_text())
     assert first["complete"] and {(r["size"], r["method"], r["seed"]) for r in first["forcefield"]} == \
         {(8, "scratch", 1), (8, "scratch", 2), (8, "et-oro", 1), (8, "et-oro", 2), (16, "scratch", 1), (16, "et-oro", 1)}
+    assert first["qm9"] and first["qm9"][0]["curve"] and (tmp_path / "a" / "qm9_curves.png").is_file()
     monkeypatch.setattr(pretrain_finetune, "run_finetune", lambda *a, **k: pytest.fail("a finished cell ran again"))
     monkeypatch.setattr(pretrain_finetune, "run_property", lambda *a, **k: pytest.fail("a finished cell ran again"))
     assert pretrain_finetune.main(common + ["--out", str(tmp_path / "b")]) == 0
