@@ -49,6 +49,7 @@ def check_against_eager(runner, eager: nn.Module, example, tol: Dict[str, float]
     except Exception as exc:  # noqa: BLE001 - a broken build may raise anything
         return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1][:200]}"
     e_e, f_e = eager(*example)
+    e_c, f_c, e_e, f_e = (t.detach() for t in (e_c, f_c, e_e, f_e))
     de = float((e_c.sum().double() - e_e.sum().double()).abs() / e_e.sum().double().abs().clamp_min(1.0))
     df = float((f_c.double() - f_e.double()).abs().max())
     if not (de <= tol["energy_rel"] and df <= tol["forces_abs"]):
