@@ -102,9 +102,7 @@ def read_state(job: Dict) -> Optional[Dict]:
     if not path.is_file():
         return None
     if job.get("kind") == "grid":
-        g = json.loads(path.read_text())
-        return {"cpu_hours": float(g.get("cpu_hours") or 0.0), "complete": bool(g.get("complete")),
-                "cells": len(g.get("forcefield") or []) + len(g.get("qm9") or [])}
+        return grid_summary(json.loads(path.read_text()))
     import torch
     rs = torch.load(path, map_location="cpu", weights_only=False)
     if job.get("kind", "train") == "md":
@@ -120,6 +118,12 @@ def read_state(job: Dict) -> Optional[Dict]:
     return {"epoch": rs["epoch"], "step": rs["step"], "cpu_hours": rs.get("cpu_seconds", rs["elapsed"]) / 3600,
             "history": rs.get("history") or [], "best_val": rs.get("best_val"),
             "lr": rs["optimizer"]["param_groups"][0]["lr"], "total_steps": rs.get("total_steps")}
+
+
+def grid_summary(g: Dict) -> Dict:
+    """A grid job's state (its JSON) as the runner needs it: CPU-hours, complete, runs done."""
+    return {"cpu_hours": float(g.get("cpu_hours") or 0.0), "complete": bool(g.get("complete")),
+            "cells": len(g.get("forcefield") or []) + len(g.get("qm9") or [])}
 
 
 def dft_report(job: Dict) -> Optional[Dict]:
@@ -152,7 +156,7 @@ def finished(job: Dict, state: Optional[Dict]) -> str:
         if state.get("dft_done", 0) < want:
             return ""                                    # the DFT check along the trajectory is still to do
         return how + (f", DFT-checked on {state['dft_done']} frames" if want else ", no frame for the DFT check")
-    if job.get("kind") == "pretrain" and state.get("total_steps") and state["step"] >= state["total_steps"]:
+    if job.get("kind") == "pretrain" and pretraining_done(state):
         if not backbone_path(job).is_file():
             return ""                                    # one short run still writes the backbone from the state
         return f"all {state['total_steps']} steps done ({state['epoch']} epochs); backbone {shown(backbone_path(job))}"
@@ -169,6 +173,11 @@ def shown(path: Path) -> str:
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
+def pretraining_done(state: Optional[Dict]) -> bool:
+    """Whether a pretraining job's state has done every step."""
+    return bool(state and state.get("total_steps") and state["step"] >= state["total_steps"])
+
+
 def backbone_path(job: Dict) -> Path:
     """Where a finished pretraining job's backbone is kept (committed: fine-tuning starts from it on any clone)."""
     return MODELS_DIR / f"{job['name']}.pt"
@@ -178,9 +187,8 @@ def keep_backbone(job: Dict) -> Optional[Path]:
     """After a piece of a pretraining job: once every step is done, its ``pretrained.pt`` (written from the state
     by the last piece; ``oreo pretrain --resume`` on a finished state only writes it) becomes
     :func:`backbone_path`."""
-    state = read_state(job)
     made = RUNS_DIR / job["name"] / "pretrained.pt"
-    if state is None or not state.get("total_steps") or state["step"] < state["total_steps"] or not made.is_file():
+    if not made.is_file() or not pretraining_done(read_state(job)):
         return None
     import shutil
     MODELS_DIR.mkdir(parents=True, exist_ok=True)
@@ -464,15 +472,15 @@ def grid_tables(jobs: List[Dict]) -> List[str]:
     import pretrain_finetune
     lines = ["## Fine-tune grids", "", "| job | runs done | CPU-h | status | tables |", "|---|---:|---:|---|---|"]
     for job in jobs:
-        st = read_state(job)
+        g = json.loads(state_path(job).read_text()) if state_path(job).is_file() else None
+        st = None if g is None else grid_summary(g)
         status = finished(job, st) or ("running" if st else "not started")
         where = ""
-        if st is not None:
-            g = json.loads(state_path(job).read_text())
+        if g is not None:
+            ff, qm9 = g.get("forcefield") or [], g.get("qm9") or []
             out = RESULTS_DIR / job["name"]
             out.mkdir(parents=True, exist_ok=True)
-            methods = list(dict.fromkeys(r["method"] for r in g["forcefield"] + g["qm9"]))
-            pretrain_finetune.write_report(out, g["forcefield"], g["qm9"], methods)
+            pretrain_finetune.write_report(out, ff, qm9, list(dict.fromkeys(r["method"] for r in ff + qm9)))
             where = f"`{shown(out / 'results.md')}`"
         lines.append(f"| {job['name']} | {0 if st is None else st['cells']} | "
                      f"{0.0 if st is None else st['cpu_hours']:.2f} | {status} | {where} |")

@@ -157,7 +157,7 @@ def finetune_config(molecule: str, size: int, args, smoke, model: Dict, seed: in
         data.update(val_size=smoke["val_size"], test_size=smoke["test_size"])
     if args.finetune_minutes:
         optim["max_minutes"] = args.finetune_minutes
-    if getattr(args, "finetune_cpu_minutes", None):
+    if args.finetune_cpu_minutes:
         optim["max_cpu_minutes"] = args.finetune_cpu_minutes
     if args.finetune_epochs:
         optim["epochs"] = args.finetune_epochs
@@ -169,14 +169,14 @@ def finetune_config(molecule: str, size: int, args, smoke, model: Dict, seed: in
     return {"data": data, "model": m, "optim": optim}
 
 
-def cell_dir(args, molecule: str, size: int, method: str, seed: int = 1) -> str:
+def cell_dir(molecule: str, size: int, method: str, seed: int = 1) -> str:
     """``<mol>/<n>/<method>`` (seed 1) or ``<mol>/<n>/<method>-s<seed>``, below ``finetune/`` and ``md/``."""
     return f"{molecule}/{size}/{method}" + (f"-s{seed}" if seed != 1 else "")
 
 
 def run_finetune(molecule: str, size: int, method: str, pretrained: Optional[Path], args, smoke, log,
                  seed: int = 1) -> Dict:
-    out = Path(args.out) / "finetune" / cell_dir(args, molecule, size, method, seed)
+    out = Path(args.out) / "finetune" / cell_dir(molecule, size, method, seed)
     if _done(out):
         return json.loads((out / "test_metrics.json").read_text())
     resume = (out / "last.pt").is_file()
@@ -245,8 +245,8 @@ def run_md(molecule: str, size: int, method: str, args, log, seed: int = 1) -> D
     """MDsim-protocol stability of one fine-tuned model (benchmarks/md17_simulation.py, same settings)."""
     import argparse as _argparse
     from md17_simulation import run_one
-    model = Path(args.out) / "finetune" / cell_dir(args, molecule, size, method, seed) / "best.pt"
-    md_args = _argparse.Namespace(out=str(Path(args.out) / "md" / cell_dir(args, molecule, size, method, seed)),
+    model = Path(args.out) / "finetune" / cell_dir(molecule, size, method, seed) / "best.pt"
+    md_args = _argparse.Namespace(out=str(Path(args.out) / "md" / cell_dir(molecule, size, method, seed)),
                                   ps=args.md_ps,
                                   replicas=args.md_replicas, temperature=500.0, timestep=0.5, seed=123,
                                   data_dir=args.data_dir, device="cpu", force_frames=0, log_every=100,
@@ -296,13 +296,13 @@ def write_report(out: Path, results: List[Dict], qm9: List[Dict], methods: List[
         lines += ["", "## MD stability of the fine-tuned models (Nosé–Hoover 500 K; ps stable, mean over replicas; "
                       "h(r) MAE)", "", "| molecule | train frames | " + " | ".join(methods) + " |",
                   "|---|---:|" + "---:|" * len(methods)]
-        mt: Dict[tuple, Dict[str, str]] = {}
+        runs: Dict[tuple, List[Dict]] = {}
         for r in md_rows:   # several seeds: their mean
-            cell = mt.setdefault((r["molecule"], r["size"]), {})
-            runs = [x for x in md_rows if (x["molecule"], x["size"], x["method"]) == (r["molecule"], r["size"],
-                                                                                         r["method"])]
-            cell[r["method"]] = (f"{np.mean([x['stability_ps'] for x in runs]):.1f} / "
-                                 f"{np.mean([x['hr_mae'] for x in runs]):.3f}")
+            runs.setdefault((r["molecule"], r["size"], r["method"]), []).append(r)
+        mt: Dict[tuple, Dict[str, str]] = {}
+        for (mol, size, method), rs in runs.items():
+            mt.setdefault((mol, size), {})[method] = (f"{np.mean([x['stability_ps'] for x in rs]):.1f} / "
+                                                     f"{np.mean([x['hr_mae'] for x in rs]):.3f}")
         for (mol, size), row in sorted(mt.items()):
             lines.append(f"| {mol} | {size} | " + " | ".join(row.get(m, "–") for m in methods) + " |")
     if qm9:
@@ -511,44 +511,44 @@ def main(argv=None) -> int:
     started = time.time()
     run_minutes = (args.finetune_cpu_minutes or args.finetune_minutes or 0.0) + (2.0 * args.md_ps if args.md_ps else 0)
 
-    def time_left() -> bool:
-        if args.max_minutes is None or (time.time() - started) / 60 + run_minutes <= args.max_minutes:
-            return True
-        return False
+    left = 0
 
-    results, qm9, left = [], [], 0
+    def cell(table: str, key: Dict[str, Any], compute) -> Optional[Dict]:
+        """The row of one run: from the grid's state when it is there, else computed (and recorded) when this
+        invocation has time for it, else None (counted as left)."""
+        nonlocal left
+        row = grid.row(table, key) if grid else None
+        if row is not None:
+            return row
+        if args.max_minutes is not None and (time.time() - started) / 60 + run_minutes > args.max_minutes:
+            left += 1
+            return None
+        cpu0 = time.process_time()
+        row = {**key, **compute()}
+        if grid:
+            grid.add(table, row, time.process_time() - cpu0)
+        return row
+
+    def finetune_row(mol, size, m, seed) -> Dict:
+        r = run_finetune(mol, size, m, pretrained.get(m), args, smoke, log, seed)
+        return {**r, **run_md(mol, size, m, args, log, seed)} if args.md_ps else r
+
+    results, qm9 = [], []
     for mol in args.molecules:
         for size in args.sizes:
             for m in args.methods:
                 for seed in range(1, seeds.get(size, 1) + 1):
-                    key = {"molecule": mol, "size": size, "method": m, "seed": seed}
-                    row = grid.row("forcefield", key) if grid else None
-                    if row is None:
-                        if not time_left():
-                            left += 1
-                            continue
-                        cpu0 = time.process_time()
-                        r = run_finetune(mol, size, m, pretrained.get(m), args, smoke, log, seed)
-                        if args.md_ps:
-                            r = {**r, **run_md(mol, size, m, args, log, seed)}
-                        row = {**key, **r}
-                        if grid:
-                            grid.add("forcefield", row, time.process_time() - cpu0)
-                    results.append(row)
-                    write_report(out, results, [], args.methods)
+                    row = cell("forcefield", {"molecule": mol, "size": size, "method": m, "seed": seed},
+                               lambda: finetune_row(mol, size, m, seed))
+                    if row is not None:
+                        results.append(row)
+                        write_report(out, results, [], args.methods)
     for prop in args.properties:
         for m in args.methods:
-            key = {"property": prop, "method": m}
-            row = grid.row("qm9", key) if grid else None
-            if row is None:
-                if not time_left():
-                    left += 1
-                    continue
-                cpu0 = time.process_time()
-                row = {"method": m, **run_property(prop, m, pretrained.get(m), args, smoke, log)}
-                if grid:
-                    grid.add("qm9", {**key, **row}, time.process_time() - cpu0)
-            qm9.append(row)
+            row = cell("qm9", {"property": prop, "method": m},
+                       lambda: run_property(prop, m, pretrained.get(m), args, smoke, log))
+            if row is not None:
+                qm9.append(row)
     if grid:
         grid.finish(left == 0)
     if left:

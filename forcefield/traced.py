@@ -18,7 +18,7 @@ from .graph import edges_from_pairs, half_pairs, shift_vectors
 from .potential import forces_from_energy
 
 __all__ = ["EnergyForces", "pairs_and_shifts", "traceable", "default_inductor_configs", "NO_BUFFER_REUSE",
-           "EXPORT_TOLERANCE", "check_against_eager"]
+           "EXPORT_TOLERANCE", "check_against_eager", "error_summary"]
 
 
 # Inductor's generated element-wise kernels run on one thread; GEMMs and the rest of torch keep every
@@ -41,13 +41,18 @@ EXPORT_TOLERANCE = {"float32": {"energy_rel": 1e-5, "forces_abs": 1e-4},
                     "float64": {"energy_rel": 1e-10, "forces_abs": 1e-9}}
 
 
+def error_summary(exc: BaseException, limit: int = 300) -> str:
+    """``Type: last line of the message`` of an exception (what a compiler failure report quotes)."""
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1]}"[:limit]
+
+
 def check_against_eager(runner, eager: nn.Module, example, tol: Dict[str, float]) -> Optional[str]:
     """None when ``runner`` (a compiled build of the traced graph) gives the eager module's atomic energies and
     forces on ``example`` within ``tol`` (``EXPORT_TOLERANCE``); else what differs (or what it raised)."""
     try:
         e_c, f_c = runner(*example)
     except Exception as exc:  # noqa: BLE001 - a broken build may raise anything
-        return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1][:200]}"
+        return error_summary(exc)
     e_e, f_e = eager(*example)
     e_c, f_c, e_e, f_e = (t.detach() for t in (e_c, f_c, e_e, f_e))
     de = float((e_c.sum().double() - e_e.sum().double()).abs() / e_e.sum().double().abs().clamp_min(1.0))

@@ -15,7 +15,8 @@ the neighbour search stays eager. The first call also runs one trial forward (ch
 with Inductor's buffer reuse off (torch 2.13's Inductor lets a kernel of the ethanol batches' backward write in
 place over a buffer that a later kernel still reads: ``UnboundLocalError``); when that fails too, training
 continues on the eager path with a warning that says so, instead of dying minutes into a long run. ET backbone
-only (it exposes ``represent`` with the symmetric edge layout). The traced graph is :mod:`forcefield.traced`'s, the one the AOTInductor export (inference) compiles.
+only (it exposes ``represent`` with the symmetric edge layout). The traced graph is
+:mod:`forcefield.traced`'s, the one the AOTInductor export (inference) compiles.
 """
 import os
 import warnings
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 
 from ..potential import checked_batch, forces_from_energy, graph_sum
 from ..traced import (EXPORT_TOLERANCE, NO_BUFFER_REUSE, EnergyForces, check_against_eager, default_inductor_configs,
-                      pairs_and_shifts, traceable)
+                      error_summary, pairs_and_shifts, traceable)
 
 
 class _Functional(nn.Module):
@@ -120,12 +121,11 @@ class CompiledEnergyForces:
                 self.options = options
                 if failures:
                     warnings.warn(f"optim.compile: the first build failed its trial step ({failures[0]}); the "
-                                  f"build with Inductor option(s) {self._changed(options)} works and is used",
+                                  f"build with Inductor option(s) {NO_BUFFER_REUSE} works and is used",
                                   RuntimeWarning, stacklevel=3)
                 return
             except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager path computes the same
-                first = (str(exc).strip().splitlines() or [""])[-1]
-                failures.append(f"{type(exc).__name__}: {first}"[:300])
+                failures.append(error_summary(exc))
                 torch._dynamo.reset()
         self.failure = "; ".join(failures)
         self._compiled = None
@@ -133,11 +133,6 @@ class CompiledEnergyForces:
                       f"(torch {torch.__version__}, {self.backend}: {self.failure}); training continues on the "
                       f"eager path (the same numbers, about 1.2x slower). Set optim.compile: false to skip the "
                       f"compile", RuntimeWarning, stacklevel=3)
-
-    @staticmethod
-    def _changed(options) -> Dict:
-        base = default_inductor_configs()
-        return {k: v for k, v in (options or {}).items() if base.get(k) != v}
 
     def __call__(self, numbers: Tensor, positions: Tensor, batch: Optional[Tensor] = None,
                  cell: Optional[Tensor] = None, pbc: Optional[Tensor] = None) -> Dict[str, Tensor]:
