@@ -45,6 +45,33 @@ def test_quantisation_errors_are_small_and_keep_zero_and_sign():
 
 
 @pytest.mark.slow
+def test_the_fused_optimizer_takes_the_reference_adamw_step_and_stays_fused_after_a_resume():
+    """One optimiser for every trainer (forcefield.train.loop.adamw): the fused kernel on CPU, the same update as
+    torch's reference per-tensor AdamW; a state written by the unfused optimiser (older checkpoints) loads
+    without switching the implementation back."""
+    from forcefield.train.loop import adamw, load_optimizer_state
+    torch.manual_seed(0)
+    ref_params = [torch.randn(7, 5, requires_grad=True), torch.randn(5, requires_grad=True)]
+    params = [p.detach().clone().requires_grad_(True) for p in ref_params]
+    start = [p.detach().clone() for p in params]
+    ref = torch.optim.AdamW(ref_params, lr=1e-2, weight_decay=0.01, foreach=False)
+    opt = adamw(params, lr=1e-2, weight_decay=0.01)
+    assert opt.param_groups[0]["fused"]
+    for _ in range(5):
+        grads = [torch.randn_like(p) for p in params]
+        for p, q, g in zip(ref_params, params, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        ref.step()
+        opt.step()
+    for p, q, q0 in zip(ref_params, params, start):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-7)
+        assert (q - q0).abs().max() > 1e-3          # the steps moved the parameters
+    fresh = adamw([p.detach().clone().requires_grad_(True) for p in ref_params], lr=1e-2, weight_decay=0.01)
+    load_optimizer_state(fresh, ref.state_dict())
+    assert fresh.param_groups[0]["fused"] and fresh.param_groups[0]["lr"] == 1e-2
+    assert torch.equal(fresh.state[fresh.param_groups[0]["params"][0]]["exp_avg"], ref.state[ref_params[0]]["exp_avg"])
+
+
 def test_run_state_is_compact_and_a_fresh_clone_resumes_from_it(tmp_path):
     state = tmp_path / "committed" / "run.pt"
     first = Trainer(_cfg(epochs=2), tmp_path / "a", progress=False, log=_quiet, state_file=state)

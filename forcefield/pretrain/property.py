@@ -23,7 +23,7 @@ from ..files import atomic_torch_save, write_json
 from ..io import ModelFileError, RecordFormat, cast_potential, open_model_file, register_record_format
 from ..potential import MAX_Z, Potential, graph_sum
 from ..settings import from_mapping
-from ..train.loop import EpochTrainer, Panel, adamw_with_plateau
+from ..train.loop import EpochTrainer, Panel, adamw_with_plateau, load_optimizer_state
 from .finetune import layerwise_param_groups, load_pretrained
 
 __all__ = ["PropertyConfig", "PropertyModel", "PropertyTrainer", "finetune_property", "load_property_model",
@@ -280,7 +280,7 @@ class PropertyTrainer(EpochTrainer):
         if ck["index"] != self._index():
             raise ValueError(f"cannot resume the run in {self.out}: its molecules differ from this config's")
         self.model.load_weights(ck["model"]["state_dict"])
-        self.optimizer.load_state_dict(ck["optimizer"])
+        load_optimizer_state(self.optimizer, ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
         self.epoch, self.step = ck["epoch"], ck["step"]
         self.best_val, self.epochs_since_best, self.elapsed = ck["best_val"], ck["epochs_since_best"], ck["elapsed"]

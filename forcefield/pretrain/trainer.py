@@ -27,7 +27,7 @@ from ..files import atomic_torch_save, atomic_write_text, write_json
 from ..io import model_record
 from ..potential import Potential
 from ..settings import from_mapping, read_yaml
-from ..train.loop import Panel, TrainingRun, optimizer_step
+from ..train.loop import Panel, TrainingRun, adamw, load_optimizer_state, optimizer_step
 from .corpus import Corpus, CorpusConfig, EpochSampler, build_corpus, corpus_config_from_obj
 from .distributed import DistInfo, all_reduce_mean, barrier
 from .objectives import ObjectivesConfig, Outputs, PretrainTask, build_objectives
@@ -138,7 +138,7 @@ class Pretrainer(TrainingRun):
             self.model = DDP(self.task, device_ids=ids, output_device=ids[0] if ids else None)
         else:
             self.model = self.task
-        self.optimizer = torch.optim.AdamW(self.task.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        self.optimizer = adamw(self.task.parameters(), lr=o.lr, weight_decay=o.weight_decay)
         self._runner = self._compiled_runner() if o.compile else None
         # sources that no objective uses (e.g. equilibrium geometries for ET-ORO) are not drawn at all
         used = self.task.frames_used(self.corpus.has_forces, self.corpus.frames.equilibrium)
@@ -244,7 +244,7 @@ class Pretrainer(TrainingRun):
                      f"{self.dist.world_size}: training continues, but not step for step as the original run would "
                      f"have")
         self.task.load_state_dict(ck["task"])
-        self.optimizer.load_state_dict(ck["optimizer"])
+        load_optimizer_state(self.optimizer, ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
         self.step, self.epoch, self.batch_in_epoch = ck["step"], ck["epoch"], ck["batch_in_epoch"]
         self.elapsed = ck["elapsed"]

@@ -37,11 +37,17 @@ class _Functional(nn.Module):
         super().__init__()
         self.inner = EnergyForces(potential, differentiable=True, with_repulsion=with_repulsion)
         self.names = [n for n, _ in potential.named_parameters()] + [n for n, _ in potential.named_buffers()]
+        # where each tensor lives (its module's parameter or buffer dict, and its key): read at every call, so a
+        # reassigned tensor is seen, without walking the module tree every step (1.4 ms of a 15 ms ethanol step)
+        self._slots = []
+        for n in self.names:
+            owner, _, key = n.rpartition(".")
+            mod = potential.get_submodule(owner)
+            self._slots.append((mod._parameters if key in mod._parameters else mod._buffers, key))
 
     def tensors(self) -> List[Tensor]:
         """The potential's current parameters and buffers, in the order ``forward`` takes them."""
-        state = {**dict(self.inner.potential.named_parameters()), **dict(self.inner.potential.named_buffers())}
-        return [state[n] for n in self.names]
+        return [d[k] for d, k in self._slots]
 
     def forward(self, tensors: List[Tensor], numbers: Tensor, positions: Tensor, pairs: Tensor, cart: Tensor):
         state = {"potential." + n: t for n, t in zip(self.names, tensors)}

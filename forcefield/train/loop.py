@@ -29,8 +29,8 @@ import torch
 from ..files import atomic_torch_save, atomic_write_text
 from .runstate import is_runstate, pack_checkpoint, unpack_runstate
 
-__all__ = ["Panel", "TrainingRun", "EpochTrainer", "adamw_with_plateau", "warmup_lr", "optimizer_step",
-           "early_stop_reason"]
+__all__ = ["Panel", "TrainingRun", "EpochTrainer", "adamw", "load_optimizer_state", "adamw_with_plateau", "warmup_lr",
+           "optimizer_step", "early_stop_reason"]
 
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters, grad_clip: float, step: int,
@@ -71,10 +71,31 @@ class Panel:
     lines: Sequence[Tuple[str, str]]
 
 
+def adamw(groups, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over ``groups`` (parameters or parameter groups), the fused implementation where the parameters'
+    device and dtype have it: one kernel over all tensors instead of a Python loop over them (on CPU 0.8 vs 2.2 ms
+    a step for ET 4x96, a few % of a small-molecule training step); the same update up to rounding."""
+    groups = list(groups)
+    try:
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError):      # a device or dtype without the fused kernel
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict) -> None:
+    """``optimizer.load_state_dict(state)`` that keeps this optimizer's implementation: the saved groups carry
+    the ``fused`` / ``foreach`` flags of the run that wrote them (e.g. a checkpoint from before :func:`adamw`
+    was fused), and loading them would switch the implementation back."""
+    keep = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for g, flags in zip(optimizer.param_groups, keep):
+        g.update(flags)
+
+
 def adamw_with_plateau(groups, lr: float, weight_decay: float, factor: float, patience: int, min_lr: float):
-    """AdamW over ``groups`` (parameters or parameter groups) and its reduce-on-plateau schedule; every group
-    remembers its ``base_lr``, the rate the warm-up leads to."""
-    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    """:func:`adamw` over ``groups`` and its reduce-on-plateau schedule; every group remembers its ``base_lr``,
+    the rate the warm-up leads to."""
+    optimizer = adamw(groups, lr=lr, weight_decay=weight_decay)
     for g in optimizer.param_groups:
         g.setdefault("base_lr", g["lr"])
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=factor, patience=patience,
@@ -318,10 +339,11 @@ class EpochTrainer(TrainingRun):
             from tqdm.auto import tqdm
             it = tqdm(batches, desc=f"epoch {self.epoch + 1}", unit="batch", leave=False)
         total, count = 0.0, 0
+        params = list(self.model.parameters())   # once an epoch: a walk of the module tree costs ~0.4 ms
         for idx in it:
             warmup_lr(self.optimizer, self.step, o.lr_warmup_steps)
             loss = self.batch_loss(idx)
-            optimizer_step(loss, self.optimizer, self.model.parameters(), o.grad_clip, self.step, self.last_path,
+            optimizer_step(loss, self.optimizer, params, o.grad_clip, self.step, self.last_path,
                            what=self.what)
             self.after_step()
             self.step += 1

@@ -22,7 +22,7 @@ from ..io import load_potential, model_record, save_model
 from ..potential import Potential
 from .config import Config
 from .datasets import Splits, build_splits
-from .loop import EpochTrainer, Panel, adamw_with_plateau
+from .loop import EpochTrainer, Panel, adamw_with_plateau, load_optimizer_state
 from .statistics import fitted_potential, reference_energy
 
 CHECKPOINT_FORMAT = "oreo-checkpoint"
@@ -82,6 +82,8 @@ class Trainer(EpochTrainer):
         self.ema = copy.deepcopy(self.model).eval()
         for p in self.ema.parameters():
             p.requires_grad_(False)
+        # the EMA update's operands, listed once (weights are updated and loaded in place)
+        self._ema_pairs = (list(self.ema.parameters()), [p.detach() for p in self.model.parameters()])
         self.atomref = {z: float(self.model.atomref[z]) for z in self.model.elements}
         self.model.set_metadata(**self._metadata())
         self.ema.set_metadata(**self._metadata())
@@ -147,7 +149,7 @@ class Trainer(EpochTrainer):
     def after_step(self) -> None:
         """The EMA of the weights, the model that is validated and shipped."""
         d = self.cfg.optim.ema_decay
-        torch._foreach_lerp_(list(self.ema.parameters()), [p.detach() for p in self.model.parameters()], 1.0 - d)
+        torch._foreach_lerp_(*self._ema_pairs, 1.0 - d)
 
     def validate(self) -> Dict[str, float]:
         o = self.cfg.optim
@@ -204,7 +206,7 @@ class Trainer(EpochTrainer):
                              f"(different data, seed or sizes). Use the original config or a new --out folder.")
         self.model.load_state_dict(ck["train_model"])
         self.ema.load_state_dict(ck["model"]["state_dict"])
-        self.optimizer.load_state_dict(ck["optimizer"])
+        load_optimizer_state(self.optimizer, ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
         self._apply_changed_schedule(ck["config"]["optim"])
         self.epoch, self.step = ck["epoch"], ck["step"]
