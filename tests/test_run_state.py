@@ -44,7 +44,6 @@ def test_quantisation_errors_are_small_and_keep_zero_and_sign():
     assert rel.max() < 0.2 and torch.all(bv[nz] > 0)
 
 
-@pytest.mark.slow
 def test_the_fused_optimizer_takes_the_reference_adamw_step_and_stays_fused_after_a_resume():
     """One optimiser for every trainer (forcefield.train.loop.adamw): the fused kernel on CPU, the same update as
     torch's reference per-tensor AdamW; a state written by the unfused optimiser (older checkpoints) loads
@@ -72,6 +71,7 @@ def test_the_fused_optimizer_takes_the_reference_adamw_step_and_stays_fused_afte
     assert torch.equal(fresh.state[fresh.param_groups[0]["params"][0]]["exp_avg"], ref.state[ref_params[0]]["exp_avg"])
 
 
+@pytest.mark.slow
 def test_run_state_is_compact_and_a_fresh_clone_resumes_from_it(tmp_path):
     state = tmp_path / "committed" / "run.pt"
     first = Trainer(_cfg(epochs=2), tmp_path / "a", progress=False, log=_quiet, state_file=state)

@@ -38,7 +38,7 @@ class _Functional(nn.Module):
         self.inner = EnergyForces(potential, differentiable=True, with_repulsion=with_repulsion)
         self.names = [n for n, _ in potential.named_parameters()] + [n for n, _ in potential.named_buffers()]
         # where each tensor lives (its module's parameter or buffer dict, and its key): read at every call, so a
-        # reassigned tensor is seen, without walking the module tree every step (1.4 ms of a 15 ms ethanol step)
+        # reassigned tensor is seen, without walking the module tree every step
         self._slots = []
         for n in self.names:
             owner, _, key = n.rpartition(".")

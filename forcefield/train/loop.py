@@ -73,8 +73,8 @@ class Panel:
 
 def adamw(groups, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW over ``groups`` (parameters or parameter groups), the fused implementation where the parameters'
-    device and dtype have it: one kernel over all tensors instead of a Python loop over them (on CPU 0.8 vs 2.2 ms
-    a step for ET 4x96, a few % of a small-molecule training step); the same update up to rounding."""
+    device and dtype have it: one kernel over all tensors instead of a Python loop over them (the campaign's
+    ethanol step 1.25x faster, benchmarks/train_step_overhead.py); the same update up to rounding."""
     groups = list(groups)
     try:
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
@@ -339,7 +339,7 @@ class EpochTrainer(TrainingRun):
             from tqdm.auto import tqdm
             it = tqdm(batches, desc=f"epoch {self.epoch + 1}", unit="batch", leave=False)
         total, count = 0.0, 0
-        params = list(self.model.parameters())   # once an epoch: a walk of the module tree costs ~0.4 ms
+        params = list(self.model.parameters())   # once an epoch, not a walk of the module tree every step
         for idx in it:
             warmup_lr(self.optimizer, self.step, o.lr_warmup_steps)
             loss = self.batch_loss(idx)
