@@ -178,6 +178,26 @@ def pretraining_done(state: Optional[Dict]) -> bool:
     return bool(state and state.get("total_steps") and state["step"] >= state["total_steps"])
 
 
+def pretrain_hours_to_go(state: Dict) -> float:
+    """CPU-hours a pretraining job still needs at its own rate so far (compilation included); NaN if unknown."""
+    total, step = state.get("total_steps"), state.get("step") or 0
+    if not total or step <= 0:
+        return float("nan")
+    return max(total - step, 0) * state["cpu_hours"] / step
+
+
+def md_hours_to_go(summary: Dict) -> float:
+    """Hours an MD job still needs at its measured steps/s (1 thread, so about CPU-hours); NaN if unknown or if
+    every replica has stopped."""
+    rate = (summary.get("speed") or {}).get("steps_per_s")
+    running = sum(1 for x in summary.get("replicas") or [] if x.get("stop_reason") is None)
+    if not rate or not math.isfinite(rate) or running == 0 or summary.get("simulated_ps") is None:
+        return float("nan")
+    timestep_fs = float(summary.get("timestep_fs") or 0.5)
+    steps_left = max(float(summary["requested_ps"]) - float(summary["simulated_ps"]), 0.0) * 1000.0 / timestep_fs
+    return steps_left / rate / 3600.0
+
+
 def backbone_path(job: Dict) -> Path:
     """Where a finished pretraining job's backbone is kept (committed: fine-tuning starts from it on any clone)."""
     return MODELS_DIR / f"{job['name']}.pt"
@@ -416,6 +436,7 @@ def report(jobs: List[Dict]) -> Dict:
                      "kind": "pretrain", "epochs": st["epoch"], "steps": st["step"], "cpu_hours": st["cpu_hours"],
                      "own_cpu_hours": st["cpu_hours"], "last_loss": curve[-1][1] if curve else float("nan"),
                      "lr": st["lr"], "target": None, "finished": finished(job, st), "curve": curve,
+                     "total_steps": st.get("total_steps"), "cpu_hours_to_go": pretrain_hours_to_go(st),
                      "ylabel": "pretraining loss (training batches)"})
     for job in jobs:
         st = read_state(job) if job.get("kind", "train") == "train" else None
@@ -436,9 +457,11 @@ def report(jobs: List[Dict]) -> Dict:
              "`python benchmarks/campaign.py --report`. Validation force MAE of the EMA model (meV/Å) on the "
              "job's validation frames; CPU-hours are cumulative (including the model a job started from).", ""]
     for group in dict.fromkeys(r["group"] for r in rows if r.get("kind") == "pretrain"):
-        lines += [f"## {group}", "", "| job | CPU-h | epochs | steps | last loss | lr | status | recipe |",
-                  "|---|---:|---:|---:|---:|---:|---|---|"]
-        lines += [f"| {r['name']} | {r['cpu_hours']:.2f} | {r['epochs']} | {r['steps']} | {r['last_loss']:.4g} | "
+        lines += [f"## {group}", "", "CPU-h to go: the steps left at the job's own rate so far.", "",
+                  "| job | CPU-h | CPU-h to go | epochs | steps | last loss | lr | status | recipe |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+        lines += [f"| {r['name']} | {r['cpu_hours']:.2f} | {_fmt(r['cpu_hours_to_go'], 2)} | {r['epochs']} | "
+                  f"{r['steps']} / {r['total_steps'] or '?'} | {r['last_loss']:.4g} | "
                   f"{r['lr']:.1e} | {r['finished'] or 'running'} | {r['note'] or ', '.join(r['set'])} |"
                   for r in rows if r["group"] == group]
         lines.append("")
@@ -530,10 +553,10 @@ def md_table(rows: List[Dict]) -> List[str]:
                 "frames; beside it, against PBE/def2-SVP (PySCF, rMD17's level) on frames of the last 100 ps of the "
                 "model's own trajectories (`oreo-md dft-check STATE`): much larger means the MD visits places the "
                 "data does not cover. Model: the shipped model the job started with and the first digits of its SHA-256 (the "
-                "job keeps that file, `benchmarks/campaign/models/<job>.pt`, when the molecule is re-shipped). Steps/s: all replicas in one batch, 1 thread, other jobs sharing the machine.", "",
+                "job keeps that file, `benchmarks/campaign/models/<job>.pt`, when the molecule is re-shipped). Steps/s: all replicas in one batch, 1 thread, other jobs sharing the machine; CPU-h to go: the steps left at that rate.", "",
                 "| molecule | model | simulated (ps) | replicas running | stability (ps) | h(r) MAE | h(r) floor | "
-                "force MAE, test (meV/Å) | force MAE vs DFT on its trajectory | steps/s | status |",
-                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                "force MAE, test (meV/Å) | force MAE vs DFT on its trajectory | steps/s | CPU-h to go | status |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in rows:
             if r["group"] != group:
                 continue
@@ -543,7 +566,8 @@ def md_table(rows: List[Dict]) -> List[str]:
             out.append(f"| {r['system']} | {model} | {r['simulated_ps']:.1f} / {r['requested_ps']:g} | "
                        f"{running} / {r['replicas_n']} | {pm(r['stability_ps'], 1)} | {pm(r['hr_mae'], 3)} | "
                        f"{pm(r.get('hr_floor'), 3)} | {num(r.get('force_mae_meV_per_A'), 1)} | {r['dft_text']} | "
-                       f"{num((r.get('speed') or {}).get('steps_per_s'), 1)} | {r['status']} |")
+                       f"{num((r.get('speed') or {}).get('steps_per_s'), 1)} | {_fmt(md_hours_to_go(r), 1)} | "
+                       f"{r['status']} |")
         out.append("")
     return out
 
@@ -586,8 +610,8 @@ def study_table(rows: List[Dict]) -> List[str]:
     return out + [""]
 
 
-def _fmt(v: float) -> str:
-    return "—" if not math.isfinite(v) else f"{v:.1f}"
+def _fmt(v: Optional[float], digits: int = 1) -> str:
+    return "—" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
 
 
 # ---------------------------------------------------------------------------- shipping

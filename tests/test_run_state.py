@@ -1,5 +1,6 @@
 """Compact run state (committable), --init-from, thread defaults, and the campaign runner's job file."""
 import json
+import math
 import os
 import subprocess
 import shutil
@@ -290,3 +291,21 @@ def test_campaign_gives_free_slots_to_the_least_served_job(monkeypatch):
     assert [j["name"] for j in campaign.schedule(jobs, ["d", "b"])] == ["d", "b"]       # --jobs: as given
     with pytest.raises(SystemExit, match="no job named"):
         campaign.schedule(jobs, ["zz"])
+
+
+def test_campaign_estimates_the_compute_a_job_still_needs():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import campaign
+    finally:
+        sys.path.pop(0)
+    # pretraining: a quarter of the steps took 1 CPU-h, so 3 are left; nothing known before the first step
+    assert campaign.pretrain_hours_to_go({"total_steps": 400, "step": 100, "cpu_hours": 1.0}) == pytest.approx(3.0)
+    assert math.isnan(campaign.pretrain_hours_to_go({"total_steps": 400, "step": 0, "cpu_hours": 0.0}))
+    # MD: 100 of 300 ps at 0.5 fs leaves 400,000 steps; at 40 steps/s that is 10,000 s
+    md = {"requested_ps": 300.0, "simulated_ps": 100.0, "timestep_fs": 0.5, "speed": {"steps_per_s": 40.0},
+          "replicas": [{"stop_reason": None}, {"stop_reason": "unstable"}]}
+    assert campaign.md_hours_to_go(md) == pytest.approx(10_000 / 3600)
+    stopped = dict(md, replicas=[{"stop_reason": "unstable"}])                  # every replica stopped: no more MD
+    assert math.isnan(campaign.md_hours_to_go(stopped))
+    assert math.isnan(campaign.md_hours_to_go(dict(md, speed={})))             # no rate measured yet
