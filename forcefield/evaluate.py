@@ -1,9 +1,10 @@
 """Energy/force errors of a potential on labelled frames, and a parity plot."""
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
+from ase.data import chemical_symbols
 
 from .data.conformations import ConformationSet
 from .units import MEV
@@ -33,16 +34,20 @@ def mae_rmse(errors) -> Tuple[float, float]:
     return MEV * float(np.mean(np.abs(e))), MEV * float(np.sqrt(np.mean(e ** 2)))
 
 
-def error_metrics(pred: Dict[str, np.ndarray], cset: ConformationSet) -> Dict[str, float]:
-    """MAE/RMSE in meV (energy, also per atom) and meV/Å (force components)."""
-    m: Dict[str, float] = {"n_frames": len(cset)}
+def error_metrics(pred: Dict[str, np.ndarray], cset: ConformationSet) -> Dict[str, Any]:
+    """MAE/RMSE in meV (energy, also per atom) and meV/Å (force components), and the force MAE of each element's
+    atoms (``forces_mae_meV_per_A_by_element``: symbol -> meV/Å; where the error lives, e.g. hydroxyl H)."""
+    m: Dict[str, Any] = {"n_frames": len(cset)}
     if cset.energy is not None:
         de = pred["energy"] - cset.energy
         mae, rmse = mae_rmse(de)
         m.update(energy_mae_meV=mae, energy_rmse_meV=rmse, energy_per_atom_mae_meV=mae_rmse(de / cset.n_atoms)[0])
     if cset.forces is not None:
-        mae, rmse = mae_rmse(pred["forces"] - cset.forces)
-        m.update(forces_mae_meV_per_A=mae, forces_rmse_meV_per_A=rmse)
+        df = pred["forces"] - cset.forces
+        mae, rmse = mae_rmse(df)
+        m.update(forces_mae_meV_per_A=mae, forces_rmse_meV_per_A=rmse,
+                 forces_mae_meV_per_A_by_element={chemical_symbols[z]: mae_rmse(df[cset.numbers == z])[0]
+                                                  for z in np.unique(cset.numbers)})
     return m
 
 

@@ -1,6 +1,7 @@
 """Training: the loss goes down, a killed run resumes exactly, configs and the CLI fail clearly."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -131,3 +132,22 @@ def test_a_cpu_time_budget_stops_the_loop():
     assert early_stop_reason(**common, cpu_s=59.0, max_cpu_minutes=1.0) == ""
     assert early_stop_reason(**common, cpu_s=61.0, max_cpu_minutes=1.0).startswith("CPU budget of 1 min reached")
     assert config_from_dict({"optim": {"max_cpu_minutes": 10}}).optim.max_cpu_minutes == 10
+
+
+def test_force_errors_by_element_add_up_to_the_total():
+    from forcefield.data.conformations import ConformationSet
+    from forcefield.evaluate import error_metrics
+    rng = np.random.default_rng(0)
+    numbers = np.array([8, 1, 1, 6, 1, 1, 1, 1])                  # two frames: water, methane
+    forces = rng.normal(size=(8, 3))
+    cset = ConformationSet(numbers=numbers, positions=rng.normal(size=(8, 3)), ptr=np.array([0, 3, 8]),
+                           energy=np.zeros(2), forces=forces)
+    err = np.zeros((8, 3))
+    err[numbers == 1] = 0.002                                        # 2 meV/Å on every H component
+    err[numbers == 8] = -0.010                                       # 10 on O, 0 on C
+    m = error_metrics({"energy": np.zeros(2), "forces": forces + err}, cset)
+    by = m["forces_mae_meV_per_A_by_element"]
+    assert set(by) == {"H", "C", "O"}
+    assert by["H"] == pytest.approx(2.0) and by["O"] == pytest.approx(10.0) and by["C"] == pytest.approx(0.0)
+    counts = {"H": 6, "C": 1, "O": 1}                                # atom-weighted mean = the overall MAE
+    assert sum(by[s] * n for s, n in counts.items()) / 8 == pytest.approx(m["forces_mae_meV_per_A"])
