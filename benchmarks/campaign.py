@@ -5,10 +5,12 @@
     python benchmarks/campaign.py --minutes 60 --jobs aspirin naphthalene
 
 Jobs are listed in ``benchmarks/campaign/campaign.yaml`` (re-read whenever a slot frees, so it can be edited
-while the runner works). A training job is an ``oreo train`` run whose compact state (``--state``, see
-``forcefield/train/runstate.py``: weights, EMA, optimiser moments, schedule, RNG, cumulative CPU time and
-learning curve) lives in ``benchmarks/campaign/state/<job>.pt``, one file per job, overwritten with every
-checkpoint (atomically: a kill -9 loses at most one epoch). An MD job (``kind: md``) is an ``oreo-md simulate``
+while the runner works; a running job that an edit marks ``stopped`` is ended, and its slot goes to the next job,
+e.g. ``--jobs pretrain-et-oreo aspirin md-salicylic`` runs md-salicylic once aspirin is stopped). A training
+job is an ``oreo train`` run whose compact state (``--state``, see ``forcefield/train/runstate.py``: weights, EMA,
+optimiser moments, schedule, RNG, cumulative CPU time and learning curve) lives in
+``benchmarks/campaign/state/<job>.pt``, one file per job, overwritten with every checkpoint (atomically: a kill -9
+loses at most one epoch). An MD job (``kind: md``) is an ``oreo-md simulate``
 run whose state file holds positions, velocities, thermostat, RNG, step and the accumulated metrics (h(r)
 counts, each logged frame's largest bond deviation; :mod:`md.observables`), a few hundred kB at 300 ps. Commit
 those files: the next piece, on a fresh clone, continues from them. Full checkpoints, trajectories and logs stay
@@ -308,6 +310,23 @@ def job_command(job: Dict, minutes: float, fresh: bool, nice: int = 10) -> List[
 class Slot:
     def __init__(self, job: Dict, proc: subprocess.Popen, log_path: Path, started: float):
         self.job, self.proc, self.log_path, self.started = job, proc, log_path, started
+        self.stopping = ""   # why the runner ended the job (campaign.yaml marked it stopped while it ran)
+
+
+def stop_marked_jobs(running: List["Slot"], jobs: List[Dict]) -> List["Slot"]:
+    """End each running job that ``campaign.yaml`` now marks ``stopped`` (edited while the runner works, e.g. a
+    model that met its target): SIGTERM, which loses at most the work since its last checkpoint (the state file is
+    written atomically). Its slot then goes to the next job. Returns the slots it ended."""
+    marked = {j["name"]: j["stopped"] for j in jobs if j.get("stopped")}
+    ended = []
+    for s in running:
+        if s.job["name"] in marked and not s.stopping and s.proc.poll() is None:
+            s.stopping = str(marked[s.job["name"]])
+            s.proc.terminate()
+            print(f"[campaign] {s.job['name']}: marked stopped in {CAMPAIGN_YAML.name} ({s.stopping}); ending it",
+                  flush=True)
+            ended.append(s)
+    return ended
 
 
 def launch(job: Dict, minutes: float, nice: int) -> Slot:
@@ -366,16 +385,20 @@ def run(jobs: List[Dict], minutes: float, slots: int, every: float, names: Optio
     running: List[Slot] = []
     tried = set()
     last_print = 0.0
+    yaml_mtime = CAMPAIGN_YAML.stat().st_mtime
     while True:
         now = time.time()
+        if CAMPAIGN_YAML.stat().st_mtime != yaml_mtime:        # edited: end the jobs it now marks stopped
+            yaml_mtime = CAMPAIGN_YAML.stat().st_mtime
+            stop_marked_jobs(running, read_jobs(CAMPAIGN_YAML))
         # collect finished processes
         for s in list(running):
             if s.proc.poll() is not None:
                 running.remove(s)
                 rc = s.proc.returncode
-                print(f"[campaign] {s.job['name']} stopped (exit {rc}) after {(now - s.started) / 60:.1f} min",
-                      flush=True)
-                if rc != 0:
+                print(f"[campaign] {s.job['name']} stopped (exit {rc}) after {(now - s.started) / 60:.1f} min"
+                      + (f": {s.stopping}" if s.stopping else ""), flush=True)
+                if rc != 0 and not s.stopping:
                     tail = s.log_path.read_text().splitlines()[-5:]
                     print("  " + "\n  ".join(tail), flush=True)
                 elif s.job.get("kind") == "pretrain":

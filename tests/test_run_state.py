@@ -309,3 +309,22 @@ def test_campaign_estimates_the_compute_a_job_still_needs():
     stopped = dict(md, replicas=[{"stop_reason": "unstable"}])                  # every replica stopped: no more MD
     assert math.isnan(campaign.md_hours_to_go(stopped))
     assert math.isnan(campaign.md_hours_to_go(dict(md, speed={})))             # no rate measured yet
+
+
+def test_campaign_ends_a_running_job_that_the_job_file_marks_stopped(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import campaign
+    finally:
+        sys.path.pop(0)
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)]
+    try:
+        slots = [campaign.Slot({"name": name}, proc, tmp_path / "log", 0.0) for name, proc in zip("ab", procs)]
+        ended = campaign.stop_marked_jobs(slots, [{"name": "a", "stopped": "target met"}, {"name": "b"}])
+        assert ended == [slots[0]] and slots[0].stopping == "target met"
+        assert procs[0].wait(timeout=20) != 0 and procs[1].poll() is None     # only the marked job ends
+        assert campaign.stop_marked_jobs(slots, [{"name": "a", "stopped": "target met"}]) == []   # once
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
