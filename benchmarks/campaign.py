@@ -50,6 +50,9 @@ MD_KEYS = {"name", "group", "kind", "molecule", "model", "ps", "replicas", "thre
 
 
 # ---------------------------------------------------------------------------- jobs
+POLL_SECONDS = 5.0        # the runner's tick: finished jobs collected, free slots filled, job file edits seen
+
+
 def read_jobs(path: Path) -> List[Dict]:
     """The job list, checked: every key known, names unique, configs present."""
     if not path.is_file():
@@ -386,11 +389,24 @@ def run(jobs: List[Dict], minutes: float, slots: int, every: float, names: Optio
     tried = set()
     last_print = 0.0
     yaml_mtime = CAMPAIGN_YAML.stat().st_mtime
+    said = set()
+
+    def current_jobs() -> Optional[List[Dict]]:
+        """The job file as it is now; None (said once per version) when an edit left it unreadable."""
+        try:
+            return read_jobs(CAMPAIGN_YAML)
+        except (SystemExit, yaml.YAMLError) as exc:     # a half-saved or wrong edit: running jobs go on
+            if CAMPAIGN_YAML.stat().st_mtime not in said:
+                said.add(CAMPAIGN_YAML.stat().st_mtime)
+                print(f"[campaign] {CAMPAIGN_YAML.name} does not read ({exc}); running jobs go on, no job starts "
+                      f"until it is fixed", flush=True)
+            return None
+
     while True:
         now = time.time()
         if CAMPAIGN_YAML.stat().st_mtime != yaml_mtime:        # edited: end the jobs it now marks stopped
             yaml_mtime = CAMPAIGN_YAML.stat().st_mtime
-            stop_marked_jobs(running, read_jobs(CAMPAIGN_YAML))
+            stop_marked_jobs(running, current_jobs() or [])
         # collect finished processes
         for s in list(running):
             if s.proc.poll() is not None:
@@ -405,8 +421,9 @@ def run(jobs: List[Dict], minutes: float, slots: int, every: float, names: Optio
                     keep_backbone(s.job)
         left = (deadline - now) / 60
         # fill free slots (the YAML is re-read, so edits take effect)
-        if left > 2 and len(running) < slots:   # only when a core is free: states are MBs, the loop ticks every 5 s
-            jobs = schedule(read_jobs(CAMPAIGN_YAML), names)
+        listed = current_jobs() if left > 2 and len(running) < slots else None
+        if listed is not None:   # only when a core is free: states are MBs, the loop ticks every 5 s
+            jobs = schedule(listed, names)
             busy = {s.job["name"] for s in running}
             for job in jobs:
                 if len(running) >= slots:
@@ -442,7 +459,7 @@ def run(jobs: List[Dict], minutes: float, slots: int, every: float, names: Optio
                     parts.append(f"{s.job['name']}: starting")
             print(f"[campaign {time.strftime('%H:%M')}] {max(left, 0):.0f} min left | " + " | ".join(parts),
                   flush=True)
-        time.sleep(5)
+        time.sleep(POLL_SECONDS)
 
 
 # ---------------------------------------------------------------------------- report

@@ -5,6 +5,7 @@ import os
 import subprocess
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -328,3 +329,38 @@ def test_campaign_ends_a_running_job_that_the_job_file_marks_stopped(tmp_path):
         for p in procs:
             p.kill()
             p.wait()
+
+
+def test_campaign_runner_gives_the_slot_of_a_job_marked_stopped_to_the_next_one(tmp_path, monkeypatch):
+    import threading
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import campaign
+    finally:
+        sys.path.pop(0)
+    job_file = tmp_path / "campaign.yaml"
+    md = "{name: %s, kind: md, molecule: ethanol%s}"
+    job_file.write_text("jobs:\n  - " + md % ("first", "") + "\n  - " + md % ("second", "") + "\n")
+    monkeypatch.setattr(campaign, "CAMPAIGN_YAML", job_file)
+    monkeypatch.setattr(campaign, "read_state", lambda job: None)
+    monkeypatch.setattr(campaign, "POLL_SECONDS", 0.2)
+    started = []
+
+    def launch(job, minutes, nice):
+        started.append(job["name"])          # "first" sleeps until it is ended; "second" ends by itself
+        seconds = 60 if job["name"] == "first" else 0
+        proc = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"])
+        return campaign.Slot(job, proc, tmp_path / f"{job['name']}.log", time.time())
+
+    monkeypatch.setattr(campaign, "launch", launch)
+
+    def mark_first_stopped():
+        time.sleep(1.5)
+        job_file.write_text("jobs:\n  - " + md % ("first", ", stopped: target met") + "\n  - "
+                            + md % ("second", "") + "\n")
+    edit = threading.Thread(target=mark_first_stopped)
+    edit.start()
+    t0 = time.time()
+    campaign.run(campaign.read_jobs(job_file), minutes=5, slots=1, every=60, names=["first", "second"])
+    edit.join()
+    assert started == ["first", "second"] and time.time() - t0 < 30      # ended early, not after its 60 s
