@@ -43,10 +43,10 @@ RUNS_DIR = REPO / "runs" / "campaign"
 RESULTS_DIR = REPO / "benchmarks" / "results" / "campaign"
 JOB_KEYS = {"name", "group", "config", "set", "init_from", "init_cpu_hours", "budget_cpu_hours", "threads",
             "target_meV_per_A", "ship", "note", "stopped", "kind", "molecule", "model", "ps", "replicas", "dft_frames",
-            "corpus", "method", "compile", "priority", "args", "backbones"}
-GRID_KEYS = {"name", "group", "kind", "args", "backbones", "threads", "note", "stopped", "priority"}
+            "corpus", "method", "compile", "priority", "args", "backbones", "after"}
+GRID_KEYS = {"name", "group", "kind", "args", "backbones", "threads", "note", "stopped", "priority", "after"}
 MD_KEYS = {"name", "group", "kind", "molecule", "model", "ps", "replicas", "threads", "note", "stopped", "dft_frames",
-           "compile", "priority"}
+           "compile", "priority", "after"}
 
 
 # ---------------------------------------------------------------------------- jobs
@@ -89,11 +89,25 @@ def read_jobs(path: Path) -> List[Dict]:
             raise SystemExit(f"{path}: job {job['name']}: corpus {job['corpus']} not found")
         if job["kind"] in ("train", "pretrain") and not (REPO / job["config"]).is_file():
             raise SystemExit(f"{path}: job {job['name']}: config {job['config']} not found")
+        after = job.get("after") or []
+        job["after"] = [after] if isinstance(after, str) else list(after)
         job.setdefault("group", "campaign")
         job.setdefault("threads", 1)
         job["set"] = [f"{k}={v}" for k, v in (job.get("set") or {}).items()]
         jobs.append(job)
+    for job in jobs:
+        unknown = sorted(set(job["after"]) - seen)
+        if unknown:
+            raise SystemExit(f"{path}: job {job['name']}: 'after' names no job of the file: {unknown}")
     return jobs
+
+
+def waits_for(job: Dict, jobs: List[Dict]) -> str:
+    """Why a job may not start yet: the jobs its ``after`` names that are not finished ("" when none), e.g. the MD
+    of a molecule after the training job that ships its final model."""
+    by_name = {j["name"]: j for j in jobs}
+    pending = [name for name in job.get("after") or [] if not finished(by_name[name], read_state(by_name[name]))]
+    return f"waits for {', '.join(pending)} to finish" if pending else ""
 
 
 def state_path(job: Dict) -> Path:
@@ -152,7 +166,7 @@ def finished(job: Dict, state: Optional[Dict]) -> str:
             return f"all {state['cells']} runs done"
         return job.get("stopped") or ""
     if state is None:
-        return ""
+        return job.get("stopped") or ""                  # never started, and marked stopped: never starts
     if job.get("kind", "train") == "md":
         if not md_simulated(state):
             return job.get("stopped") or ""
@@ -431,7 +445,7 @@ def run(jobs: List[Dict], minutes: float, slots: int, every: float, names: Optio
                 if (names and job["name"] not in names) or job["name"] in busy or job["name"] in tried:
                     continue
                 state = read_state(job)
-                if finished(job, state):
+                if finished(job, state) or waits_for(job, listed):
                     continue
                 budget = job.get("budget_cpu_hours")
                 job_left = left

@@ -364,3 +364,23 @@ def test_campaign_runner_gives_the_slot_of_a_job_marked_stopped_to_the_next_one(
     campaign.run(campaign.read_jobs(job_file), minutes=5, slots=1, every=60, names=["first", "second"])
     edit.join()
     assert started == ["first", "second"] and time.time() - t0 < 30      # ended early, not after its 60 s
+
+
+def test_campaign_job_waits_for_the_jobs_it_comes_after(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import campaign
+    finally:
+        sys.path.pop(0)
+    cfg = "examples/configs/rmd17_ethanol.yaml"
+    job_file = tmp_path / "campaign.yaml"
+    job_file.write_text(f"jobs:\n  - {{name: ethanol, config: {cfg}}}\n"
+                        "  - {name: md-ethanol, kind: md, molecule: ethanol, after: ethanol}\n")
+    jobs = campaign.read_jobs(job_file)
+    monkeypatch.setattr(campaign, "read_state", lambda job: None)
+    assert campaign.waits_for(jobs[1], jobs) == "waits for ethanol to finish" and campaign.waits_for(jobs[0], jobs) == ""
+    jobs[0]["stopped"] = "target met"
+    assert campaign.waits_for(jobs[1], jobs) == ""
+    job_file.write_text("jobs:\n  - {name: md-ethanol, kind: md, molecule: ethanol, after: [ethanol]}\n")
+    with pytest.raises(SystemExit, match="'after' names no job of the file"):
+        campaign.read_jobs(job_file)
