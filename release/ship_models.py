@@ -37,6 +37,7 @@ CARD = """# oreo model card: {molecule} (revised MD17)
 | test frames | {n_test} (all of `rmd17_{molecule}_test_{split:02d}`, disjoint from training) |
 | elements | {elements} |
 | **test force MAE** | **{f_mae:.1f} meV/Å** (RMSE {f_rmse:.1f}) |
+| test force MAE by element | {f_by_element} |
 | test energy MAE | {e_mae:.1f} meV (RMSE {e_rmse:.1f}) |
 | training | {training} |
 
@@ -71,6 +72,7 @@ POLY24_CARD = """# oreo model card: poly24 (polymer oligomers, GFN2-xTB labels)
 | test frames | {n_test} (every frame of the test trajectories: replica 0 of each polymer and temperature, never trained on) |
 | elements | {elements} |
 | **test force MAE** | **{f_mae:.1f} meV/Å** (RMSE {f_rmse:.1f}) |
+| test force MAE by element | {f_by_element} |
 | test energy MAE | {e_mae:.1f} meV (RMSE {e_rmse:.1f}) |
 | training | {epochs} epochs, {steps} steps, {minutes:.0f} min of wall time on a 2-core CPU, 1 thread ({stop}) |
 
@@ -162,6 +164,8 @@ def ship(run: Path, dest: Path, resume_args=(), training: str = None, reproduce:
         n_train=len(splits.train), n_val=len(splits.val), n_test=len(splits.test),
         elements=", ".join(chemical_symbols[z] for z in pot.elements),
         f_mae=metrics["forces_mae_meV_per_A"], f_rmse=metrics["forces_rmse_meV_per_A"],
+        f_by_element=", ".join(f"{el} {v:.1f}" for el, v in metrics["forces_mae_meV_per_A_by_element"].items())
+        + " meV/Å",
         e_mae=metrics["energy_mae_meV"], e_rmse=metrics["energy_rmse_meV"],
         epochs=ck["epoch"], steps=ck["step"], minutes=ck["elapsed"] / 60, stop=stop or "see metrics.csv",
         config=yaml.safe_dump(cfg_dict, sort_keys=False), training=training or training_line,
