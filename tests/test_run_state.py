@@ -178,6 +178,21 @@ def test_thread_defaults(monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_compiled_inference_keeps_freed_memory_unless_told():
+    """The .pt2 loader's malloc policy (forcefield.allocator): applied once on glibc, off with OREO_MALLOC=default.
+    Each check in a fresh process: the policy is process-wide."""
+    import platform
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("the policy is glibc's")
+    code = ("from forcefield.allocator import keep_freed_memory as k; a = k(); print(a, k() == a)")
+    env = {k: v for k, v in os.environ.items() if k != "OREO_MALLOC"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"]
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OREO_MALLOC": "default"}, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]
+
+
 @pytest.mark.slow
 def test_commands_run_on_one_thread_unless_told():
     env = {k: v for k, v in os.environ.items() if k not in ("OREO_THREADS", "OMP_NUM_THREADS")}

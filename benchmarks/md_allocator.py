@@ -1,0 +1,92 @@
+"""Compiled MD with glibc's default malloc policy against :func:`forcefield.allocator.keep_freed_memory`.
+
+The policy is per process (glibc reads it once), so each timing runs in a fresh child process: the same
+compiled ``.pt2`` model, ``--replicas`` replicas from held-out frames, ``--steps`` Nosé–Hoover steps (500 K,
+0.5 fs; :mod:`md_paths`' setup) after 5 untimed ones. The two variants alternate, and the first of each round
+changes, so machine noise (this machine is shared) hits both alike; the table gives medians and their ratio::
+
+    python benchmarks/md_allocator.py --molecule salicylic --rounds 5 --out benchmarks/results/md_allocator
+    python benchmarks/md_allocator.py --pt2 runs/md/model-....pt2 ...     # reuse an export (else built here)
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+try:
+    import md  # noqa: F401
+except ImportError:  # a source checkout without `pip install -e .`
+    sys.path.insert(0, str(HERE.parent))
+
+VARIANTS = {"glibc default (OREO_MALLOC=default)": "default", "keep freed memory (oreo's default)": ""}
+
+
+def child(args) -> int:
+    """One timing in this process: print replica-steps per second."""
+    from forcefield.threads import configure_threads
+    configure_threads(args.threads)
+    from md_paths import build, timed
+    state, integ = build(args.pt2, args.molecule, args.replicas)
+    print(args.replicas * args.steps / timed(state, integ, args.steps))
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--molecule", default="salicylic")
+    ap.add_argument("--model", help="model to export (default: the molecule's shipped one)")
+    ap.add_argument("--pt2", help="an existing export of the model (skips building one)")
+    ap.add_argument("--replicas", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", help="folder for md_allocator.json / md_allocator.md")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        return child(args)
+    pt2 = args.pt2
+    if pt2 is None:
+        from forcefield.threads import configure_threads
+        configure_threads(args.threads)
+        from forcefield.compiled import export_compiled
+        pt2 = str(Path(tempfile.mkdtemp()) / f"{args.molecule}.pt2")
+        print(f"building {pt2} (AOTInductor; minutes)", flush=True)
+        export_compiled(args.model or args.molecule, pt2)
+    rates = {name: [] for name in VARIANTS}
+    names = list(VARIANTS)
+    for r in range(args.rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            env = {**os.environ, "OREO_MALLOC": VARIANTS[name]}
+            cmd = [sys.executable, __file__, "--child", "--pt2", pt2, "--molecule", args.molecule, "--replicas",
+                   str(args.replicas), "--steps", str(args.steps), "--threads", str(args.threads)]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if out.returncode != 0:
+                raise SystemExit(f"the timing run failed:\n{out.stderr[-2000:]}")
+            rates[name].append(float(out.stdout.strip().splitlines()[-1]))
+        print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in rates.items()), flush=True)
+    base = statistics.median(rates[names[0]])
+    rows = [{"variant": n, "replica_steps_per_s": statistics.median(v), "ratio": statistics.median(v) / base,
+             "rounds": [round(x, 1) for x in v]} for n, v in rates.items()]
+    lines = [f"{args.molecule}, compiled (.pt2), {args.replicas} replicas, {args.steps} Nosé–Hoover steps per timing, "
+             f"each in a fresh process; medians of {args.rounds} alternating rounds, {args.threads} thread(s), other "
+             f"jobs sharing the machine (`python benchmarks/md_allocator.py --molecule {args.molecule}`)", "",
+             "| malloc policy | replica-steps/s | vs glibc default |", "|---|---:|---:|"]
+    lines += [f"| {r['variant']} | {r['replica_steps_per_s']:.1f} | {r['ratio']:.2f}x |" for r in rows]
+    print("\n".join(lines))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "md_allocator.json").write_text(json.dumps({"molecule": args.molecule, "rows": rows}, indent=2))
+        (out / "md_allocator.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
