@@ -35,6 +35,8 @@ ESTIMATE_AFTER_STEPS = 20
 ESTIMATE_AFTER_S = 10.0
 #: seconds between plain progress lines on stderr when there is no progress bar (stderr not a terminal)
 PROGRESS_EVERY_S = 60.0
+#: an eager run that the estimate puts above this many seconds is told about --compile
+COMPILE_HINT_AFTER_S = 900.0
 NON_FINITE = "non-finite energy, forces or positions"
 
 
@@ -421,7 +423,11 @@ class _Progress:
             run.note(f"{rate:.1f} steps/s over the first {done} steps: the remaining "
                      f"{run.time_ps(cfg.n_steps - state.step):g} ps of {cfg.ps:g} ps ({cfg.n_steps - state.step} "
                      f"steps) will take about {format_duration(left)}. Stop with Ctrl-C at any time and rerun the "
-                     f"same command to resume (or pass a smaller --ps)")
+                     f"same command to resume (or pass a smaller --ps)"
+                     + ("" if cfg.compile or left < COMPILE_HINT_AFTER_S else
+                        ". For a run this long, --compile is faster: the same model through its AOTInductor export, "
+                        "built once in --out in a few minutes (benchmarks/md_paths.py and md_allocator.py measure "
+                        "it)"))
         if run.bar is None and now >= self.next_line:
             self.next_line = now + PROGRESS_EVERY_S
             run.note(f"MD {cfg.system_name}: {run.time_ps(state.step):.6g}/{cfg.ps:g} ps "

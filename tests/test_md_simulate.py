@@ -242,6 +242,11 @@ def test_progress_estimate_and_plain_progress_lines(tmp_path, capsys, monkeypatc
     lines = [line for line in err.splitlines() if line.startswith("MD ethanol: ")]
     assert len(lines) == 99 and "steps/s" in lines[0] and "ETA" in lines[0] and "3/3 replicas running" in lines[0]
     assert lines[-1].startswith("MD ethanol: 0.0495/0.05 ps (99.0%), ")
+    assert "--compile is faster" not in err                      # a run of seconds is not told about --compile
+    monkeypatch.setattr(simulate, "COMPILE_HINT_AFTER_S", 0.0)   # one estimated longer than the threshold is
+    run_simulation(config(ps=0.05, analyze=False), tmp_path / "run2", potential=pot, frames=(frames, frames),
+                   progress=False)
+    assert capsys.readouterr().err.count("--compile is faster") == 1
 
 
 def test_format_duration():
