@@ -607,7 +607,9 @@ def md_table(rows: List[Dict]) -> List[str]:
                 "frames; beside it, against PBE/def2-SVP (PySCF, rMD17's level) on frames of the last 100 ps of the "
                 "model's own trajectories (`oreo-md dft-check STATE`): much larger means the MD visits places the "
                 "data does not cover. Model: the shipped model the job started with and the first digits of its SHA-256 (the "
-                "job keeps that file, `benchmarks/campaign/models/<job>.pt`, when the molecule is re-shipped). Steps/s: all replicas in one batch, 1 thread, other jobs sharing the machine; CPU-h to go: the steps left at that rate.", "",
+                "job keeps that file, `benchmarks/campaign/models/<job>.pt`, when the molecule is re-shipped). "
+                "Steps/s: all replicas in one batch, 1 thread, other jobs sharing the machine (the mean over every "
+                "piece of the job); CPU-h to go: the steps left at that rate.", "",
                 "| molecule | model | simulated (ps) | replicas running | stability (ps) | h(r) MAE | h(r) floor | "
                 "force MAE, test (meV/Å) | force MAE vs DFT on its trajectory | steps/s | CPU-h to go | status |",
                 "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]

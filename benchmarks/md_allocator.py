@@ -74,8 +74,8 @@ def main(argv=None) -> int:
     base = statistics.median(rates[names[0]])
     rows = [{"variant": n, "replica_steps_per_s": statistics.median(v), "ratio": statistics.median(v) / base,
              "rounds": [round(x, 1) for x in v]} for n, v in rates.items()]
-    lines = [f"{args.molecule}, compiled (.pt2), {args.replicas} replicas, {args.steps} Nosé–Hoover steps per timing, "
-             f"each in a fresh process; medians of {args.rounds} alternating rounds, {args.threads} thread(s), other "
+    lines = [f"{args.molecule}, compiled (.pt2), {args.replicas} replicas, {args.steps} Nosé–Hoover steps per "
+             f"timing, each in a fresh process; medians of {args.rounds} alternating rounds, {args.threads} thread(s), other "
              f"jobs sharing the machine (`python benchmarks/md_allocator.py --molecule {args.molecule}`)", "",
              "| malloc policy | replica-steps/s | vs glibc default |", "|---|---:|---:|"]
     lines += [f"| {r['variant']} | {r['replica_steps_per_s']:.1f} | {r['ratio']:.2f}x |" for r in rows]

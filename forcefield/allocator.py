@@ -4,9 +4,10 @@ Every call of a ``.pt2`` potential allocates and frees the same large temporary 
 default dynamic thresholds, hands memory of that size back to the kernel after the call (trimming the heap top
 or unmapping the chunk) and asks for it again in the next one, so every MD step pays for page faults and the
 zeroing of fresh pages: a native profile of the campaign's salicylic-acid MD (5 replicas, compiled) had 5 % of
-its samples in ``brk`` and 23 % in the vector stores of the compiled kernels. :func:`keep_freed_memory` sets two glibc tunables
-once per process: allocations up to 32 MB come from the heap (``M_MMAP_THRESHOLD``), and the heap is not trimmed
-below 1 GB of free top (``M_TRIM_THRESHOLD``), so the buffers of one call are reused by the next. Measured with
+its samples in ``brk`` and 23 % in the vector stores of the compiled kernels. :func:`keep_freed_memory` sets two
+glibc tunables once per process: allocations up to 32 MB come from the heap (``M_MMAP_THRESHOLD``), and the heap
+is not trimmed below 1 GB of free top (``M_TRIM_THRESHOLD``), so the buffers of one call are reused by the next:
+1.47x the replica-steps per second. Measured with
 ``benchmarks/md_allocator.py`` (``oreo-md simulate --compile`` of salicylic acid, runs alternating in fresh
 processes; ``benchmarks/results/md_allocator/``). Either tunable alone does not help (the mmap threshold alone
 turns off glibc's dynamic trim threshold too and is slower); the compiled *training* step (``torch.compile``)

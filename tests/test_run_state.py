@@ -393,7 +393,8 @@ def test_campaign_job_waits_for_the_jobs_it_comes_after(tmp_path, monkeypatch):
                         "  - {name: md-ethanol, kind: md, molecule: ethanol, after: ethanol}\n")
     jobs = campaign.read_jobs(job_file)
     monkeypatch.setattr(campaign, "read_state", lambda job: None)
-    assert campaign.waits_for(jobs[1], jobs) == "waits for ethanol to finish" and campaign.waits_for(jobs[0], jobs) == ""
+    assert campaign.waits_for(jobs[1], jobs) == "waits for ethanol to finish"
+    assert campaign.waits_for(jobs[0], jobs) == ""
     jobs[0]["stopped"] = "target met"
     assert campaign.waits_for(jobs[1], jobs) == ""
     job_file.write_text("jobs:\n  - {name: md-ethanol, kind: md, molecule: ethanol, after: [ethanol]}\n")
