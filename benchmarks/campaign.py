@@ -50,7 +50,8 @@ MD_KEYS = {"name", "group", "kind", "molecule", "model", "ps", "replicas", "thre
 
 
 # ---------------------------------------------------------------------------- jobs
-POLL_SECONDS = 5.0        # the runner's tick: finished jobs collected, free slots filled, job file edits seen
+POLL_SECONDS = 5.0        # the runner's tick: finished jobs collected, job file edits seen
+FILL_EVERY_S = 60.0       # a free slot is re-checked this often, and whenever a job ends or the job file changes
 
 
 def read_jobs(path: Path) -> List[Dict]:
@@ -90,23 +91,43 @@ def read_jobs(path: Path) -> List[Dict]:
         if job["kind"] in ("train", "pretrain") and not (REPO / job["config"]).is_file():
             raise SystemExit(f"{path}: job {job['name']}: config {job['config']} not found")
         after = job.get("after") or []
-        job["after"] = [after] if isinstance(after, str) else list(after)
+        after = [after] if isinstance(after, str) else after
+        if not isinstance(after, list) or not all(isinstance(a, str) for a in after):
+            raise SystemExit(f"{path}: job {i + 1}: 'after' takes a job name or a list of them, got {after!r}")
+        job["after"] = list(after)
         job.setdefault("group", "campaign")
         job.setdefault("threads", 1)
         job["set"] = [f"{k}={v}" for k, v in (job.get("set") or {}).items()]
         jobs.append(job)
+    after = {}
     for job in jobs:
         unknown = sorted(set(job["after"]) - seen)
         if unknown:
             raise SystemExit(f"{path}: job {job['name']}: 'after' names no job of the file: {unknown}")
+        after[job["name"]] = job["after"]
+    for name in after:                                   # no job may wait for itself, directly or around a cycle
+        todo, reach = list(after[name]), set()
+        while todo:
+            other = todo.pop()
+            if other == name:
+                raise SystemExit(f"{path}: job {name} waits for itself through 'after' (a cycle); remove one link")
+            if other not in reach:
+                reach.add(other)
+                todo += after[other]
     return jobs
 
 
+def done(job: Dict, state: Optional[Dict]) -> bool:
+    """Whether a job is finished (not merely unable to start yet, as a grid waiting for its backbones)."""
+    why = finished(job, state)
+    return bool(why) and not why.startswith("waits for")
+
+
 def waits_for(job: Dict, jobs: List[Dict]) -> str:
-    """Why a job may not start yet: the jobs its ``after`` names that are not finished ("" when none), e.g. the MD
+    """Why a job may not start yet: the jobs its ``after`` names that are not done ("" when none), e.g. the MD
     of a molecule after the training job that ships its final model."""
     by_name = {j["name"]: j for j in jobs}
-    pending = [name for name in job.get("after") or [] if not finished(by_name[name], read_state(by_name[name]))]
+    pending = [name for name in job.get("after") or [] if not done(by_name[name], read_state(by_name[name]))]
     return f"waits for {', '.join(pending)} to finish" if pending else ""
 
 
@@ -206,15 +227,15 @@ def pretrain_hours_to_go(state: Dict) -> float:
 
 
 def md_hours_to_go(summary: Dict) -> float:
-    """Hours an MD job still needs at its measured steps/s (1 thread, so about CPU-hours); NaN if unknown or if
-    every replica has stopped."""
+    """CPU-hours an MD job still needs at its measured steps/s (times its ``threads``); NaN if unknown or if every
+    replica has stopped."""
     rate = (summary.get("speed") or {}).get("steps_per_s")
     running = sum(1 for x in summary.get("replicas") or [] if x.get("stop_reason") is None)
     if not rate or not math.isfinite(rate) or running == 0 or summary.get("simulated_ps") is None:
         return float("nan")
     timestep_fs = float(summary.get("timestep_fs") or 0.5)
     steps_left = max(float(summary["requested_ps"]) - float(summary["simulated_ps"]), 0.0) * 1000.0 / timestep_fs
-    return steps_left / rate / 3600.0
+    return steps_left / rate / 3600.0 * int(summary.get("threads") or 1)
 
 
 def backbone_path(job: Dict) -> Path:
@@ -337,8 +358,11 @@ def stop_marked_jobs(running: List["Slot"], jobs: List[Dict]) -> List["Slot"]:
     marked = {j["name"]: j["stopped"] for j in jobs if j.get("stopped")}
     ended = []
     for s in running:
-        if s.job["name"] in marked and not s.stopping and s.proc.poll() is None:
-            s.stopping = str(marked[s.job["name"]])
+        reason = marked.get(s.job["name"])
+        # a job launched while already marked stopped (an MD job's DFT check, a pretraining job writing its
+        # backbone) was launched for that last piece: only a new mark ends it
+        if reason and reason != s.job.get("stopped") and not s.stopping and s.proc.poll() is None:
+            s.stopping = str(reason)
             s.proc.terminate()
             print(f"[campaign] {s.job['name']}: marked stopped in {CAMPAIGN_YAML.name} ({s.stopping}); ending it",
                   flush=True)
@@ -398,33 +422,56 @@ def schedule(jobs: List[Dict], names: Optional[List[str]]) -> List[Dict]:
 
 def run(jobs: List[Dict], minutes: float, slots: int, every: float, names: Optional[List[str]],
         nice: int = 10) -> None:
-    deadline = time.time() + 60 * minutes
     running: List[Slot] = []
+    try:
+        _run(running, minutes, slots, every, names, nice)
+    except BaseException:            # the runner dies (a bug, Ctrl-C): no job goes on unwatched
+        for s in running:
+            if s.proc.poll() is None:
+                s.proc.terminate()
+        raise
+
+
+def _run(running: List[Slot], minutes: float, slots: int, every: float, names: Optional[List[str]],
+         nice: int) -> None:
+    deadline = time.time() + 60 * minutes
     tried = set()
-    last_print = 0.0
-    yaml_mtime = CAMPAIGN_YAML.stat().st_mtime
     said = set()
+    last_print = 0.0
+    next_fill = 0.0
+
+    def say_once(key, text: str) -> None:
+        if key not in said:
+            said.add(key)
+            print(f"[campaign] {text}", flush=True)
+
+    def mtime() -> Optional[float]:
+        try:
+            return CAMPAIGN_YAML.stat().st_mtime
+        except OSError:                                  # an editor or git replacing the file
+            return None
 
     def current_jobs() -> Optional[List[Dict]]:
         """The job file as it is now; None (said once per version) when an edit left it unreadable."""
         try:
             return read_jobs(CAMPAIGN_YAML)
-        except (SystemExit, yaml.YAMLError) as exc:     # a half-saved or wrong edit: running jobs go on
-            if CAMPAIGN_YAML.stat().st_mtime not in said:
-                said.add(CAMPAIGN_YAML.stat().st_mtime)
-                print(f"[campaign] {CAMPAIGN_YAML.name} does not read ({exc}); running jobs go on, no job starts "
-                      f"until it is fixed", flush=True)
+        except (SystemExit, Exception) as exc:           # a half-saved or wrong edit: running jobs go on
+            say_once(("unreadable", mtime()), f"{CAMPAIGN_YAML.name} does not read ({exc}); running jobs go on, "
+                                              f"no job starts until it is fixed")
             return None
 
+    yaml_mtime = mtime()
     while True:
         now = time.time()
-        if CAMPAIGN_YAML.stat().st_mtime != yaml_mtime:        # edited: end the jobs it now marks stopped
-            yaml_mtime = CAMPAIGN_YAML.stat().st_mtime
+        fill = now >= next_fill
+        if mtime() != yaml_mtime:                        # edited: end the jobs it now marks stopped
+            yaml_mtime, fill = mtime(), True
             stop_marked_jobs(running, current_jobs() or [])
         # collect finished processes
         for s in list(running):
             if s.proc.poll() is not None:
                 running.remove(s)
+                fill = True
                 rc = s.proc.returncode
                 print(f"[campaign] {s.job['name']} stopped (exit {rc}) after {(now - s.started) / 60:.1f} min"
                       + (f": {s.stopping}" if s.stopping else ""), flush=True)
@@ -434,18 +481,28 @@ def run(jobs: List[Dict], minutes: float, slots: int, every: float, names: Optio
                 elif s.job.get("kind") == "pretrain":
                     keep_backbone(s.job)
         left = (deadline - now) / 60
-        # fill free slots (the YAML is re-read, so edits take effect)
-        listed = current_jobs() if left > 2 and len(running) < slots else None
-        if listed is not None:   # only when a core is free: states are MBs, the loop ticks every 5 s
-            jobs = schedule(listed, names)
+        # fill free slots (the YAML is re-read, so edits take effect); states are MBs: only when a slot is free and
+        # something changed, or once a minute
+        listed = current_jobs() if fill and left > 2 and len(running) < slots else None
+        if listed is not None:
+            next_fill = now + FILL_EVERY_S
+            known = {j["name"] for j in listed}
+            for gone in [n for n in names or [] if n not in known]:
+                say_once(("gone", gone), f"--jobs names {gone}, which {CAMPAIGN_YAML.name} no longer lists")
             busy = {s.job["name"] for s in running}
-            for job in jobs:
+            for job in schedule(listed, [n for n in names if n in known] if names else None):
                 if len(running) >= slots:
                     break
-                if (names and job["name"] not in names) or job["name"] in busy or job["name"] in tried:
+                if job["name"] in busy or job["name"] in tried:
                     continue
                 state = read_state(job)
-                if finished(job, state) or waits_for(job, listed):
+                if finished(job, state):
+                    continue
+                ran_here = [a for a in job["after"] if a in tried]   # its model ships after this run (--ship)
+                wait = waits_for(job, listed) or (f"waits for {', '.join(ran_here)}, which ran in this invocation"
+                                                   if ran_here else "")
+                if wait:
+                    say_once(("wait", job["name"], wait), f"{job['name']} {wait}")
                     continue
                 budget = job.get("budget_cpu_hours")
                 job_left = left
@@ -467,8 +524,9 @@ def run(jobs: List[Dict], minutes: float, slots: int, every: float, names: Optio
                     parts.append(f"{s.job['name']}: {md['ps_done']:.2f}/{md['ps']:g} ps, {md['running']}/"
                                  f"{md['replicas']} replicas running")
                 elif row:
-                    parts.append(f"{s.job['name']}: epoch {row['epoch']} val F {float(row['val_forces_mae_meV_per_A']):.2f}"
-                                 f" meV/Å, {float(row.get('cpu_hours') or 'nan'):.2f} CPU-h")
+                    parts.append(f"{s.job['name']}: epoch {row['epoch']} val F "
+                                 f"{float(row['val_forces_mae_meV_per_A']):.2f} meV/Å, "
+                                 f"{float(row.get('cpu_hours') or 'nan'):.2f} CPU-h")
                 else:
                     parts.append(f"{s.job['name']}: starting")
             print(f"[campaign {time.strftime('%H:%M')}] {max(left, 0):.0f} min left | " + " | ".join(parts),
@@ -573,7 +631,7 @@ def md_summaries(jobs: List[Dict]) -> List[Dict]:
         if not state_path(job).is_file():
             continue
         summary = analyze_state(state_path(job))
-        summary["job"], summary["group"] = job["name"], job["group"]
+        summary["job"], summary["group"], summary["threads"] = job["name"], job["group"], job["threads"]
         summary["model_name"] = Path(str(job.get("model") or job["molecule"])).stem
         dft = dft_report(job)
         summary["dft_check"] = dft

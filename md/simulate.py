@@ -408,6 +408,10 @@ class _Progress:
         self.run, self.step0 = run, step0
         self.t0 = time.perf_counter()
         self.estimated = False
+        cfg, spec = run.config, str(run.config.model_spec)
+        # --compile exports an eager oreo model file for the CPU: say so where it applies
+        self.compile_hint = (not cfg.compile and (cfg.device or "cpu") == "cpu" and not spec.startswith("py:")
+                             and not spec.endswith(".pt2"))
         self.next_line = self.t0 + PROGRESS_EVERY_S
 
     def __call__(self, state: MDState) -> None:
@@ -424,7 +428,7 @@ class _Progress:
                      f"{run.time_ps(cfg.n_steps - state.step):g} ps of {cfg.ps:g} ps ({cfg.n_steps - state.step} "
                      f"steps) will take about {format_duration(left)}. Stop with Ctrl-C at any time and rerun the "
                      f"same command to resume (or pass a smaller --ps)"
-                     + ("" if cfg.compile or left < COMPILE_HINT_AFTER_S else
+                     + ("" if not self.compile_hint or left < COMPILE_HINT_AFTER_S else
                         ". For a run this long, --compile is faster: the same model through its AOTInductor export, "
                         "built once in --out in a few minutes (benchmarks/md_paths.py and md_allocator.py measure "
                         "it)"))

@@ -340,6 +340,10 @@ def test_campaign_ends_a_running_job_that_the_job_file_marks_stopped(tmp_path):
         assert ended == [slots[0]] and slots[0].stopping == "target met"
         assert procs[0].wait(timeout=20) != 0 and procs[1].poll() is None     # only the marked job ends
         assert campaign.stop_marked_jobs(slots, [{"name": "a", "stopped": "target met"}]) == []   # once
+        # a job launched while already marked (an MD job's last piece: its DFT check) is left to finish it
+        slots[1].job["stopped"] = "300 ps done"
+        assert campaign.stop_marked_jobs(slots, [{"name": "b", "stopped": "300 ps done"}]) == []
+        assert procs[1].poll() is None
     finally:
         for p in procs:
             p.kill()
@@ -400,3 +404,11 @@ def test_campaign_job_waits_for_the_jobs_it_comes_after(tmp_path, monkeypatch):
     job_file.write_text("jobs:\n  - {name: md-ethanol, kind: md, molecule: ethanol, after: [ethanol]}\n")
     with pytest.raises(SystemExit, match="'after' names no job of the file"):
         campaign.read_jobs(job_file)
+    job_file.write_text("jobs:\n  - {name: a, kind: md, molecule: ethanol, after: b}\n"
+                        "  - {name: b, kind: md, molecule: ethanol, after: [a]}\n")
+    with pytest.raises(SystemExit, match="waits for itself"):
+        campaign.read_jobs(job_file)
+    # a grid that cannot start yet (no backbones) is not finished: what comes after it waits
+    grid = {"name": "g", "kind": "grid", "backbones": {"et-oreo": "no-such-pretraining"}}
+    assert campaign.finished(grid, None).startswith("waits for") and not campaign.done(grid, None)
+    assert campaign.waits_for({"name": "x", "after": ["g"]}, [grid]) == "waits for g to finish"
