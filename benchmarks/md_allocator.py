@@ -9,7 +9,6 @@ changes, so machine noise (this machine is shared) hits both alike; the table gi
     python benchmarks/md_allocator.py --pt2 runs/md/model-....pt2 ...     # reuse an export (else built here)
 """
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -24,6 +23,8 @@ try:
 except ImportError:  # a source checkout without `pip install -e .`
     sys.path.insert(0, str(HERE.parent))
 
+from md_paths import build, timed, write_results  # noqa: E402
+
 VARIANTS = {"glibc default (OREO_MALLOC=default)": "default", "keep freed memory (oreo's default)": ""}
 
 
@@ -31,7 +32,6 @@ def child(args) -> int:
     """One timing in this process: print replica-steps per second."""
     from forcefield.threads import configure_threads
     configure_threads(args.threads)
-    from md_paths import build, timed
     state, integ = build(args.pt2, args.molecule, args.replicas)
     print(args.replicas * args.steps / timed(state, integ, args.steps))
     return 0
@@ -79,12 +79,7 @@ def main(argv=None) -> int:
              f"jobs sharing the machine (`python benchmarks/md_allocator.py --molecule {args.molecule}`)", "",
              "| malloc policy | replica-steps/s | vs glibc default |", "|---|---:|---:|"]
     lines += [f"| {r['variant']} | {r['replica_steps_per_s']:.1f} | {r['ratio']:.2f}x |" for r in rows]
-    print("\n".join(lines))
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "md_allocator.json").write_text(json.dumps({"molecule": args.molecule, "rows": rows}, indent=2))
-        (out / "md_allocator.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, "md_allocator", {"molecule": args.molecule, "rows": rows}, lines)
     return 0
 
 

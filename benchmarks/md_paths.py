@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Dict, List, Optional
 
 try:
     import md  # noqa: F401
@@ -91,13 +92,18 @@ def main(argv=None) -> int:
              "|---|---:|---:|---:|"]
     lines += [f"| {r['path']} | {r['replicas']} | {r['replica_steps_per_s']:.1f} | {r['ratio_to_eager']:.2f}x |"
               for r in rows]
-    print("\n".join(lines))
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "md_paths.json").write_text(json.dumps({"molecule": args.molecule, "rows": rows}, indent=2))
-        (out / "md_paths.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, "md_paths", {"molecule": args.molecule, "rows": rows}, lines)
     return 0
+
+
+def write_results(out_dir: Optional[str], name: str, payload: Dict, lines: List[str]) -> None:
+    """Print the table ``lines``; with an output folder, also write ``NAME.json`` (``payload``) and ``NAME.md``."""
+    print("\n".join(lines))
+    if out_dir:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
+        (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
