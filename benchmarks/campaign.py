@@ -13,8 +13,9 @@ optimiser moments, schedule, RNG, cumulative CPU time and learning curve) lives 
 loses at most one epoch). An MD job (``kind: md``) is an ``oreo-md simulate``
 run whose state file holds positions, velocities, thermostat, RNG, step and the accumulated metrics (h(r)
 counts, each logged frame's largest bond deviation; :mod:`md.observables`), a few hundred kB at 300 ps. Commit
-those files: the next piece, on a fresh clone, continues from them. Full checkpoints, trajectories and logs stay
-in ``runs/campaign/<job>/``.
+those files: the next piece, on a fresh clone, continues from them (``--commit-every 45`` commits them, and only
+them, every 45 minutes and when the runner ends, so that a piece cut short loses at most that much). Full
+checkpoints, trajectories and logs stay in ``runs/campaign/<job>/``.
 
 The runner keeps ``--slots`` jobs running (default: cores / threads per job), each pinned to its threads and
 started with ``nice`` so that interactive work goes first, prints a progress line every ``--every`` seconds,
@@ -420,21 +421,59 @@ def schedule(jobs: List[Dict], names: Optional[List[str]]) -> List[Dict]:
     return sorted(jobs, key=lambda j: (float(j.get("priority", 0)), own_cpu_hours(j, read_state(j))))
 
 
+def commit_state(message: str) -> str:
+    """Commit the state files and the pinned models and backbones (those paths only: whatever else is staged or
+    edited in the checkout stays as it is) in the checkout the runner works in. Returns what happened, in words;
+    never raises, since the jobs matter more than the commit."""
+    try:
+        paths = [str(p.relative_to(REPO)) for p in (STATE_DIR, MODELS_DIR) if p.is_dir()]
+    except ValueError:
+        return f"not committed: the state lives outside the checkout {REPO}"
+    if not paths:
+        return "no state to commit yet"
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
+
+    for step in (("add", "-A", "--", *paths), ("diff", "--cached", "--name-only", "--", *paths)):
+        out = git(*step)
+        if out.returncode:
+            return (f"not committed (git {step[0]}: {(out.stderr or out.stdout).strip()[:200]}); the state files "
+                    f"are in {STATE_DIR}: commit them by hand")
+    changed = out.stdout.split()
+    if not changed:
+        return "state unchanged since the last commit"
+    size = sum((REPO / f).stat().st_size for f in changed if (REPO / f).is_file())
+    out = git("commit", "-q", "-m", message, "--", *paths)
+    if out.returncode:
+        return (f"not committed (git commit: {(out.stderr or out.stdout).strip()[:200]}); the state files are in "
+                f"{STATE_DIR}: commit them by hand")
+    sha = git("rev-parse", "--short", "HEAD").stdout.strip()
+    return f"committed {len(changed)} state file(s) ({size / 1e6:.1f} MB) as {sha}"
+
+
 def run(jobs: List[Dict], minutes: float, slots: int, every: float, names: Optional[List[str]],
-        nice: int = 10) -> None:
+        nice: int = 10, commit_every: Optional[float] = None) -> None:
     running: List[Slot] = []
     try:
-        _run(running, minutes, slots, every, names, nice)
+        _run(running, minutes, slots, every, names, nice, commit_every)
     except BaseException:            # the runner dies (a bug, Ctrl-C): no job goes on unwatched
         for s in running:
             if s.proc.poll() is None:
                 s.proc.terminate()
         raise
+    if commit_every:
+        print(f"[campaign] {commit_state(autosave_message('the end of the run'))}", flush=True)
+
+
+def autosave_message(when: str) -> str:
+    return f"campaign state at {when} ({time.strftime('%Y-%m-%d %H:%M %Z')}; benchmarks/campaign.py --commit-every)"
 
 
 def _run(running: List[Slot], minutes: float, slots: int, every: float, names: Optional[List[str]],
-         nice: int) -> None:
+         nice: int, commit_every: Optional[float] = None) -> None:
     deadline = time.time() + 60 * minutes
+    next_commit = time.time() + 60 * commit_every if commit_every else math.inf
     tried = set()
     said = set()
     last_print = 0.0
@@ -514,15 +553,21 @@ def _run(running: List[Slot], minutes: float, slots: int, every: float, names: O
                 busy.add(job["name"])
         if not running:
             break
+        if now >= next_commit:
+            next_commit = now + 60 * commit_every
+            print(f"[campaign] {commit_state(autosave_message(time.strftime('%H:%M')))}", flush=True)
         if now - last_print >= every:
             last_print = now
             parts = []
             for s in running:
                 row = last_csv_row(s.job) if s.job.get("kind", "train") == "train" else None
-                md = read_state(s.job) if s.job.get("kind", "train") == "md" else None
-                if md:
-                    parts.append(f"{s.job['name']}: {md['ps_done']:.2f}/{md['ps']:g} ps, {md['running']}/"
-                                 f"{md['replicas']} replicas running")
+                st = read_state(s.job) if s.job.get("kind") in ("md", "pretrain") else None
+                if st and s.job["kind"] == "md":
+                    parts.append(f"{s.job['name']}: {st['ps_done']:.2f}/{st['ps']:g} ps, {st['running']}/"
+                                 f"{st['replicas']} replicas running")
+                elif st and st.get("total_steps"):
+                    parts.append(f"{s.job['name']}: step {st['step']}/{st['total_steps']}, "
+                                 f"{st['cpu_hours']:.2f} CPU-h")
                 elif row:
                     parts.append(f"{s.job['name']}: epoch {row['epoch']} val F "
                                  f"{float(row['val_forces_mae_meV_per_A']):.2f} meV/Å, "
@@ -811,18 +856,24 @@ def main(argv=None) -> int:
     ap.add_argument("--slots", type=int, help="jobs at once (default: cores // threads per job)")
     ap.add_argument("--every", type=float, default=60.0, help="seconds between progress lines")
     ap.add_argument("--nice", type=int, default=10, help="nice level of the jobs (default 10)")
+    ap.add_argument("--commit-every", type=float, metavar="MIN",
+                    help="commit the state files (only those) to git every MIN minutes and when the run ends, so "
+                         "that a piece cut short loses at most MIN minutes; about 4 MB a training job each time")
     ap.add_argument("--report", action="store_true", help="only regenerate the tables and plots")
     ap.add_argument("--ship", action="store_true", help="ship every job's model that beats the shipped one on "
                                                         "validation (after the run, or alone)")
     args = ap.parse_args(argv)
     if args.report and args.minutes:
         raise SystemExit("--report and --minutes exclude each other")
+    if args.commit_every is not None and (args.commit_every <= 0 or not args.minutes):
+        raise SystemExit("--commit-every takes minutes > 0 and goes with --minutes (e.g. --minutes 150 "
+                         "--commit-every 45)")
     if not args.report and not args.ship and (not args.minutes or args.minutes <= 0):
         raise SystemExit("give the wall time to spend: --minutes 150 (or --report for tables only, --ship to ship)")
     if args.minutes:
         jobs = read_jobs(CAMPAIGN_YAML)
         slots = args.slots or max(1, (os.cpu_count() or 1) // int(jobs[0]["threads"] if jobs else 1))
-        run(jobs, args.minutes, slots, args.every, args.jobs, args.nice)
+        run(jobs, args.minutes, slots, args.every, args.jobs, args.nice, args.commit_every)
     if args.ship:
         ship_improved(read_jobs(CAMPAIGN_YAML))
     report(read_jobs(CAMPAIGN_YAML))

@@ -412,3 +412,48 @@ def test_campaign_job_waits_for_the_jobs_it_comes_after(tmp_path, monkeypatch):
     grid = {"name": "g", "kind": "grid", "backbones": {"et-oreo": "no-such-pretraining"}}
     assert campaign.finished(grid, None).startswith("waits for") and not campaign.done(grid, None)
     assert campaign.waits_for({"name": "x", "after": ["g"]}, [grid]) == "waits for g to finish"
+
+
+def test_campaign_commits_its_state_files_and_nothing_else(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import campaign
+    finally:
+        sys.path.pop(0)
+    repo = tmp_path / "clone"
+    state, models = repo / "benchmarks" / "campaign" / "state", repo / "benchmarks" / "campaign" / "models"
+    state.mkdir(parents=True)
+    monkeypatch.setattr(campaign, "REPO", repo)
+    monkeypatch.setattr(campaign, "STATE_DIR", state)
+    monkeypatch.setattr(campaign, "MODELS_DIR", models)
+    said = campaign.commit_state("autosave")
+    assert said.startswith("not committed (git add") and "commit them by hand" in said     # not a git checkout
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q")
+    git("config", "user.email", "t@t")
+    git("config", "user.name", "t")
+    (repo / "README.md").write_text("a\n")
+    git("add", "README.md")
+    git("commit", "-q", "-m", "first")
+    (repo / "README.md").write_text("edited, staged, not the runner's to commit\n")
+    git("add", "README.md")
+    (repo / "code.py").write_text("work in progress\n")
+    (state / "job.pt").write_bytes(b"x" * 1000)
+    said = campaign.commit_state("campaign state at 12:00")
+    assert said.startswith("committed 1 state file(s)"), said
+    assert git("log", "-1", "--format=%s").strip() == "campaign state at 12:00"
+    assert git("show", "--name-only", "--format=", "HEAD").split() == ["benchmarks/campaign/state/job.pt"]
+    status = git("status", "--porcelain").splitlines()
+    assert "M  README.md" in status and "?? code.py" in status                 # left as they were
+    assert campaign.commit_state("again") == "state unchanged since the last commit"
+    models.mkdir()
+    (models / "md-job.pt").write_bytes(b"m")
+    (state / "job.pt").unlink()                                                 # a job's state removed by hand
+    assert campaign.commit_state("third").startswith("committed 2 state file(s)")
+    assert set(git("show", "--name-only", "--format=", "HEAD").split()) == {
+        "benchmarks/campaign/models/md-job.pt", "benchmarks/campaign/state/job.pt"}
+    with pytest.raises(SystemExit, match="--commit-every takes minutes"):
+        campaign.main(["--report", "--commit-every", "30"])
