@@ -1,4 +1,7 @@
 """Small shared builders for the tests: tiny models and hand-made molecules."""
+import sys
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -53,3 +56,13 @@ def random_rotation(seed=0, dtype=torch.float64) -> torch.Tensor:
     if torch.det(q) < 0:
         q[:, 0] = -q[:, 0]
     return q
+
+
+def import_campaign():
+    """``benchmarks/campaign.py`` as a module (benchmarks/ is not a package)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import campaign
+    finally:
+        sys.path.pop(0)
+    return campaign

@@ -245,13 +245,8 @@ def test_property_training_keeps_a_compact_run_state(tmp_path):
 
 
 def test_campaign_reads_a_pretraining_state_and_builds_its_command(tmp_path, monkeypatch):
-    import sys
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "benchmarks"))
-    try:
-        import campaign
-    finally:
-        sys.path.pop(0)
+    from tests.helpers import import_campaign
+    campaign = import_campaign()
     monkeypatch.setattr(campaign, "STATE_DIR", tmp_path)
     job = {"name": "pre", "kind": "pretrain", "config": "examples/configs/pretrain_et_oro.yaml",
            "corpus": "examples/configs/pretrain_corpus.yaml", "method": "et-oro", "set": ["model.hidden=96"],

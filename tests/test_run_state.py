@@ -17,7 +17,7 @@ from forcefield.threads import configure_threads, default_threads
 from forcefield.train import Trainer
 from forcefield.train.runstate import (dequantize, pack_checkpoint, quantize_positive, quantize_signed,
                                        unpack_runstate)
-from tests.helpers import TINY_TRAIN_CFG, tiny_train_config
+from tests.helpers import TINY_TRAIN_CFG, import_campaign, tiny_train_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -206,11 +206,7 @@ def test_commands_run_on_one_thread_unless_told():
 
 
 def test_campaign_job_file_is_checked(tmp_path, monkeypatch):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import campaign
-    finally:
-        sys.path.pop(0)
+    campaign = import_campaign()
     jobs = campaign.read_jobs(campaign.CAMPAIGN_YAML)     # the committed job list is valid
     assert jobs and len({j["name"] for j in jobs}) == len(jobs)
     committed = next(j for j in jobs if j["name"] == "aspirin")          # its committed state reads back
@@ -232,11 +228,7 @@ def test_campaign_job_file_is_checked(tmp_path, monkeypatch):
 
 
 def test_campaign_grid_job_waits_for_its_backbones_then_continues_its_state(tmp_path, monkeypatch):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import campaign
-    finally:
-        sys.path.pop(0)
+    campaign = import_campaign()
     monkeypatch.setattr(campaign, "MODELS_DIR", tmp_path / "models")
     monkeypatch.setattr(campaign, "STATE_DIR", tmp_path / "state")
     grid = next(j for j in campaign.read_jobs(campaign.CAMPAIGN_YAML) if j["kind"] == "grid")
@@ -260,11 +252,7 @@ def test_campaign_grid_job_waits_for_its_backbones_then_continues_its_state(tmp_
 
 
 def test_campaign_md_job_pins_its_model_and_continues_from_its_state(tmp_path, monkeypatch):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import campaign
-    finally:
-        sys.path.pop(0)
+    campaign = import_campaign()
     monkeypatch.setattr(campaign, "MODELS_DIR", REPO / "runs" / "test-campaign-models")
     monkeypatch.setattr(campaign, "STATE_DIR", tmp_path / "state")
     job = {"name": "md-test", "kind": "md", "molecule": "ethanol", "threads": 1}
@@ -295,11 +283,7 @@ def test_campaign_md_job_pins_its_model_and_continues_from_its_state(tmp_path, m
 
 
 def test_campaign_gives_free_slots_to_the_least_served_job(monkeypatch):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import campaign
-    finally:
-        sys.path.pop(0)
+    campaign = import_campaign()
     spent = {"a": {"cpu_hours": 3.0}, "b": {"cpu_hours": 2.5}, "c": None, "d": {"cpu_hours": 0.2}}
     monkeypatch.setattr(campaign, "read_state", lambda job: spent[job["name"]])
     jobs = [{"name": "a", "init_cpu_hours": 2.0}, {"name": "b"}, {"name": "c"}, {"name": "d", "priority": 1}]
@@ -310,11 +294,7 @@ def test_campaign_gives_free_slots_to_the_least_served_job(monkeypatch):
 
 
 def test_campaign_estimates_the_compute_a_job_still_needs():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import campaign
-    finally:
-        sys.path.pop(0)
+    campaign = import_campaign()
     # pretraining: a quarter of the steps took 1 CPU-h, so 3 are left; nothing known before the first step
     assert campaign.pretrain_hours_to_go({"total_steps": 400, "step": 100, "cpu_hours": 1.0}) == pytest.approx(3.0)
     assert math.isnan(campaign.pretrain_hours_to_go({"total_steps": 400, "step": 0, "cpu_hours": 0.0}))
@@ -328,11 +308,7 @@ def test_campaign_estimates_the_compute_a_job_still_needs():
 
 
 def test_campaign_ends_a_running_job_that_the_job_file_marks_stopped(tmp_path):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import campaign
-    finally:
-        sys.path.pop(0)
+    campaign = import_campaign()
     procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)]
     try:
         slots = [campaign.Slot({"name": name}, proc, tmp_path / "log", 0.0) for name, proc in zip("ab", procs)]
@@ -352,11 +328,7 @@ def test_campaign_ends_a_running_job_that_the_job_file_marks_stopped(tmp_path):
 
 def test_campaign_runner_gives_the_slot_of_a_job_marked_stopped_to_the_next_one(tmp_path, monkeypatch):
     import threading
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import campaign
-    finally:
-        sys.path.pop(0)
+    campaign = import_campaign()
     job_file = tmp_path / "campaign.yaml"
     md = "{name: %s, kind: md, molecule: ethanol%s}"
     job_file.write_text("jobs:\n  - " + md % ("first", "") + "\n  - " + md % ("second", "") + "\n")
@@ -386,11 +358,7 @@ def test_campaign_runner_gives_the_slot_of_a_job_marked_stopped_to_the_next_one(
 
 
 def test_campaign_job_waits_for_the_jobs_it_comes_after(tmp_path, monkeypatch):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import campaign
-    finally:
-        sys.path.pop(0)
+    campaign = import_campaign()
     cfg = "examples/configs/rmd17_ethanol.yaml"
     job_file = tmp_path / "campaign.yaml"
     job_file.write_text(f"jobs:\n  - {{name: ethanol, config: {cfg}}}\n"
@@ -415,11 +383,7 @@ def test_campaign_job_waits_for_the_jobs_it_comes_after(tmp_path, monkeypatch):
 
 
 def test_campaign_commits_its_state_files_and_nothing_else(tmp_path, monkeypatch):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import campaign
-    finally:
-        sys.path.pop(0)
+    campaign = import_campaign()
     repo = tmp_path / "clone"
     state, models = repo / "benchmarks" / "campaign" / "state", repo / "benchmarks" / "campaign" / "models"
     state.mkdir(parents=True)
