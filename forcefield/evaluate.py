@@ -34,9 +34,25 @@ def mae_rmse(errors) -> Tuple[float, float]:
     return MEV * float(np.mean(np.abs(e))), MEV * float(np.sqrt(np.mean(e ** 2)))
 
 
+def forces_mae_by_energy_quintile(force_errors: np.ndarray, cset: ConformationSet) -> Optional[list]:
+    """Force MAE (meV/Å) of the frames in each fifth of the reference energies, lowest first: whether the error
+    lives in the rare high-energy frames. None unless every frame is the same molecule (total energies of
+    different molecules do not compare) and there are at least 5 frames."""
+    n = len(cset)
+    if cset.energy is None or n < 5:
+        return None
+    sizes = np.diff(cset.ptr)
+    if np.any(sizes != sizes[0]) or np.any(cset.numbers.reshape(n, sizes[0]) != cset.numbers[:sizes[0]]):
+        return None
+    per_frame = np.asarray(force_errors).reshape(n, sizes[0], 3)
+    return [mae_rmse(per_frame[g])[0] for g in np.array_split(np.argsort(cset.energy, kind="stable"), 5)]
+
+
 def error_metrics(pred: Dict[str, np.ndarray], cset: ConformationSet) -> Dict[str, Any]:
-    """MAE/RMSE in meV (energy, also per atom) and meV/Å (force components), and the force MAE of each element's
-    atoms (``forces_mae_meV_per_A_by_element``: symbol -> meV/Å; where the error lives, e.g. hydroxyl H)."""
+    """MAE/RMSE in meV (energy, also per atom) and meV/Å (force components), the force MAE of each element's
+    atoms (``forces_mae_meV_per_A_by_element``: symbol -> meV/Å; where the error lives, e.g. hydroxyl H) and, for
+    frames of one molecule, of each fifth of the frames by reference energy
+    (``forces_mae_meV_per_A_by_energy_quintile``, lowest first)."""
     m: Dict[str, Any] = {"n_frames": len(cset)}
     if cset.energy is not None:
         de = pred["energy"] - cset.energy
@@ -48,6 +64,9 @@ def error_metrics(pred: Dict[str, np.ndarray], cset: ConformationSet) -> Dict[st
         m.update(forces_mae_meV_per_A=mae, forces_rmse_meV_per_A=rmse,
                  forces_mae_meV_per_A_by_element={chemical_symbols[z]: mae_rmse(df[cset.numbers == z])[0]
                                                   for z in np.unique(cset.numbers)})
+        quintiles = forces_mae_by_energy_quintile(df, cset)
+        if quintiles is not None:
+            m["forces_mae_meV_per_A_by_energy_quintile"] = quintiles
     return m
 
 

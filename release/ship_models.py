@@ -38,6 +38,7 @@ CARD = """# oreo model card: {molecule} (revised MD17)
 | elements | {elements} |
 | **test force MAE** | **{f_mae:.1f} meV/Å** (RMSE {f_rmse:.1f}) |
 | test force MAE by element | {f_by_element} |
+| test force MAE by energy | {f_by_energy} (test frames in fifths by reference energy, lowest first) |
 | test energy MAE | {e_mae:.1f} meV (RMSE {e_rmse:.1f}) |
 | training | {training} |
 
@@ -165,6 +166,8 @@ def ship(run: Path, dest: Path, resume_args=(), training: str = None, reproduce:
         elements=", ".join(chemical_symbols[z] for z in pot.elements),
         f_mae=metrics["forces_mae_meV_per_A"], f_rmse=metrics["forces_rmse_meV_per_A"],
         f_by_element=", ".join(f"{el} {v:.1f}" for el, v in metrics["forces_mae_meV_per_A_by_element"].items())
+        + " meV/Å",
+        f_by_energy=" / ".join(f"{v:.1f}" for v in metrics.get("forces_mae_meV_per_A_by_energy_quintile") or [])
         + " meV/Å",
         e_mae=metrics["energy_mae_meV"], e_rmse=metrics["energy_rmse_meV"],
         epochs=ck["epoch"], steps=ck["step"], minutes=ck["elapsed"] / 60, stop=stop or "see metrics.csv",

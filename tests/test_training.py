@@ -151,3 +151,23 @@ def test_force_errors_by_element_add_up_to_the_total():
     assert by["H"] == pytest.approx(2.0) and by["O"] == pytest.approx(10.0) and by["C"] == pytest.approx(0.0)
     counts = {"H": 6, "C": 1, "O": 1}                                # atom-weighted mean = the overall MAE
     assert sum(by[s] * n for s, n in counts.items()) / 8 == pytest.approx(m["forces_mae_meV_per_A"])
+    assert "forces_mae_meV_per_A_by_energy_quintile" not in m       # two molecules: their energies do not compare
+
+
+def test_force_errors_by_energy_quintile_sort_the_frames_by_reference_energy():
+    from forcefield.data.conformations import ConformationSet
+    from forcefield.evaluate import error_metrics
+    rng = np.random.default_rng(1)
+    n_frames, numbers = 10, np.array([8, 1, 1])                     # ten water frames
+    energy = rng.permutation(n_frames).astype(float)                # frame k has energy rank energy[k]
+    forces = rng.normal(size=(3 * n_frames, 3))
+    cset = ConformationSet(numbers=np.tile(numbers, n_frames), positions=rng.normal(size=(3 * n_frames, 3)),
+                           ptr=np.arange(0, 3 * n_frames + 1, 3), energy=energy, forces=forces)
+    err = np.repeat(0.001 * energy, 3)[:, None] * np.ones((1, 3))   # error (meV/Å) = the frame's energy rank
+    m = error_metrics({"energy": energy, "forces": forces - err}, cset)
+    assert m["forces_mae_meV_per_A_by_energy_quintile"] == pytest.approx([0.5, 2.5, 4.5, 6.5, 8.5])
+    assert np.mean(m["forces_mae_meV_per_A_by_energy_quintile"]) == pytest.approx(m["forces_mae_meV_per_A"])
+    short = ConformationSet(numbers=np.tile(numbers, 4), positions=np.zeros((12, 3)), ptr=np.arange(0, 13, 3),
+                            energy=np.zeros(4), forces=np.zeros((12, 3)))
+    assert "forces_mae_meV_per_A_by_energy_quintile" not in error_metrics(
+        {"energy": np.zeros(4), "forces": np.zeros((12, 3))}, short)  # fewer than 5 frames
