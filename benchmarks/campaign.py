@@ -435,19 +435,23 @@ def commit_state(message: str) -> str:
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
 
-    for step in (("add", "-A", "--", *paths), ("diff", "--cached", "--name-only", "--", *paths)):
-        out = git(*step)
-        if out.returncode:
-            return (f"not committed (git {step[0]}: {(out.stderr or out.stdout).strip()[:200]}); the state files "
-                    f"are in {STATE_DIR}: commit them by hand")
+    def failed(out: subprocess.CompletedProcess, verb: str) -> str:
+        return (f"not committed (git {verb}: {(out.stderr or out.stdout).strip()[:200]}); the state files are in "
+                f"{STATE_DIR}: commit them by hand")
+
+    out = git("add", "-A", "--", *paths)
+    if out.returncode:
+        return failed(out, "add")
+    out = git("diff", "--cached", "--name-only", "--", *paths)
+    if out.returncode:
+        return failed(out, "diff")
     changed = out.stdout.split()
     if not changed:
         return "state unchanged since the last commit"
     size = sum((REPO / f).stat().st_size for f in changed if (REPO / f).is_file())
     out = git("commit", "-q", "-m", message, "--", *paths)
     if out.returncode:
-        return (f"not committed (git commit: {(out.stderr or out.stdout).strip()[:200]}); the state files are in "
-                f"{STATE_DIR}: commit them by hand")
+        return failed(out, "commit")
     sha = git("rev-parse", "--short", "HEAD").stdout.strip()
     return f"committed {len(changed)} state file(s) ({size / 1e6:.1f} MB) as {sha}"
 
