@@ -76,6 +76,19 @@ def write_json(path: PathLike, obj: Any, indent: int = 2, fsync: bool = False, *
     return atomic_write_text(path, json.dumps(obj, indent=indent, **kwargs) + "\n", fsync=fsync)
 
 
+def on_cpu(obj: Any) -> Any:
+    """``obj`` (nested dicts, lists and tuples of tensors and plain values) with every tensor on the CPU: what a
+    checkpoint holds, so that it loads and packs the same whichever device wrote it."""
+    import torch
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(on_cpu(v) for v in obj)
+    return obj
+
+
 def atomic_torch_save(obj: Any, path: PathLike, jit: bool = False, fsync: bool = False, **jit_kwargs) -> Path:
     """``torch.save`` (or ``torch.jit.save`` of a scripted module, with ``jit_kwargs``), atomically."""
     import torch

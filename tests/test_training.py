@@ -171,3 +171,38 @@ def test_force_errors_by_energy_quintile_sort_the_frames_by_reference_energy():
                             energy=np.zeros(4), forces=np.zeros((12, 3)))
     assert "forces_mae_meV_per_A_by_energy_quintile" not in error_metrics(
         {"energy": np.zeros(4), "forces": np.zeros((12, 3))}, short)  # fewer than 5 frames
+
+
+def test_device_names_are_checked():
+    from forcefield.train.loop import resolve_device
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(ValueError, match="auto, cpu, cuda"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto").type == "cpu"
+        with pytest.raises(ValueError, match="optim.device: cpu"):
+            resolve_device("cuda")
+        with pytest.raises(ValueError, match="no GPU"):
+            Trainer(_cfg(device="cuda"), "unused", progress=False, log=lambda s: None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (runs on the device machine)")
+def test_a_cpu_run_continues_on_the_gpu_as_on_the_cpu(tmp_path):
+    """The campaign's GPU pieces resume CPU states: the optimiser moments follow the weights to the GPU, and the
+    steps taken there equal the CPU's (float64, up to the order of the sums)."""
+    import shutil
+    quiet = dict(progress=False, log=lambda s: None)
+    Trainer(_cfg(epochs=1, dtype="float64", device="cpu"), tmp_path / "cpu", **quiet).fit()
+    shutil.copytree(tmp_path / "cpu", tmp_path / "gpu")
+    on_cpu = Trainer(_cfg(epochs=3, dtype="float64", device="cpu"), tmp_path / "cpu", **quiet)
+    on_cpu.fit(resume=True)
+    on_gpu = Trainer(_cfg(epochs=3, dtype="float64", device="cuda"), tmp_path / "gpu", state_file=tmp_path / "s.pt",
+                     **quiet)
+    on_gpu.fit(resume=True)
+    for p in on_gpu.model.parameters():
+        assert p.is_cuda and on_gpu.optimizer.state[p]["exp_avg"].is_cuda
+    for (k, a), (_, b) in zip(on_cpu.ema.state_dict().items(), on_gpu.ema.state_dict().items()):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-6, atol=1e-9, msg=k)
+    # its compact state (what the campaign commits) is on the CPU and continues there
+    Trainer(_cfg(epochs=4, dtype="float64", device="cpu"), tmp_path / "back", state_file=tmp_path / "s.pt",
+            **quiet).fit(resume=True)

@@ -27,7 +27,7 @@ from ..files import atomic_torch_save, atomic_write_text, write_json
 from ..io import model_record
 from ..potential import Potential
 from ..settings import from_mapping, read_yaml
-from ..train.loop import Panel, TrainingRun, adamw, load_optimizer_state, optimizer_step
+from ..train.loop import Panel, TrainingRun, adamw, load_optimizer_state, optimizer_step, resolve_device
 from .corpus import Corpus, CorpusConfig, EpochSampler, build_corpus, corpus_config_from_obj
 from .distributed import DistInfo, all_reduce_mean, barrier
 from .objectives import ObjectivesConfig, Outputs, PretrainTask, build_objectives
@@ -116,10 +116,8 @@ class Pretrainer(TrainingRun):
             torch.set_num_threads(int(o.threads))
         if self.dist.enabled:
             self.device = self.dist.device
-        elif o.device == "auto":
-            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
-            self.device = torch.device(o.device)
+            self.device = resolve_device(o.device)
         self.corpus = corpus if corpus is not None else build_corpus(config.corpus, data_dir, log=self.log)
 
         torch.manual_seed(o.seed)

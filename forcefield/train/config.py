@@ -57,6 +57,7 @@ class OptimConfig:
     threads: Optional[int] = None
     eval_batch_size: int = 64
     compile: bool = False            # fuse the double backward with torch.compile (ET; minutes to compile)
+    device: str = "auto"             # auto (a GPU when torch sees one) | cpu | cuda | cuda:N
 
 
 @dataclass

@@ -26,11 +26,26 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..files import atomic_torch_save, atomic_write_text
+from ..files import atomic_torch_save, atomic_write_text, on_cpu
 from .runstate import is_runstate, pack_checkpoint, unpack_runstate
 
-__all__ = ["Panel", "TrainingRun", "EpochTrainer", "adamw", "load_optimizer_state", "adamw_with_plateau", "warmup_lr",
+__all__ = ["Panel", "TrainingRun", "EpochTrainer", "resolve_device", "adamw", "load_optimizer_state", "adamw_with_plateau", "warmup_lr",
            "optimizer_step", "early_stop_reason"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device a run trains on: ``auto`` is the GPU when torch sees one, else the CPU; ``cpu``, ``cuda``,
+    ``cuda:N`` as torch names them (a GPU that is not there is an error that says so)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"optim.device must be auto, cpu, cuda or cuda:N, got '{name}'") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"optim.device is '{name}' but torch sees no GPU (torch {torch.__version__}); "
+                         f"set optim.device: cpu (or auto)")
+    return device
 
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters, grad_clip: float, step: int,
@@ -90,6 +105,14 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict) -> None:
     optimizer.load_state_dict(state)
     for g, flags in zip(optimizer.param_groups, keep):
         g.update(flags)
+        # a state saved on another device (a CPU run continued on a GPU): the moments follow their parameter,
+        # and so does the step count where the fused / capturable kernels read it on the device
+        step_on_device = bool(g.get("fused") or g.get("capturable"))
+        for p in g["params"]:
+            st = optimizer.state.get(p, {})
+            for k, v in st.items():
+                if torch.is_tensor(v) and (k != "step" or step_on_device) and v.device != p.device:
+                    st[k] = v.to(p.device)
 
 
 def adamw_with_plateau(groups, lr: float, weight_decay: float, factor: float, patience: int, min_lr: float):
@@ -227,7 +250,7 @@ class TrainingRun:
         """``last.pt`` and, with a ``state_file``, the compact run state (with the learning curve)."""
         if not self.is_main:
             return None
-        state = self.state()
+        state = on_cpu(self.state())        # a GPU run's checkpoint loads and packs as a CPU run's
         path = atomic_torch_save(state, self.last_path)
         if self.state_file is not None:
             atomic_torch_save(pack_checkpoint(self.runstate_view(state), history=self.rows()), self.state_file)

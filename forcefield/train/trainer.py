@@ -22,7 +22,7 @@ from ..io import load_potential, model_record, save_model
 from ..potential import Potential
 from .config import Config
 from .datasets import Splits, build_splits
-from .loop import EpochTrainer, Panel, adamw_with_plateau, load_optimizer_state
+from .loop import EpochTrainer, Panel, adamw_with_plateau, load_optimizer_state, resolve_device
 from .statistics import fitted_potential, reference_energy
 
 CHECKPOINT_FORMAT = "oreo-checkpoint"
@@ -57,6 +57,7 @@ class Trainer(EpochTrainer):
         self.dtype = DTYPES[o.dtype]
         if o.threads:
             torch.set_num_threads(int(o.threads))
+        self.device = resolve_device(o.device)
         self.splits = splits if splits is not None else build_splits(config.data, o.seed)
         tr = self.splits.train
         if len(tr) == 0 or len(self.splits.val) == 0:
@@ -77,7 +78,7 @@ class Trainer(EpochTrainer):
             init_model = fitted_potential({"name": mc.name, "hidden": mc.hidden, "num_layers": mc.num_layers,
                                            "num_heads": mc.num_heads, "num_rbf": mc.num_rbf, "cutoff": mc.cutoff},
                                           tr, self.splits.val)
-        self.model = init_model.to(self.dtype)
+        self.model = init_model.to(device=self.device, dtype=self.dtype)
         self.model.atomref.data = self.model.atomref.data.double()
         self.ema = copy.deepcopy(self.model).eval()
         for p in self.ema.parameters():
@@ -141,8 +142,9 @@ class Trainer(EpochTrainer):
         return len(self.splits.train)
 
     def batch_loss(self, idx: np.ndarray) -> torch.Tensor:
-        b = self.splits.train.collate(idx, dtype=self.dtype)
-        e_t = None if self._train_resid is None else torch.as_tensor(self._train_resid[idx], dtype=self.dtype)
+        b = self.splits.train.collate(idx, dtype=self.dtype, device=self.device)
+        e_t = (None if self._train_resid is None
+               else torch.as_tensor(self._train_resid[idx], dtype=self.dtype, device=self.device))
         return self._loss(self._energy_forces(b), e_t, b.forces)
 
     @torch.no_grad()
@@ -153,7 +155,7 @@ class Trainer(EpochTrainer):
 
     def validate(self) -> Dict[str, float]:
         o = self.cfg.optim
-        m, pred = evaluate(self.ema, self.splits.val, batch_size=o.eval_batch_size)
+        m, pred = evaluate(self.ema, self.splits.val, batch_size=o.eval_batch_size, device=self.device)
         val = self.splits.val
         loss = 0.0
         if o.energy_weight > 0 and val.energy is not None:
@@ -183,7 +185,7 @@ class Trainer(EpochTrainer):
             save_model(self.ema, self.out / "best.pt")
         # only now (the folder is ours, the checkpoint matched): record the config of this invocation
         atomic_write_text(self.out / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-        self.log(f"model: {self.model.describe()}")
+        self.log(f"model: {self.model.describe()}" + (f" on {self.device}" if self.device.type != "cpu" else ""))
         self.log(f"data: {len(self.splits.train)} train / {len(self.splits.val)} val / "
                  f"{len(self.splits.test)} test frames")
 
@@ -235,8 +237,8 @@ class Trainer(EpochTrainer):
     # ------------------------------------------------------------------ the end
     def test(self) -> Dict:
         """Errors of the best model on the held-out frames -> test_metrics.json + parity.png."""
-        best = load_potential(self.out / "best.pt", dtype=self.dtype)
-        m, pred = evaluate(best, self.splits.test, batch_size=self.cfg.optim.eval_batch_size)
+        best = load_potential(self.out / "best.pt", device=self.device, dtype=self.dtype)
+        m, pred = evaluate(best, self.splits.test, batch_size=self.cfg.optim.eval_batch_size, device=self.device)
         m.update(epochs=self.epoch, steps=self.step, train_minutes=self.elapsed / 60,
                  cpu_hours=self.cpu_seconds / 3600, stop_reason=self.stop_reason)
         write_json(self.out / "test_metrics.json", m)

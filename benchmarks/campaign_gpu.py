@@ -1,0 +1,118 @@
+"""One GPU piece of a campaign training job: several recipe variants side by side, each resumed from the job's
+committed state, for a fixed wall time; then a table of what each reached.
+
+    python benchmarks/campaign_gpu.py ethanol --minutes 7.5 --out OUT \\
+        --variant b32 optim.batch_size=32 optim.lr=3e-4 --variant b8 optim.batch_size=8
+
+Each variant is an ``oreo train --resume`` of the job (its config and ``set`` from ``campaign.yaml``, then
+``optim.device=cuda``, ``optim.compile=false`` (eager: Inductor's build of the double backward takes minutes) and
+the variant's overrides), with its own copy of the state in ``OUT/<variant>.pt``. The variants run as separate
+processes on one GPU: the molecules are small, so each step is bound by kernel launches and the processes fill
+each other's gaps. ``OUT/summary.json`` and the printed table give, per variant, the epochs and steps of this
+piece, the best validation force MAE and the test metrics of its best model. Adopt one by copying its state over
+``benchmarks/campaign/state/<job>.pt`` (and its overrides into the job's ``set``); the CPU pieces continue it.
+The state's ``cpu_hours`` counts the host CPU time of the GPU processes: note GPU pieces in the job's ``note``.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from campaign import REPO, read_jobs, CAMPAIGN_YAML, state_path  # noqa: E402
+
+
+def variant_command(job, name: str, overrides, minutes: float, out: Path, threads: int):
+    cmd = [sys.executable, "-m", "forcefield.cli", "train", "--config", str(REPO / job["config"]),
+           "--out", str(out / "runs" / name), "--state", str(out / f"{name}.pt"), "--no-progress",
+           "--threads", str(threads), "--resume", "--set", f"optim.max_minutes={minutes:.2f}"]
+    for item in list(job["set"]) + ["optim.device=cuda", "optim.compile=false"] + list(overrides):
+        cmd += ["--set", item]
+    return cmd
+
+
+def summarize(out: Path, name: str, start: dict) -> dict:
+    import csv
+    rows = []
+    log = out / "runs" / name / "metrics.csv"
+    if log.is_file():
+        with open(log) as fh:
+            rows = [r for r in csv.DictReader(fh) if int(r["epoch"]) > start["epoch"]]
+    test_file = out / "runs" / name / "test_metrics.json"
+    test = json.loads(test_file.read_text()) if test_file.is_file() else {}
+    val = [float(r["val_forces_mae_meV_per_A"]) for r in rows]
+    return {"variant": name, "epochs": len(rows), "steps": (int(rows[-1]["step"]) - start["step"]) if rows else 0,
+            "best_val_forces_mae": min(val) if val else None, "last_lr": float(rows[-1]["lr"]) if rows else None,
+            "test_forces_mae": test.get("forces_mae_meV_per_A"), "test_energy_mae": test.get("energy_mae_meV"),
+            "test_by_energy_quintile": test.get("forces_mae_meV_per_A_by_energy_quintile")}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("job", help="a training job of campaign.yaml")
+    p.add_argument("--minutes", type=float, required=True, help="wall time of each variant's training")
+    p.add_argument("--out", required=True, help="folder for the variants' states, runs and summary.json")
+    p.add_argument("--variant", nargs="+", action="append", required=True, metavar=("NAME", "KEY=VALUE"),
+                   help="a name and its config overrides; repeat for each variant")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads per variant")
+    args = p.parse_args(argv)
+    jobs = {j["name"]: j for j in read_jobs(CAMPAIGN_YAML)}
+    job = jobs.get(args.job)
+    if job is None or job.get("kind", "train") != "train":
+        raise SystemExit(f"{args.job} is not a training job of {CAMPAIGN_YAML}; pick one of "
+                         f"{', '.join(n for n, j in jobs.items() if j.get('kind', 'train') == 'train')}")
+    src = state_path(job)
+    if not src.is_file():
+        raise SystemExit(f"{src} does not exist: a GPU piece continues a job that a CPU piece started")
+    import torch
+    if not torch.cuda.is_available():
+        raise SystemExit("torch sees no GPU here: run this on the device machine")
+    st = torch.load(src, map_location="cpu", weights_only=False)
+    start = {"epoch": int(st["epoch"]), "step": int(st["step"])}
+    out = Path(args.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    procs = {}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
+    for name, *overrides in args.variant:
+        shutil.copyfile(src, out / f"{name}.pt")
+        cmd = variant_command(job, name, overrides, args.minutes, out, args.threads)
+        fh = open(out / "runs" / f"{name}.log", "w")
+        procs[name] = (subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO), fh)
+        print(f"[gpu] {name}: {' '.join(overrides) or '(job recipe)'}", flush=True)
+    t0 = time.time()
+    while any(pr.poll() is None for pr, _ in procs.values()):
+        time.sleep(30)
+        lines = []
+        for name in procs:
+            s = summarize(out, name, start)
+            lines.append(f"{name} {s['epochs']} ep, best val {s['best_val_forces_mae'] or float('nan'):.2f}")
+        print(f"[gpu {(time.time() - t0) / 60:.1f} min] " + " | ".join(lines), flush=True)
+    rows = []
+    for name, (pr, fh) in procs.items():
+        fh.close()
+        s = summarize(out, name, start)
+        s["exit"] = pr.returncode
+        rows.append(s)
+        if pr.returncode:
+            print(f"[gpu] {name} exited {pr.returncode}; the end of its log:\n"
+                  + "\n".join((out / "runs" / f"{name}.log").read_text().splitlines()[-15:]), flush=True)
+    (out / "summary.json").write_text(json.dumps({"job": args.job, "start": start, "minutes": args.minutes,
+                                                  "variants": [dict(zip(["name", "set"], [v[0], v[1:]]))
+                                                               for v in args.variant],
+                                                  "device": torch.cuda.get_device_name(0),
+                                                  "results": rows}, indent=1))
+    print("| variant | epochs | steps | best val F MAE | test F MAE | test E MAE | last lr |")
+    print("|---|---|---|---|---|---|---|")
+    for s in rows:
+        f = lambda v, d=2: "—" if v is None else f"{v:.{d}f}"
+        print(f"| {s['variant']} | {s['epochs']} | {s['steps']} | {f(s['best_val_forces_mae'])} | "
+              f"{f(s['test_forces_mae'])} | {f(s['test_energy_mae'])} | {f(s['last_lr'], 6)} |")
+    return 0 if all(s["exit"] == 0 for s in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
