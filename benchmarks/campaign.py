@@ -810,7 +810,8 @@ def ship_improved(jobs: List[Dict]) -> None:
         training = (f"{meta.get('cpu_hours', float('nan')):.2f} cumulative CPU-hours (1 thread each) over "
                     f"{meta.get('epochs', '?')} epochs of this campaign job"
                     + (f", continued from `{job['init_from']}` ({job.get('init_cpu_hours', 0):g} CPU-h)"
-                       if job.get("init_from") else "") + f"; recipe: `{job['config']}` with {recipe}")
+                       if job.get("init_from") else "") + f"; recipe: `{job['config']}` with {recipe}"
+                    + (f". {job['note']}" if job.get("note") else ""))
         reproduce = ("Reproduce: the accuracy campaign trains this model piece by piece; its state is committed in "
                      f"`benchmarks/campaign/state/{job['name']}.pt` and continued by\n\n```bash\n"
                      "export OREO_DATA_DIR=/path/to/data          # holds rmd17/ (oreo data download rmd17)\n"

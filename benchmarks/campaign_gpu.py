@@ -1,15 +1,21 @@
-"""One GPU piece of a campaign training job: several recipe variants side by side, each resumed from the job's
-committed state, for a fixed wall time; then a table of what each reached.
+"""One GPU piece of a campaign job: training recipes side by side, or a pretraining job on a packed corpus, each
+resumed from the job's committed state (or started, for a job that has none), for a fixed wall time; then a table
+of what each reached.
 
-    python benchmarks/campaign_gpu.py ethanol --minutes 7.5 --out OUT \\
+    python benchmarks/campaign_gpu.py ethanol --minutes 7.5 --out OUT \
         --variant b32 optim.batch_size=32 optim.lr=3e-4 --variant b8 optim.batch_size=8
+    python benchmarks/campaign_gpu.py pretrain-et-oro --minutes 8 --out OUT --corpus corpus-et-oro.npz \
+        --variant main
 
-Each variant is an ``oreo train --resume`` of the job (its config and ``set`` from ``campaign.yaml``, then
+A training variant is an ``oreo train --resume`` of the job (its config and ``set`` from ``campaign.yaml``, then
 ``optim.device=cuda``, ``optim.compile=false`` (eager: Inductor's build of the double backward takes minutes) and
 the variant's overrides), with its own copy of the state in ``OUT/<variant>.pt``. The variants run as separate
 processes on one GPU: the molecules are small, so each step is bound by kernel launches and the processes fill
-each other's gaps. ``OUT/summary.json`` and the printed table give, per variant, the epochs and steps of this
-piece, the best validation force MAE and the test metrics of its best model. Adopt one by copying its state over
+each other's gaps. A pretraining job is ``oreo pretrain`` the same way, on the corpus packed where the data is
+(``oreo pretrain --config ... --corpus ... --pack-corpus FILE.npz``; ``--corpus FILE.npz`` here): a GPU machine has
+neither the data folder nor qm9pack. ``OUT/summary.json`` and the printed table give, per variant, the epochs
+(or steps) of this piece and where it ended (best validation force MAE and the test metrics of its best model;
+the last logged loss of a pretraining run). Adopt one by copying its state over
 ``benchmarks/campaign/state/<job>.pt`` (and its overrides into the job's ``set``); the CPU pieces continue it.
 The state's ``cpu_hours`` counts the host CPU time of the GPU processes: note GPU pieces in the job's ``note``.
 """
@@ -21,18 +27,23 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from campaign import REPO, read_jobs, CAMPAIGN_YAML, state_path  # noqa: E402
 
 
-def variant_command(job, name: str, overrides, minutes: float, out: Path, threads: int):
-    cmd = [sys.executable, "-m", "forcefield.cli", "train", "--config", str(REPO / job["config"]),
-           "--out", str(out / "runs" / name), "--state", str(out / f"{name}.pt"), "--no-progress",
-           "--threads", str(threads), "--resume", "--set", f"optim.max_minutes={minutes:.2f}"]
+def variant_command(job, name: str, overrides, minutes: float, out: Path, threads: int, resume: bool = True,
+                    corpus: Optional[Path] = None):
+    pretrain = job.get("kind", "train") == "pretrain"
+    cmd = [sys.executable, "-m", "forcefield.cli", "pretrain" if pretrain else "train",
+           "--config", str(REPO / job["config"]), "--out", str(out / "runs" / name), "--state", str(out / f"{name}.pt"),
+           "--no-progress", "--threads", str(threads), "--set", f"optim.max_minutes={minutes:.2f}"]
+    if pretrain:
+        cmd += ["--corpus", str(corpus)] + (["--method", str(job["method"])] if job.get("method") else [])
     for item in list(job["set"]) + ["optim.device=cuda", "optim.compile=false"] + list(overrides):
         cmd += ["--set", item]
-    return cmd
+    return cmd + (["--resume"] if resume else [])
 
 
 def summarize(out: Path, name: str, start: dict) -> dict:
@@ -41,7 +52,15 @@ def summarize(out: Path, name: str, start: dict) -> dict:
     log = out / "runs" / name / "metrics.csv"
     if log.is_file():
         with open(log) as fh:
-            rows = [r for r in csv.DictReader(fh) if int(r["epoch"]) > start["epoch"]]
+            rows = list(csv.DictReader(fh))
+    if rows and "loss" in rows[0]:                     # a pretraining run: rows by step
+        rows = [r for r in rows if int(r["step"]) > start["step"]]
+        return {"variant": name, "epochs": int(rows[-1]["epoch"]) - start["epoch"] if rows else 0,
+                "steps": (int(rows[-1]["step"]) - start["step"]) if rows else 0,
+                "last_loss": float(rows[-1]["loss"]) if rows else None,
+                "last_lr": float(rows[-1]["lr"]) if rows else None,
+                "steps_per_s": float(rows[-1]["steps_per_s"]) if rows else None}
+    rows = [r for r in rows if int(r["epoch"]) > start["epoch"]]
     test_file = out / "runs" / name / "test_metrics.json"
     test = json.loads(test_file.read_text()) if test_file.is_file() else {}
     val = [float(r["val_forces_mae_meV_per_A"]) for r in rows]
@@ -58,28 +77,39 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="folder for the variants' states, runs and summary.json")
     p.add_argument("--variant", nargs="+", action="append", required=True, metavar=("NAME", "KEY=VALUE"),
                    help="a name and its config overrides; repeat for each variant")
+    p.add_argument("--corpus", help="pretraining jobs: the packed corpus (.npz of oreo pretrain --pack-corpus)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads per variant")
     args = p.parse_args(argv)
     jobs = {j["name"]: j for j in read_jobs(CAMPAIGN_YAML)}
     job = jobs.get(args.job)
-    if job is None or job.get("kind", "train") != "train":
-        raise SystemExit(f"{args.job} is not a training job of {CAMPAIGN_YAML}; pick one of "
-                         f"{', '.join(n for n, j in jobs.items() if j.get('kind', 'train') == 'train')}")
+    kinds = ("train", "pretrain")
+    if job is None or job.get("kind", "train") not in kinds:
+        raise SystemExit(f"{args.job} is not a training or pretraining job of {CAMPAIGN_YAML}; pick one of "
+                         f"{', '.join(n for n, j in jobs.items() if j.get('kind', 'train') in kinds)}")
+    pretrain = job.get("kind", "train") == "pretrain"
     src = state_path(job)
-    if not src.is_file():
-        raise SystemExit(f"{src} does not exist: a GPU piece continues a job that a CPU piece started")
+    if pretrain and not (args.corpus and Path(args.corpus).is_file()):
+        raise SystemExit(f"{args.job} is a pretraining job: pass --corpus FILE.npz, packed where the data is with "
+                         f"oreo pretrain --config {job['config']} --corpus {job.get('corpus')} --set ... "
+                         f"--pack-corpus FILE.npz")
+    if not pretrain and not src.is_file():
+        raise SystemExit(f"{src} does not exist: a GPU piece continues a training job that a CPU piece started")
     import torch
     if not torch.cuda.is_available():
         raise SystemExit("torch sees no GPU here: run this on the device machine")
-    st = torch.load(src, map_location="cpu", weights_only=False)
-    start = {"epoch": int(st["epoch"]), "step": int(st["step"])}
+    start = {"epoch": 0, "step": 0}
+    if src.is_file():
+        st = torch.load(src, map_location="cpu", weights_only=False)
+        start = {"epoch": int(st["epoch"]), "step": int(st["step"])}
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     procs = {}
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
     for name, *overrides in args.variant:
-        shutil.copyfile(src, out / f"{name}.pt")
-        cmd = variant_command(job, name, overrides, args.minutes, out, args.threads)
+        if src.is_file():
+            shutil.copyfile(src, out / f"{name}.pt")
+        cmd = variant_command(job, name, overrides, args.minutes, out, args.threads, resume=src.is_file(),
+                              corpus=Path(args.corpus).resolve() if args.corpus else None)
         fh = open(out / "runs" / f"{name}.log", "w")
         procs[name] = (subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO), fh)
         print(f"[gpu] {name}: {' '.join(overrides) or '(job recipe)'}", flush=True)
@@ -89,7 +119,8 @@ def main(argv=None) -> int:
         lines = []
         for name in procs:
             s = summarize(out, name, start)
-            lines.append(f"{name} {s['epochs']} ep, best val {s['best_val_forces_mae'] or float('nan'):.2f}")
+            lines.append(f"{name} step {s['steps']}, loss {s['last_loss'] or float('nan'):.4g}" if pretrain else
+                         f"{name} {s['epochs']} ep, best val {s['best_val_forces_mae'] or float('nan'):.2f}")
         print(f"[gpu {(time.time() - t0) / 60:.1f} min] " + " | ".join(lines), flush=True)
     rows = []
     for name, (pr, fh) in procs.items():
@@ -105,12 +136,19 @@ def main(argv=None) -> int:
                                                                for v in args.variant],
                                                   "device": torch.cuda.get_device_name(0),
                                                   "results": rows}, indent=1))
-    print("| variant | epochs | steps | best val F MAE | test F MAE | test E MAE | last lr |")
-    print("|---|---|---|---|---|---|---|")
-    for s in rows:
-        f = lambda v, d=2: "—" if v is None else f"{v:.{d}f}"
-        print(f"| {s['variant']} | {s['epochs']} | {s['steps']} | {f(s['best_val_forces_mae'])} | "
-              f"{f(s['test_forces_mae'])} | {f(s['test_energy_mae'])} | {f(s['last_lr'], 6)} |")
+    f = lambda v, d=2: "—" if v is None else f"{v:.{d}f}"
+    if pretrain:
+        print("| variant | epochs | steps | last loss | steps/s | last lr |")
+        print("|---|---|---|---|---|---|")
+        for s in rows:
+            print(f"| {s['variant']} | {s['epochs']} | {s['steps']} | {f(s['last_loss'], 4)} | "
+                  f"{f(s['steps_per_s'], 1)} | {f(s['last_lr'], 6)} |")
+    else:
+        print("| variant | epochs | steps | best val F MAE | test F MAE | test E MAE | last lr |")
+        print("|---|---|---|---|---|---|---|")
+        for s in rows:
+            print(f"| {s['variant']} | {s['epochs']} | {s['steps']} | {f(s['best_val_forces_mae'])} | "
+                  f"{f(s['test_forces_mae'])} | {f(s['test_energy_mae'])} | {f(s['last_lr'], 6)} |")
     return 0 if all(s["exit"] == 0 for s in rows) else 1
 
 

@@ -42,8 +42,11 @@ EXPORT_TOLERANCE = {"float32": {"energy_rel": 1e-5, "forces_abs": 1e-4},
 
 
 def error_summary(exc: BaseException, limit: int = 300) -> str:
-    """``Type: last line of the message`` of an exception (what a compiler failure report quotes)."""
-    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1]}"[:limit]
+    """``Type: last line of the message`` of an exception (what a compiler failure report quotes; Dynamo's
+    closing advice on verbose logging is not that line)."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines()
+             if ln.strip(" ^~") and not ln.startswith(("Set TORCHDYNAMO_VERBOSE", "For even more developer context"))]
+    return f"{type(exc).__name__}: {(lines or [''])[-1]}"[:limit]
 
 
 def check_against_eager(runner, eager: nn.Module, example, tol: Dict[str, float]) -> Optional[str]:

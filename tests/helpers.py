@@ -58,11 +58,12 @@ def random_rotation(seed=0, dtype=torch.float64) -> torch.Tensor:
     return q
 
 
-def import_campaign():
-    """``benchmarks/campaign.py`` as a module (benchmarks/ is not a package)."""
+def import_campaign(name: str = "campaign"):
+    """``benchmarks/<name>.py`` (the campaign runner, or ``campaign_gpu``) as a module (benchmarks/ is not a
+    package)."""
+    import importlib
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     try:
-        import campaign
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
-    return campaign

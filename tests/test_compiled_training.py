@@ -178,3 +178,29 @@ def test_a_build_with_wrong_forces_is_not_trained_on(monkeypatch):
         out = fn(numbers, pos, batch, cell, pbc)
     assert fn.compiles == 2 and fn.failure is not None
     torch.testing.assert_close(out["forces"], pot(numbers, pos, batch, cell, pbc, with_reference=False)["forces"])
+
+
+def test_a_batch_size_the_first_trace_baked_in_is_traced_again():
+    """The campaign's ethanol job at batch 32 died at the short last batch of its first epoch: 32 frames of 9 atoms
+    are 288 = 3 x 96 (hidden) atoms, the symbolic trace kept 3 x 288 as a constant in a ``view``, and the
+    recompile for 22 frames failed. The same coincidence with hidden 24 (8 frames, 72 atoms): the graph is traced
+    again from the new batch, and every batch size after that takes it, with the eager numbers."""
+    pot = tiny_potential(hidden=24).train()
+    fn = CompiledEnergyForces(pot, backend="aot_eager")
+    r = torch.as_tensor(ETHANOL_R, dtype=torch.float64)
+
+    def molecules(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        pos = torch.cat([r + torch.tensor([15.0 * k, 0.0, 0.0]) for k in range(n)])
+        pos = pos + 0.1 * torch.randn(pos.shape, generator=g, dtype=torch.float64)
+        return torch.as_tensor(ETHANOL_Z).repeat(n), pos, torch.arange(n).repeat_interleave(9)
+
+    with pytest.warns(RuntimeWarning, match="failed on a batch of 54 atoms.*tracing it again"):
+        for n in (8, 6):                    # 72 atoms = 3 x hidden, then the short batch
+            out = fn(*molecules(n, n))
+    for n in (8, 6, 3):                     # the second trace takes every size
+        numbers, pos, batch = molecules(n, 10 + n)
+        out = fn(numbers, pos, batch)
+        eager = pot(numbers, pos, batch, with_reference=False)
+        torch.testing.assert_close(out["forces"], eager["forces"], rtol=1e-9, atol=1e-9)
+    assert fn.failure is None and fn.rebuilds == 1 and fn.compiles == 2

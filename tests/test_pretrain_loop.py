@@ -304,3 +304,46 @@ def test_compiled_pretraining_refuses_objectives_that_read_features(tmp_path):
     with pytest.raises(ValueError, match="coord_denoising read the backbone's features.*optim.compile: false"):
         Pretrainer(tiny_config("denoise", compile=True), tmp_path, corpus=tiny_corpus(), progress=False,
                    log=lambda s: None)
+
+
+def _corpus_with_an_unused_source_first(seed=0):
+    """Equilibrium HF first (an element the rest lacks), then off-equilibrium 'ethanol' with forces."""
+    rng = np.random.default_rng(seed)
+    hf = ConformationSet.from_arrays([9, 1], np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 0.917]])[None]
+                                     + 0.01 * rng.normal(size=(5, 2, 3)), equilibrium=np.ones(5, bool), source="hf")
+    disp = 0.05 * rng.normal(size=(7, 9, 3))
+    eth = ConformationSet.from_arrays(ETHANOL_Z, ETHANOL_R[None] + disp, forces=-2.0 * disp, source="eth")
+    return Corpus([hf, eth], names=["hf", "eth"])
+
+
+def test_a_packed_corpus_holds_the_float32_batches_and_resumes_the_same_run(tmp_path):
+    """--pack-corpus: what a run collates in float32 is exactly what the built corpus gives; packed for ET-ORO
+    (the equilibrium source left out) it still reports the whole corpus, so a run started on the built corpus
+    continues on the packed one step for step."""
+    from forcefield.pretrain.corpus_pack import is_packed_corpus, load_packed_corpus, save_packed_corpus
+    built = _corpus_with_an_unused_source_first()
+    quiet = lambda s: None
+    full = load_packed_corpus(save_packed_corpus(built, tmp_path / "full.npz"), log=quiet)
+    every = np.arange(len(built))
+    a, b = built.collate(every, dtype=torch.float32), full.collate(every, dtype=torch.float32)
+    for name in ("numbers", "positions", "forces", "batch", "has_forces", "source"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert full.summary() == built.summary() and full.elements == built.elements == [1, 6, 8, 9]
+
+    oro = load_packed_corpus(save_packed_corpus(built, tmp_path / "oro.npz", sources=[False, True]), log=quiet)
+    assert len(oro) == 7 and oro.summary() == built.summary() and oro.elements == built.elements
+    assert is_packed_corpus(tmp_path / "oro.npz") and not is_packed_corpus(tmp_path / "missing.npz")
+
+    def run(out, corpus, stop_at, resume=False):
+        tr = Pretrainer(tiny_config("et-oro", max_steps=6, batch_size=3), out, corpus=corpus, progress=False,
+                        log=quiet)
+        tr._should_stop = lambda started: tr.step >= stop_at      # a piece that ends on its time budget
+        tr.fit(resume=resume)
+        return tr
+    straight = run(tmp_path / "straight", built, 6)
+    run(tmp_path / "pieces", built, 3)
+    continued = run(tmp_path / "pieces", oro, 6, resume=True)
+    for k, v in straight.task.state_dict().items():
+        assert torch.equal(v, continued.task.state_dict()[k]), k
+    with pytest.raises(ValueError, match="not a packed oreo corpus"):
+        load_packed_corpus(tmp_path / "straight" / "metrics.csv")

@@ -421,3 +421,30 @@ def test_campaign_commits_its_state_files_and_nothing_else(tmp_path, monkeypatch
         "benchmarks/campaign/models/md-job.pt", "benchmarks/campaign/state/job.pt"}
     with pytest.raises(SystemExit, match="--commit-every takes minutes"):
         campaign.main(["--report", "--commit-every", "30"])
+
+
+def test_a_gpu_piece_resumes_the_job_with_its_recipe_then_the_variant(tmp_path):
+    """benchmarks/campaign_gpu.py: each variant is the job's own resumed run (config, its ``set``), on the GPU,
+    eager, with the variant's overrides last (they win), in its own state file; no GPU here is a clear refusal."""
+    gpu = import_campaign("campaign_gpu")
+    job = {"name": "ethanol", "config": "examples/configs/rmd17_ethanol.yaml",
+           "set": ["optim.batch_size=2", "optim.compile=True"]}
+    cmd = gpu.variant_command(job, "b32", ["optim.batch_size=32"], 7.5, tmp_path, threads=2)
+    sets = [cmd[k + 1] for k, c in enumerate(cmd) if c == "--set"]
+    assert sets == ["optim.max_minutes=7.50", "optim.batch_size=2", "optim.compile=True", "optim.device=cuda",
+                    "optim.compile=false", "optim.batch_size=32"]
+    assert "--resume" in cmd and cmd[cmd.index("--state") + 1] == str(tmp_path / "b32.pt")
+    assert cmd[cmd.index("--threads") + 1] == "2"
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no GPU"):
+            gpu.main(["ethanol", "--minutes", "1", "--out", str(tmp_path), "--variant", "a", "optim.lr=1e-4"])
+    with pytest.raises(SystemExit, match="not a training or pretraining job"):
+        gpu.main(["md-aspirin", "--minutes", "1", "--out", str(tmp_path), "--variant", "a"])
+    # a pretraining job runs on the packed corpus (the device has no data folder), started when it has no state
+    pre = {"name": "pretrain-et-oro", "kind": "pretrain", "config": "examples/configs/pretrain_et_oro.yaml",
+           "set": ["optim.epochs=5"]}
+    cmd = gpu.variant_command(pre, "main", [], 8, tmp_path, threads=4, resume=False, corpus=tmp_path / "c.npz")
+    assert cmd[3] == "pretrain" and cmd[cmd.index("--corpus") + 1] == str(tmp_path / "c.npz")
+    assert "--resume" not in cmd and "optim.device=cuda" in cmd
+    with pytest.raises(SystemExit, match="--pack-corpus"):
+        gpu.main(["pretrain-et-oro", "--minutes", "1", "--out", str(tmp_path), "--variant", "main"])

@@ -32,7 +32,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     out = Path(args.out)
     d = command_config(args.config, out, args.resume, hint=PRETRAIN_HINT)
     if args.corpus:
-        d["corpus"] = read_yaml(args.corpus, "corpus", PRETRAIN_HINT)
+        from .corpus_pack import is_packed_corpus
+        d["corpus"] = ({"packed": str(args.corpus)} if is_packed_corpus(args.corpus)
+                       else read_yaml(args.corpus, "corpus", PRETRAIN_HINT))
     _set_given(d, {"objectives.method": args.method, "optim.max_steps": args.max_steps, "optim.device": args.device,
                    "optim.threads": args.threads})
     d = apply_overrides(d, args.set)
@@ -40,6 +42,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         d["corpus"] = dict(d["corpus"] if isinstance(d.get("corpus"), dict) else {"sources": d.get("corpus") or []},
                            data_dir=args.data_dir)
     cfg = pretrain_config_from_dict(d)
+    if args.pack_corpus:
+        return _pack_corpus(cfg, Path(args.pack_corpus))
     info = init_distributed(cfg.optim.device)
     try:
         result = Pretrainer(cfg, out, dist_info=info, progress=not args.no_progress,
@@ -51,13 +55,33 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pack_corpus(cfg, path: Path) -> int:
+    """``--pack-corpus FILE``: the corpus's sources that the method's objectives use, in one compact file."""
+    from .corpus import build_corpus
+    from .corpus_pack import save_packed_corpus
+    from .objectives import build_objectives, frames_used
+    corpus = build_corpus(cfg.corpus)
+    objectives = build_objectives(cfg.objectives, int(cfg.model.get("hidden", 128)))
+    used = frames_used(objectives.values(), corpus.has_forces, corpus.frames.equilibrium)
+    keep = [bool(used[corpus.source_frames(k)].any()) for k in range(len(corpus.names))]
+    save_packed_corpus(corpus, path, sources=keep)
+    left_out = [n for n, k in zip(corpus.names, keep) if not k]
+    print(json.dumps({"packed": str(path), "megabytes": round(path.stat().st_size / 1e6, 2),
+                      "frames": int(sum(len(corpus.source_frames(k)) for k in range(len(keep)) if keep[k])),
+                      "left_out": left_out, "method": cfg.objectives.method}, indent=2))
+    return 0
+
+
 def add_pretrain_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pretrain a model on a corpus of equilibrium and off-equilibrium data "
                                         "(ET-OREO, ET-ORO, 3D-EMGP, denoising)")
     p.add_argument("--config", help="pretraining YAML (corpus, model, objectives, optim); "
                                     "see examples/configs/pretrain_*.yaml")
-    p.add_argument("--corpus", help="corpus YAML (a list of sources, or {sources, leakage}); replaces the "
-                                    "config's corpus")
+    p.add_argument("--corpus", help="corpus YAML (a list of sources, or {sources, leakage}), or a packed corpus "
+                                    "(.npz of --pack-corpus); replaces the config's corpus")
+    p.add_argument("--pack-corpus", metavar="FILE.npz",
+                   help="only build the corpus and write the sources the method's objectives use into FILE.npz "
+                        "(float32, compressed), to pretrain where the data is not (--corpus FILE.npz there)")
     p.add_argument("--method", help="et-oreo | et-oro | 3d-emgp | denoise (overrides objectives.method)")
     p.add_argument("--out", default="runs/pretrain", help="output folder (last.pt, pretrained.pt, metrics.csv)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

@@ -68,6 +68,7 @@ class SourceConfig:
 @dataclass
 class CorpusConfig:
     sources: List[SourceConfig] = field(default_factory=list)
+    packed: Optional[str] = None          # a file of corpus_pack.save_packed_corpus instead of the sources
     leakage: LeakageConfig = field(default_factory=LeakageConfig)
     data_dir: Optional[str] = None
     seed: int = 0
@@ -199,6 +200,24 @@ class Corpus:
         self.has_forces = np.concatenate(has_f)
         self.source_index = np.concatenate(src)
         self.report = report or {}
+        self._declared = None     # a packed corpus: the summary and elements of the corpus it was packed from
+
+    @classmethod
+    def from_frames(cls, frames: ConformationSet, has_forces: np.ndarray, source_index: np.ndarray,
+                    names: Sequence[str], weights: Sequence[float], report: Optional[Dict[str, Any]] = None,
+                    summary: Optional[List[Dict[str, Any]]] = None, elements: Optional[Sequence[int]] = None):
+        """A corpus from frames already assembled (a packed corpus, :mod:`.corpus_pack`); ``summary`` and
+        ``elements``: those of the whole corpus when some sources were left out (a resumed run checks them)."""
+        self = cls.__new__(cls)
+        self.names, self.weights = list(names), np.asarray(weights, dtype=np.float64)
+        self.frames, self.report = frames, report or {}
+        self.has_forces = np.asarray(has_forces, dtype=bool)
+        self.source_index = np.asarray(source_index, dtype=np.int64)
+        if len(self.frames) == 0:
+            raise ValueError("the pretraining corpus is empty (every source is empty or was filtered out)")
+        self._declared = None if summary is None else {"summary": [dict(s) for s in summary],
+                                                       "elements": sorted(int(z) for z in elements or [])}
+        return self
 
     # ------------------------------------------------------------------ info
     def __len__(self) -> int:
@@ -206,6 +225,8 @@ class Corpus:
 
     @property
     def elements(self) -> List[int]:
+        if self._declared is not None and self._declared["elements"]:
+            return list(self._declared["elements"])
         return self.frames.elements
 
     def source_frames(self, k: int) -> np.ndarray:
@@ -219,6 +240,8 @@ class Corpus:
         return float(np.sqrt(np.mean(self.frames.forces[atoms] ** 2)))
 
     def summary(self) -> List[Dict[str, Any]]:
+        if self._declared is not None:
+            return [dict(d) for d in self._declared["summary"]]
         out = []
         for k, name in enumerate(self.names):
             idx = self.source_frames(k)
@@ -241,6 +264,9 @@ def build_corpus(cfg: Union[CorpusConfig, Dict, List], data_dir=None, log=print)
     """Load every source, apply the leakage protocol, and assemble the :class:`Corpus`."""
     cfg = corpus_config_from_obj(cfg)
     data_dir = data_dir or cfg.data_dir
+    if cfg.packed:
+        from .corpus_pack import load_packed_corpus
+        return load_packed_corpus(cfg.packed, log=log)
     if not cfg.sources:
         raise ValueError("the corpus lists no sources")
     for s in cfg.sources:

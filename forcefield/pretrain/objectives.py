@@ -345,6 +345,16 @@ class CoordinateDenoising(Objective):
         return {self.name: (pred - eps / self.sigma).pow(2).mean()}
 
 
+def frames_used(objectives, has_forces, equilibrium):
+    """Which frames any of ``objectives`` uses, from per-frame ``has_forces`` and ``equilibrium`` (bool arrays or
+    tensors)."""
+    used = has_forces & False
+    for obj in objectives:
+        used = used | {"all": has_forces | True, "forces": has_forces, "equilibrium": equilibrium,
+                       "off-equilibrium": ~equilibrium}[obj.which]
+    return used
+
+
 def build_objectives(cfg: ObjectivesConfig, hidden: int) -> Dict[str, Objective]:
     weights = cfg.resolved_weights()
     objs: Dict[str, Objective] = {}
@@ -381,13 +391,8 @@ class PretrainTask(nn.Module):
         self.objectives = nn.ModuleDict(objectives)
 
     def frames_used(self, has_forces, equilibrium):
-        """Which frames any objective uses, from per-frame ``has_forces`` and ``equilibrium`` (bool arrays or
-        tensors); the sampler skips sources no objective uses."""
-        used = has_forces & False
-        for obj in self.objectives.values():
-            used = used | {"all": has_forces | True, "forces": has_forces, "equilibrium": equilibrium,
-                           "off-equilibrium": ~equilibrium}[obj.which]
-        return used
+        """Which frames any objective uses (:func:`frames_used`); the sampler skips sources no objective uses."""
+        return frames_used(self.objectives.values(), has_forces, equilibrium)
 
     def forward(self, batch: PretrainBatch, generator: Optional[torch.Generator] = None,
                 runner=None) -> Tuple[Tensor, Dict[str, Tensor]]:

@@ -97,6 +97,7 @@ class CompiledEnergyForces:
         self._fn = _Functional(potential, with_repulsion=not self.learned_only)
         self._compiled = None
         self.compiles = 0
+        self.rebuilds = 0                     #: traces made again for a batch the first graph did not take
         self.failure: Optional[str] = None   #: why the compiled graph was given up for the eager path
         self.options: Optional[Dict] = None   #: the Inductor options of the build in use
 
@@ -150,10 +151,32 @@ class CompiledEnergyForces:
             if self._compiled is None:
                 self._build(args)
             if self.failure is None:
-                e_atom, forces = self._compiled(*args)
-                out = {"energy": graph_sum(e_atom, batch, num_graphs), "forces": forces}
-                return {**out, "atomic_energies": e_atom} if self.learned_only else out
+                try:
+                    e_atom, forces = self._compiled(*args)
+                except Exception as exc:  # noqa: BLE001 - see _rebuild
+                    e_atom, forces = self._rebuild(args, exc)
+                if self.failure is None:
+                    out = {"energy": graph_sum(e_atom, batch, num_graphs), "forces": forces}
+                    return {**out, "atomic_energies": e_atom} if self.learned_only else out
         return self._eager(numbers, positions, batch, num_graphs, cell, pbc)
+
+    def _rebuild(self, args, exc: Exception):
+        """A batch of a new size that the compiled graph does not take: the symbolic trace can bake a size in when
+        the first batch's atom count happens to equal a size of the weights (ethanol, 32 frames: 288 atoms = 3 x 96
+        hidden, and a later ``view`` kept 3 x 288 as a constant), and the recompile for the short last batch of the
+        epoch then fails. Traced once more from this batch (whose sizes differ); a second failure gives up for the
+        eager path, with a warning."""
+        if self.rebuilds >= 1:
+            raise exc
+        self.rebuilds += 1
+        warnings.warn(f"optim.compile: the compiled force graph failed on a batch of {args[1].shape[0]} atoms "
+                      f"({error_summary(exc)}); tracing it again from this batch", RuntimeWarning, stacklevel=3)
+        torch._dynamo.reset()
+        self._compiled = None
+        self._build(args)
+        if self.failure is not None:
+            return None, None
+        return self._compiled(*args)
 
     def _eager(self, numbers, positions, batch, num_graphs, cell, pbc) -> Dict[str, Tensor]:
         """The same numbers by eager autograd (after a failed build)."""
