@@ -332,6 +332,7 @@ def test_a_packed_corpus_holds_the_float32_batches_and_resumes_the_same_run(tmp_
 
     oro = load_packed_corpus(save_packed_corpus(built, tmp_path / "oro.npz", sources=[False, True]), log=quiet)
     assert len(oro) == 7 and oro.summary() == built.summary() and oro.elements == built.elements
+    assert oro.force_rms() == built.force_rms()
     assert is_packed_corpus(tmp_path / "oro.npz") and not is_packed_corpus(tmp_path / "missing.npz")
 
     def run(out, corpus, stop_at, resume=False):
@@ -343,7 +344,9 @@ def test_a_packed_corpus_holds_the_float32_batches_and_resumes_the_same_run(tmp_
     straight = run(tmp_path / "straight", built, 6)
     run(tmp_path / "pieces", built, 3)
     continued = run(tmp_path / "pieces", oro, 6, resume=True)
+    started_packed = run(tmp_path / "packed", oro, 6)       # the same model (elements, force scale) and steps
     for k, v in straight.task.state_dict().items():
         assert torch.equal(v, continued.task.state_dict()[k]), k
+        assert torch.equal(v, started_packed.task.state_dict()[k]), k
     with pytest.raises(ValueError, match="not a packed oreo corpus"):
         load_packed_corpus(tmp_path / "straight" / "metrics.csv")

@@ -205,9 +205,11 @@ class Corpus:
     @classmethod
     def from_frames(cls, frames: ConformationSet, has_forces: np.ndarray, source_index: np.ndarray,
                     names: Sequence[str], weights: Sequence[float], report: Optional[Dict[str, Any]] = None,
-                    summary: Optional[List[Dict[str, Any]]] = None, elements: Optional[Sequence[int]] = None):
-        """A corpus from frames already assembled (a packed corpus, :mod:`.corpus_pack`); ``summary`` and
-        ``elements``: those of the whole corpus when some sources were left out (a resumed run checks them)."""
+                    summary: Optional[List[Dict[str, Any]]] = None, elements: Optional[Sequence[int]] = None,
+                    force_rms: Optional[float] = None):
+        """A corpus from frames already assembled (a packed corpus, :mod:`.corpus_pack`); ``summary``,
+        ``elements`` and ``force_rms``: those of the whole corpus when some sources were left out (a resumed run
+        checks the summary; the model's element table and force scale come from the others)."""
         self = cls.__new__(cls)
         self.names, self.weights = list(names), np.asarray(weights, dtype=np.float64)
         self.frames, self.report = frames, report or {}
@@ -216,7 +218,8 @@ class Corpus:
         if len(self.frames) == 0:
             raise ValueError("the pretraining corpus is empty (every source is empty or was filtered out)")
         self._declared = None if summary is None else {"summary": [dict(s) for s in summary],
-                                                       "elements": sorted(int(z) for z in elements or [])}
+                                                       "elements": sorted(int(z) for z in elements or []),
+                                                       "force_rms": force_rms}
         return self
 
     # ------------------------------------------------------------------ info
@@ -234,6 +237,8 @@ class Corpus:
 
     def force_rms(self) -> Optional[float]:
         """RMS force component over frames with forces (eV/Å), or None."""
+        if self._declared is not None and self._declared.get("force_rms") is not None:
+            return float(self._declared["force_rms"])
         if not self.has_forces.any():
             return None
         atoms = self.frames.atom_index(np.flatnonzero(self.has_forces))

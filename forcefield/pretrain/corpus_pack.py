@@ -9,9 +9,9 @@ What it holds: positions and forces as float32 (what pretraining collates: a flo
 sees exactly the numbers it sees on the built one), byte-shuffled and zlib-compressed; atomic numbers, frame
 ids, per-frame flags and source indices; and the corpus's summary, elements and leakage report. Packing for a
 method keeps only the sources its objectives use (ET-ORO draws no equilibrium frame, so QM9 stays behind), and
-the packed corpus still reports the whole corpus's summary and elements: a run started on the built corpus
-resumes on the packed one and back (the sampler skips unused sources either way, so the batches are the same
-frames in the same order), and the model gets the same element table.
+the packed corpus still reports the whole corpus's summary, elements and force scale: a run started on the built
+corpus resumes on the packed one and back (the sampler skips unused sources either way, so the batches are the
+same frames in the same order), and a run started on the packed one builds the same model.
 """
 import json
 import zlib
@@ -55,6 +55,7 @@ def save_packed_corpus(corpus: Corpus, path: Union[str, Path], sources: Optional
     meta = {"format": PACK_FORMAT, "version": PACK_VERSION, "names": corpus.names,
             "weights": [float(w) for w in corpus.weights], "packed_sources": [bool(k) for k in keep],
             "summary": corpus.summary(), "elements": [int(z) for z in corpus.elements],
+            "force_rms": corpus.force_rms(),
             "report": corpus.report, "frames": int(len(frames)), "atoms": int(len(sub.numbers))}
     arrays = {"meta": np.frombuffer(json.dumps(meta, default=str).encode(), dtype=np.uint8),
               "numbers": _squeeze(sub.numbers, "u1"), "sizes": _squeeze(np.diff(sub.ptr), "u4"),
@@ -110,4 +111,5 @@ def load_packed_corpus(path: Union[str, Path], log=print) -> Corpus:
     left_out = [name for name, kept in zip(meta["names"], meta["packed_sources"]) if not kept]
     log(f"corpus: {n} frames packed in {p}" + (f"; left out when packed: {', '.join(left_out)}" if left_out else ""))
     return Corpus.from_frames(frames, has_forces, source_index, names=meta["names"], weights=meta["weights"],
-                              report=meta["report"], summary=meta["summary"], elements=meta["elements"])
+                              report=meta["report"], summary=meta["summary"], elements=meta["elements"],
+                              force_rms=meta.get("force_rms"))

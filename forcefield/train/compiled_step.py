@@ -165,9 +165,14 @@ class CompiledEnergyForces:
         the first batch's atom count happens to equal a size of the weights (ethanol, 32 frames: 288 atoms = 3 x 96
         hidden, and a later ``view`` kept 3 x 288 as a constant), and the recompile for the short last batch of the
         epoch then fails. Traced once more from this batch (whose sizes differ); a second failure gives up for the
-        eager path, with a warning."""
+        eager path, with a warning (the same numbers: a long run goes on)."""
         if self.rebuilds >= 1:
-            raise exc
+            self.failure, self._compiled = error_summary(exc), None
+            warnings.warn(f"optim.compile: the compiled force graph, traced twice, failed on a batch of "
+                          f"{args[1].shape[0]} atoms ({self.failure}); training continues on the eager path (the "
+                          f"same numbers, slower). Set optim.compile: false to skip the compile",
+                          RuntimeWarning, stacklevel=3)
+            return None, None
         self.rebuilds += 1
         warnings.warn(f"optim.compile: the compiled force graph failed on a batch of {args[1].shape[0]} atoms "
                       f"({error_summary(exc)}); tracing it again from this batch", RuntimeWarning, stacklevel=3)

@@ -29,8 +29,8 @@ import torch
 from ..files import atomic_torch_save, atomic_write_text, on_cpu
 from .runstate import is_runstate, pack_checkpoint, unpack_runstate
 
-__all__ = ["Panel", "TrainingRun", "EpochTrainer", "resolve_device", "adamw", "load_optimizer_state", "adamw_with_plateau", "warmup_lr",
-           "optimizer_step", "early_stop_reason"]
+__all__ = ["Panel", "TrainingRun", "EpochTrainer", "resolve_device", "adamw", "load_optimizer_state",
+           "adamw_with_plateau", "warmup_lr", "optimizer_step", "early_stop_reason"]
 
 
 def resolve_device(name: str) -> torch.device:
