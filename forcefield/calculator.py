@@ -7,6 +7,7 @@ import torch
 from ase.calculators.calculator import Calculator, all_changes
 
 from .committee import SPREAD_PROPERTIES, is_committee
+from .devices import resolve_device
 from .io import load_potential
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32,
@@ -44,7 +45,7 @@ class OreoCalculator(Calculator):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
         self.dtype = DTYPES[dtype]
-        self.device = torch.device(device)
+        self.device = resolve_device(device, "device")
         if isinstance(model, torch.nn.Module):
             self.potential = model.to(self.device).eval()
         else:

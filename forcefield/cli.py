@@ -31,7 +31,9 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from .data import load_ase, load_rmd17
     from .evaluate import evaluate, parity_plot
+    from .devices import resolve_device
     from .io import load_potential, metadata_of
+    args.device = resolve_device(args.device, "--device")
     pot = load_potential(args.model, device=args.device)
     meta = metadata_of(pot)
     if args.path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Dict, Optional
 
+from forcefield.devices import resolve_device
 from forcefield.settings import from_mapping
 
 from .errors import MDInputError
@@ -89,6 +90,10 @@ class SimulationConfig:
             self.molecule = canonical_molecule(self.molecule)
         if self.structure and not self.model:
             raise MDInputError("--structure needs --model (there is no shipped model for your own system)")
+        try:
+            self.device = str(resolve_device(self.device, "--device"))
+        except ValueError as err:
+            raise MDInputError(str(err)) from None
         if self.thermostat not in THERMOSTATS:
             raise MDInputError(f"unknown thermostat '{self.thermostat}'; use --thermostat "
                                f"{' | '.join(THERMOSTATS)}")

@@ -67,6 +67,13 @@ def test_missing_system_and_bad_settings(capsys, tmp_path):
     code, _, err = run_cli(capsys, "simulate", "--structure", str(tmp_path / "missing.xyz"), "--model", "m.pt",
                            "--out", str(tmp_path / "y"))
     assert code == 2 and "does not exist" in err
+    code, _, err = run_cli(capsys, "simulate", "--molecule", "ethanol", "--device", "tpu9",
+                           "--out", str(tmp_path / "z"))
+    assert code == 2 and "--device must be auto, cpu, cuda or cuda:N, got 'tpu9'" in err
+    if not torch.cuda.is_available():   # a GPU that is not there: said before any model is loaded
+        code, _, err = run_cli(capsys, "simulate", "--molecule", "ethanol", "--device", "cuda",
+                               "--out", str(tmp_path / "z"))
+        assert code == 2 and "--device is 'cuda' but torch sees no GPU" in err
 
 
 def test_analyze_and_dft_check_need_a_run_directory(capsys, tmp_path):

@@ -174,14 +174,17 @@ def test_force_errors_by_energy_quintile_sort_the_frames_by_reference_energy():
 
 
 def test_device_names_are_checked():
-    from forcefield.train.loop import resolve_device
+    from forcefield.devices import resolve_device
     assert resolve_device("cpu").type == "cpu"
     with pytest.raises(ValueError, match="auto, cpu, cuda"):
         resolve_device("gpu0")
     if not torch.cuda.is_available():
         assert resolve_device("auto").type == "cpu"
-        with pytest.raises(ValueError, match="optim.device: cpu"):
+        with pytest.raises(ValueError, match="optim.device is 'cuda' but torch sees no GPU.*set it to cpu"):
             resolve_device("cuda")
+        from forcefield import OreoCalculator
+        with pytest.raises(ValueError, match="device is 'cuda:0' but torch sees no GPU"):
+            OreoCalculator("ethanol", device="cuda:0")
         with pytest.raises(ValueError, match="no GPU"):
             Trainer(_cfg(device="cuda"), "unused", progress=False, log=lambda s: None)
 

@@ -23,11 +23,12 @@ import torch
 import yaml
 
 from ..version import __version__
+from ..devices import resolve_device
 from ..files import atomic_torch_save, atomic_write_text, write_json
 from ..io import model_record
 from ..potential import Potential
 from ..settings import from_mapping, read_yaml
-from ..train.loop import Panel, TrainingRun, adamw, load_optimizer_state, optimizer_step, resolve_device
+from ..train.loop import Panel, TrainingRun, adamw, load_optimizer_state, optimizer_step
 from .corpus import Corpus, CorpusConfig, EpochSampler, build_corpus, corpus_config_from_obj
 from .distributed import DistInfo, all_reduce_mean, barrier
 from .objectives import ObjectivesConfig, Outputs, PretrainTask, build_objectives

@@ -29,23 +29,8 @@ import torch
 from ..files import atomic_torch_save, atomic_write_text, on_cpu
 from .runstate import is_runstate, pack_checkpoint, unpack_runstate
 
-__all__ = ["Panel", "TrainingRun", "EpochTrainer", "resolve_device", "adamw", "load_optimizer_state",
-           "adamw_with_plateau", "warmup_lr", "optimizer_step", "early_stop_reason"]
-
-
-def resolve_device(name: str) -> torch.device:
-    """The device a run trains on: ``auto`` is the GPU when torch sees one, else the CPU; ``cpu``, ``cuda``,
-    ``cuda:N`` as torch names them (a GPU that is not there is an error that says so)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"optim.device must be auto, cpu, cuda or cuda:N, got '{name}'") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"optim.device is '{name}' but torch sees no GPU (torch {torch.__version__}); "
-                         f"set optim.device: cpu (or auto)")
-    return device
+__all__ = ["Panel", "TrainingRun", "EpochTrainer", "adamw", "load_optimizer_state", "adamw_with_plateau", "warmup_lr",
+           "optimizer_step", "early_stop_reason"]
 
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters, grad_clip: float, step: int,

@@ -16,13 +16,14 @@ import yaml
 
 from ..version import __version__
 from ..data.conformations import ConformationSet
+from ..devices import resolve_device
 from ..evaluate import evaluate, parity_plot
 from ..files import atomic_write_text, write_json
 from ..io import load_potential, model_record, save_model
 from ..potential import Potential
 from .config import Config
 from .datasets import Splits, build_splits
-from .loop import EpochTrainer, Panel, adamw_with_plateau, load_optimizer_state, resolve_device
+from .loop import EpochTrainer, Panel, adamw_with_plateau, load_optimizer_state
 from .statistics import fitted_potential, reference_energy
 
 CHECKPOINT_FORMAT = "oreo-checkpoint"
