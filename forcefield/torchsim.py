@@ -23,6 +23,7 @@ from typing import Dict, Optional, Union
 
 import torch
 
+from .devices import resolve_device
 from .io import cast_potential, load_potential
 
 try:
@@ -106,13 +107,13 @@ class OreoModel(ModelInterface):
         if dtype is not None and dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
         if isinstance(model, torch.nn.Module):
-            dev = torch.device(device) if device is not None else _module_device(model)
+            dev = resolve_device(device, "device") if device is not None else _module_device(model)
             dt = dtype if dtype is not None else _module_dtype(model)
             if dev != _module_device(model) or dt != _module_dtype(model):
                 model = cast_potential(copy.deepcopy(model), dev, dt)
             pot = model
         else:
-            dev = torch.device(device) if device is not None else torch.device("cpu")
+            dev = resolve_device(device, "device") if device is not None else torch.device("cpu")
             dt = dtype if dtype is not None else torch.float32
             pot = load_potential(model, device=dev, dtype=dt)
         self.potential = pot.eval()
