@@ -34,14 +34,14 @@ from campaign import REPO, read_jobs, CAMPAIGN_YAML, state_path  # noqa: E402
 
 
 def variant_command(job, name: str, overrides, minutes: float, out: Path, threads: int, resume: bool = True,
-                    corpus: Optional[Path] = None):
+                    corpus: Optional[Path] = None, device: str = "cuda"):
     pretrain = job.get("kind", "train") == "pretrain"
     cmd = [sys.executable, "-m", "forcefield.cli", "pretrain" if pretrain else "train",
            "--config", str(REPO / job["config"]), "--out", str(out / "runs" / name), "--state", str(out / f"{name}.pt"),
            "--no-progress", "--threads", str(threads), "--set", f"optim.max_minutes={minutes:.2f}"]
     if pretrain:
         cmd += ["--corpus", str(corpus)] + (["--method", str(job["method"])] if job.get("method") else [])
-    for item in list(job["set"]) + ["optim.device=cuda", "optim.compile=false"] + list(overrides):
+    for item in list(job["set"]) + [f"optim.device={device}", "optim.compile=false"] + list(overrides):
         cmd += ["--set", item]
     return cmd + (["--resume"] if resume else [])
 
@@ -79,6 +79,7 @@ def main(argv=None) -> int:
                    help="a name and its config overrides; repeat for each variant")
     p.add_argument("--corpus", help="pretraining jobs: the packed corpus (.npz of oreo pretrain --pack-corpus)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads per variant")
+    p.add_argument("--device", default="cuda", help="where the variants train (cpu: a dry run of this script)")
     args = p.parse_args(argv)
     jobs = {j["name"]: j for j in read_jobs(CAMPAIGN_YAML)}
     job = jobs.get(args.job)
@@ -95,8 +96,8 @@ def main(argv=None) -> int:
     if not pretrain and not src.is_file():
         raise SystemExit(f"{src} does not exist: a GPU piece continues a training job that a CPU piece started")
     import torch
-    if not torch.cuda.is_available():
-        raise SystemExit("torch sees no GPU here: run this on the device machine")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("torch sees no GPU here: run this on the device machine (or --device cpu for a dry run)")
     start = {"epoch": 0, "step": 0}
     if src.is_file():
         st = torch.load(src, map_location="cpu", weights_only=False)
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
         if src.is_file():
             shutil.copyfile(src, out / f"{name}.pt")
         cmd = variant_command(job, name, overrides, args.minutes, out, args.threads, resume=src.is_file(),
-                              corpus=Path(args.corpus).resolve() if args.corpus else None)
+                              corpus=Path(args.corpus).resolve() if args.corpus else None, device=args.device)
         fh = open(out / "runs" / f"{name}.log", "w")
         procs[name] = (subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO), fh)
         print(f"[gpu] {name}: {' '.join(overrides) or '(job recipe)'}", flush=True)
@@ -134,7 +135,8 @@ def main(argv=None) -> int:
     (out / "summary.json").write_text(json.dumps({"job": args.job, "start": start, "minutes": args.minutes,
                                                   "variants": [dict(zip(["name", "set"], [v[0], v[1:]]))
                                                                for v in args.variant],
-                                                  "device": torch.cuda.get_device_name(0),
+                                                  "device": (torch.cuda.get_device_name(0) if args.device != "cpu"
+                                                             else "cpu"),
                                                   "results": rows}, indent=1))
     f = lambda v, d=2: "—" if v is None else f"{v:.{d}f}"
     if pretrain:
