@@ -350,3 +350,22 @@ def test_a_packed_corpus_holds_the_float32_batches_and_resumes_the_same_run(tmp_
         assert torch.equal(v, started_packed.task.state_dict()[k]), k
     with pytest.raises(ValueError, match="not a packed oreo corpus"):
         load_packed_corpus(tmp_path / "straight" / "metrics.csv")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (runs on the device machine)")
+def test_pretraining_on_the_gpu_takes_the_cpu_steps_and_state(tmp_path):
+    """A GPU piece of a pretraining job (benchmarks/campaign_gpu.py): the steps equal the CPU's (float64, up to
+    the order of the sums), and its compact state continues on the CPU."""
+    quiet = lambda s: None
+    cpu = Pretrainer(tiny_config("et-oreo", dtype="float64", device="cpu"), tmp_path / "cpu", corpus=tiny_corpus(),
+                     progress=False, log=quiet)
+    cpu.fit()
+    gpu = Pretrainer(tiny_config("et-oreo", dtype="float64", device="cuda"), tmp_path / "gpu", corpus=tiny_corpus(),
+                     progress=False, log=quiet, state_file=tmp_path / "s.pt")
+    gpu.fit()
+    for k, v in cpu.task.state_dict().items():
+        torch.testing.assert_close(gpu.task.state_dict()[k].cpu(), v, rtol=1e-6, atol=1e-9, msg=k)
+    back = Pretrainer(tiny_config("et-oreo", dtype="float64", device="cpu", max_steps=8), tmp_path / "back",
+                      corpus=tiny_corpus(), progress=False, log=quiet, state_file=tmp_path / "s.pt")
+    back.fit(resume=True)
+    assert back.step == 8
