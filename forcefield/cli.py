@@ -77,7 +77,7 @@ def cmd_export(args) -> int:
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
     if args.format == "aoti":
         from .compiled import export_compiled
-        path = export_compiled(args.model, args.output, dtype=dtype)
+        path = export_compiled(args.model, args.output, dtype=dtype, device=args.device)
         print(f"wrote AOTInductor package {path} (load with OreoCalculator or forcefield.load_potential; "
               f"same torch version needed)")
         return 0
@@ -209,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     x.add_argument("--format", default="torchscript", choices=["torchscript", "aoti"],
                    help="torchscript (loads with torch.jit.load alone) or aoti (compiled .pt2, faster; needs g++)")
+    x.add_argument("--device", default="cpu",
+                   help="aoti: the device its kernels are built for (cpu, or cuda: built on a GPU machine)")
     add_threads_argument(x)
     x.set_defaults(func=cmd_export)
 

@@ -42,59 +42,65 @@ COMPILED_FORMAT_VERSION = 1
 METADATA_ENTRY = "oreo_metadata.json"
 
 
-def _example_inputs(dtype: torch.dtype, cutoff: float):
-    """A small molecule-like example (the traced graph is shape-generic)."""
+def _example_inputs(dtype: torch.dtype, cutoff: float, device: torch.device = torch.device("cpu")):
+    """A small molecule-like example (the traced graph is shape-generic), on ``device``."""
     g = torch.Generator().manual_seed(0)
     n = 12
     numbers = torch.full((n,), 6, dtype=torch.long)
     positions = (torch.rand(n, 3, generator=g, dtype=torch.float64) * 4.0).to(dtype)
     pairs, _ = half_pairs(positions, torch.zeros(n, dtype=torch.long), cutoff)
-    return numbers, positions, pairs, torch.zeros(pairs.shape[1], 3, dtype=dtype)
+    return tuple(t.to(device) for t in (numbers, positions, pairs, torch.zeros(pairs.shape[1], 3, dtype=dtype)))
 
 
-def trace_energy_forces(potential: nn.Module, dtype: torch.dtype = torch.float32) -> torch.fx.GraphModule:
-    """``make_fx`` graph (forward + backward as plain ATen ops) with symbolic atom and pair counts."""
+def trace_energy_forces(potential: nn.Module, dtype: torch.dtype = torch.float32,
+                        device: torch.device = torch.device("cpu")) -> torch.fx.GraphModule:
+    """``make_fx`` graph (forward + backward as plain ATen ops) with symbolic atom and pair counts, on ``device``."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     if not traceable(potential):
         raise TypeError("compiling needs an eager oreo Potential (a model file or checkpoint), not a TorchScript export")
-    pot = cast_potential(potential, "cpu", dtype).eval()
+    pot = cast_potential(potential, device, dtype).eval()
     for p in pot.parameters():
         p.requires_grad_(False)
     module = EnergyForces(pot).eval()
-    example = _example_inputs(dtype, float(pot.cutoff))
+    example = _example_inputs(dtype, float(pot.cutoff), device)
     return make_fx(module, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example), example
 
 
 def export_compiled(model: Union[str, Path, nn.Module], out: Union[str, Path], dtype: torch.dtype = torch.float32,
                     max_atoms: int = 100_000, max_pairs: int = 50_000_000,
-                    inductor_configs: Optional[Dict[str, Any]] = None) -> Path:
-    """Trace, export and AOT-compile a potential into ``out`` (``.pt2``); metadata rides along in the archive.
-    A committee is refused (a ValueError: a package holds one model; compile each member instead)."""
+                    inductor_configs: Optional[Dict[str, Any]] = None, device="cpu") -> Path:
+    """Trace, export and AOT-compile a potential into ``out`` (``.pt2``) for ``device`` (C++ kernels for the CPU,
+    Triton kernels for a GPU; a package runs on the kind of device it was built for); metadata rides along in the
+    archive. A committee is refused (a ValueError: a package holds one model; compile each member instead)."""
     from torch.export import Dim
 
     from .committee import refuse_export
+    from .devices import resolve_device
     from .version import __version__
     from .files import atomic_write
+
+    device = resolve_device(device, "device")
 
     pot = load_potential(model, dtype=torch.float64) if isinstance(model, (str, Path)) else model
     refuse_export(pot, "an AOTInductor package")
     meta = json.loads(getattr(pot, "metadata_json", "{}") or "{}")
     elements = [int(z) for z in torch.nonzero(pot.known_elements).reshape(-1).tolist()]
     info = {"format": COMPILED_FORMAT, "format_version": COMPILED_FORMAT_VERSION, "oreo_version": __version__,
-            "torch_version": torch.__version__, "dtype": str(dtype).replace("torch.", ""), "cutoff": float(pot.cutoff),
+            "torch_version": torch.__version__, "dtype": str(dtype).replace("torch.", ""), "device": device.type,
+            "cutoff": float(pot.cutoff),
             "elements": elements, "atomref": pot.atomref.detach().double().tolist(), "metadata": meta,
             "repulsion": getattr(pot, "_config", {}).get("repulsion"),
             "tolerance_vs_eager": EXPORT_TOLERANCE[str(dtype).replace("torch.", "")],
             "call": "pot(numbers[N], positions[N,3] Å, batch[N]=None, cell[B,3,3]=None, pbc[B,3]=None) "
                     "-> {'energy': [B] eV float64, 'forces': [N,3] eV/Å}"}
-    gm, example = trace_energy_forces(pot, dtype)
+    gm, example = trace_energy_forces(pot, dtype, device)
     n = Dim("n_atoms", min=2, max=max_atoms)
     p = Dim("n_pairs", min=2, max=max_pairs)
     ep = torch.export.export(gm, example, dynamic_shapes=({0: n}, {0: n}, {1: p}, {0: p}), strict=False)
     options = default_inductor_configs()
     options.update(inductor_configs or {})
-    eager = EnergyForces(cast_potential(pot, "cpu", dtype).eval()).eval()
+    eager = EnergyForces(cast_potential(pot, device, dtype).eval()).eval()
     tol = EXPORT_TOLERANCE[str(dtype).replace("torch.", "")]
 
     def write(tmp: Path) -> None:     # the archive's root folder is named after the file: tmp has out's name
@@ -150,9 +156,10 @@ class CompiledPotential(nn.Module):
         self.dtype = getattr(torch, info["dtype"])
         self.cutoff = float(info["cutoff"])
         self.metadata_json = json.dumps(info.get("metadata", {}))
-        self.register_buffer("atomref", torch.tensor(info["atomref"], dtype=torch.float64))
-        known = torch.zeros(self.atomref.shape[0], dtype=torch.bool)
-        known[torch.tensor(info["elements"], dtype=torch.long)] = True
+        device = torch.device(info.get("device", "cpu"))      # where its kernels run (packages before: the CPU)
+        self.register_buffer("atomref", torch.tensor(info["atomref"], dtype=torch.float64, device=device))
+        known = torch.zeros(self.atomref.shape[0], dtype=torch.bool, device=device)
+        known[torch.tensor(info["elements"], dtype=torch.long, device=device)] = True
         self.register_buffer("known_elements", known)
         keep_freed_memory()   # each call's buffers reused, not handed back to the kernel: 1.47x in MD (allocator)
         self._runner = torch._inductor.aoti_load_package(str(path))
@@ -198,6 +205,16 @@ def load_compiled(path: Union[str, Path]) -> CompiledPotential:
     return CompiledPotential(path).eval()
 
 
+def _load_for(path, header: Dict[str, Any], device, dtype) -> CompiledPotential:
+    """``load_potential`` of a ``.pt2``: its kernels were built for one kind of device, so another is an error that
+    says how to get a package for it."""
+    built = header.get("device", "cpu")
+    wanted = torch.device(device).type
+    if wanted != built:
+        raise ValueError(f"{path} was compiled for {built}, not {wanted}: export the model again for it "
+                         f"(oreo export MODEL -o FILE.pt2 --format aoti --device {wanted})")
+    return load_compiled(path)
+
+
 # a .pt2 is a model file like any other: forcefield.io.open_model_file recognises it through this entry
-register_file_format(FileFormat(COMPILED_FORMAT, lambda path: read_compiled_metadata(path),
-                                lambda path, header, device, dtype: load_compiled(path)))
+register_file_format(FileFormat(COMPILED_FORMAT, lambda path: read_compiled_metadata(path), _load_for))

@@ -242,7 +242,7 @@ def model_metadata(pot) -> Dict[str, object]:
     return meta
 
 
-def compiled_model(spec: str, out_dir, dtype="float32") -> str:
+def compiled_model(spec: str, out_dir, dtype="float32", device="cpu") -> str:
     """The AOTInductor export (``.pt2``) of the model file ``spec``, built once in ``out_dir`` (named by the model
     file's SHA-256 and the dtype, so a changed model is rebuilt) and reused by later pieces of the run on the same
     machine; returns its path. The export computes the same function as the eager model (``forcefield.compiled``;
@@ -251,14 +251,16 @@ def compiled_model(spec: str, out_dir, dtype="float32") -> str:
     fingerprint = model_fingerprint(spec)
     if not fingerprint:
         raise MDInputError(f"--compile needs an oreo model file (got '{spec}'); drop --compile for py: factories")
-    out = Path(out_dir) / f"model-{fingerprint['model_sha256'][:16]}-{dtype}.pt2"
+    kind = torch.device(device).type
+    out = Path(out_dir) / (f"model-{fingerprint['model_sha256'][:16]}-{dtype}"
+                           + ("" if kind == "cpu" else f"-{kind}") + ".pt2")
     if not out.is_file():
         from forcefield.compiled import export_compiled
         from forcefield.io import resolve_model_path
         print(f"--compile: building {out.name} from {spec} (AOTInductor; a few minutes, once per run directory)",
               flush=True)
         try:
-            export_compiled(resolve_model_path(spec), out, dtype=_dtype(dtype))
+            export_compiled(resolve_model_path(spec), out, dtype=_dtype(dtype), device=device)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager model is the way on
             raise MDInputError(f"--compile: could not build the export of '{spec}' ({exc}); drop --compile to run "
                                f"the eager model") from exc

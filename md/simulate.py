@@ -310,7 +310,8 @@ def run_simulation(config: SimulationConfig, out_dir, potential=None, frames=Non
               f"bond lengths and h(r) against {described['reference']}")
     if potential is None:
         from .potential import compiled_model
-        spec = compiled_model(config.model_spec, out_dir, config.dtype) if config.compile else config.model_spec
+        spec = (compiled_model(config.model_spec, out_dir, config.dtype, config.device) if config.compile
+                else config.model_spec)
         potential = load_model(spec, molecule=config.molecule, data_dir=config.data_dir,
                                device=config.device, dtype=config.dtype,
                                allow_other_molecule=config.allow_other_molecule)

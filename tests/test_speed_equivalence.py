@@ -484,6 +484,32 @@ def test_aoti_export_equals_eager(tmp_path):
         assert float((a["forces"] - e["forces"].detach()).abs().max()) < tol["forces_abs"]
     with pytest.raises(ValueError, match="atomic number 9"):
         cp(torch.tensor([6, 9]), torch.tensor([[0.0, 0, 0], [1.2, 0, 0]], dtype=torch.float64))
+    # its kernels are C++ for the CPU: asked for on a GPU, the error says how to build one for it
+    from forcefield.io import load_potential
+    assert cp.info["device"] == "cpu"
+    with pytest.raises(ValueError, match="compiled for cpu, not cuda.*--device cuda"):
+        load_potential(path, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (runs on the device machine)")
+def test_aoti_export_for_the_gpu_equals_eager_there(tmp_path):
+    """MD on a GPU machine (oreo-md simulate --device cuda --compile) runs the package built for it."""
+    from forcefield.compiled import EXPORT_TOLERANCE, export_compiled, load_compiled
+    from forcefield.io import cast_potential
+    pot = _model({"name": "et", "hidden": 16, "num_layers": 2, "num_heads": 2, "num_rbf": 8, "cutoff": 5.0}, seed=20,
+                 repulsion=True)
+    cp = load_compiled(export_compiled(pot, tmp_path / "gpu.pt2", dtype=torch.float32, device="cuda"))
+    ref = cast_potential(pot, "cuda", torch.float32)
+    z1, r1 = _molecule(21, 21)
+    z2, r2 = _molecule(5, 22)
+    z = torch.cat([z1, z2]).cuda()
+    r = torch.cat([r1, r2 + 20.0]).float().cuda()
+    b = torch.tensor([0] * 21 + [1] * 5).cuda()
+    a, e = cp(z, r, b), ref(z, r, b)
+    tol = EXPORT_TOLERANCE["float32"]
+    assert cp.info["device"] == "cuda" and a["forces"].is_cuda
+    assert float((a["energy"] - e["energy"]).abs().max()) < tol["energy_rel"] * max(1.0, float(e["energy"].abs().max()))
+    assert float((a["forces"] - e["forces"].detach()).abs().max()) < tol["forces_abs"]
 
 
 def test_frozen_torchscript_equals_eager():
