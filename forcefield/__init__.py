@@ -9,7 +9,8 @@ What lives here, each thing in one place, lowest layer first (a module imports f
 below, never from a layer above):
 
 1. ``units`` (every unit conversion and constant), ``files`` (atomic writes), ``settings`` (config loading with
-   type conversion, ``--set``), ``threads``, ``allocator`` (malloc policy of compiled inference), ``reference``
+   type conversion, ``--set``), ``threads``, ``devices`` (the one check of a requested torch device),
+   ``allocator`` (malloc policy of compiled inference), ``reference``
    (xTB/DFT labels), ``graph`` (radius graph, pair search, minimum image), ``bonds`` (bonds and MDsim's
    stability criterion), ``models/`` (backbones and heads), ``data/`` (readers -> ConformationSet -> Batch);
 2. ``potential``: :class:`Potential`, the one owner of features, per-atom energies (learned part, ZBL repulsion)
