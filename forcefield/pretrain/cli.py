@@ -57,10 +57,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def _pack_corpus(cfg, path: Path) -> int:
     """``--pack-corpus FILE``: the corpus's sources that the method's objectives use, in one compact file."""
-    from .corpus import build_corpus
-    from .corpus_pack import save_packed_corpus
+    from .corpus_pack import open_corpus, save_packed_corpus
     from .objectives import build_objectives, frames_used
-    corpus = build_corpus(cfg.corpus)
+    corpus = open_corpus(cfg.corpus)
     objectives = build_objectives(cfg.objectives, int(cfg.model.get("hidden", 128)))
     used = frames_used(objectives.values(), corpus.has_forces, corpus.frames.equilibrium)
     keep = [bool(used[corpus.source_frames(k)].any()) for k in range(len(corpus.names))]

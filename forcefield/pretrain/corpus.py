@@ -270,8 +270,8 @@ def build_corpus(cfg: Union[CorpusConfig, Dict, List], data_dir=None, log=print)
     cfg = corpus_config_from_obj(cfg)
     data_dir = data_dir or cfg.data_dir
     if cfg.packed:
-        from .corpus_pack import load_packed_corpus
-        return load_packed_corpus(cfg.packed, log=log)
+        raise ValueError(f"the corpus is packed ({cfg.packed}): open it with forcefield.pretrain.corpus_pack."
+                         f"open_corpus, which reads packed files and builds the others")
     if not cfg.sources:
         raise ValueError("the corpus lists no sources")
     for s in cfg.sources:

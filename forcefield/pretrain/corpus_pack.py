@@ -16,13 +16,13 @@ same frames in the same order), and a run started on the packed one builds the s
 import json
 import zlib
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
 from ..data.conformations import ConformationSet
 from ..files import atomic_write
-from .corpus import Corpus
+from .corpus import Corpus, CorpusConfig, build_corpus, corpus_config_from_obj
 
 PACK_FORMAT = "oreo-corpus-pack"
 PACK_VERSION = 1
@@ -113,3 +113,12 @@ def load_packed_corpus(path: Union[str, Path], log=print) -> Corpus:
     return Corpus.from_frames(frames, has_forces, source_index, names=meta["names"], weights=meta["weights"],
                               report=meta["report"], summary=meta["summary"], elements=meta["elements"],
                               force_rms=meta.get("force_rms"))
+
+
+def open_corpus(cfg: Union[CorpusConfig, Dict, List], data_dir=None, log=print) -> Corpus:
+    """The corpus a config names: its packed file (``packed: FILE.npz``), else built from its sources
+    (:func:`~forcefield.pretrain.corpus.build_corpus`)."""
+    cfg = corpus_config_from_obj(cfg)
+    if cfg.packed:
+        return load_packed_corpus(cfg.packed, log=log)
+    return build_corpus(cfg, data_dir, log=log)

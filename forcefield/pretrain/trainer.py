@@ -29,7 +29,8 @@ from ..io import model_record
 from ..potential import Potential
 from ..settings import from_mapping, read_yaml
 from ..train.loop import Panel, TrainingRun, adamw, load_optimizer_state, optimizer_step
-from .corpus import Corpus, CorpusConfig, EpochSampler, build_corpus, corpus_config_from_obj
+from .corpus import Corpus, CorpusConfig, EpochSampler, corpus_config_from_obj
+from .corpus_pack import open_corpus
 from .distributed import DistInfo, all_reduce_mean, barrier
 from .objectives import ObjectivesConfig, Outputs, PretrainTask, build_objectives
 
@@ -119,7 +120,7 @@ class Pretrainer(TrainingRun):
             self.device = self.dist.device
         else:
             self.device = resolve_device(o.device)
-        self.corpus = corpus if corpus is not None else build_corpus(config.corpus, data_dir, log=self.log)
+        self.corpus = corpus if corpus is not None else open_corpus(config.corpus, data_dir, log=self.log)
 
         torch.manual_seed(o.seed)
         elements = sorted(set(self.corpus.elements) | set(int(z) for z in config.elements))
