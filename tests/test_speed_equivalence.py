@@ -549,8 +549,8 @@ def test_an_export_that_differs_from_eager_is_rebuilt_without_buffer_reuse_or_re
     ep_module = {}
     real_trace = fc.trace_energy_forces
 
-    def trace(pot, dtype):
-        gm, example = real_trace(pot, dtype)
+    def trace(pot, dtype, device):
+        gm, example = real_trace(pot, dtype, device)
         ep_module["gm"] = gm
         return gm, example
     monkeypatch.setattr(fc, "trace_energy_forces", trace)
