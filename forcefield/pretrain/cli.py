@@ -61,8 +61,7 @@ def _pack_corpus(cfg, path: Path) -> int:
     from .objectives import build_objectives, frames_used
     corpus = open_corpus(cfg.corpus)
     objectives = build_objectives(cfg.objectives, int(cfg.model.get("hidden", 128)))
-    used = frames_used(objectives.values(), corpus.has_forces, corpus.frames.equilibrium)
-    keep = [bool(used[corpus.source_frames(k)].any()) for k in range(len(corpus.names))]
+    keep = corpus.sources_used(frames_used(objectives.values(), corpus.has_forces, corpus.frames.equilibrium))
     save_packed_corpus(corpus, path, sources=keep)
     left_out = [n for n, k in zip(corpus.names, keep) if not k]
     print(json.dumps({"packed": str(path), "megabytes": round(path.stat().st_size / 1e6, 2),

@@ -235,6 +235,12 @@ class Corpus:
     def source_frames(self, k: int) -> np.ndarray:
         return np.flatnonzero(self.source_index == k)
 
+    def sources_used(self, used_frames: np.ndarray) -> List[bool]:
+        """For each source, whether any of its frames is flagged in ``used_frames`` (per frame, e.g. the
+        objectives' :func:`~forcefield.pretrain.objectives.frames_used`): the sources a method draws from."""
+        used_frames = np.asarray(used_frames, dtype=bool)
+        return [bool(used_frames[self.source_frames(k)].any()) for k in range(len(self.names))]
+
     def force_rms(self) -> Optional[float]:
         """RMS force component over frames with forces (eV/Å), or None."""
         if self._declared is not None and self._declared.get("force_rms") is not None:

@@ -141,11 +141,11 @@ class Pretrainer(TrainingRun):
         self.optimizer = adamw(self.task.parameters(), lr=o.lr, weight_decay=o.weight_decay)
         self._runner = self._compiled_runner() if o.compile else None
         # sources that no objective uses (e.g. equilibrium geometries for ET-ORO) are not drawn at all
-        used = self.task.frames_used(self.corpus.has_forces, self.corpus.frames.equilibrium)
+        in_use = self.corpus.sources_used(self.task.frames_used(self.corpus.has_forces,
+                                                                self.corpus.frames.equilibrium))
         self.source_weights = self.corpus.weights.copy()
         for k, name in enumerate(self.corpus.names):
-            idx = self.corpus.source_frames(k)
-            if len(idx) and not used[idx].any() and self.source_weights[k] > 0:
+            if not in_use[k] and len(self.corpus.source_frames(k)) and self.source_weights[k] > 0:
                 self.source_weights[k] = 0.0
                 self.log(f"corpus: no objective of {', '.join(self.weights)} uses source '{name}': not sampled")
         self.sampler = EpochSampler(self.corpus, o.batch_size, o.seed, self.dist.rank, self.dist.world_size,
