@@ -44,7 +44,7 @@ RUNS_DIR = REPO / "runs" / "campaign"
 RESULTS_DIR = REPO / "benchmarks" / "results" / "campaign"
 JOB_KEYS = {"name", "group", "config", "set", "init_from", "init_cpu_hours", "budget_cpu_hours", "threads",
             "target_meV_per_A", "ship", "note", "stopped", "kind", "molecule", "model", "ps", "replicas", "dft_frames",
-            "corpus", "method", "compile", "priority", "args", "backbones", "after"}
+            "corpus", "method", "compile", "priority", "args", "backbones", "after", "finetune_from"}
 GRID_KEYS = {"name", "group", "kind", "args", "backbones", "threads", "note", "stopped", "priority", "after"}
 MD_KEYS = {"name", "group", "kind", "molecule", "model", "ps", "replicas", "threads", "note", "stopped", "dft_frames",
            "compile", "priority", "after"}
@@ -96,6 +96,10 @@ def read_jobs(path: Path) -> List[Dict]:
         if not isinstance(after, list) or not all(isinstance(a, str) for a in after):
             raise SystemExit(f"{path}: job {i + 1}: 'after' takes a job name or a list of them, got {after!r}")
         job["after"] = list(after)
+        if job.get("finetune_from"):                     # a fine-tune starts once its backbone's job is done
+            if job["kind"] != "train":
+                raise SystemExit(f"{path}: job {job['name']}: finetune_from belongs to a training job")
+            job["after"] = list(dict.fromkeys(job["after"] + [str(job["finetune_from"])]))
         job.setdefault("group", "campaign")
         job.setdefault("threads", 1)
         job["set"] = [f"{k}={v}" for k, v in (job.get("set") or {}).items()]
@@ -105,6 +109,9 @@ def read_jobs(path: Path) -> List[Dict]:
         unknown = sorted(set(job["after"]) - seen)
         if unknown:
             raise SystemExit(f"{path}: job {job['name']}: 'after' names no job of the file: {unknown}")
+        ft = job.get("finetune_from")
+        if ft and next(j for j in jobs if j["name"] == ft)["kind"] != "pretrain":
+            raise SystemExit(f"{path}: job {job['name']}: finetune_from names {ft!r}, which is not a pretraining job")
         after[job["name"]] = job["after"]
     for name in after:                                   # no job may wait for itself, directly or around a cycle
         todo, reach = list(after[name]), set()
@@ -244,6 +251,12 @@ def backbone_path(job: Dict) -> Path:
     return MODELS_DIR / f"{job['name']}.pt"
 
 
+def pretraining_cpu_hours(name: str) -> float:
+    """The cumulative CPU-hours of pretraining job ``name`` (from its state; nan without one)."""
+    st = read_state({"name": name, "kind": "pretrain"})
+    return float(st["cpu_hours"]) if st else float("nan")
+
+
 def keep_backbone(job: Dict) -> Optional[Path]:
     """After a piece of a pretraining job: once every step is done, its ``pretrained.pt`` (written from the state
     by the last piece; ``oreo pretrain --resume`` on a finished state only writes it) becomes
@@ -330,9 +343,14 @@ def job_command(job: Dict, minutes: float, fresh: bool, nice: int = 10) -> List[
         if state is not None and md_simulated(state):
             return ["nice", "-n", str(nice)] + dft_command(job, minutes)
         return ["nice", "-n", str(nice)] + md_command(job, minutes)
-    cmd = [sys.executable, "-m", "forcefield.cli", "train", "--config", str(REPO / job["config"]),
+    # a training job, or with finetune_from, `oreo finetune` from a pretraining job's kept backbone (a new energy head
+    # and reference energies fitted to the data; the backbone is named on every piece, the state holds the rest)
+    ft = job.get("finetune_from")
+    cmd = [sys.executable, "-m", "forcefield.cli", "finetune" if ft else "train", "--config", str(REPO / job["config"]),
            "--out", str(RUNS_DIR / job["name"]), "--state", str(state_path(job)), "--no-progress",
            "--threads", str(job["threads"]), "--set", f"optim.max_minutes={minutes:.2f}"]
+    if ft:
+        cmd += ["--from", str(backbone_path({"name": ft}))]
     for item in job["set"]:
         cmd += ["--set", item]
     if fresh:
@@ -810,7 +828,10 @@ def ship_improved(jobs: List[Dict]) -> None:
         training = (f"{meta.get('cpu_hours', float('nan')):.2f} cumulative CPU-hours (1 thread each) over "
                     f"{meta.get('epochs', '?')} epochs of this campaign job"
                     + (f", continued from `{job['init_from']}` ({job.get('init_cpu_hours', 0):g} CPU-h)"
-                       if job.get("init_from") else "") + f"; recipe: `{job['config']}` with {recipe}"
+                       if job.get("init_from") else "")
+                    + (f", fine-tuned from the backbone of the campaign's pretraining job `{job['finetune_from']}` "
+                       f"({pretraining_cpu_hours(job['finetune_from']):.2f} CPU-h of pretraining, not counted above)"
+                       if job.get("finetune_from") else "") + f"; recipe: `{job['config']}` with {recipe}"
                     + (f". {job['note']}" if job.get("note") else ""))
         reproduce = ("Reproduce: the accuracy campaign trains this model piece by piece; its state is committed in "
                      f"`benchmarks/campaign/state/{job['name']}.pt` and continued by\n\n```bash\n"

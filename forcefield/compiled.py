@@ -23,6 +23,11 @@ Requirements: a C++ compiler at export time (g++/clang); at load time only torch
 platform as the exporting one).
 """
 import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -104,12 +109,13 @@ def export_compiled(model: Union[str, Path, nn.Module], out: Union[str, Path], d
     tol = EXPORT_TOLERANCE[str(dtype).replace("torch.", "")]
 
     def write(tmp: Path) -> None:     # the archive's root folder is named after the file: tmp has out's name
-        # every build is checked against eager on the traced example before it is kept: a compiler bug must not
-        # reach an MD run as silently wrong forces; a failed first build is rebuilt with buffer reuse off
+        # every build is checked against eager on the traced example before it is kept (in a separate process, see
+        # check_package): a compiler bug must not reach an MD run as silently wrong forces or a crash; a failed
+        # first build is rebuilt with buffer reuse off
         failures = []
         for opts in (options, {**options, **NO_BUFFER_REUSE}):
             torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp), inductor_configs=opts)
-            problem = check_against_eager(torch._inductor.aoti_load_package(str(tmp)), eager, example, tol)
+            problem = check_package(tmp, eager, example, tol)
             if problem is None:
                 info["inductor_configs"] = {k: v for k, v in opts.items() if isinstance(v, (bool, int, float, str))}
                 with zipfile.ZipFile(tmp, "a") as zf:
@@ -122,6 +128,52 @@ def export_compiled(model: Union[str, Path, nn.Module], out: Union[str, Path], d
                            f"(torch {torch.__version__}): {'; with buffer reuse off: '.join(failures)}. Use the eager "
                            f"model (no --compile / compiled=False)")
     return atomic_write(out, write, keep_name=True)
+
+
+def check_package(package: Path, eager: nn.Module, example, tol: Dict[str, float]) -> Optional[str]:
+    """None when the AOTInductor package at ``package`` gives ``eager``'s atomic energies and forces on ``example``
+    within ``tol``; else the problem. The package is loaded and run in a child process: a build that crashes torch's
+    loader (a CUDA package built by torch 2.13 segfaulted in ``aoti_load_package`` on an H200, 2026-12-04) is then a
+    problem reported here instead of the end of the exporting process (an MD run, a test session)."""
+    e, f = eager(*example)
+    with tempfile.TemporaryDirectory(prefix="oreo-check-") as d:
+        job = Path(d) / "check.pt"
+        torch.save({"package": str(package), "device": str(example[0].device), "tol": dict(tol),
+                    "example": [t.cpu() for t in example], "reference": [e.detach().cpu(), f.detach().cpu()]}, job)
+        code = f"from forcefield.compiled import _check_in_this_process as c; c({str(job)!r})"
+        return run_check_process([sys.executable, "-c", code])
+
+
+def run_check_process(cmd, timeout: float = 900.0) -> Optional[str]:
+    """Run a build check in a child process (the repository importable, the environment kept) and return the problem
+    it printed as its last line (JSON ``{"problem": ...}``), or how it died."""
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return f"loading and running the package took over {timeout:.0f} s"
+    if proc.returncode < 0:
+        try:
+            name = signal.Signals(-proc.returncode).name
+        except ValueError:
+            name = f"signal {-proc.returncode}"
+        return f"loading and running the package killed the process that checked it ({name})"
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        return "the check of the package failed: " + ((proc.stderr.strip().splitlines() or ["no output"])[-1])
+    return json.loads(lines[-1])["problem"]
+
+
+def _check_in_this_process(job_file: str) -> None:
+    """The child side of :func:`check_package`."""
+    job = torch.load(job_file, weights_only=False)
+    device = torch.device(job["device"])
+    example = [t.to(device) for t in job["example"]]
+    reference = tuple(t.to(device) for t in job["reference"])
+    problem = check_against_eager(torch._inductor.aoti_load_package(job["package"]), lambda *a: reference, example,
+                                  job["tol"])
+    print(json.dumps({"problem": problem}), flush=True)
 
 
 def is_compiled_file(path: Union[str, Path]) -> bool:

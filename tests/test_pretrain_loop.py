@@ -137,6 +137,10 @@ def test_finetune_forcefield_runs_with_the_training_trainer(tmp_path):
     from forcefield.io import load_potential
     best = load_potential(tmp_path / "ft" / "best.pt")
     assert best.metadata["pretrained"]["method"] == "et-oreo" and best.metadata["molecule"] == "ethanol"
+    # the run records the architecture it trained (the pretrained one), not the config's defaults (6x128)
+    import yaml
+    recorded = yaml.safe_load((tmp_path / "ft" / "config.yaml").read_text())["model"]
+    assert {k: recorded[k] for k in TINY_ET} == TINY_ET
 
 
 @pytest.mark.skipif(not QM9_DB.is_file(), reason="SchNetPack QM9 test database not found")

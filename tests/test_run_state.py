@@ -222,6 +222,19 @@ def test_campaign_job_file_is_checked(tmp_path, monkeypatch):
     assert fresh[:3] == ["nice", "-n", "10"] and "--init-from" in fresh and "--resume" not in fresh
     again = campaign.job_command(job, 10, fresh=False)
     assert "--resume" in again and "--init-from" not in again and "optim.max_minutes=10.00" in again
+    # a fine-tune of a pretraining job's backbone: `oreo finetune --from` it on every piece, after that job is done
+    bad.write_text("jobs:\n  - {name: pre, kind: pretrain, config: examples/configs/pretrain_et_oreo.yaml}\n"
+                   "  - {name: ft, config: examples/configs/rmd17_ethanol.yaml, finetune_from: pre}\n")
+    ft = campaign.read_jobs(bad)[1]
+    assert ft["after"] == ["pre"]
+    for fresh in (True, False):
+        cmd = campaign.job_command(ft, 10, fresh=fresh)
+        assert cmd[cmd.index("-m") + 2] == "finetune" and cmd[cmd.index("--from") + 1].endswith("models/pre.pt")
+        assert ("--resume" in cmd) is not fresh
+    bad.write_text("jobs:\n  - {name: a, config: examples/configs/rmd17_ethanol.yaml}\n"
+                   "  - {name: ft, config: examples/configs/rmd17_ethanol.yaml, finetune_from: a}\n")
+    with pytest.raises(SystemExit, match="not a pretraining job"):
+        campaign.read_jobs(bad)
     assert campaign.finished({"budget_cpu_hours": 0.25, "init_cpu_hours": 1.5},
                              {"cpu_hours": 1.76}) and not campaign.finished({"budget_cpu_hours": 0.25},
                                                                             {"cpu_hours": 0.1})

@@ -491,6 +491,24 @@ def test_aoti_export_equals_eager(tmp_path):
         load_potential(path, device="cuda")
 
 
+def test_a_build_whose_check_crashes_is_an_error_that_names_the_fix(tmp_path, monkeypatch):
+    """A package is checked in a child process: one that kills torch's loader (a CUDA package segfaulted so on an
+    H200) is reported as that, and the export ends in an error pointing to the eager model, not in a crash."""
+    import sys
+    import forcefield.compiled as compiled
+    crash = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"]
+    assert "SIGSEGV" in compiled.run_check_process(crash)
+    assert compiled.run_check_process([sys.executable, "-c", "print('{\"problem\": null}')"]) is None
+    assert "boom" in compiled.run_check_process([sys.executable, "-c", "raise SystemExit('boom')"])
+    builds = []
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package",
+                        lambda ep, package_path, inductor_configs: builds.append(inductor_configs))
+    monkeypatch.setattr(compiled, "check_package", lambda *a: compiled.run_check_process(crash))
+    with pytest.raises(RuntimeError, match="killed the process that checked it \\(SIGSEGV\\).*eager model"):
+        compiled.export_compiled(_model(seed=3), tmp_path / "crash.pt2", dtype=torch.float32)
+    assert len(builds) == 2 and not (tmp_path / "crash.pt2").exists()     # the rebuild with buffer reuse off, too
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (runs on the device machine)")
 def test_aoti_export_for_the_gpu_equals_eager_there(tmp_path):
     """MD on a GPU machine (oreo-md simulate --device cuda --compile) runs the package built for it."""

@@ -7,6 +7,7 @@ Files in ``out``: ``config.yaml``, ``last.pt`` (full training state), ``best.pt`
 validation loss, an oreo model file), ``metrics.csv``, ``learning_curve.png``, ``test_metrics.json``.
 """
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -74,6 +75,10 @@ class Trainer(EpochTrainer):
             if missing:
                 raise ValueError(f"the initial model knows elements {init_model.elements} but the data has "
                                  f"{missing} too; start from a model trained on these elements, or from scratch")
+            # the architecture is the initial model's: config.yaml and checkpoints record that, not the defaults
+            b = init_model._config["backbone"]
+            self.cfg = config = dataclasses.replace(config, model=dataclasses.replace(
+                config.model, **{f.name: b[f.name] for f in dataclasses.fields(config.model) if f.name in b}))
         else:
             mc = config.model
             init_model = fitted_potential({"name": mc.name, "hidden": mc.hidden, "num_layers": mc.num_layers,
