@@ -322,12 +322,13 @@ def pretrain_command(job: Dict, minutes: float, fresh: bool) -> List[str]:
     return cmd + ([] if fresh else ["--resume"])
 
 
-def grid_command(job: Dict, minutes: float) -> List[str]:
+def grid_command(job: Dict, minutes: float, out: Optional[Path] = None, state: Optional[Path] = None) -> List[str]:
     """``benchmarks/pretrain_finetune.py`` advancing the job's grid: its finished cells are in its state file
-    (JSON), its backbones are the pretraining jobs' kept backbones."""
+    (JSON; ``state``: another copy of it, as a GPU piece's shards keep), its backbones are the pretraining jobs'
+    kept backbones."""
     cmd = [sys.executable, str(REPO / "benchmarks" / "pretrain_finetune.py"), *[str(a) for a in job["args"]],
-           "--out", str(RUNS_DIR / job["name"]), "--state", str(state_path(job)), "--max-minutes", f"{minutes:.2f}",
-           "--threads", str(job["threads"]), "--no-progress"]
+           "--out", str(out or RUNS_DIR / job["name"]), "--state", str(state or state_path(job)),
+           "--max-minutes", f"{minutes:.2f}", "--threads", str(job["threads"]), "--no-progress"]
     for method, name in (job.get("backbones") or {}).items():
         cmd += ["--backbone", f"{method}={backbone_path({'name': name})}"]
     return cmd

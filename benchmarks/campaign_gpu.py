@@ -18,6 +18,15 @@ neither the data folder nor qm9pack. ``OUT/summary.json`` and the printed table 
 the last logged loss of a pretraining run). Adopt one by copying its state over
 ``benchmarks/campaign/state/<job>.pt`` (and its overrides into the job's ``set``); the CPU pieces continue it.
 The state's ``cpu_hours`` counts the host CPU time of the GPU processes: note GPU pieces in the job's ``note``.
+
+A fine-tune grid (``kind: grid``, with a step budget: ``--finetune-steps``, equal compute on any device) runs as
+``--shards K`` processes of ``benchmarks/pretrain_finetune.py --shard I/K --device cuda``, each with its own copy
+of the grid's state; the cells they finish are merged into ``OUT/state.json``. A cell the piece's end cuts short is
+not recorded (it runs again later). The MD of each fine-tuned model needs every rMD17 file of its molecule
+(``gpu_prepare.sh --all-splits MOLECULE``), so a piece takes one molecule or two (``--molecules``)::
+
+    python benchmarks/campaign_gpu.py grid-et-4x96 --minutes 8 --out OUT --shards 12 --molecules ethanol
+    python benchmarks/campaign_gpu.py grid-et-4x96 --adopt FOLDER     # here: merge FOLDER/grid-et-4x96.state.json
 """
 import argparse
 import json
@@ -30,7 +39,7 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from campaign import REPO, read_jobs, CAMPAIGN_YAML, state_path  # noqa: E402
+from campaign import REPO, read_jobs, CAMPAIGN_YAML, state_path, grid_command, shown  # noqa: E402
 
 
 def variant_command(job, name: str, overrides, minutes: float, out: Path, threads: int, resume: bool = True,
@@ -70,20 +79,121 @@ def summarize(out: Path, name: str, start: dict) -> dict:
             "test_by_energy_quintile": test.get("forces_mae_meV_per_A_by_energy_quintile")}
 
 
+def grid_piece(job: dict, args) -> int:
+    """K shards of the grid side by side on the GPU; their new cells merged into OUT/state.json."""
+    import torch
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from pretrain_finetune import merge_grid_states
+    if args.minutes is None or not args.out:
+        raise SystemExit("a grid piece needs --minutes and --out")
+    if "--finetune-steps" not in [str(a) for a in job["args"]]:
+        raise SystemExit(f"{job['name']} budgets its runs in CPU time: a GPU piece needs a step budget "
+                         f"(--finetune-steps in its args) so that GPU and CPU cells compare")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("torch sees no GPU here: run this on the device machine (or --device cpu for a dry run)")
+    out = Path(args.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    src = state_path(job)
+    base = json.loads(src.read_text()) if src.is_file() else None
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    procs = []
+    for i in range(args.shards):
+        state = out / f"shard-{i}.json"
+        if base is not None:
+            shutil.copyfile(src, state)
+        cmd = grid_command(job, args.minutes, out=out / "runs" / f"shard-{i}", state=state) + [
+            "--device", args.device, "--shard", f"{i}/{args.shards}", "--md-minutes-per-ps",
+            str(args.md_minutes_per_ps)] + (["--molecules", *args.molecules] if args.molecules else [])
+        fh = open(out / "runs" / f"shard-{i}.log", "w")
+        procs.append((subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO), fh, state))
+    print(f"[gpu] {job['name']}: {args.shards} shards, {args.minutes:g} min"
+          + (f", molecules {' '.join(args.molecules)}" if args.molecules else ""), flush=True)
+    t0 = time.time()
+
+    def cells() -> int:
+        n = 0
+        for _, _, state in procs:
+            try:
+                n += len(json.loads(state.read_text())["forcefield"])
+            except (OSError, ValueError, KeyError):
+                pass
+        return n - (len(base["forcefield"]) * len(procs) if base else 0)
+
+    while any(pr.poll() is None for pr, _, _ in procs):
+        time.sleep(30)
+        print(f"[gpu {(time.time() - t0) / 60:.1f} min] {cells()} new cell(s)", flush=True)
+    shards, failed = [], []
+    for i, (pr, fh, state) in enumerate(procs):
+        fh.close()
+        if pr.returncode:
+            failed.append(i)
+            print(f"[gpu] shard {i} exited {pr.returncode}; the end of its log:\n" + "\n".join(
+                (out / "runs" / f"shard-{i}.log").read_text().splitlines()[-15:]), flush=True)
+        if state.is_file():
+            shards.append(json.loads(state.read_text()))
+    if not shards:
+        return 1
+    start = base or {"settings": shards[0]["settings"], "forcefield": [], "qm9": [], "cpu_hours": 0.0}
+    base_cpu = float(start.get("cpu_hours") or 0.0)
+    merged = merge_grid_states(start, shards, base_cpu)
+    (out / "state.json").write_text(json.dumps(merged, indent=1))
+    new = len(merged["forcefield"]) - len(start["forcefield"])
+    (out / "summary.json").write_text(json.dumps({
+        "job": job["name"], "start": {"cpu_hours": base_cpu, "cells": len(start["forcefield"])}, "new_cells": new,
+        "minutes": args.minutes, "shards": args.shards, "molecules": args.molecules, "failed_shards": failed,
+        "device": torch.cuda.get_device_name(0) if args.device != "cpu" else "cpu"}, indent=1))
+    print(f"[gpu] {job['name']}: {new} new cell(s), {merged['cpu_hours'] - base_cpu:.2f} host CPU-h", flush=True)
+    return 1 if failed else 0
+
+
+def adopt_grid(job: dict, folder: Path) -> int:
+    """Merge a GPU piece's cells (``FOLDER/<job>.state.json``, begun from the state its summary names) into the
+    job's committed state, which CPU pieces may have advanced meanwhile."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from pretrain_finetune import merge_grid_states
+    piece, summary = folder / f"{job['name']}.state.json", folder / f"{job['name']}.summary.json"
+    if not (piece.is_file() and summary.is_file()):
+        raise SystemExit(f"{folder} lacks {piece.name} or {summary.name} (what benchmarks/gpu_piece.sh brings back)")
+    gpu = json.loads(piece.read_text())
+    base_cpu = float(json.loads(summary.read_text())["start"]["cpu_hours"])
+    dst = state_path(job)
+    here = json.loads(dst.read_text()) if dst.is_file() else \
+        {"settings": gpu["settings"], "forcefield": [], "qm9": [], "cpu_hours": base_cpu}
+    before = len(here["forcefield"])
+    merged = merge_grid_states(here, [gpu], base_cpu)
+    from forcefield.files import write_json
+    write_json(dst, merged, indent=1)
+    print(f"[gpu] {job['name']}: adopted {len(merged['forcefield']) - before} cell(s) into {shown(dst)} "
+          f"({len(merged['forcefield'])} in all)")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("job", help="a training job of campaign.yaml")
-    p.add_argument("--minutes", type=float, required=True, help="wall time of each variant's training")
-    p.add_argument("--out", required=True, help="folder for the variants' states, runs and summary.json")
-    p.add_argument("--variant", nargs="+", action="append", required=True, metavar=("NAME", "KEY=VALUE"),
-                   help="a name and its config overrides; repeat for each variant")
+    p.add_argument("--minutes", type=float, help="wall time of each variant's training (a grid: of the piece)")
+    p.add_argument("--out", help="folder for the variants' states, runs and summary.json")
+    p.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
+                   help="a name and its config overrides; repeat for each variant (training and pretraining jobs)")
+    p.add_argument("--shards", type=int, default=8, help="grid jobs: processes side by side on the GPU")
+    p.add_argument("--molecules", nargs="+", help="grid jobs: only these molecules' cells in this piece")
+    p.add_argument("--md-minutes-per-ps", type=float, default=0.5,
+                   help="grid jobs: wall minutes a simulated ps of one replica takes on the GPU (cells start only "
+                        "while their MD still fits the piece)")
+    p.add_argument("--adopt", metavar="FOLDER",
+                   help="grid jobs, here: merge a piece's FOLDER/<job>.state.json (and .summary.json) into the "
+                        "job's committed state")
     p.add_argument("--corpus", help="pretraining jobs: the packed corpus (.npz of oreo pretrain --pack-corpus)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads per variant")
     p.add_argument("--device", default="cuda", help="where the variants train (cpu: a dry run of this script)")
     args = p.parse_args(argv)
     jobs = {j["name"]: j for j in read_jobs(CAMPAIGN_YAML)}
     job = jobs.get(args.job)
-    kinds = ("train", "pretrain")
+    if job is not None and job.get("kind") == "grid":
+        return adopt_grid(job, Path(args.adopt)) if args.adopt else grid_piece(job, args)
+    if args.minutes is None or not args.out or not args.variant:
+        raise SystemExit("a training or pretraining piece needs --minutes, --out and at least one --variant")
+    kinds = ("train", "pretrain", "grid")
     if job is None or job.get("kind", "train") not in kinds:
         raise SystemExit(f"{args.job} is not a training or pretraining job of {CAMPAIGN_YAML}; pick one of "
                          f"{', '.join(n for n, j in jobs.items() if j.get('kind', 'train') in kinds)}")

@@ -33,6 +33,7 @@ Leakage: the corpus drops the fine-tuning molecules (strict protocol) unless the
 import argparse
 import copy
 import json
+import math
 import os
 import sys
 import time
@@ -161,6 +162,11 @@ def finetune_config(molecule: str, size: int, args, smoke, model: Dict, seed: in
         optim["max_cpu_minutes"] = args.finetune_cpu_minutes
     if args.finetune_epochs:
         optim["epochs"] = args.finetune_epochs
+    if args.finetune_steps:          # equal optimiser steps on any device: whole epochs of ceil(size / batch) steps
+        optim["epochs"] = max(1, -(-args.finetune_steps // -(-size // int(optim["batch_size"]))))
+    if args.cell_deadline_minutes is not None:      # this invocation's time left (--max-minutes), not a budget
+        optim["max_minutes"] = min(optim.get("max_minutes") or math.inf, args.cell_deadline_minutes)
+    optim["device"] = args.device
     if args.data_dir:
         data["data_dir"] = args.data_dir
     if args.threads:
@@ -249,7 +255,7 @@ def run_md(molecule: str, size: int, method: str, args, log, seed: int = 1) -> D
     md_args = _argparse.Namespace(out=str(Path(args.out) / "md" / cell_dir(molecule, size, method, seed)),
                                   ps=args.md_ps,
                                   replicas=args.md_replicas, temperature=500.0, timestep=0.5, seed=123,
-                                  data_dir=args.data_dir, device="cpu", force_frames=0, log_every=100,
+                                  data_dir=args.data_dir, device=args.device, force_frames=0, log_every=100,
                                   progress=False)
     log(f"[md {molecule} n={size} {method}] {args.md_replicas} x {args.md_ps:g} ps")
     s = run_one(molecule, str(model), md_args)
@@ -407,9 +413,43 @@ def grid_settings(args, backbones: Dict[str, Path]) -> Dict[str, Any]:
     return {"backbones": {m: sha256sum(f) for m, f in sorted(backbones.items())},
             "model": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads},
             "finetune": {"cpu_minutes": args.finetune_cpu_minutes, "minutes": args.finetune_minutes,
-                         "epochs": args.finetune_epochs, "layer_decay": args.layer_decay, "optim": FINETUNE_OPTIM},
+                         "epochs": args.finetune_epochs, "layer_decay": args.layer_decay, "optim": FINETUNE_OPTIM,
+                         **({"steps": args.finetune_steps} if args.finetune_steps else {})},
             "qm9": {"epochs": args.qm9_epochs, "cpu_minutes": args.qm9_cpu_minutes, "train_size": args.qm9_train_size},
             "md": {"ps": args.md_ps, "replicas": args.md_replicas}}
+
+
+class CutShort(Exception):
+    """A run this invocation had to end before its budget (the --max-minutes deadline): not a finished cell."""
+
+
+def parse_shard(spec: Optional[str], parser) -> Optional[tuple]:
+    if not spec:
+        return None
+    try:
+        i, k = (int(x) for x in spec.split("/"))
+    except ValueError:
+        parser.error(f"--shard takes I/K (e.g. 0/8), got {spec!r}")
+    if not 0 <= i < k:
+        parser.error(f"--shard {spec}: I must be in 0..K-1")
+    return i, k
+
+
+def merge_grid_states(into: Dict[str, Any], shards: List[Dict[str, Any]], base_cpu_hours: float) -> Dict[str, Any]:
+    """``into`` with the cells of ``shards``, grid states that each began with ``base_cpu_hours`` (copies of one
+    state, run side by side with --shard): every finished cell once, and the CPU-hours each shard added. Never
+    complete (the next invocation over every cell says)."""
+    keys = {"forcefield": ("molecule", "size", "method", "seed"), "qm9": ("property", "method")}
+    out = json.loads(json.dumps(into))
+    for sh in shards:
+        if sh.get("settings") != out.get("settings"):
+            raise ValueError("a shard ran with other settings (backbones, budgets) than the grid it is merged into")
+        for table, key in keys.items():
+            have = {tuple(r.get(k) for k in key) for r in out[table]}
+            out[table] += [r for r in sh[table] if tuple(r.get(k) for k in key) not in have]
+        out["cpu_hours"] = float(out.get("cpu_hours") or 0.0) + float(sh.get("cpu_hours") or 0.0) - base_cpu_hours
+    out["complete"] = False
+    return out
 
 
 class GridState:
@@ -468,6 +508,9 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, help="ET attention heads (default 8)")
     p.add_argument("--threads", type=int, help="torch threads per run")
     p.add_argument("--finetune-epochs", type=int)
+    p.add_argument("--finetune-steps", type=int,
+                   help="optimiser steps per fine-tuning run, as whole epochs of ceil(frames / batch) steps: equal "
+                        "compute on any device (a CPU piece and a GPU piece of one grid add up)")
     p.add_argument("--finetune-minutes", type=float, help="wall-clock cap per fine-tuning run")
     p.add_argument("--finetune-cpu-minutes", type=float,
                    help="CPU-time cap per fine-tuning run (equal compute on a shared machine)")
@@ -488,9 +531,17 @@ def main(argv=None) -> int:
     p.add_argument("--layer-decay", type=float, help="layer-wise lr decay when fine-tuning")
     p.add_argument("--merge", help="results.json of an earlier invocation with the same pretraining settings: its "
                                     "rows enter the tables where this invocation has none (e.g. other molecules)")
+    p.add_argument("--device", default="cpu", help="where fine-tuning and MD run: cpu, cuda or auto (QM9: the CPU)")
+    p.add_argument("--shard", metavar="I/K",
+                   help="only every K-th force-field and QM9 cell, from the I-th (0-based): K processes side by side "
+                        "(one GPU), each with its own --out and --state, merged afterwards (campaign_gpu.py)")
+    p.add_argument("--md-minutes-per-ps", type=float, default=2.0,
+                   help="wall minutes one simulated ps takes (with --max-minutes: the time kept for each cell's MD)")
     p.add_argument("--data-dir", default=os.environ.get("OREO_DATA_DIR"))
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    args.cell_deadline_minutes = None
+    shard = parse_shard(args.shard, p)
     unknown = [m for m in args.methods if m not in METHOD_CONFIGS and m not in SCRATCH]
     if unknown:
         p.error(f"unknown methods {unknown}")
@@ -509,28 +560,43 @@ def main(argv=None) -> int:
                   if m in METHOD_CONFIGS}
     grid = GridState(Path(args.state), grid_settings(args, backbones)) if args.state else None
     started = time.time()
-    run_minutes = (args.finetune_cpu_minutes or args.finetune_minutes or 0.0) + (2.0 * args.md_ps if args.md_ps else 0)
+    md_minutes = args.md_minutes_per_ps * args.md_ps if args.md_ps else 0.0
+    run_minutes = (args.finetune_cpu_minutes or args.finetune_minutes or 0.0) + md_minutes
 
     left = 0
+    index = -1
 
     def cell(table: str, key: Dict[str, Any], compute) -> Optional[Dict]:
         """The row of one run: from the grid's state when it is there, else computed (and recorded) when this
-        invocation has time for it, else None (counted as left)."""
-        nonlocal left
+        invocation has time for it, else None (counted as left); another shard's cells are not this one's."""
+        nonlocal left, index
+        index += 1
+        if shard and index % shard[1] != shard[0]:
+            return None
         row = grid.row(table, key) if grid else None
         if row is not None:
             return row
         if args.max_minutes is not None and (time.time() - started) / 60 + run_minutes > args.max_minutes:
             left += 1
             return None
+        if args.max_minutes is not None and args.finetune_steps:   # a step budget: the time left caps the run
+            args.cell_deadline_minutes = args.max_minutes - (time.time() - started) / 60 - md_minutes
         cpu0 = time.process_time()
-        row = {**key, **compute()}
+        try:
+            row = {**key, **compute()}
+        except CutShort as cut:
+            log(f"[{' '.join(str(v) for v in key.values())}] {cut}: not recorded, it runs again in a later invocation")
+            left += 1
+            return None
         if grid:
             grid.add(table, row, time.process_time() - cpu0)
         return row
 
     def finetune_row(mol, size, m, seed) -> Dict:
         r = run_finetune(mol, size, m, pretrained.get(m), args, smoke, log, seed)
+        if args.cell_deadline_minutes is not None and str(r.get("stop_reason", "")).startswith("time budget"):
+            raise CutShort(f"stopped at this invocation's end ({r['stop_reason'].split(' (')[0]}) before its "
+                           f"{args.finetune_steps} steps")
         return {**r, **run_md(mol, size, m, args, log, seed)} if args.md_ps else r
 
     results, qm9 = [], []
@@ -550,7 +616,7 @@ def main(argv=None) -> int:
             if row is not None:
                 qm9.append(row)
     if grid:
-        grid.finish(left == 0)
+        grid.finish(left == 0 and not shard)      # a shard knows only its own cells
     if left:
         log(f"{left} run(s) left for a later invocation (--max-minutes {args.max_minutes:g})")
     notes = []

@@ -87,3 +87,51 @@ def test_the_fine_tune_grid_adds_up_across_invocations(tmp_path, monkeypatch):
     assert pretrain_finetune.main(common + ["--out", str(tmp_path / "b")]) == 0
     assert "± " in (tmp_path / "b" / "results.md").read_text()
     assert json.loads((tmp_path / "grid.json").read_text())["forcefield"] == first["forcefield"]
+
+
+def test_grid_shards_merge_into_one_state_and_a_run_cut_by_the_deadline_is_not_a_cell(tmp_path, monkeypatch):
+    """--shard I/K runs every K-th cell (K processes side by side on one GPU); their states merge into the grid's
+    with each cell once and each shard's CPU-hours; with a step budget, a run the invocation's end cut short is not
+    recorded (it runs again later) and the grid is not complete."""
+    calls = []
+
+    def fake_finetune(mol, size, method, pretrained, args, smoke, log, seed=1):
+        calls.append((size, method, seed))
+        cfg = pretrain_finetune.finetune_config(mol, size, args, smoke, {}, seed)
+        return {"forces_mae_meV_per_A": float(size), "epochs": cfg["optim"]["epochs"], "device": cfg["optim"]["device"],
+                "stop_reason": "all epochs done"}
+    monkeypatch.setattr(pretrain_finetune, "run_finetune", fake_finetune)
+    backbone = tmp_path / "b.pt"
+    backbone.write_bytes(b"weights")
+    common = ["--methods", "scratch", "et-oro", "--backbone", f"et-oro={backbone}", "--molecules", "ethanol",
+              "--sizes", "50", "950", "--seeds", "50:2", "--properties", "--no-progress", "--finetune-steps", "100",
+              "--hidden", "16", "--layers", "2"]
+    shards = []
+    for i in range(2):
+        state = tmp_path / f"s{i}.json"
+        assert pretrain_finetune.main(common + ["--shard", f"{i}/2", "--out", str(tmp_path / f"o{i}"),
+                                                "--state", str(state)]) == 0
+        shards.append(json.loads(state.read_text()))
+    assert sorted(calls) == [(50, "et-oro", 1), (50, "et-oro", 2), (50, "scratch", 1), (50, "scratch", 2),
+                             (950, "et-oro", 1), (950, "scratch", 1)]                  # each cell by one shard
+    assert {len(s["forcefield"]) for s in shards} == {3} and not any(s["complete"] for s in shards)
+    rows = {(r["size"], r["method"], r["seed"]): r for r in shards[0]["forcefield"] + shards[1]["forcefield"]}
+    assert rows[(50, "scratch", 1)]["epochs"] == 15 and rows[(950, "scratch", 1)]["epochs"] == 1   # 100 steps of 8
+    base = {"settings": shards[0]["settings"], "forcefield": [], "qm9": [], "cpu_hours": 0.5, "complete": False}
+    for s in shards:
+        s["cpu_hours"] += 0.5
+    merged = pretrain_finetune.merge_grid_states(base, shards, base_cpu_hours=0.5)
+    assert len(merged["forcefield"]) == 6 and not merged["complete"]
+    assert merged["cpu_hours"] == pytest.approx(0.5 + sum(s["cpu_hours"] - 0.5 for s in shards))
+    assert len(pretrain_finetune.merge_grid_states(merged, shards, 0.5)["forcefield"]) == 6      # idempotent in cells
+    with pytest.raises(ValueError, match="other settings"):
+        pretrain_finetune.merge_grid_states(base, [{**shards[0], "settings": {}}], 0.5)
+
+    # the invocation's deadline caps a step-budgeted run; one it cut is left for later, not recorded
+    monkeypatch.setattr(pretrain_finetune, "run_finetune", lambda *a, **k: {
+        "forces_mae_meV_per_A": 1.0, "stop_reason": "time budget of 3 min reached (continue with --resume)"})
+    state = tmp_path / "cut.json"
+    assert pretrain_finetune.main(common + ["--out", str(tmp_path / "cut"), "--state", str(state),
+                                            "--max-minutes", "60"]) == 0
+    cut = json.loads(state.read_text())
+    assert cut["forcefield"] == [] and not cut["complete"]

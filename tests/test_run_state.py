@@ -461,3 +461,36 @@ def test_a_gpu_piece_resumes_the_job_with_its_recipe_then_the_variant(tmp_path):
     assert "--resume" not in cmd and "optim.device=cuda" in cmd
     with pytest.raises(SystemExit, match="--pack-corpus"):
         gpu.main(["pretrain-et-oro", "--minutes", "1", "--out", str(tmp_path), "--variant", "main"])
+
+
+@pytest.mark.slow
+def test_a_gpu_piece_of_a_grid_runs_shards_and_its_cells_are_adopted_into_the_committed_state(tmp_path, monkeypatch):
+    """benchmarks/campaign_gpu.py on a grid job (here on the CPU, --device cpu, a smoke grid): K shards of
+    pretrain_finetune.py side by side, each cell run once, merged into OUT/state.json; adopting it here adds its cells
+    and host CPU-hours to the job's state, which a CPU piece may have advanced meanwhile. A grid budgeted in CPU
+    minutes is refused (its cells would not compare across devices)."""
+    campaign = import_campaign()
+    gpu = import_campaign("campaign_gpu")
+    monkeypatch.setattr(campaign, "STATE_DIR", tmp_path / "state")
+    job = {"name": "grid-x", "kind": "grid", "threads": 1, "backbones": {},
+           "args": ["--smoke", "--methods", "scratch", "--finetune-steps", "4", "--properties"]}
+    monkeypatch.setattr(gpu, "read_jobs", lambda path: [job])
+    out = tmp_path / "piece"
+    assert gpu.main(["grid-x", "--minutes", "20", "--out", str(out), "--shards", "2", "--device", "cpu"]) == 0
+    merged = json.loads((out / "state.json").read_text())
+    assert sorted(r["size"] for r in merged["forcefield"]) == [8, 16] and not merged["complete"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["new_cells"] == 2 and summary["start"] == {"cpu_hours": 0.0, "cells": 0}
+    back = tmp_path / "back"                                      # as gpu_piece.sh names the files it brings back
+    back.mkdir()
+    (back / "grid-x.state.json").write_text((out / "state.json").read_text())
+    (back / "grid-x.summary.json").write_text((out / "summary.json").read_text())
+    here = {**merged, "forcefield": merged["forcefield"][:1], "cpu_hours": 0.25}   # a CPU piece ran one cell meanwhile
+    campaign.state_path(job).parent.mkdir(parents=True)
+    campaign.state_path(job).write_text(json.dumps(here))
+    assert gpu.main(["grid-x", "--adopt", str(back)]) == 0
+    adopted = json.loads(campaign.state_path(job).read_text())
+    assert len(adopted["forcefield"]) == 2 and adopted["cpu_hours"] == pytest.approx(0.25 + merged["cpu_hours"])
+    job["args"] = ["--smoke", "--finetune-cpu-minutes", "1"]
+    with pytest.raises(SystemExit, match="step budget"):
+        gpu.main(["grid-x", "--minutes", "1", "--out", str(tmp_path / "p2"), "--device", "cpu"])
