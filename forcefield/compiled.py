@@ -22,6 +22,7 @@ A ``.pt2`` registers with :mod:`forcefield.io`, so ``load_potential`` and the ca
 Requirements: a C++ compiler at export time (g++/clang); at load time only torch (same version and
 platform as the exporting one).
 """
+import copy
 import json
 import os
 import signal
@@ -64,9 +65,16 @@ def trace_energy_forces(potential: nn.Module, dtype: torch.dtype = torch.float32
 
     if not traceable(potential):
         raise TypeError("compiling needs an eager oreo Potential (a model file or checkpoint), not a TorchScript export")
-    pot = cast_potential(potential, device, dtype).eval()
+    pot = cast_potential(copy.deepcopy(potential), device, dtype).eval()    # the caller's model stays as it is
     for p in pot.parameters():
         p.requires_grad_(False)
+    # a 0-dim buffer (scale, shift) becomes a 0-dim constant of the package; AOTInductor has crashed loading CUDA
+    # packages holding such constants (pytorch/pytorch#172739; torch 2.13 segfaulted loading ours on an H200): hold
+    # them as 1-element vectors, which broadcast the same (check_package verifies every build either way)
+    for mod in pot.modules():
+        for name, buf in list(mod._buffers.items()):
+            if buf is not None and buf.dim() == 0:
+                mod._buffers[name] = buf.reshape(1)
     module = EnergyForces(pot).eval()
     example = _example_inputs(dtype, float(pot.cutoff), device)
     return make_fx(module, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*example), example
@@ -105,7 +113,7 @@ def export_compiled(model: Union[str, Path, nn.Module], out: Union[str, Path], d
     ep = torch.export.export(gm, example, dynamic_shapes=({0: n}, {0: n}, {1: p}, {0: p}), strict=False)
     options = default_inductor_configs()
     options.update(inductor_configs or {})
-    eager = EnergyForces(cast_potential(pot, device, dtype).eval()).eval()
+    eager = EnergyForces(cast_potential(copy.deepcopy(pot), device, dtype).eval()).eval()
     tol = EXPORT_TOLERANCE[str(dtype).replace("torch.", "")]
 
     def write(tmp: Path) -> None:     # the archive's root folder is named after the file: tmp has out's name

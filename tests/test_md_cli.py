@@ -216,6 +216,31 @@ def test_benchmark_script_end_to_end_with_random_weight_model(tmp_path, capsys):
     assert "MOLECULE=MODEL" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (runs on the device machine)")
+@needs_data
+def test_md_of_an_oreo_model_runs_on_the_gpu_as_the_fine_tune_grid_runs_it(tmp_path):
+    """The MD a GPU piece of the fine-tune grid runs (benchmarks/md17_simulation.run_one, eager, device cuda): it
+    finishes, and its first logged frame's forces equal the CPU's for the same positions."""
+    from forcefield.io import load_potential, save_model
+    from forcefield.potential import Potential
+    torch.manual_seed(0)
+    pot = Potential(backbone={"name": "et", "hidden": 8, "num_layers": 1, "num_heads": 2, "num_rbf": 8, "cutoff": 4.0},
+                    elements=[1, 6, 8], metadata={"molecule": "ethanol"})
+    model = save_model(pot, tmp_path / "tiny.pt")
+    bench = load_benchmark()
+    argv = ["--models", f"ethanol={model}", "--ps", "0.01", "--replicas", "2", "--log-every", "10",
+            "--force-frames", "0", "--out", str(tmp_path / "gpu"), "--no-progress", "--device", "cuda"]
+    assert bench.main(argv) == 0
+    summary = json.loads((tmp_path / "gpu" / "ethanol__tiny" / "summary.json").read_text())
+    assert summary["stability_ps"]["n"] == 2
+    frame = read(tmp_path / "gpu" / "ethanol__tiny" / "traj_000.extxyz", index=-1)
+    z = torch.tensor(frame.numbers)
+    r = torch.tensor(frame.positions, dtype=torch.float64)
+    cpu = load_potential(model, dtype=torch.float64)(z, r)["forces"]
+    gpu = load_potential(model, device="cuda", dtype=torch.float64)(z.cuda(), r.cuda())["forces"].cpu()
+    assert float((cpu - gpu).abs().max()) < 1e-9
+
+
 @needs_data
 def test_dft_check_with_pyscf(tmp_path, capsys):
     pytest.importorskip("pyscf")

@@ -442,7 +442,13 @@ def test_traced_energy_forces_graph_equals_eager(dtype, repulsion):
     from forcefield.graph import half_pairs
 
     pot = _model(seed=18, dtype=dtype, repulsion=repulsion)
+    before = {k: (v.shape, v.dtype) for k, v in pot.state_dict().items()}
+    gm, _ = trace_energy_forces(pot, torch.float32 if dtype == torch.float64 else dtype)   # the caller's model kept
+    assert {k: (v.shape, v.dtype) for k, v in pot.state_dict().items()} == before
     gm, _ = trace_energy_forces(pot, dtype)
+    # no 0-dim constant in the graph: AOTInductor crashed loading CUDA packages with them (pytorch#172739)
+    consts = [getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"]
+    assert consts and all(c.dim() >= 1 for c in consts if isinstance(c, torch.Tensor))
     z, r = _molecule(21, 19)
     r = r.to(dtype)
     pairs, _ = half_pairs(r, torch.zeros(21, dtype=torch.long), pot.cutoff)
