@@ -216,6 +216,33 @@ def finished(job: Dict, state: Optional[Dict]) -> str:
     return ""
 
 
+def archive_state(job: Dict) -> str:
+    """Cut a finished training job's state file down to its record (counters, cumulative CPU time, learning curve,
+    last lr: what the tables and plots read), dropping weights, moments and RNG (4 MB for ET 4x96, a few kB left):
+    the shipped model holds its best weights, and every file in the tree travels to a GPU machine, whose calls take
+    67 MB. Git history keeps the full state. To train the job on later, start it again from the shipped model."""
+    import torch
+    sys.path.insert(0, str(REPO))
+    from forcefield.files import atomic_torch_save
+    path = state_path(job)
+    why = finished(job, read_state(job)) if job.get("kind", "train") == "train" and path.is_file() else ""
+    if not why:
+        raise SystemExit(f"{job['name']}: only a finished training job with a state file is archived (it has "
+                         f"{'no state' if not path.is_file() else 'compute left' if job.get('kind', 'train') == 'train' else 'kind ' + job['kind']})")
+    rs = torch.load(path, map_location="cpu", weights_only=False)
+    if rs.get("archived"):
+        return f"{job['name']}: already archived"
+    before = path.stat().st_size
+    record = {k: rs[k] for k in ("format", "epoch", "step", "elapsed", "cpu_seconds", "history", "best_val",
+                                 "total_steps") if k in rs}
+    record["optimizer"] = {"param_groups": [{"lr": rs["optimizer"]["param_groups"][0]["lr"]}]}
+    record["archived"] = (f"{time.strftime('%Y-%m-%d')}: {why}; weights, moments and RNG dropped"
+                          + (f" (the shipped {job['ship']}.pt holds its best weights: init_from it to train on)"
+                             if job.get("ship") else ""))
+    atomic_torch_save(record, path)
+    return f"{job['name']}: {shown(path)} {before / 1e6:.1f} MB -> {path.stat().st_size / 1e3:.0f} kB"
+
+
 def shown(path: Path) -> str:
     """A path as the repository names it (as it is when outside)."""
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
@@ -889,7 +916,17 @@ def main(argv=None) -> int:
     ap.add_argument("--report", action="store_true", help="only regenerate the tables and plots")
     ap.add_argument("--ship", action="store_true", help="ship every job's model that beats the shipped one on "
                                                         "validation (after the run, or alone)")
+    ap.add_argument("--archive", nargs="+", metavar="JOB",
+                    help="cut finished training jobs' state files to their record (curve, counters): weights and "
+                         "moments dropped, the shipped model keeps the weights")
     args = ap.parse_args(argv)
+    if args.archive:
+        jobs = {j["name"]: j for j in read_jobs(CAMPAIGN_YAML)}
+        for name in args.archive:
+            if name not in jobs:
+                raise SystemExit(f"--archive: no job {name!r} in {CAMPAIGN_YAML.name}")
+            print(f"[campaign] {archive_state(jobs[name])}")
+        return 0
     if args.report and args.minutes:
         raise SystemExit("--report and --minutes exclude each other")
     if args.commit_every is not None and (args.commit_every <= 0 or not args.minutes):

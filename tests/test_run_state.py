@@ -494,3 +494,25 @@ def test_a_gpu_piece_of_a_grid_runs_shards_and_its_cells_are_adopted_into_the_co
     job["args"] = ["--smoke", "--finetune-cpu-minutes", "1"]
     with pytest.raises(SystemExit, match="step budget"):
         gpu.main(["grid-x", "--minutes", "1", "--out", str(tmp_path / "p2"), "--device", "cpu"])
+
+
+@pytest.mark.slow
+def test_a_finished_jobs_state_is_archived_to_its_record(tmp_path, monkeypatch):
+    """campaign.py --archive: a finished training job's state keeps what the tables and plots read (counters, CPU
+    time, curve, lr) in a few kB; resuming it is a clear error; a job with compute left is not archived."""
+    campaign = import_campaign()
+    monkeypatch.setattr(campaign, "STATE_DIR", tmp_path / "state")
+    job = {"name": "run", "kind": "train", "set": [], "ship": "ethanol"}
+    Trainer(_cfg(epochs=2), tmp_path / "a", progress=False, log=_quiet, state_file=campaign.state_path(job)).fit()
+    before = campaign.read_state(job)
+    with pytest.raises(SystemExit, match="compute left"):
+        campaign.archive_state(job)
+    job["stopped"] = "target met"
+    assert "kB" in campaign.archive_state(job) and campaign.state_path(job).stat().st_size < 20_000
+    after = campaign.read_state(job)
+    assert {k: after[k] for k in ("epoch", "step", "cpu_hours", "best_val", "lr")} == \
+        {k: before[k] for k in ("epoch", "step", "cpu_hours", "best_val", "lr")} and after["history"] == before["history"]
+    assert campaign.archive_state(job).endswith("already archived")
+    with pytest.raises(ValueError, match="archived record"):
+        Trainer(_cfg(epochs=4), tmp_path / "b", progress=False, log=_quiet,
+                state_file=campaign.state_path(job)).fit(resume=True)

@@ -95,6 +95,9 @@ def unpack_runstate(rs: Dict[str, Any]) -> Dict[str, Any]:
     if rs.get("runstate_version", 0) > RUNSTATE_VERSION:
         raise ValueError(f"this run state was written by a newer oreo (version {rs['runstate_version']}); "
                          f"upgrade oreo to resume it")
+    if rs.get("archived"):
+        raise ValueError(f"this run state is an archived record of a finished run ({rs['archived']}): it keeps the "
+                         f"learning curve and counters, not the weights to resume from")
     ema = rs["model"]["state_dict"]
     train = {}
     for k, v in rs["train_delta"].items():
