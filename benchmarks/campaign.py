@@ -317,12 +317,13 @@ def pinned_model(job: Dict) -> Path:
     return pinned.relative_to(REPO)
 
 
-def md_command(job: Dict, minutes: float) -> List[str]:
-    """``oreo-md simulate`` continuing from the job's state file (MDsim's MD17 protocol unless the job says)."""
+def md_command(job: Dict, minutes: float, out: Optional[Path] = None, state: Optional[Path] = None) -> List[str]:
+    """``oreo-md simulate`` continuing from the job's state file (MDsim's MD17 protocol unless the job says;
+    ``state``: another copy of it, as a GPU piece keeps)."""
     cmd = [sys.executable, "-m", "md.cli", "simulate", "--molecule", job["molecule"],
            "--model", str(pinned_model(job)), "--ps", str(job.get("ps", 300)),
-           "--replicas", str(job.get("replicas", 5)), "--out", str(RUNS_DIR / job["name"]),
-           "--state", str(state_path(job)), "--max-minutes", f"{minutes:.2f}", "--no-progress",
+           "--replicas", str(job.get("replicas", 5)), "--out", str(out or RUNS_DIR / job["name"]),
+           "--state", str(state or state_path(job)), "--max-minutes", f"{minutes:.2f}", "--no-progress",
            "--threads", str(job["threads"]), "--compile" if job.get("compile", True) else "--no-compile"]
     return cmd
 

@@ -27,6 +27,14 @@ not recorded (it runs again later). The MD of each fine-tuned model needs every 
 
     python benchmarks/campaign_gpu.py grid-et-4x96 --minutes 8 --out OUT --shards 12 --molecules ethanol
     python benchmarks/campaign_gpu.py grid-et-4x96 --adopt FOLDER     # here: merge FOLDER/grid-et-4x96.state.json
+
+An MD job (``kind: md``) continues its replicas on the GPU, eager (``--no-compile``: AOTInductor's CUDA package
+of an oreo model crashed torch's loader on an H200, 2026-12-04), from a copy of its state, returned as
+``OUT/md.pt`` (``<job>.md.pt`` from gpu_piece.sh); it needs every rMD17 file of its molecule (``gpu_prepare.sh
+--all-splits``). ``--adopt FOLDER`` copies it over the job's state here, if no CPU piece has moved that since::
+
+    python benchmarks/campaign_gpu.py md-naphthalene --minutes 8 --out OUT
+    python benchmarks/campaign_gpu.py md-naphthalene --adopt FOLDER
 """
 import argparse
 import json
@@ -39,7 +47,7 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from campaign import REPO, read_jobs, CAMPAIGN_YAML, state_path, grid_command, shown  # noqa: E402
+from campaign import REPO, read_jobs, read_state, CAMPAIGN_YAML, state_path, grid_command, md_command, shown  # noqa: E402
 
 
 def variant_command(job, name: str, overrides, minutes: float, out: Path, threads: int, resume: bool = True,
@@ -146,6 +154,53 @@ def grid_piece(job: dict, args) -> int:
     return 1 if failed else 0
 
 
+def md_piece(job: dict, args) -> int:
+    """The MD job's replicas continued on the GPU for --minutes, from a copy of its state (OUT/md.pt)."""
+    import torch
+    if args.minutes is None or not args.out:
+        raise SystemExit("an MD piece needs --minutes and --out")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("torch sees no GPU here: run this on the device machine (or --device cpu for a dry run)")
+    src = state_path(job)
+    start = read_state(job)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = out / "md.pt"
+    if src.is_file():
+        shutil.copyfile(src, state)
+    cmd = [("--no-compile" if c == "--compile" else c)
+           for c in md_command(job, args.minutes, out=out / "run", state=state)] + ["--device", args.device]
+    print(f"[gpu] {job['name']}: from {start['ps_done'] if start else 0:g} ps, {args.minutes:g} min", flush=True)
+    with open(out / "md.log", "w") as fh:
+        rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
+                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    print("\n".join((out / "md.log").read_text().splitlines()[-12:]), flush=True)
+    end = torch.load(state, map_location="cpu", weights_only=False) if state.is_file() else None
+    (out / "summary.json").write_text(json.dumps({
+        "job": job["name"], "start": {"step": start["step"] if start else 0}, "minutes": args.minutes,
+        "end": {"step": int(end["state"]["step"]) if end else None}, "exit": rc,
+        "device": torch.cuda.get_device_name(0) if args.device != "cpu" else "cpu"}, indent=1))
+    return rc
+
+
+def adopt_md(job: dict, folder: Path) -> int:
+    """Copy a GPU piece's MD state (``FOLDER/<job>.md.pt``) over the job's, if the job's is still the state the
+    piece started from (MD cannot merge two continuations of one trajectory)."""
+    piece, summary = folder / f"{job['name']}.md.pt", folder / f"{job['name']}.summary.json"
+    if not (piece.is_file() and summary.is_file()):
+        raise SystemExit(f"{folder} lacks {piece.name} or {summary.name} (what benchmarks/gpu_piece.sh brings back)")
+    started = int(json.loads(summary.read_text())["start"]["step"])
+    here = read_state(job)
+    if (here["step"] if here else 0) != started:
+        raise SystemExit(f"{job['name']}: its state here is at step {here['step'] if here else 0}, the GPU piece "
+                         f"started from step {started}: a CPU piece moved it meanwhile; keep one of the two")
+    state_path(job).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(piece, state_path(job))
+    print(f"[gpu] {job['name']}: adopted the GPU piece's state ({shown(state_path(job))}, now "
+          f"{read_state(job)['ps_done']:g} ps)")
+    return 0
+
+
 def adopt_grid(job: dict, folder: Path) -> int:
     """Merge a GPU piece's cells (``FOLDER/<job>.state.json``, begun from the state its summary names) into the
     job's committed state, which CPU pieces may have advanced meanwhile."""
@@ -189,14 +244,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     jobs = {j["name"]: j for j in read_jobs(CAMPAIGN_YAML)}
     job = jobs.get(args.job)
-    if job is not None and job.get("kind") == "grid":
+    if job is None:
+        raise SystemExit(f"{args.job} is not a job of {CAMPAIGN_YAML}; pick one of {', '.join(jobs)}")
+    if job.get("kind") == "grid":
         return adopt_grid(job, Path(args.adopt)) if args.adopt else grid_piece(job, args)
+    if job.get("kind") == "md":
+        return adopt_md(job, Path(args.adopt)) if args.adopt else md_piece(job, args)
     if args.minutes is None or not args.out or not args.variant:
         raise SystemExit("a training or pretraining piece needs --minutes, --out and at least one --variant")
-    kinds = ("train", "pretrain", "grid")
-    if job is None or job.get("kind", "train") not in kinds:
-        raise SystemExit(f"{args.job} is not a training or pretraining job of {CAMPAIGN_YAML}; pick one of "
-                         f"{', '.join(n for n, j in jobs.items() if j.get('kind', 'train') in kinds)}")
     pretrain = job.get("kind", "train") == "pretrain"
     src = state_path(job)
     if pretrain and not (args.corpus and Path(args.corpus).is_file()):

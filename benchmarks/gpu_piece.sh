@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_piece.sh \
 #     "pretrain-et-oro --minutes 8 --corpus .corpus/et-oro.npz --variant main" \
 #     "ethanol --minutes 8 --variant b32 optim.batch_size=32 optim.lr=3e-4 optim.lr_patience=60"
-#   bash benchmarks/gpu_piece.sh "grid-et-4x96 --minutes 8 --shards 12 --molecules ethanol"
+#   bash benchmarks/gpu_piece.sh "grid-et-4x96 --minutes 8 --shards 12 --molecules ethanol" \
+#     "md-naphthalene --minutes 8"                  (with gpu_prepare.sh --all-splits ethanol naphthalene)
 # Adopt a state here by copying it over benchmarks/campaign/state/<job>.pt (see campaign_gpu.py); a grid's cells with
 # python benchmarks/campaign_gpu.py <job> --adopt FOLDER.
 set -uo pipefail

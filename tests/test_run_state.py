@@ -451,8 +451,8 @@ def test_a_gpu_piece_resumes_the_job_with_its_recipe_then_the_variant(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="no GPU"):
             gpu.main(["ethanol", "--minutes", "1", "--out", str(tmp_path), "--variant", "a", "optim.lr=1e-4"])
-    with pytest.raises(SystemExit, match="not a training or pretraining job"):
-        gpu.main(["md-aspirin", "--minutes", "1", "--out", str(tmp_path), "--variant", "a"])
+    with pytest.raises(SystemExit, match="not a job of .*pick one of"):
+        gpu.main(["md-nothing", "--minutes", "1", "--out", str(tmp_path), "--variant", "a"])
     # a pretraining job runs on the packed corpus (the device has no data folder), started when it has no state
     pre = {"name": "pretrain-et-oro", "kind": "pretrain", "config": "examples/configs/pretrain_et_oro.yaml",
            "set": ["optim.epochs=5"]}
@@ -516,3 +516,34 @@ def test_a_finished_jobs_state_is_archived_to_its_record(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="archived record"):
         Trainer(_cfg(epochs=4), tmp_path / "b", progress=False, log=_quiet,
                 state_file=campaign.state_path(job)).fit(resume=True)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (Path(os.environ.get("OREO_DATA_DIR", "")) / "rmd17" / "rmd17_ethanol_test_05.npz").is_file(),
+                    reason="rMD17 reference data not found")
+def test_a_gpu_piece_of_an_md_job_continues_its_state_and_is_adopted_only_where_it_started(tmp_path, monkeypatch):
+    """benchmarks/campaign_gpu.py on an MD job (here --device cpu): the job's simulation continued from a copy of
+    its state, eager; adopting it replaces the job's state only if that is still where the piece began."""
+    campaign = import_campaign()
+    gpu = import_campaign("campaign_gpu")
+    monkeypatch.setattr(campaign, "MODELS_DIR", REPO / "runs" / "test-gpu-md-models")
+    monkeypatch.setattr(campaign, "STATE_DIR", tmp_path / "state")
+    job = {"name": "md-x", "kind": "md", "molecule": "ethanol", "threads": 1, "ps": 0.01, "replicas": 2,
+           "compile": True}
+    monkeypatch.setattr(gpu, "read_jobs", lambda path: [job])
+    out = tmp_path / "piece"
+    try:
+        assert gpu.main(["md-x", "--minutes", "5", "--out", str(out), "--device", "cpu"]) == 0
+    finally:
+        shutil.rmtree(campaign.MODELS_DIR, ignore_errors=True)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["start"]["step"] == 0 and summary["end"]["step"] == 20
+    assert json.loads((out / "run" / "run.json").read_text())["config"]["compile"] is False   # eager, though the job compiles
+    back = tmp_path / "back"
+    back.mkdir()
+    shutil.copyfile(out / "md.pt", back / "md-x.md.pt")
+    shutil.copyfile(out / "summary.json", back / "md-x.summary.json")
+    assert gpu.main(["md-x", "--adopt", str(back)]) == 0
+    assert campaign.read_state(job)["step"] == 20
+    with pytest.raises(SystemExit, match="moved it meanwhile"):                  # the job's state is no longer step 0
+        gpu.main(["md-x", "--adopt", str(back)])
