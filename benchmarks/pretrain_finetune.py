@@ -594,7 +594,8 @@ def main(argv=None) -> int:
 
     def finetune_row(mol, size, m, seed) -> Dict:
         r = run_finetune(mol, size, m, pretrained.get(m), args, smoke, log, seed)
-        if args.cell_deadline_minutes is not None and str(r.get("stop_reason", "")).startswith("time budget"):
+        capped = args.cell_deadline_minutes is not None and args.cell_deadline_minutes < (args.finetune_minutes or math.inf)
+        if capped and str(r.get("stop_reason", "")).startswith("time budget"):
             raise CutShort(f"stopped at this invocation's end ({r['stop_reason'].split(' (')[0]}) before its "
                            f"{args.finetune_steps} steps")
         return {**r, **run_md(mol, size, m, args, log, seed)} if args.md_ps else r

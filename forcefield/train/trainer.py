@@ -76,7 +76,7 @@ class Trainer(EpochTrainer):
                 raise ValueError(f"the initial model knows elements {init_model.elements} but the data has "
                                  f"{missing} too; start from a model trained on these elements, or from scratch")
             # the architecture is the initial model's: config.yaml and checkpoints record that, not the defaults
-            b = init_model._config["backbone"]
+            b = getattr(init_model, "_config", {}).get("backbone") or {}
             self.cfg = config = dataclasses.replace(config, model=dataclasses.replace(
                 config.model, **{f.name: b[f.name] for f in dataclasses.fields(config.model) if f.name in b}))
         else:
