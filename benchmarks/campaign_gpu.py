@@ -139,6 +139,8 @@ def grid_piece(job: dict, args) -> int:
                 (out / "runs" / f"shard-{i}.log").read_text().splitlines()[-15:]), flush=True)
         if state.is_file():
             shards.append(json.loads(state.read_text()))
+        cut = [ln for ln in (out / "runs" / f"shard-{i}.log").read_text().splitlines() if "not recorded" in ln]
+        print(f"[gpu] shard {i}: " + ("; ".join(cut) if cut else "no run cut short"), flush=True)
     if not shards:
         return 1
     start = base or {"settings": shards[0]["settings"], "forcefield": [], "qm9": [], "cpu_hours": 0.0}

@@ -52,7 +52,9 @@ def run_label(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-") or "model"
 
 
-def run_one(molecule: str, spec: str, args) -> dict:
+def run_one(molecule: str, spec: str, args) -> Optional[dict]:
+    """One model's MD run (resumed or reused when its run folder has it); None when ``args.max_minutes`` (if the
+    namespace has it) paused it before the end."""
     from md.analysis import analyze_run
     from md.rundir import finished_summary
     from md.simulate import run_simulation
@@ -72,7 +74,9 @@ def run_one(molecule: str, spec: str, args) -> dict:
         print(f"[{molecule} / {spec}] resuming {run_dir}")
     else:
         print(f"[{molecule} / {spec}] simulating {cfg.replicas} x {cfg.ps:g} ps in {run_dir}")
-    run_simulation(cfg, run_dir, progress=args.progress)
+    run_simulation(cfg, run_dir, progress=args.progress, max_minutes=getattr(args, "max_minutes", None))
+    if io.read_json(run_dir / io.RUN_JSON).get("paused"):
+        return None                                      # paused by max_minutes: run again to continue
     return io.read_json(run_dir / io.SUMMARY_JSON) if cfg.analyze else analyze_run(run_dir)
 
 

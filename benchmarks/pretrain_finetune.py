@@ -256,10 +256,13 @@ def run_md(molecule: str, size: int, method: str, args, log, seed: int = 1) -> D
                                   ps=args.md_ps,
                                   replicas=args.md_replicas, temperature=500.0, timestep=0.5, seed=123,
                                   data_dir=args.data_dir, device=args.device, force_frames=0, log_every=100,
-                                  progress=False)
+                                  progress=False, max_minutes=args.md_deadline_minutes)
     log(f"[md {molecule} n={size} {method}] {args.md_replicas} x {args.md_ps:g} ps")
     s = run_one(molecule, str(model), md_args)
-    return {"stability_ps": (s.get("stability_ps") or {}).get("mean"), "hr_mae": (s.get("hr_mae") or {}).get("mean")}
+    if s is None:
+        raise CutShort(f"its MD paused at this invocation's end (--max-minutes) before {args.md_ps:g} ps")
+    return {"stability_ps": (s.get("stability_ps") or {}).get("mean"), "hr_mae": (s.get("hr_mae") or {}).get("mean"),
+            "md_steps_per_s": (s.get("speed") or {}).get("steps_per_s")}
 
 
 # ---------------------------------------------------------------------------- report
@@ -540,7 +543,7 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=os.environ.get("OREO_DATA_DIR"))
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    args.cell_deadline_minutes = None
+    args.cell_deadline_minutes = args.md_deadline_minutes = None
     shard = parse_shard(args.shard, p)
     unknown = [m for m in args.methods if m not in METHOD_CONFIGS and m not in SCRATCH]
     if unknown:
@@ -582,6 +585,7 @@ def main(argv=None) -> int:
         if args.max_minutes is not None and args.finetune_steps:   # a step budget: the time left caps the run
             args.cell_deadline_minutes = args.max_minutes - (time.time() - started) / 60 - md_minutes
         cpu0 = time.process_time()
+        args.md_deadline_minutes = None
         try:
             row = {**key, **compute()}
         except CutShort as cut:
@@ -598,6 +602,8 @@ def main(argv=None) -> int:
         if capped and str(r.get("stop_reason", "")).startswith("time budget"):
             raise CutShort(f"stopped at this invocation's end ({r['stop_reason'].split(' (')[0]}) before its "
                            f"{args.finetune_steps} steps")
+        if args.max_minutes is not None:                 # the MD gets what is left of the piece, and no more
+            args.md_deadline_minutes = max(0.1, args.max_minutes - (time.time() - started) / 60)
         return {**r, **run_md(mol, size, m, args, log, seed)} if args.md_ps else r
 
     results, qm9 = [], []

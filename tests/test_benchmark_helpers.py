@@ -135,3 +135,18 @@ def test_grid_shards_merge_into_one_state_and_a_run_cut_by_the_deadline_is_not_a
                                             "--max-minutes", "60"]) == 0
     cut = json.loads(state.read_text())
     assert cut["forcefield"] == [] and not cut["complete"]
+
+    # so does the MD of a fine-tuned model: paused at the piece's end (run_one gives None), the run is not recorded
+    monkeypatch.setattr(pretrain_finetune, "run_finetune", fake_finetune)
+    import md17_simulation
+    seen = []
+    monkeypatch.setattr(md17_simulation, "run_one", lambda mol, model, a: seen.append(a.max_minutes) or None)
+    assert pretrain_finetune.main(common + ["--out", str(tmp_path / "md"), "--state", str(tmp_path / "md.json"),
+                                            "--max-minutes", "60", "--md-ps", "1", "--md-minutes-per-ps", "1"]) == 0
+    assert json.loads((tmp_path / "md.json").read_text())["forcefield"] == [] and 0 < seen[0] <= 60
+    monkeypatch.setattr(md17_simulation, "run_one", lambda mol, model, a: {"stability_ps": {"mean": 1.0},
+                                                                            "hr_mae": {"mean": 0.1}})
+    assert pretrain_finetune.main(common + ["--out", str(tmp_path / "md"), "--state", str(tmp_path / "md.json"),
+                                            "--max-minutes", "60", "--md-ps", "1", "--md-minutes-per-ps", "1"]) == 0
+    rows = json.loads((tmp_path / "md.json").read_text())["forcefield"]
+    assert len(rows) == 6 and all(r["stability_ps"] == 1.0 for r in rows)
