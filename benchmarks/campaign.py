@@ -217,18 +217,20 @@ def finished(job: Dict, state: Optional[Dict]) -> str:
 
 
 def archive_state(job: Dict) -> str:
-    """Cut a finished training job's state file down to its record (counters, cumulative CPU time, learning curve,
+    """Cut a finished training (or pretraining) job's state file down to its record (counters, cumulative CPU time, learning curve,
     last lr: what the tables and plots read), dropping weights, moments and RNG (4 MB for ET 4x96, a few kB left):
-    the shipped model holds its best weights, and every file in the tree travels to a GPU machine, whose calls take
-    67 MB. Git history keeps the full state. To train the job on later, start it again from the shipped model."""
+    the shipped model (a pretraining job's kept backbone) holds its weights, and every file in the tree travels to a
+    GPU machine, whose calls take 67 MB. Git history keeps the full state. To train the job on later, start it
+    again from the shipped model."""
     import torch
     sys.path.insert(0, str(REPO))
     from forcefield.files import atomic_torch_save
     path = state_path(job)
-    why = finished(job, read_state(job)) if job.get("kind", "train") == "train" and path.is_file() else ""
+    kind = job.get("kind", "train")
+    why = finished(job, read_state(job)) if kind in ("train", "pretrain") and path.is_file() else ""
     if not why:
-        raise SystemExit(f"{job['name']}: only a finished training job with a state file is archived (it has "
-                         f"{'no state' if not path.is_file() else 'compute left' if job.get('kind', 'train') == 'train' else 'kind ' + job['kind']})")
+        raise SystemExit(f"{job['name']}: only a finished training or pretraining job with a state file is archived "
+                         f"(it has {'no state' if not path.is_file() else 'compute left' if kind in ('train', 'pretrain') else 'kind ' + kind})")
     rs = torch.load(path, map_location="cpu", weights_only=False)
     if rs.get("archived"):
         return f"{job['name']}: already archived"
@@ -238,7 +240,9 @@ def archive_state(job: Dict) -> str:
     record["optimizer"] = {"param_groups": [{"lr": rs["optimizer"]["param_groups"][0]["lr"]}]}
     record["archived"] = (f"{time.strftime('%Y-%m-%d')}: {why}; weights, moments and RNG dropped"
                           + (f" (the shipped {job['ship']}.pt holds its best weights: init_from it to train on)"
-                             if job.get("ship") else ""))
+                             if job.get("ship") else "")
+                          + (f" (the backbone {shown(backbone_path(job))} holds its weights)" if kind == "pretrain"
+                             else ""))
     atomic_torch_save(record, path)
     return f"{job['name']}: {shown(path)} {before / 1e6:.1f} MB -> {path.stat().st_size / 1e3:.0f} kB"
 
@@ -918,8 +922,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ship", action="store_true", help="ship every job's model that beats the shipped one on "
                                                         "validation (after the run, or alone)")
     ap.add_argument("--archive", nargs="+", metavar="JOB",
-                    help="cut finished training jobs' state files to their record (curve, counters): weights and "
-                         "moments dropped, the shipped model keeps the weights")
+                    help="cut finished training and pretraining jobs' state files to their record (curve, "
+                         "counters): weights and moments dropped, the shipped model or kept backbone has the weights")
     args = ap.parse_args(argv)
     if args.archive:
         jobs = {j["name"]: j for j in read_jobs(CAMPAIGN_YAML)}

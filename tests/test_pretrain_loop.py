@@ -277,6 +277,15 @@ def test_campaign_reads_a_pretraining_state_and_builds_its_command(tmp_path, mon
     kept = campaign.keep_backbone(job)
     assert kept == tmp_path / "models" / "pre.pt" and load_pretrained(kept) is not None
     assert campaign.finished(job, campaign.read_state(job)).startswith("all 4 steps done")
+    # done, its backbone kept: the state is cut to its record (the runner still sees it done, with its curve)
+    before = campaign.read_state(job)
+    assert "kB" in campaign.archive_state(job)
+    after = campaign.read_state(job)
+    assert after["history"] == before["history"] and after["total_steps"] == 4
+    assert campaign.finished(job, after).startswith("all 4 steps done")
+    with pytest.raises(ValueError, match="archived record"):
+        Pretrainer(tiny_config(dtype="float64", max_steps=6), tmp_path / "again", corpus=tiny_corpus(),
+                   progress=False, log=lambda s: None, state_file=tmp_path / "pre.pt").fit(resume=True)
 
 
 @pytest.mark.parametrize("method", ["et-oreo", pytest.param("et-oro", marks=pytest.mark.slow)])
