@@ -87,18 +87,32 @@ def summarize(out: Path, name: str, start: dict) -> dict:
             "test_by_energy_quintile": test.get("forces_mae_meV_per_A_by_energy_quintile")}
 
 
+def require_gpu(device: str) -> None:
+    import torch
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("torch sees no GPU here: run this on the device machine (or --device cpu for a dry run)")
+
+
+def device_name(device: str) -> str:
+    import torch
+    return "cpu" if device == "cpu" else torch.cuda.get_device_name(0)
+
+
+def brought_back(folder: Path, job: dict, suffix: str):
+    """The piece's ``<job>.<suffix>`` and ``<job>.summary.json`` as gpu_piece.sh brings them back into ``folder``."""
+    piece, summary = folder / f"{job['name']}.{suffix}", folder / f"{job['name']}.summary.json"
+    if not (piece.is_file() and summary.is_file()):
+        raise SystemExit(f"{folder} lacks {piece.name} or {summary.name} (what benchmarks/gpu_piece.sh brings back)")
+    return piece, summary
+
+
 def grid_piece(job: dict, args) -> int:
     """K shards of the grid side by side on the GPU; their new cells merged into OUT/state.json."""
-    import torch
-    sys.path.insert(0, str(REPO / "benchmarks"))
     from pretrain_finetune import merge_grid_states
-    if args.minutes is None or not args.out:
-        raise SystemExit("a grid piece needs --minutes and --out")
     if "--finetune-steps" not in [str(a) for a in job["args"]]:
         raise SystemExit(f"{job['name']} budgets its runs in CPU time: a GPU piece needs a step budget "
                          f"(--finetune-steps in its args) so that GPU and CPU cells compare")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("torch sees no GPU here: run this on the device machine (or --device cpu for a dry run)")
+    require_gpu(args.device)
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     src = state_path(job)
@@ -151,7 +165,7 @@ def grid_piece(job: dict, args) -> int:
     (out / "summary.json").write_text(json.dumps({
         "job": job["name"], "start": {"cpu_hours": base_cpu, "cells": len(start["forcefield"])}, "new_cells": new,
         "minutes": args.minutes, "shards": args.shards, "molecules": args.molecules, "failed_shards": failed,
-        "device": torch.cuda.get_device_name(0) if args.device != "cpu" else "cpu"}, indent=1))
+        "device": device_name(args.device)}, indent=1))
     print(f"[gpu] {job['name']}: {new} new cell(s), {merged['cpu_hours'] - base_cpu:.2f} host CPU-h", flush=True)
     return 1 if failed else 0
 
@@ -159,10 +173,7 @@ def grid_piece(job: dict, args) -> int:
 def md_piece(job: dict, args) -> int:
     """The MD job's replicas continued on the GPU for --minutes, from a copy of its state (OUT/md.pt)."""
     import torch
-    if args.minutes is None or not args.out:
-        raise SystemExit("an MD piece needs --minutes and --out")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("torch sees no GPU here: run this on the device machine (or --device cpu for a dry run)")
+    require_gpu(args.device)
     src = state_path(job)
     start = read_state(job)
     out = Path(args.out)
@@ -170,8 +181,7 @@ def md_piece(job: dict, args) -> int:
     state = out / "md.pt"
     if src.is_file():
         shutil.copyfile(src, state)
-    cmd = [("--no-compile" if c == "--compile" else c)
-           for c in md_command(job, args.minutes, out=out / "run", state=state)] + ["--device", args.device]
+    cmd = md_command({**job, "compile": False}, args.minutes, out=out / "run", state=state) + ["--device", args.device]
     print(f"[gpu] {job['name']}: from {start['ps_done'] if start else 0:g} ps, {args.minutes:g} min", flush=True)
     with open(out / "md.log", "w") as fh:
         rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO,
@@ -181,16 +191,14 @@ def md_piece(job: dict, args) -> int:
     (out / "summary.json").write_text(json.dumps({
         "job": job["name"], "start": {"step": start["step"] if start else 0}, "minutes": args.minutes,
         "end": {"step": int(end["state"]["step"]) if end else None}, "exit": rc,
-        "device": torch.cuda.get_device_name(0) if args.device != "cpu" else "cpu"}, indent=1))
+        "device": device_name(args.device)}, indent=1))
     return rc
 
 
 def adopt_md(job: dict, folder: Path) -> int:
     """Copy a GPU piece's MD state (``FOLDER/<job>.md.pt``) over the job's, if the job's is still the state the
     piece started from (MD cannot merge two continuations of one trajectory)."""
-    piece, summary = folder / f"{job['name']}.md.pt", folder / f"{job['name']}.summary.json"
-    if not (piece.is_file() and summary.is_file()):
-        raise SystemExit(f"{folder} lacks {piece.name} or {summary.name} (what benchmarks/gpu_piece.sh brings back)")
+    piece, summary = brought_back(folder, job, "md.pt")
     started = int(json.loads(summary.read_text())["start"]["step"])
     here = read_state(job)
     if (here["step"] if here else 0) != started:
@@ -206,11 +214,8 @@ def adopt_md(job: dict, folder: Path) -> int:
 def adopt_grid(job: dict, folder: Path) -> int:
     """Merge a GPU piece's cells (``FOLDER/<job>.state.json``, begun from the state its summary names) into the
     job's committed state, which CPU pieces may have advanced meanwhile."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
     from pretrain_finetune import merge_grid_states
-    piece, summary = folder / f"{job['name']}.state.json", folder / f"{job['name']}.summary.json"
-    if not (piece.is_file() and summary.is_file()):
-        raise SystemExit(f"{folder} lacks {piece.name} or {summary.name} (what benchmarks/gpu_piece.sh brings back)")
+    piece, summary = brought_back(folder, job, "state.json")
     gpu = json.loads(piece.read_text())
     base_cpu = float(json.loads(summary.read_text())["start"]["cpu_hours"])
     dst = state_path(job)
@@ -248,12 +253,18 @@ def main(argv=None) -> int:
     job = jobs.get(args.job)
     if job is None:
         raise SystemExit(f"{args.job} is not a job of {CAMPAIGN_YAML}; pick one of {', '.join(jobs)}")
-    if job.get("kind") == "grid":
-        return adopt_grid(job, Path(args.adopt)) if args.adopt else grid_piece(job, args)
-    if job.get("kind") == "md":
-        return adopt_md(job, Path(args.adopt)) if args.adopt else md_piece(job, args)
-    if args.minutes is None or not args.out or not args.variant:
-        raise SystemExit("a training or pretraining piece needs --minutes, --out and at least one --variant")
+    kind = job.get("kind", "train")
+    if args.adopt:
+        if kind not in ("grid", "md"):
+            raise SystemExit(f"--adopt merges a grid's or an MD job's piece; {args.job} is a {kind} job: copy its "
+                             f"<job>.<variant>.pt over {shown(state_path(job))}")
+        return (adopt_grid if kind == "grid" else adopt_md)(job, Path(args.adopt))
+    if args.minutes is None or not args.out:
+        raise SystemExit("a GPU piece needs --minutes and --out")
+    if kind in ("grid", "md"):
+        return (grid_piece if kind == "grid" else md_piece)(job, args)
+    if not args.variant:
+        raise SystemExit("a training or pretraining piece needs at least one --variant")
     pretrain = job.get("kind", "train") == "pretrain"
     src = state_path(job)
     if pretrain and not (args.corpus and Path(args.corpus).is_file()):
@@ -263,8 +274,7 @@ def main(argv=None) -> int:
     if not pretrain and not src.is_file():
         raise SystemExit(f"{src} does not exist: a GPU piece continues a training job that a CPU piece started")
     import torch
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("torch sees no GPU here: run this on the device machine (or --device cpu for a dry run)")
+    require_gpu(args.device)
     start = {"epoch": 0, "step": 0}
     if src.is_file():
         st = torch.load(src, map_location="cpu", weights_only=False)
@@ -302,8 +312,7 @@ def main(argv=None) -> int:
     (out / "summary.json").write_text(json.dumps({"job": args.job, "start": start, "minutes": args.minutes,
                                                   "variants": [dict(zip(["name", "set"], [v[0], v[1:]]))
                                                                for v in args.variant],
-                                                  "device": (torch.cuda.get_device_name(0) if args.device != "cpu"
-                                                             else "cpu"),
+                                                  "device": device_name(args.device),
                                                   "results": rows}, indent=1))
     f = lambda v, d=2: "—" if v is None else f"{v:.{d}f}"
     if pretrain:

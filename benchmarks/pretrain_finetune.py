@@ -569,6 +569,9 @@ def main(argv=None) -> int:
     left = 0
     index = -1
 
+    def minutes_left() -> float:
+        return args.max_minutes - (time.time() - started) / 60
+
     def cell(table: str, key: Dict[str, Any], compute) -> Optional[Dict]:
         """The row of one run: from the grid's state when it is there, else computed (and recorded) when this
         invocation has time for it, else None (counted as left); another shard's cells are not this one's."""
@@ -579,11 +582,11 @@ def main(argv=None) -> int:
         row = grid.row(table, key) if grid else None
         if row is not None:
             return row
-        if args.max_minutes is not None and (time.time() - started) / 60 + run_minutes > args.max_minutes:
+        if args.max_minutes is not None and minutes_left() < run_minutes:
             left += 1
             return None
         if args.max_minutes is not None and args.finetune_steps:   # a step budget: the time left caps the run
-            args.cell_deadline_minutes = args.max_minutes - (time.time() - started) / 60 - md_minutes
+            args.cell_deadline_minutes = minutes_left() - md_minutes
         cpu0 = time.process_time()
         args.md_deadline_minutes = None
         try:
@@ -603,7 +606,7 @@ def main(argv=None) -> int:
             raise CutShort(f"stopped at this invocation's end ({r['stop_reason'].split(' (')[0]}) before its "
                            f"{args.finetune_steps} steps")
         if args.max_minutes is not None:                 # the MD gets what is left of the piece, and no more
-            args.md_deadline_minutes = max(0.1, args.max_minutes - (time.time() - started) / 60)
+            args.md_deadline_minutes = max(0.1, minutes_left())
         return {**r, **run_md(mol, size, m, args, log, seed)} if args.md_ps else r
 
     results, qm9 = [], []
