@@ -123,7 +123,9 @@ def grid_piece(job: dict, args) -> int:
         state = out / f"shard-{i}.json"
         if base is not None:
             shutil.copyfile(src, state)
-        cmd = grid_command(job, args.minutes, out=out / "runs" / f"shard-{i}", state=state) + [
+        # eager on the GPU: compiling there would take minutes of a piece's few (the grid's --compile is for CPUs)
+        cmd = [a for a in grid_command(job, args.minutes, out=out / "runs" / f"shard-{i}", state=state)
+               if a != "--compile"] + [
             "--device", args.device, "--shard", f"{i}/{args.shards}", "--md-minutes-per-ps",
             str(args.md_minutes_per_ps)] + (["--molecules", *args.molecules] if args.molecules else [])
         fh = open(out / "runs" / f"shard-{i}.log", "w")

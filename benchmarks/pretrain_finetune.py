@@ -150,8 +150,19 @@ def run_pretrain(method: str, args, smoke, log) -> Path:
     return out / "pretrained.pt"
 
 
-def finetune_config(molecule: str, size: int, args, smoke, model: Dict, seed: int = 1) -> Dict[str, Any]:
+def backbone_name(method: str) -> str:
+    """The backbone a method fine-tunes (``et`` or ``egnn``)."""
+    if method in SCRATCH:
+        return SCRATCH[method]
+    return yaml.safe_load((CONFIGS / METHOD_CONFIGS[method]).read_text())["model"]["name"]
+
+
+def finetune_config(molecule: str, size: int, args, smoke, model: Dict, seed: int = 1,
+                    method: Optional[str] = None) -> Dict[str, Any]:
     optim = {**FINETUNE_OPTIM, "seed": seed}
+    # the compiled step (ET only) computes what the eager one does, faster: a speed setting, not in the grid's settings
+    if args.compile and method is not None and backbone_name(method) == "et":
+        optim["compile"] = True
     data = {"molecule": molecule, "train_size": size, "val_size": 50, "split_index": 1}
     if smoke:
         optim.update(smoke["finetune_optim"])
@@ -191,7 +202,7 @@ def run_finetune(molecule: str, size: int, method: str, pretrained: Optional[Pat
         model = (smoke["egnn_model"] if SCRATCH[method] == "egnn" else smoke["model"]) if smoke else \
             resized_model(yaml.safe_load((CONFIGS / (METHOD_CONFIGS["3d-emgp-egnn"] if SCRATCH[method] == "egnn"
                                                      else METHOD_CONFIGS["et-oreo"])).read_text())["model"], args)
-        d = finetune_config(molecule, size, args, smoke, model, seed)
+        d = finetune_config(molecule, size, args, smoke, model, seed, method)
         if SCRATCH[method] == "egnn":
             # ModelConfig knows ET hyper-parameters only: build the EGNN potential here, train with the same Trainer
             from forcefield.train.datasets import build_splits
@@ -204,7 +215,7 @@ def run_finetune(molecule: str, size: int, method: str, pretrained: Optional[Pat
                            log=log).fit(resume=resume)
         d["model"].setdefault("num_heads", 8)
         return Trainer(config_from_dict(d), out, progress=not args.no_progress, log=log).fit(resume=resume)
-    d = finetune_config(molecule, size, args, smoke, {}, seed)
+    d = finetune_config(molecule, size, args, smoke, {}, seed, method)
     d.pop("model")
     return finetune_forcefield(pretrained, config_from_dict(d), out, FinetuneOptions(layer_decay=args.layer_decay),
                                resume=resume, progress=not args.no_progress, log=log)
@@ -514,6 +525,9 @@ def main(argv=None) -> int:
     p.add_argument("--finetune-steps", type=int,
                    help="optimiser steps per fine-tuning run, as whole epochs of ceil(frames / batch) steps: equal "
                         "compute on any device (a CPU piece and a GPU piece of one grid add up)")
+    p.add_argument("--compile", action="store_true",
+                   help="fine-tune ET models with the compiled training step (optim.compile): the same steps, "
+                        "faster on a CPU (benchmarks/compiled_step_speed.py); EGNN runs stay eager")
     p.add_argument("--finetune-minutes", type=float, help="wall-clock cap per fine-tuning run")
     p.add_argument("--finetune-cpu-minutes", type=float,
                    help="CPU-time cap per fine-tuning run (equal compute on a shared machine)")

@@ -150,3 +150,24 @@ def test_grid_shards_merge_into_one_state_and_a_run_cut_by_the_deadline_is_not_a
                                             "--max-minutes", "60", "--md-ps", "1", "--md-minutes-per-ps", "1"]) == 0
     rows = json.loads((tmp_path / "md.json").read_text())["forcefield"]
     assert len(rows) == 6 and all(r["stability_ps"] == 1.0 for r in rows)
+
+
+def test_the_grids_compile_flag_compiles_et_runs_only_and_leaves_the_cells_comparable():
+    """--compile is a speed setting: ET fine-tunes (scratch and ET backbones) get optim.compile, EGNN ones stay eager,
+    and the grid's settings (what decides whether cells of two invocations compare) do not change, so CPU pieces
+    (compiled) and GPU pieces (eager) add up in one grid."""
+    p = pretrain_finetune
+    args = {c: p.argparse.Namespace(compile=c, finetune_minutes=None, finetune_cpu_minutes=None, finetune_epochs=None,
+                                    finetune_steps=100, cell_deadline_minutes=None, device="cpu", data_dir=None,
+                                    threads=1, hidden=16, layers=2, heads=None, layer_decay=None, qm9_epochs=300,
+                                    qm9_cpu_minutes=None, qm9_train_size=None, md_ps=0.0, md_replicas=1)
+            for c in (False, True)}
+    methods = ("scratch", "et-oro", "et-oreo", "3d-emgp", "denoise", "scratch-egnn", "3d-emgp-egnn")
+    compiled = {m: p.finetune_config("ethanol", 50, args[True], None, {}, 1, m)["optim"].get("compile", False)
+                for m in methods}
+    assert compiled == {"scratch": True, "et-oro": True, "et-oreo": True, "3d-emgp": True, "denoise": True,
+                        "scratch-egnn": False, "3d-emgp-egnn": False}
+    assert not any(p.finetune_config("ethanol", 50, args[False], None, {}, 1, m)["optim"].get("compile")
+                   for m in methods)
+    assert p.grid_settings(args[True], {}) == p.grid_settings(args[False], {})
+    assert "compile" not in p.FINETUNE_OPTIM

@@ -466,17 +466,20 @@ def test_a_gpu_piece_resumes_the_job_with_its_recipe_then_the_variant(tmp_path):
 @pytest.mark.slow
 def test_a_gpu_piece_of_a_grid_runs_shards_and_its_cells_are_adopted_into_the_committed_state(tmp_path, monkeypatch):
     """benchmarks/campaign_gpu.py on a grid job (here on the CPU, --device cpu, a smoke grid): K shards of
-    pretrain_finetune.py side by side, each cell run once, merged into OUT/state.json; adopting it here adds its cells
+    pretrain_finetune.py side by side (eager: the job's --compile is for CPU pieces), each cell run once, merged into
+    OUT/state.json; adopting it here adds its cells
     and host CPU-hours to the job's state, which a CPU piece may have advanced meanwhile. A grid budgeted in CPU
     minutes is refused (its cells would not compare across devices)."""
     campaign = import_campaign()
     gpu = import_campaign("campaign_gpu")
     monkeypatch.setattr(campaign, "STATE_DIR", tmp_path / "state")
     job = {"name": "grid-x", "kind": "grid", "threads": 1, "backbones": {},
-           "args": ["--smoke", "--methods", "scratch", "--finetune-steps", "4", "--properties"]}
+           "args": ["--smoke", "--methods", "scratch", "--finetune-steps", "4", "--properties", "--compile"]}
     monkeypatch.setattr(gpu, "read_jobs", lambda path: [job])
     out = tmp_path / "piece"
     assert gpu.main(["grid-x", "--minutes", "20", "--out", str(out), "--shards", "2", "--device", "cpu"]) == 0
+    logs = "".join(f.read_text() for f in (out / "runs").glob("shard-*.log"))
+    assert "[finetune" in logs and "optim.compile" not in logs          # a GPU piece fine-tunes eager
     merged = json.loads((out / "state.json").read_text())
     assert sorted(r["size"] for r in merged["forcefield"]) == [8, 16] and not merged["complete"]
     summary = json.loads((out / "summary.json").read_text())
