@@ -91,6 +91,13 @@ def read_jobs(path: Path) -> List[Dict]:
             raise SystemExit(f"{path}: job {job['name']}: corpus {job['corpus']} not found")
         if job["kind"] in ("train", "pretrain") and not (REPO / job["config"]).is_file():
             raise SystemExit(f"{path}: job {job['name']}: config {job['config']} not found")
+        if job["kind"] == "train" and job.get("ship"):   # --ship compares against, and writes, the data's file
+            data = {**(yaml.safe_load((REPO / job["config"]).read_text()).get("data") or {}),
+                    **{k.split(".", 1)[1]: v for k, v in (job.get("set") or {}).items() if k.startswith("data.")}}
+            ships_as = "poly24" if str(data.get("dataset") or "").lower() == "poly24" else data.get("molecule")
+            if job["ship"] != ships_as:
+                raise SystemExit(f"{path}: job {job['name']}: `ship: {job['ship']}`, but its model is trained on "
+                                 f"{ships_as} and ships as {ships_as}.pt; set `ship: {ships_as}`")
         after = job.get("after") or []
         after = [after] if isinstance(after, str) else after
         if not isinstance(after, list) or not all(isinstance(a, str) for a in after):

@@ -44,6 +44,22 @@ def test_quantisation_errors_are_small_and_keep_zero_and_sign():
     assert torch.all(bv[~nz] == 0)
     rel = ((bv[nz] - v[nz]) / v[nz]).abs()
     assert rel.max() < 0.2 and torch.all(bv[nz] > 0)
+    # zeros have their own code: they cost the block's other values no precision (they once stretched its range)
+    w = torch.rand(256, generator=g) * torch.logspace(-10, -6, 256)
+    with_zeros = w.clone()
+    zeroed = torch.arange(5, 256, 10)
+    zeroed = zeroed[(zeroed != w.argmin()) & (zeroed != w.argmax())]      # the block's range stays the same
+    with_zeros[zeroed] = 0.0
+    keep = with_zeros > 0
+    assert torch.equal(dequantize(quantize_positive(with_zeros))[keep], dequantize(quantize_positive(w))[keep])
+    span = math.log(float(w.max() / w.min()))
+    assert ((dequantize(quantize_positive(w)) - w) / w).abs().max() <= math.exp(span / 508) - 1 + 1e-5
+    assert torch.all(dequantize(quantize_positive(torch.zeros(300))) == 0)
+    # a version-1 state (zeros at the floor of the block's log range) still reads
+    lo, hi = torch.tensor([math.log(1e-30)]), torch.tensor([math.log(1e-6)])
+    q = torch.tensor([[0, 255] + [0] * 254], dtype=torch.uint8)
+    old = dequantize({"kind": "log-uint8", "q": q, "lo": lo, "hi": hi, "shape": (2,), "dtype": "torch.float32"})
+    assert old[0] == 0 and old[1] == pytest.approx(1e-6, rel=1e-4)
 
 
 def test_the_fused_optimizer_takes_the_reference_adamw_step_and_stays_fused_after_a_resume():
@@ -99,6 +115,40 @@ def test_run_state_is_compact_and_a_fresh_clone_resumes_from_it(tmp_path):
         m = st["exp_avg"]
         assert (m - back["optimizer"]["state"][idx]["exp_avg"]).abs().max() <= m.abs().max() / 100 + 1e-12
     assert back["epoch"] == ck["epoch"] and back["frame_ids"] == ck["frame_ids"]
+
+
+def test_a_resume_from_the_run_state_makes_the_current_model_the_best_with_its_card(tmp_path):
+    """The compact state holds the current weights, not the best of earlier pieces: a resume from it (a fresh clone)
+    writes them as best.pt with their own score and card (CPU-hours, epochs), never a model that best_val does not
+    describe, and never a card without CPU-hours."""
+    state = tmp_path / "committed" / "run.pt"
+    Trainer(_cfg(epochs=2), tmp_path / "a", progress=False, log=_quiet, state_file=state).fit()
+    rs = torch.load(state, weights_only=False)
+    rs["best_val"] = 1e-12                        # an earlier piece's best that the state no longer holds
+    torch.save(rs, state)
+    resumed = Trainer(_cfg(epochs=2), tmp_path / "fresh", progress=False, log=_quiet, state_file=state)
+    resumed.fit(resume=True)                      # all epochs done: only the resume's own bookkeeping runs
+    best = load_potential(tmp_path / "fresh" / "best.pt")
+    assert best.metadata["epochs"] == 2 and best.metadata["cpu_hours"] > 0
+    assert resumed.best_val == pytest.approx(resumed.validate()["score"])
+    for k, v in resumed.ema.state_dict().items():
+        assert torch.equal(v, best.state_dict()[k]), k
+
+
+def test_a_run_state_further_along_than_the_folders_checkpoint_is_the_one_resumed(tmp_path):
+    """A GPU piece's state copied over the job's state file, while this machine's run folder still holds an older
+    last.pt: the resume takes the state that is further along (and says so), not the older checkpoint."""
+    state = tmp_path / "committed" / "run.pt"
+    Trainer(_cfg(epochs=1), tmp_path / "here", progress=False, log=_quiet, state_file=state).fit()
+    elsewhere = tmp_path / "elsewhere.pt"
+    Trainer(_cfg(epochs=3), tmp_path / "gpu", progress=False, log=_quiet, state_file=elsewhere).fit()
+    shutil.copyfile(elsewhere, state)             # adopted; runs/here/last.pt is at epoch 1
+    said = []
+    resumed = Trainer(_cfg(epochs=4), tmp_path / "here", progress=False, log=said.append, state_file=state)
+    resumed.fit(resume=True)
+    assert resumed.epoch == 4 and any("further along" in line for line in said)
+    rows = (tmp_path / "here" / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 4
 
 
 def test_run_state_of_the_shipped_size_is_under_half_a_checkpoint():
@@ -235,6 +285,13 @@ def test_campaign_job_file_is_checked(tmp_path, monkeypatch):
                    "  - {name: ft, config: examples/configs/rmd17_ethanol.yaml, finetune_from: a}\n")
     with pytest.raises(SystemExit, match="not a pretraining job"):
         campaign.read_jobs(bad)
+    # --ship compares against, and writes, the file named after the job's data: a `ship:` of another name is refused
+    bad.write_text("jobs:\n  - {name: e, config: examples/configs/rmd17_ethanol.yaml, ship: aspirin}\n")
+    with pytest.raises(SystemExit, match="ships as ethanol.pt; set `ship: ethanol`"):
+        campaign.read_jobs(bad)
+    bad.write_text("jobs:\n  - {name: e, config: examples/configs/rmd17_ethanol.yaml, ship: aspirin,\n"
+                   "       set: {data.molecule: aspirin}}\n")
+    assert campaign.read_jobs(bad)[0]["ship"] == "aspirin"
     assert campaign.finished({"budget_cpu_hours": 0.25, "init_cpu_hours": 1.5},
                              {"cpu_hours": 1.76}) and not campaign.finished({"budget_cpu_hours": 0.25},
                                                                             {"cpu_hours": 0.1})

@@ -100,6 +100,12 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict) -> None:
                     st[k] = v.to(p.device)
 
 
+def _step_of(path: Path) -> int:
+    """The optimiser step a checkpoint or run state was written at (-1 if it does not say)."""
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    return int(ck.get("step", -1)) if isinstance(ck, dict) else -1
+
+
 def adamw_with_plateau(groups, lr: float, weight_decay: float, factor: float, patience: int, min_lr: float):
     """:func:`adamw` over ``groups`` and its reduce-on-plateau schedule; every group remembers its ``base_lr``,
     the rate the warm-up leads to."""
@@ -142,6 +148,7 @@ class TrainingRun:
         self.elapsed = 0.0
         self.cpu_seconds = 3600.0 * float(init_cpu_hours or 0.0)
         self.stop_reason = ""
+        self.resumed_from_runstate = False
         self._clock: Optional[Tuple[float, float, float, float]] = None
         if is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -248,6 +255,7 @@ class TrainingRun:
     def load_checkpoint(self, path: Path) -> None:
         """Restore the run from a full checkpoint or a compact run state (which also rewrites the log)."""
         ck = torch.load(path, map_location="cpu", weights_only=False)
+        self.resumed_from_runstate = is_runstate(ck)
         if is_runstate(ck):
             rows = ck.get("history") or []
             ck = self.from_runstate_view(unpack_runstate(ck))
@@ -261,7 +269,10 @@ class TrainingRun:
         compact state), or refuse a folder that already holds a run."""
         if resume:
             last = self.last_path
-            if not last.is_file() and self.state_file is not None and self.state_file.is_file():
+            if self.state_file is not None and self.state_file.is_file() and (
+                    not last.is_file() or _step_of(self.state_file) > _step_of(last)):
+                if last.is_file():      # e.g. a GPU piece's state copied over the job's while this folder stayed
+                    self.log(f"the run state {self.state_file} is further along than {last}: resuming from it")
                 last = self.state_file
             if not last.is_file():
                 where = f" or run state {self.state_file}" if self.state_file is not None else ""
@@ -364,6 +375,13 @@ class EpochTrainer(TrainingRun):
     def fit(self, resume: bool = False) -> Dict[str, Any]:
         o = self.opts
         self.begin(resume)
+        if self.resumed_from_runstate:
+            # the compact state (a fresh clone, or a GPU piece's) holds the current weights, not the best model of
+            # earlier pieces, and a best.pt here would be another run's: the current model becomes the best this run
+            # has, scored anew, so that best.pt, its card (CPU-hours, epochs) and best_val agree
+            val = self.validate()
+            self.best_val = val["score"]
+            self.save_best(val)
         self.on_start()
         self.start_clock()
         while self.epoch < o.epochs:

@@ -187,8 +187,6 @@ class Trainer(EpochTrainer):
                 f"{'  *' if improved else ''}")
 
     def on_start(self) -> None:
-        if self.epoch > 0 and not (self.out / "best.pt").is_file():   # resumed from the compact state on a fresh clone
-            save_model(self.ema, self.out / "best.pt")
         # only now (the folder is ours, the checkpoint matched): record the config of this invocation
         atomic_write_text(self.out / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         self.log(f"model: {self.model.describe()}" + (f" on {self.device}" if self.device.type != "cpu" else ""))
