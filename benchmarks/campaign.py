@@ -169,7 +169,7 @@ def read_state(job: Dict) -> Optional[Dict]:
                 "running": sum(bool(st.get("active")) for st in rs["status"]), "replicas": len(rs["status"]),
                 "cpu_hours": float(rs.get("wall_s") or 0.0) / 3600.0, "model": rs.get("model") or {},
                 "sampled": len((rs.get("observables") or {}).get("sample") or []),
-                "dft_done": 0 if dft is None else int(dft["n_frames"])}
+                "dft_done": 0 if dft is None else int(dft["n_frames"]) + int(dft.get("n_failed") or 0)}
     return {"epoch": rs["epoch"], "step": rs["step"], "cpu_hours": rs.get("cpu_seconds", rs["elapsed"]) / 3600,
             "history": rs.get("history") or [], "best_val": rs.get("best_val"),
             "lr": rs["optimizer"]["param_groups"][0]["lr"], "total_steps": rs.get("total_steps")}
@@ -272,10 +272,16 @@ def pretrain_hours_to_go(state: Dict) -> float:
     return max(total - step, 0) * state["cpu_hours"] / step
 
 
+def md_cpu_speed(summary: Dict) -> Dict:
+    """An MD job's speed on the CPU (its pieces on a GPU apart), as ``md.metrics.speed_record`` gives it."""
+    by_device = summary.get("speed_by_device") or {}
+    return by_device.get("cpu") or ({} if by_device else summary.get("speed") or {})
+
+
 def md_hours_to_go(summary: Dict) -> float:
-    """CPU-hours an MD job still needs at its measured steps/s (times its ``threads``); NaN if unknown or if every
-    replica has stopped."""
-    rate = (summary.get("speed") or {}).get("steps_per_s")
+    """CPU-hours an MD job still needs at its measured steps/s on the CPU (times its ``threads``); NaN if unknown or
+    if every replica has stopped."""
+    rate = md_cpu_speed(summary).get("steps_per_s")
     running = sum(1 for x in summary.get("replicas") or [] if x.get("stop_reason") is None)
     if not rate or not math.isfinite(rate) or running == 0 or summary.get("simulated_ps") is None:
         return float("nan")
@@ -335,7 +341,8 @@ def md_command(job: Dict, minutes: float, out: Optional[Path] = None, state: Opt
            "--model", str(pinned_model(job)), "--ps", str(job.get("ps", 300)),
            "--replicas", str(job.get("replicas", 5)), "--out", str(out or RUNS_DIR / job["name"]),
            "--state", str(state or state_path(job)), "--max-minutes", f"{minutes:.2f}", "--no-progress",
-           "--threads", str(job["threads"]), "--compile" if job.get("compile", True) else "--no-compile"]
+           "--threads", str(job["threads"]), "--compile" if job.get("compile", True) else "--no-compile",
+           "--device", "cpu"]             # a GPU piece (campaign_gpu.py) appends its own; its state says cuda
     return cmd
 
 
@@ -742,8 +749,11 @@ def md_summaries(jobs: List[Dict]) -> List[Dict]:
         summary["model_name"] = Path(str(job.get("model") or job["molecule"])).stem
         dft = dft_report(job)
         summary["dft_check"] = dft
-        summary["dft_text"] = "—" if dft is None else (f"{dft['force_mae_meV_per_A']:.1f} ({dft['n_frames']} frames, "
-                                                      f"{dft['settings']['xc'].upper()}/{dft['settings']['basis']})")
+        failed = int((dft or {}).get("n_failed") or 0)
+        summary["dft_text"] = "—" if dft is None else (
+            f"{_fmt(dft['force_mae_meV_per_A'])} ({dft['n_frames']} frames"
+            + (f"; {failed} more without a converged SCF" if failed else "")
+            + f", {dft['settings']['xc'].upper()}/{dft['settings']['basis']})")
         summary["status"] = finished(job, read_state(job)) or "running"
         out.append(summary)
     return out
@@ -774,7 +784,7 @@ def md_table(rows: List[Dict]) -> List[str]:
                 "data does not cover. Model: the shipped model the job started with and the first digits of its SHA-256 (the "
                 "job keeps that file, `benchmarks/campaign/models/<job>.pt`, when the molecule is re-shipped). "
                 "Steps/s: all replicas in one batch, 1 thread, other jobs sharing the machine (the mean over every "
-                "piece of the job); CPU-h to go: the steps left at that rate.", "",
+                "CPU piece of the job; pieces on a GPU are timed apart); CPU-h to go: the steps left at that rate.", "",
                 "| molecule | model | simulated (ps) | replicas running | stability (ps) | h(r) MAE | h(r) floor | "
                 "force MAE, test (meV/Å) | force MAE vs DFT on its trajectory | steps/s | CPU-h to go | status |",
                 "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -787,7 +797,7 @@ def md_table(rows: List[Dict]) -> List[str]:
             out.append(f"| {r['system']} | {model} | {r['simulated_ps']:.1f} / {r['requested_ps']:g} | "
                        f"{running} / {r['replicas_n']} | {pm(r['stability_ps'], 1)} | {pm(r['hr_mae'], 3)} | "
                        f"{pm(r.get('hr_floor'), 3)} | {num(r.get('force_mae_meV_per_A'), 1)} | {r['dft_text']} | "
-                       f"{num((r.get('speed') or {}).get('steps_per_s'), 1)} | {_fmt(md_hours_to_go(r), 1)} | "
+                       f"{num(md_cpu_speed(r).get('steps_per_s'), 1)} | {_fmt(md_hours_to_go(r), 1)} | "
                        f"{r['status']} |")
         out.append("")
     return out

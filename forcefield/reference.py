@@ -61,6 +61,10 @@ def xtb_energy_forces(numbers: np.ndarray, positions: np.ndarray) -> Tuple[float
     return float(atoms.get_potential_energy()), np.asarray(atoms.get_forces(), dtype=np.float64)
 
 
+class SCFNotConverged(RuntimeError):
+    """PySCF's SCF did not converge for a geometry (also with the second-order solver): no label for it."""
+
+
 def dft_level(xc: str = "pbe", basis: str = "def2-svp") -> str:
     pyscf = require_pyscf()
     return f"{xc.upper()}/{basis} (PySCF {pyscf.__version__})"
@@ -87,7 +91,11 @@ def dft_energy_forces(numbers: np.ndarray, positions: np.ndarray, xc: str = "pbe
     mf.grids.level = grid_level
     mf.conv_tol = conv_tol
     energy = mf.kernel()
+    if not mf.converged:          # a second try: the second-order (Newton) solver, from where the first stopped
+        mf = mf.newton()
+        energy = mf.kernel(mf.mo_coeff, mf.mo_occ)
     if not mf.converged:
-        raise RuntimeError("PySCF SCF did not converge for this frame")
+        raise SCFNotConverged(f"PySCF's SCF ({xc.upper()}/{basis}) did not converge for this geometry, also with the "
+                              f"second-order solver")
     grad = mf.nuc_grad_method().kernel()           # Hartree/Bohr
     return float(energy * Hartree), -np.asarray(grad) * Hartree / Bohr

@@ -31,7 +31,7 @@ from . import io
 from .config import SimulationConfig
 from .errors import MDInputError
 from .frames import describe_frames, frame_stack, load_system_frames, reference_bonds, same_molecule
-from .metrics import HR_RMAX, distance_histogram, hr_mae, speed_record
+from .metrics import HR_RMAX, distance_histogram, hr_mae, speed_record, timed_by_device
 from .observables import Observables, replay_trajectories, sampling_floor
 
 
@@ -160,6 +160,8 @@ def summarize(cfg: SimulationConfig, ckpt: dict, statuses: List[dict], obs: Obse
         "force": force, "force_mae_meV_per_A": None if force is None else force["force_mae_meV_per_A"],
         "speed": speed if speed is not None else speed_record(ckpt.get("wall_s"), ckpt.get("steps_timed"),
                                                               cfg.replicas, cfg.timestep),
+        "speed_by_device": {dev: speed_record(w, n, cfg.replicas, cfg.timestep)
+                            for dev, (w, n) in timed_by_device(ckpt).items()},
         "replicas": [{k: v for k, v in x.items() if k != "hr"} for x in replicas],
         "definitions": {"bond_threshold_A": cfg.bond_threshold, "hr_bins": 500, "hr_rmax_A": HR_RMAX,
                         "hr_floor": "h(r) MAE between two disjoint random draws of the reference with the replica's "
@@ -171,15 +173,17 @@ def summarize(cfg: SimulationConfig, ckpt: dict, statuses: List[dict], obs: Obse
 
 
 def analyze_state(state_file, forcefield=None, force_frames: Optional[int] = None, data_dir: Optional[str] = None,
-                  batch_size: int = 64, frames=None) -> dict:
+                  batch_size: int = 64, frames=None, device: str = "cpu") -> dict:
     """The summary of a run from its compact state file alone (``oreo-md simulate --state``): what the campaign
     report tabulates on a fresh clone, where the run directory is gone. ``frames``: ``(held_out, reference)``
-    (else loaded as in the simulation)."""
+    (else loaded as in the simulation); ``device``: where the force MAE is computed (not the device the run's last
+    piece used, which may be a GPU this machine lacks)."""
     from .rundir import read_state_file
     ckpt = read_state_file(state_file)
     if ckpt is None:
         raise MDInputError(f"state file '{state_file}' not found")
     cfg = SimulationConfig.from_dict(ckpt["config"])
+    cfg.device = device
     if data_dir is not None:
         cfg.data_dir = data_dir
     held_out, reference = frames if frames is not None else load_system_frames(cfg)

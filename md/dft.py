@@ -10,7 +10,9 @@ theory = rMD17's: PBE/def2-SVP. The model forces come with the frames, so the mo
   trajectory is gone; results beside it: ``<state>.dft_check.json`` and ``<state>.dft_forces.npz`` (small enough
   to commit).
 
-Every frame is saved as it finishes: a re-run with the same settings reuses finished frames.
+Every frame is saved as it finishes: a re-run with the same settings reuses finished frames (where the stored
+geometry is the frame's). A frame whose SCF does not converge (also with the second-order solver) is recorded as
+failed, left out of the MAE and not tried again with those settings.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ import numpy as np
 
 from forcefield.files import atomic_write
 from forcefield.evaluate import mae_rmse
+
+from forcefield.reference import SCFNotConverged
 
 from . import io
 from .errors import MDInputError
@@ -110,11 +114,17 @@ def sample_state_frames(state_file: Path, n_frames: int, seed: int, replica: Opt
     return [pool[k] for k in pick]
 
 
+def state_check_paths(state_file: Path) -> Dict[str, Optional[Path]]:
+    """Where the check of a state file writes its report and forces (beside it; no plot)."""
+    state_file = Path(state_file)
+    return {"json": state_file.with_suffix(".dft_check.json"), "npz": state_file.with_suffix(".dft_forces.npz"),
+            "png": None}
+
+
 def output_paths(source: Path) -> Dict[str, Optional[Path]]:
     """Where a check of ``source`` (run directory or state file) writes its report, forces and parity plot."""
     if source.is_file():
-        return {"json": source.with_suffix(".dft_check.json"), "npz": source.with_suffix(".dft_forces.npz"),
-                "png": None}
+        return state_check_paths(source)
     return {"json": source / DFT_JSON, "npz": source / "dft_forces.npz", "png": source / "dft_parity.png"}
 
 
@@ -140,33 +150,35 @@ def dft_check(run_dir, n_frames: int = 10, seed: int = 0, replica: Optional[int]
     frames = sample_state_frames(run_dir, n_frames, seed, replica) if run_dir.is_file() \
         else sample_frames(run_dir, n_frames, seed, replica)
     settings = {"xc": xc, "basis": basis, "grid_level": grid_level, "conv_tol": conv_tol}
-    done = {}
-    if paths["json"].is_file():
-        old = io.read_json(paths["json"])
-        if old.get("settings") == settings and paths["npz"].is_file():
-            cache = np.load(paths["npz"])
-            for k, rec in enumerate(old.get("frames", [])):
-                done[(rec["replica"], rec["step"])] = (rec["dft_energy_eV"], cache[f"dft_{k}"])
-    records, dft_all, model_all = [], [], []
+    done, failed_before = reusable_frames(paths, settings, frames)
+    records, dft_all, model_all, failed = [], [], [], []
     for fr in tqdm(frames, desc="DFT frames", disable=(not progress) if progress is not None else None):
         key = (fr["replica"], fr["step"])
+        where = {"replica": fr["replica"], "step": fr["step"], "time_ps": fr["time_ps"]}
+        if key in failed_before:
+            failed.append(failed_before[key])
+            continue
         if key in done:
             e, f = done[key][0], np.asarray(done[key][1])
         elif deadline is not None and time.perf_counter() >= deadline:
             continue                     # no new frame after the deadline; finished ones still count
         else:
-            e, f = dft_forces(fr["numbers"], fr["positions"], xc, basis, grid_level=grid_level,
-                              conv_tol=conv_tol, max_memory=max_memory)
+            try:
+                e, f = dft_forces(fr["numbers"], fr["positions"], xc, basis, grid_level=grid_level,
+                                  conv_tol=conv_tol, max_memory=max_memory)
+            except SCFNotConverged as exc:   # recorded (never retried with these settings), left out of the MAE
+                failed.append({**where, "error": str(exc)})
+                _write(paths, settings, records, dft_all, model_all, failed, frames)
+                continue
         err = fr["model_forces"] - f
-        records.append({"replica": fr["replica"], "step": fr["step"], "time_ps": fr["time_ps"],
-                        "dft_energy_eV": e, "force_mae_meV_per_A": mae_rmse(err)[0]})
+        records.append({**where, "dft_energy_eV": e, "force_mae_meV_per_A": mae_rmse(err)[0]})
         dft_all.append(f)
         model_all.append(fr["model_forces"])
-        _write(paths, settings, records, dft_all, model_all)
+        _write(paths, settings, records, dft_all, model_all, failed, frames)
     if not records:
         return {"settings": settings, "n_frames": 0, "force_mae_meV_per_A": None, "force_rmse_meV_per_A": None,
-                "frames": []}
-    report = _write(paths, settings, records, dft_all, model_all)
+                "frames": [], "n_failed": len(failed), "failed_frames": failed}
+    report = _write(paths, settings, records, dft_all, model_all, failed, frames)
     if paths["png"] is not None:
         from .plots import plot_parity
         plot_parity(paths["png"], np.concatenate(dft_all), np.concatenate(model_all),
@@ -174,12 +186,43 @@ def dft_check(run_dir, n_frames: int = 10, seed: int = 0, replica: Optional[int]
     return report
 
 
-def _write(paths: Dict[str, Optional[Path]], settings, records, dft_all, model_all) -> dict:
-    mae, rmse = mae_rmse(np.concatenate(model_all) - np.concatenate(dft_all))
+def reusable_frames(paths: Dict[str, Optional[Path]], settings: dict, frames: List[dict]):
+    """What an earlier check with the same settings left for these frames: ``(done, failed)``, keyed by (replica,
+    step). A frame counts only where its stored geometry is this one's (a report of an earlier run of the same
+    state path, e.g. one started again with another model, describes other frames)."""
+    done, failed = {}, {}
+    if not paths["json"].is_file():
+        return done, failed
+    old = io.read_json(paths["json"])
+    if old.get("settings") != settings:
+        return done, failed
+    here = {(fr["replica"], fr["step"]): fr["positions"] for fr in frames}
+
+    def same(key, positions) -> bool:
+        return key in here and (positions is None or np.allclose(positions, here[key], atol=1e-6))
+    if paths["npz"].is_file():
+        cache = np.load(paths["npz"])
+        for k, rec in enumerate(old.get("frames", [])):
+            key = (rec["replica"], rec["step"])
+            if same(key, cache[f"pos_{k}"] if f"pos_{k}" in cache.files else None):   # reports before 2026-12-04 d
+                done[key] = (rec["dft_energy_eV"], cache[f"dft_{k}"])
+    for rec in old.get("failed_frames", []):
+        key = (rec["replica"], rec["step"])
+        if same(key, np.asarray(rec["positions"]) if "positions" in rec else None):
+            failed[key] = rec
+    return done, failed
+
+
+def _write(paths: Dict[str, Optional[Path]], settings, records, dft_all, model_all, failed, frames) -> dict:
+    where = {(fr["replica"], fr["step"]): fr["positions"] for fr in frames}
+    mae, rmse = mae_rmse(np.concatenate(model_all) - np.concatenate(dft_all)) if records else (None, None)
     report = {"settings": settings, "n_frames": len(records), "force_mae_meV_per_A": mae,
-              "force_rmse_meV_per_A": rmse, "frames": records}
+              "force_rmse_meV_per_A": rmse, "frames": records, "n_failed": len(failed),
+              "failed_frames": [{**r, "positions": np.asarray(where[(r["replica"], r["step"])]).tolist()}
+                                for r in failed]}
     arrays = {f"dft_{k}": f for k, f in enumerate(dft_all)}
     arrays.update({f"model_{k}": f for k, f in enumerate(model_all)})
+    arrays.update({f"pos_{k}": np.asarray(where[(r["replica"], r["step"])]) for k, r in enumerate(records)})
     def save(tmp):
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)

@@ -17,7 +17,8 @@ from forcefield.bonds import bond_lengths, find_bonds, first_unstable_frame, max
 from forcefield.evaluate import mae_rmse
 
 __all__ = ["HR_RMAX", "HR_BINS", "hr_bins", "pair_distances", "distance_histogram", "hr_mae", "force_errors",
-           "find_bonds", "bond_lengths", "max_bond_deviation", "first_unstable_frame", "speed_record"]
+           "find_bonds", "bond_lengths", "max_bond_deviation", "first_unstable_frame", "speed_record",
+           "timed_by_device"]
 
 HR_RMAX = 10.0   #: Å, upper edge of the h(r) histogram
 HR_BINS = 500    #: number of h(r) bins on (0, HR_RMAX]
@@ -76,6 +77,16 @@ def speed_record(wall_s: float, timed_steps: int, replicas: int, timestep_fs: fl
     rate = timed_steps / wall_s
     return {"steps_per_s": rate, "replica_steps_per_s": rate * replicas,
             "ns_per_day": rate * timestep_fs * 86400.0 / 1e6, "wall_s": wall_s, "timed_steps": timed_steps}
+
+
+def timed_by_device(ckpt: dict) -> dict:
+    """A run checkpoint's timing per device type, ``{"cpu": [seconds, steps], ...}``; one written before the
+    split had one device, the one its config names."""
+    by = ckpt.get("timed_by_device")
+    if by:
+        return {k: [float(v[0]), int(v[1])] for k, v in by.items()}
+    device = torch.device((ckpt.get("config") or {}).get("device") or "cpu").type
+    return {device: [float(ckpt.get("wall_s") or 0.0), int(ckpt.get("steps_timed") or 0)]}
 
 
 # ---------------------------------------------------------------------------------- forces

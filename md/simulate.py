@@ -25,6 +25,7 @@ from .config import SimulationConfig
 from .errors import MDInputError
 from .frames import describe_frames, load_system_frames, reference_bonds
 from .integrators import compute_forces, conserved_energy, make_integrator
+from .metrics import timed_by_device
 from .observables import Observables, replay_trajectories, sample_window_start
 from .rundir import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, prepare_run_dir
 from .potential import ForceField, load_model, model_fingerprint, model_metadata
@@ -81,6 +82,9 @@ class _Run:
         self.bonds: List[Tuple[np.ndarray, np.ndarray]] = []
         self.wall_s = 0.0
         self.steps_timed = 0
+        #: the same timing per device type ({"cpu": [seconds, steps], "cuda": ...}): pieces of one run may run on a
+        #: GPU and on CPUs, and a rate or an estimate of the time left is one device's
+        self.timed_by_device: Dict[str, List[float]] = {}
         self.model_meta: Dict[str, object] = {}
         self.frames: Dict[str, str] = {}
         self.obs = Observables(config.replicas, config.bond_threshold)
@@ -198,6 +202,14 @@ class _Run:
                 active[r] = False
         return replace(state, active=active)
 
+    def timed(self, seconds: float, steps: int) -> None:
+        """Add ``steps`` integration steps that took ``seconds`` of wall time to the run's timing."""
+        self.wall_s += seconds
+        self.steps_timed += steps
+        w = self.timed_by_device.setdefault(torch.device(self.config.device or "cpu").type, [0.0, 0])
+        w[0] += seconds
+        w[1] += steps
+
     def speed(self) -> Dict[str, Optional[float]]:
         """Steps per second etc. of the timed steps (:func:`md.metrics.speed_record`)."""
         from .metrics import speed_record
@@ -209,7 +221,8 @@ class _Run:
                    "state": state.to_dict(), "generator": self.generator.get_state(),
                    "generator_device": self.generator.device.type,
                    "files": self.files.sizes(), "status": [dict(s) for s in self.status],
-                   "wall_s": self.wall_s, "steps_timed": self.steps_timed, "model": self.model_meta,
+                   "wall_s": self.wall_s, "steps_timed": self.steps_timed, "timed_by_device": self.timed_by_device,
+                   "model": self.model_meta,
                    "frames": self.frames, "observables": self.obs.to_dict(),
                    "trajectory_from_step": self.trajectory_from_step, "completed": completed}
         self.files.flush(fsync=True)
@@ -304,6 +317,11 @@ def run_simulation(config: SimulationConfig, out_dir, potential=None, frames=Non
         from .poly24 import poly24_folder
         config.poly24_dir = str(poly24_folder(None, config.data_dir).resolve())   # recorded for later analysis
     ckpt, from_state = prepare_run_dir(out_dir, config, resume, overwrite, state_file)
+    if ckpt is None and state_file is not None:     # a new run on this state path: an old DFT check is not its
+        from .dft import state_check_paths
+        for path in state_check_paths(state_file).values():
+            if path is not None:
+                path.unlink(missing_ok=True)
     described = describe_frames(config, held_out, reference)
     if config.polymer:
         print(f"{config.system_name}: initial frames and force MAE from {described['held_out']}; "
@@ -352,6 +370,7 @@ def run_simulation(config: SimulationConfig, out_dir, potential=None, frames=Non
     run.deadline = deadline
     if ckpt is not None:
         run.wall_s, run.steps_timed = float(ckpt["wall_s"]), int(ckpt["steps_timed"])
+        run.timed_by_device = timed_by_device(ckpt)
         run.trajectory_from_step = int(state.step) if from_state else int(ckpt.get("trajectory_from_step") or 0)
     for r in range(state.n_systems):
         sel = (state.batch == r).cpu().numpy()
@@ -454,8 +473,7 @@ def _loop(run: _Run, state: MDState, integrator) -> MDState:
             state = run.observe(state)
             last_logged = state.step
             now = time.perf_counter()
-            run.wall_s += now - t0
-            run.steps_timed += state.step - steps0
+            run.timed(now - t0, state.step - steps0)
             t0, steps0 = now, state.step
             if state.step % ckpt_every == 0 or state.step == n_steps:
                 run.checkpoint(state)
@@ -473,6 +491,5 @@ def _loop(run: _Run, state: MDState, integrator) -> MDState:
                 run.on_log(state)
         progress(state)
     if state.step != last_logged:   # every replica stopped between two log steps
-        run.wall_s += time.perf_counter() - t0
-        run.steps_timed += state.step - steps0
+        run.timed(time.perf_counter() - t0, state.step - steps0)
     return state

@@ -52,6 +52,37 @@ def test_pieces_on_fresh_clones_equal_one_run(tmp_path, thermostat):
     assert s3["hr_mae"] == s1["hr_mae"] and s3["stability_ps"] == s1["stability_ps"]
 
 
+def test_pieces_on_a_gpu_are_timed_apart_and_the_report_reads_their_state_on_the_cpu(tmp_path):
+    """A run's timing is kept per device type, so a GPU piece's speed does not pass for the CPU's (the campaign's
+    steps/s and CPU-h to go are the CPU's); a state whose last piece ran on a GPU is summarised on the CPU."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import campaign
+    pot, frames = ethanol_setup()
+    _, state = piecewise(tmp_path, config(), pot, frames, [0.05, 0.1])
+    ck = io.load_checkpoint(state)
+    (cpu_s, cpu_steps), = ck["timed_by_device"].values()
+    assert list(ck["timed_by_device"]) == ["cpu"] and cpu_steps == ck["steps_timed"] == 200
+    assert cpu_s == pytest.approx(ck["wall_s"])
+    ck["config"]["device"] = "cuda"                                  # as a GPU piece (campaign_gpu.py) leaves it
+    ck["timed_by_device"]["cuda"] = [1.0, 1000]
+    ck["wall_s"], ck["steps_timed"] = ck["wall_s"] + 1.0, ck["steps_timed"] + 1000
+    torch.save(ck, state)
+    from md.potential import ForceField
+    summary = analyze_state(state, forcefield=ForceField(pot), force_frames=5, frames=(frames, frames))   # on the CPU
+    assert summary["force_mae_meV_per_A"] is not None
+    assert summary["speed_by_device"]["cuda"]["steps_per_s"] == pytest.approx(1000.0)
+    assert campaign.md_cpu_speed(summary)["steps_per_s"] == pytest.approx(cpu_steps / cpu_s)
+    summary.update(threads=1, requested_ps=300.0)
+    left_steps = (300.0 - summary["simulated_ps"]) * 1000.0 / summary["timestep_fs"]
+    assert campaign.md_hours_to_go(summary) == pytest.approx(left_steps * cpu_s / cpu_steps / 3600.0)
+    # an old state (no per-device timing) counts as its config's device
+    del ck["timed_by_device"]
+    from md.metrics import timed_by_device
+    assert list(timed_by_device(ck)) == ["cuda"]
+
+
 def test_observables_equal_the_trajectory_replay(tmp_path):
     """What the simulation accumulates is what the trajectory files give (checkpoints without observables)."""
     pot, frames = ethanol_setup()
@@ -192,6 +223,31 @@ def test_dft_check_of_a_state_file_uses_its_frame_sample_and_saves_each_frame(tm
     assert main(["dft-check", str(state), "--frames", "5", "--max-minutes", "1e-9"]) == 0   # no new frame started
     assert len(calls) == 3 and json.loads(state.with_suffix(".dft_check.json").read_text())["n_frames"] == 3
     assert main(["dft-check", str(state), "--frames", "5"]) == 0 and len(calls) == 5   # the same call continues
+
+    # a frame whose SCF does not converge is recorded, left out of the MAE and not tried again
+    from forcefield.reference import SCFNotConverged
+
+    def no_scf(numbers, positions, xc, basis, **kw):
+        calls.append(positions)
+        raise SCFNotConverged("did not converge")
+    monkeypatch.setattr(md.dft, "dft_forces", no_scf)
+    assert main(["dft-check", str(state), "--frames", "6"]) == 0 and len(calls) == 6
+    report = json.loads(state.with_suffix(".dft_check.json").read_text())
+    assert report["n_frames"] == 5 and report["n_failed"] == 1
+    assert report["force_mae_meV_per_A"] == pytest.approx(10.0, abs=1e-6)
+    assert main(["dft-check", str(state), "--frames", "6"]) == 0 and len(calls) == 6
+
+    # a new run on the same state path (here: started again) drops the old report; and a report whose geometries
+    # are not the state's frames is not reused
+    old_report = state.with_suffix(".dft_check.json").read_text()
+    old_forces = state.with_suffix(".dft_forces.npz").read_bytes()
+    run_simulation(config(ps=0.05, analyze=False, seed=7), tmp_path / "r2", potential=pot, frames=(frames, frames),
+                   progress=False, state_file=state, overwrite=True)
+    assert not state.with_suffix(".dft_check.json").exists() and not state.with_suffix(".dft_forces.npz").exists()
+    state.with_suffix(".dft_check.json").write_text(old_report)
+    state.with_suffix(".dft_forces.npz").write_bytes(old_forces)
+    monkeypatch.setattr(md.dft, "dft_forces", fake_dft)
+    assert main(["dft-check", str(state), "--frames", "3"]) == 0 and len(calls) == 6 + 3
 
 
 @pytest.mark.slow

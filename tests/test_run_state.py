@@ -330,6 +330,7 @@ def test_campaign_md_job_pins_its_model_and_continues_from_its_state(tmp_path, m
     assert cmd[:3] == ["nice", "-n", "10"] and cmd[4:7] == ["-m", "md.cli", "simulate"]
     assert cmd[cmd.index("--state") + 1] == str(tmp_path / "state" / "md-test.pt")
     assert cmd[cmd.index("--max-minutes") + 1] == "10.00" and cmd[cmd.index("--ps") + 1] == "300"
+    assert cmd[cmd.index("--device") + 1] == "cpu"        # after a GPU piece, whose state says cuda
     pinned = REPO / cmd[cmd.index("--model") + 1]
     from forcefield.io import resolve_model_path
     assert pinned.read_bytes() == resolve_model_path("ethanol").read_bytes()    # a copy: git stores it once
