@@ -282,9 +282,11 @@ def merged_results(path: Path, results: List[Dict], qm9: List[Dict]):
     if not path.is_file():
         raise FileNotFoundError(f"--merge: no results file {path}")
     old = json.loads(path.read_text())
-    have = {(r["molecule"], r["size"], r["method"]) for r in results}
+    def key(r):
+        return r["molecule"], r["size"], r["method"], r.get("seed", 1)
+    have = {key(r) for r in results}
     have_q = {(r["property"], r["method"]) for r in qm9}
-    results = [r for r in old.get("forcefield", []) if (r["molecule"], r["size"], r["method"]) not in have] + results
+    results = [r for r in old.get("forcefield", []) if key(r) not in have] + results
     qm9 = [r for r in old.get("qm9", []) if (r["property"], r["method"]) not in have_q] + qm9
     return results, qm9
 
@@ -578,7 +580,10 @@ def main(argv=None) -> int:
     grid = GridState(Path(args.state), grid_settings(args, backbones)) if args.state else None
     started = time.time()
     md_minutes = args.md_minutes_per_ps * args.md_ps if args.md_ps else 0.0
-    run_minutes = (args.finetune_cpu_minutes or args.finetune_minutes or 0.0) + md_minutes
+    # the wall minutes a run needs (one thread: a CPU-time budget takes at least as long), so none starts too late
+    run_minutes = {"forcefield": (args.finetune_cpu_minutes or args.finetune_minutes or 0.0) + md_minutes,
+                   "qm9": min([m for m in (args.qm9_cpu_minutes or args.finetune_cpu_minutes,
+                                           args.qm9_minutes or args.finetune_minutes) if m] or [0.0])}
 
     left = 0
     index = -1
@@ -596,7 +601,7 @@ def main(argv=None) -> int:
         row = grid.row(table, key) if grid else None
         if row is not None:
             return row
-        if args.max_minutes is not None and minutes_left() < run_minutes:
+        if args.max_minutes is not None and minutes_left() < run_minutes[table]:
             left += 1
             return None
         if args.max_minutes is not None and args.finetune_steps:   # a step budget: the time left caps the run
@@ -617,6 +622,9 @@ def main(argv=None) -> int:
         r = run_finetune(mol, size, m, pretrained.get(m), args, smoke, log, seed)
         capped = args.cell_deadline_minutes is not None and args.cell_deadline_minutes < (args.finetune_minutes or math.inf)
         if capped and str(r.get("stop_reason", "")).startswith("time budget"):
+            # its test_metrics.json would pass for a finished run: gone, so that a later invocation in this folder
+            # resumes the run from its last.pt instead of finding it "done" and cutting it again
+            (Path(args.out) / "finetune" / cell_dir(mol, size, m, seed) / "test_metrics.json").unlink(missing_ok=True)
             raise CutShort(f"stopped at this invocation's end ({r['stop_reason'].split(' (')[0]}) before its "
                            f"{args.finetune_steps} steps")
         if args.max_minutes is not None:                 # the MD gets what is left of the piece, and no more

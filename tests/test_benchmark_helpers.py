@@ -27,6 +27,12 @@ def test_merge_fills_only_missing_cells(tmp_path):
     assert qm9 == old["qm9"]
     with pytest.raises(FileNotFoundError, match="--merge"):
         pretrain_finetune.merged_results(tmp_path / "missing.json", new, [])
+    # seeds are cells of their own: an invocation that ran seed 1 again keeps the earlier seeds 2 and 3
+    old = {"forcefield": [{"molecule": "ethanol", "size": 50, "method": "scratch", "seed": s,
+                           "forces_mae_meV_per_A": float(s)} for s in (1, 2, 3)], "qm9": []}
+    path.write_text(json.dumps(old))
+    rows, _ = pretrain_finetune.merged_results(path, [{**old["forcefield"][0], "forces_mae_meV_per_A": 9.0}], [])
+    assert sorted((r["seed"], r["forces_mae_meV_per_A"]) for r in rows) == [(1, 9.0), (2, 2.0), (3, 3.0)]
 
 
 def test_speed_benchmark_refuses_exploded_md():
@@ -128,13 +134,19 @@ def test_grid_shards_merge_into_one_state_and_a_run_cut_by_the_deadline_is_not_a
         pretrain_finetune.merge_grid_states(base, [{**shards[0], "settings": {}}], 0.5)
 
     # the invocation's deadline caps a step-budgeted run; one it cut is left for later, not recorded
-    monkeypatch.setattr(pretrain_finetune, "run_finetune", lambda *a, **k: {
-        "forces_mae_meV_per_A": 1.0, "stop_reason": "time budget of 3 min reached (continue with --resume)"})
+    def cut_finetune(mol, size, method, pretrained, args, smoke, log, seed=1):
+        out = Path(args.out) / "finetune" / pretrain_finetune.cell_dir(mol, size, method, seed)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "test_metrics.json").write_text("{}")          # as Trainer.fit writes it when its time is up
+        return {"forces_mae_meV_per_A": 1.0, "stop_reason": "time budget of 3 min reached (continue with --resume)"}
+    monkeypatch.setattr(pretrain_finetune, "run_finetune", cut_finetune)
     state = tmp_path / "cut.json"
     assert pretrain_finetune.main(common + ["--out", str(tmp_path / "cut"), "--state", str(state),
                                             "--max-minutes", "60"]) == 0
     cut = json.loads(state.read_text())
     assert cut["forcefield"] == [] and not cut["complete"]
+    # and it is not "done" in that folder for the next invocation, which resumes it from its last.pt
+    assert not list((tmp_path / "cut" / "finetune").rglob("test_metrics.json"))
 
     # so does the MD of a fine-tuned model: paused at the piece's end (run_one gives None), the run is not recorded
     monkeypatch.setattr(pretrain_finetune, "run_finetune", fake_finetune)
@@ -171,3 +183,16 @@ def test_the_grids_compile_flag_compiles_et_runs_only_and_leaves_the_cells_compa
                    for m in methods)
     assert p.grid_settings(args[True], {}) == p.grid_settings(args[False], {})
     assert "compile" not in p.FINETUNE_OPTIM
+
+
+def test_a_qm9_run_starts_only_with_its_budget_left_in_the_piece(tmp_path, monkeypatch, capsys):
+    """A QM9 cell budgeted in CPU minutes needs at least that many wall minutes (one thread): a piece with less
+    time left leaves it for later instead of starting it and running past its end."""
+    monkeypatch.setattr(pretrain_finetune, "run_property", lambda *a, **k: pytest.fail("started too late"))
+    common = ["--methods", "scratch", "--molecules", "--properties", "gap", "--no-progress", "--hidden", "16",
+              "--layers", "2", "--qm9-cpu-minutes", "60", "--state", str(tmp_path / "q.json")]
+    assert pretrain_finetune.main(common + ["--out", str(tmp_path / "a"), "--max-minutes", "30"]) == 0
+    assert "1 run(s) left" in capsys.readouterr().out
+    monkeypatch.setattr(pretrain_finetune, "run_property", lambda *a, **k: {"test_mae": 1.0, "curve": []})
+    assert pretrain_finetune.main(common + ["--out", str(tmp_path / "b"), "--max-minutes", "90"]) == 0
+    assert json.loads((tmp_path / "q.json").read_text())["qm9"][0]["test_mae"] == 1.0
