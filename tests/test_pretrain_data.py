@@ -324,6 +324,23 @@ def test_strict_protocol_drops_every_copy_of_a_target_molecule():
 
 
 @have_rmd17
+def test_strict_protocol_leaves_target_molecules_out_of_rmd17_sources_by_name():
+    """Under the strict protocol an rMD17 source does not even read a target molecule (its test files hold two
+    salicylic-acid frames with a shared proton, whose bond graph is not the molecule's): every split is safe."""
+    from forcefield.pretrain.corpus import build_corpus
+    said = []
+    leakage = {"protocol": "strict", "targets": ["ethanol"], "split_indices": [1]}
+    src = {"name": "md", "reader": "rmd17", "kind": "off-equilibrium", "molecules": ["ethanol", "malonaldehyde"],
+           "split": "test", "split_indices": [1]}
+    corpus = build_corpus({"leakage": leakage, "sources": [src]}, log=said.append)
+    assert len(corpus) == len(load_rmd17("malonaldehyde", "test", 1))
+    assert corpus.report["sources"][0]["target_molecules_left_out"] == ["ethanol"]
+    assert any("left out by name" in line for line in said)
+    with pytest.raises(ValueError, match="holds only fine-tuning targets"):
+        build_corpus({"leakage": leakage, "sources": [{**src, "molecules": ["ethanol"]}]}, log=said.append)
+
+
+@have_rmd17
 def test_paper_protocol_drops_only_test_frames_wherever_they_come_from():
     train = load_rmd17("ethanol", "train", 1).subset(np.arange(8))
     test = load_rmd17("ethanol", "test", 1).subset(np.arange(5))

@@ -1,6 +1,7 @@
 """The pretraining loop (loss goes down, exact resume, files), fine-tuning from its checkpoint, the CLI."""
 import csv
 import json
+import warnings
 import os
 from pathlib import Path
 
@@ -27,7 +28,7 @@ TINY_ET = {"name": "et", "hidden": 16, "num_layers": 2, "num_heads": 2, "num_rbf
 TINY_EGNN = {"name": "egnn", "hidden": 16, "num_layers": 2, "cutoff": None, "num_rbf": 8}
 
 
-def tiny_corpus(seed=0):
+def tiny_corpus(seed=0, names=("eth", "water")):
     """Off-equilibrium 'ethanol' with forces of a harmonic well, and equilibrium water."""
     rng = np.random.default_rng(seed)
     disp = 0.05 * rng.normal(size=(6, 9, 3))
@@ -35,7 +36,7 @@ def tiny_corpus(seed=0):
     water = np.array([[0.0, 0.0, 0.1173], [0.0, 0.7572, -0.4692], [0.0, -0.7572, -0.4692]])
     wat = ConformationSet.from_arrays([8, 1, 1], water[None] + 0.01 * rng.normal(size=(4, 3, 3)),
                                       equilibrium=np.ones(4, bool), source="water")
-    return Corpus([eth, wat], names=["eth", "water"])
+    return Corpus([eth, wat], names=list(names))
 
 
 def tiny_config(method="et-oreo", model=TINY_ET, objectives=None, **optim):
@@ -145,13 +146,17 @@ def test_finetune_forcefield_runs_with_the_training_trainer(tmp_path):
 
 @pytest.mark.skipif(not QM9_DB.is_file(), reason="SchNetPack QM9 test database not found")
 def test_property_finetune_loads_backbone_and_reports_meV(tmp_path):
-    tr = Pretrainer(tiny_config(max_steps=2), tmp_path / "pre", corpus=tiny_corpus(), progress=False,
-                    log=lambda s: None)
+    tr = Pretrainer(tiny_config(max_steps=2), tmp_path / "pre", corpus=tiny_corpus(names=("eth", "qm9-water")),
+                    progress=False, log=lambda s: None)
     tr.fit()
     cfg = PropertyConfig(property="homo", source=str(QM9_DB), split="random", train_size=8, val_size=4,
                          test_size=4, epochs=1, batch_size=4, lr_warmup_steps=1)
-    pt = PropertyTrainer(cfg, tmp_path / "homo", pretrained=tmp_path / "pre" / "pretrained.pt", progress=False,
-                         log=lambda s: None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pt = PropertyTrainer(cfg, tmp_path / "homo", pretrained=tmp_path / "pre" / "pretrained.pt", progress=False,
+                             log=lambda s: None)
+    # the backbone saw QM9 molecules: a random split's test MAE is on molecules it has seen, and it says so
+    assert any("split 'random'" in str(w.message) and "qm9-water" in str(w.message) for w in caught)
     ref = tr.task.potential.state_dict()
     backbone = {k[len("potential."):]: v for k, v in pt.model.state_dict().items() if k.startswith("potential.backbone.")}
     assert backbone and all(torch.equal(v, ref[k].float()) for k, v in backbone.items())
@@ -363,6 +368,10 @@ def test_a_packed_corpus_holds_the_float32_batches_and_resumes_the_same_run(tmp_
         assert torch.equal(v, started_packed.task.state_dict()[k]), k
     with pytest.raises(ValueError, match="not a packed oreo corpus"):
         load_packed_corpus(tmp_path / "straight" / "metrics.csv")
+    # packed for ET-ORO, it cannot run ET-OREO, whose equilibrium terms would find no frame (it would be ET-ORO)
+    with pytest.raises(ValueError, match="holds no frames of 'hf' \\(equilibrium, 5 frames\\).*packed for another"):
+        Pretrainer(tiny_config("et-oreo", max_steps=6, batch_size=3), tmp_path / "oreo", corpus=oro, progress=False,
+                   log=quiet)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (runs on the device machine)")

@@ -271,6 +271,23 @@ class Corpus:
                              source=t(self.source_index[frames], torch.long))
 
 
+def _without_target_molecules(spec: SourceConfig, targets) -> tuple:
+    """An rMD17 / MD17 source without the fine-tuning targets among its molecules, by name (the strict protocol
+    also drops every frame whose bond graph is a target's; a frame with a shared proton can escape that, so the
+    name decides first) -> (source, names left out)."""
+    from dataclasses import replace
+    from ..data.md17 import MD17_MOLECULES
+    from ..data.rmd17 import RMD17_MOLECULES, canonical_molecule
+    mols = spec.molecules or "all"
+    names = list(RMD17_MOLECULES if spec.reader == "rmd17" else MD17_MOLECULES) if mols == "all" else \
+        ([mols] if isinstance(mols, str) else list(mols))
+    out = [m for m in names if canonical_molecule(m) in targets]
+    if out and len(out) == len(names):
+        raise ValueError(f"corpus source '{spec.name or spec.reader}' holds only fine-tuning targets ({', '.join(out)}), "
+                         f"which the strict leakage protocol keeps out of pretraining; remove the source")
+    return (replace(spec, molecules=[m for m in names if m not in out]) if out else spec), out
+
+
 def build_corpus(cfg: Union[CorpusConfig, Dict, List], data_dir=None, log=print) -> Corpus:
     """Load every source, apply the leakage protocol, and assemble the :class:`Corpus`."""
     cfg = corpus_config_from_obj(cfg)
@@ -287,6 +304,12 @@ def build_corpus(cfg: Union[CorpusConfig, Dict, List], data_dir=None, log=print)
     targets = resolve_targets(cfg.leakage, data_dir) if cfg.leakage.protocol != "none" else []
     sets, report = [], {"leakage": asdict(cfg.leakage), "sources": []}
     for k, spec in enumerate(cfg.sources):
+        by_name = []
+        if cfg.leakage.protocol == "strict" and spec.reader in ("rmd17", "md17"):
+            spec, by_name = _without_target_molecules(spec, {t.name for t in targets})
+            if by_name:
+                log(f"corpus: {spec.name or spec.reader}: target molecule(s) {', '.join(by_name)} left out by name "
+                    f"(strict protocol)")
         cset = load_source(spec, data_dir, cfg.seed)
         if cset.meta.get("qm9_split") in ("test", "all") and cfg.leakage.protocol != "none":
             raise ValueError(f"corpus source '{spec.name or cset.source}' was generated from QM9 split "
@@ -295,7 +318,8 @@ def build_corpus(cfg: Union[CorpusConfig, Dict, List], data_dir=None, log=print)
         keep, rep = apply_leakage_filter(cset, cfg.leakage, targets)
         name = spec.name or cset.source
         sets.append(cset.subset(np.flatnonzero(keep)))
-        report["sources"].append({"name": name, "reader": spec.reader, "kind": spec.kind, **rep})
+        report["sources"].append({"name": name, "reader": spec.reader, "kind": spec.kind, **rep,
+                                  **({"target_molecules_left_out": by_name} if by_name else {})})
         log(f"corpus: {name}: {rep['kept']} of {rep['frames']} frames kept ({spec.kind})"
             + (f", dropped {rep['dropped']}" if any(rep["dropped"].values()) else ""))
     return Corpus(sets, [s.weight for s in cfg.sources], [s.name or c.source for s, c in zip(cfg.sources, sets)],

@@ -10,6 +10,7 @@ targets. :func:`finetune_property` trains it with :class:`PropertyTrainer` (the 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Union
@@ -203,6 +204,13 @@ class PropertyTrainer(EpochTrainer):
         if pretrained is not None:
             pot, self.pretrained_info = load_pretrained(pretrained)
             backbone = dict(pot.config["backbone"])
+            seen = [c.get("name") for c in self.pretrained_info.get("corpus") or []
+                    if "qm9" in str(c.get("name", "")).lower() and c.get("frames")]
+            if cfg.split == "random" and seen and splits is None:      # a smoke test may mean it; a benchmark not
+                warnings.warn(f"split 'random' draws its test molecules from all of QM9, but the backbone "
+                              f"{self.pretrained_info.get('path')} was pretrained on QM9 ({', '.join(seen)}): its test "
+                              f"MAE is on molecules it has seen; use split: qm9 (the fixed split, whose test molecules "
+                              f"pretraining never reads) for a number to report", stacklevel=2)
         model = PropertyModel(backbone, cfg.reduce, float(np.mean(y)), float(np.std(y)) or 1.0, cfg.property,
                               self.unit)
         if pretrained is not None:

@@ -143,6 +143,7 @@ class Pretrainer(TrainingRun):
         # sources that no objective uses (e.g. equilibrium geometries for ET-ORO) are not drawn at all
         in_use = self.corpus.sources_used(self.task.frames_used(self.corpus.has_forces,
                                                                 self.corpus.frames.equilibrium))
+        self._refuse_sources_left_out()
         self.source_weights = self.corpus.weights.copy()
         for k, name in enumerate(self.corpus.names):
             if not in_use[k] and len(self.corpus.source_frames(k)) and self.source_weights[k] > 0:
@@ -160,6 +161,22 @@ class Pretrainer(TrainingRun):
         self.csv_fields = (["step", "epoch", "lr", "loss"] + self.part_names
                            + ["frames", "elapsed_s", "steps_per_s", "cpu_hours"])
         self.curves = (Panel("", "loss", [("loss", "total")] + [(k, k) for k in weights]),)
+
+    def _refuse_sources_left_out(self) -> None:
+        """A packed corpus keeps only the sources its packing method used: one that this method's objectives need
+        but that has no frames here would turn the method into another (ET-OREO without its equilibrium terms is
+        ET-ORO) without a word, so it is an error."""
+        missing = []
+        for k, declared in enumerate(self.corpus.summary()):
+            if declared.get("frames") and not len(self.corpus.source_frames(k)) and bool(self.task.frames_used(
+                    np.array([bool(declared.get("forces"))]),
+                    np.array([declared.get("kind") == "equilibrium"]))[0]):
+                missing.append(f"'{declared['name']}' ({declared.get('kind')}, {declared['frames']} frames)")
+        if missing:
+            raise ValueError(f"the corpus holds no frames of {', '.join(missing)}, which the objectives of this "
+                             f"method ({', '.join(self.weights)}) use: it was packed for another method. Pack it "
+                             f"for this one (`oreo pretrain --config <this method's config> --corpus ... "
+                             f"--pack-corpus FILE`) or build it from its sources")
 
     # ------------------------------------------------------------------ schedule
     def _lr_factor(self, step: int) -> float:
