@@ -1,4 +1,5 @@
 """ASE calculator: ``atoms.calc = OreoCalculator("aspirin.pt")``. Knows nothing of training."""
+import copy
 from pathlib import Path
 from typing import Union
 
@@ -8,7 +9,7 @@ from ase.calculators.calculator import Calculator, all_changes
 
 from .committee import SPREAD_PROPERTIES, is_committee
 from .devices import resolve_device
-from .io import load_potential
+from .io import cast_potential, load_potential
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32,
           torch.float64: torch.float64}
@@ -46,8 +47,8 @@ class OreoCalculator(Calculator):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
         self.dtype = DTYPES[dtype]
         self.device = resolve_device(device, "device")
-        if isinstance(model, torch.nn.Module):
-            self.potential = model.to(self.device).eval()
+        if isinstance(model, torch.nn.Module):   # a copy in the asked dtype: the caller's module stays as it is
+            self.potential = cast_potential(copy.deepcopy(model), self.device, self.dtype).eval()
         else:
             self.potential = load_potential(model, device=self.device, dtype=self.dtype)
         self.cutoff = float(self.potential.cutoff)

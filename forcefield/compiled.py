@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from .allocator import keep_freed_memory
 from .graph import half_pairs
 from .io import FileFormat, cast_potential, load_potential, register_file_format
-from .potential import check_pair_distances, checked_batch, graph_sum
+from .potential import check_pair_distances, checked_batch, checked_cell, graph_sum
 from .traced import (EXPORT_TOLERANCE, NO_BUFFER_REUSE, EnergyForces, check_against_eager,  # noqa: F401
                      default_inductor_configs, pairs_and_shifts, traceable)
 
@@ -232,6 +232,7 @@ class CompiledPotential(nn.Module):
                 cell: Optional[Tensor] = None, pbc: Optional[Tensor] = None, with_reference: bool = True,
                 compute_forces: bool = True) -> Dict[str, Tensor]:
         batch, num_graphs = checked_batch(numbers, positions, batch, self.known_elements)
+        cell, pbc = checked_cell(cell, pbc, num_graphs)
         n = positions.shape[0]
         pos = positions.detach().to(self.dtype)
         cell = cell.to(self.dtype) if cell is not None else None

@@ -34,6 +34,7 @@ from .version import __version__
 from .committee import refuse_export
 from .files import atomic_torch_save
 from .io import cast_potential, load_potential
+from .potential import Potential
 
 EXPORT_FORMAT = "oreo-torchscript"
 EXPORT_FORMAT_VERSION = 1
@@ -63,14 +64,14 @@ def export_torchscript(model: Union[str, Path, torch.nn.Module], out: Union[str,
     else:  # never change the caller's module
         pot = cast_potential(copy.deepcopy(model), "cpu", dtype)
     refuse_export(pot, "TorchScript")
+    if not isinstance(pot, Potential):      # a TorchScript or AOTInductor export: its maker's dtype and build
+        raise ValueError(f"{model if isinstance(model, (str, Path)) else type(model).__name__} is already an export "
+                         f"({type(pot).__name__}); export from the oreo model file it was made from")
     pot = pot.eval()
-    if isinstance(pot, torch.jit.ScriptModule):
-        scripted = pot
-    else:
-        pot.set_metadata(export_format=EXPORT_FORMAT, export_format_version=EXPORT_FORMAT_VERSION,
-                         export_dtype=str(pot.scale.dtype).replace("torch.", ""), oreo_version=__version__,
-                         repulsion=pot.config.get("repulsion"), **EXPORT_SIGNATURE)
-        scripted = torch.jit.script(pot)
+    pot.set_metadata(export_format=EXPORT_FORMAT, export_format_version=EXPORT_FORMAT_VERSION,
+                     export_dtype=str(pot.scale.dtype).replace("torch.", ""), oreo_version=__version__,
+                     repulsion=pot.config.get("repulsion"), **EXPORT_SIGNATURE)
+    scripted = torch.jit.script(pot)
     extra = {"oreo_metadata.json": scripted.metadata_json}
     return atomic_torch_save(scripted, out, jit=True, _extra_files=extra)
 

@@ -88,11 +88,13 @@ def _is_torchscript(path: Path) -> Optional[Dict[str, Any]]:
 
 
 def _load_torchscript(path: Path, header: Dict[str, Any], device, dtype) -> nn.Module:
+    """A TorchScript export on ``device``, in the dtype it was exported in (``dtype`` is not applied: a float64
+    export asked for by its maker stays float64, as an AOTInductor package does)."""
     try:
         mod = torch.jit.load(str(path), map_location=device)
     except Exception as exc:
         raise ModelFileError(f"cannot load TorchScript file {path}: {exc}") from None
-    return cast_potential(mod, device, dtype)
+    return cast_potential(mod, device, None)
 
 
 _RECORD_FORMATS: Dict[str, RecordFormat] = {

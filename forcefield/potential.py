@@ -34,6 +34,8 @@ def check_inputs(numbers: Tensor, positions: Tensor, batch: Tensor, known_elemen
     """Clear errors for malformed input, NaN positions and elements the model never saw."""
     if positions.dim() != 2 or positions.shape[1] != 3:
         raise ValueError("positions must have shape (N, 3) in Å")
+    if not positions.is_floating_point():
+        raise ValueError("positions must be float32 or float64 (Å), not an integer tensor")
     if numbers.shape[0] != positions.shape[0] or batch.shape[0] != positions.shape[0]:
         raise ValueError("numbers, positions and batch must have the same number of atoms")
     if not bool(torch.isfinite(positions).all()):
@@ -170,6 +172,26 @@ def checked_batch(numbers: Tensor, positions: Tensor, batch: Optional[Tensor],
     return batch, (int(batch.max()) + 1 if batch.numel() > 0 else 0)
 
 
+def checked_cell(cell: Optional[Tensor], pbc: Optional[Tensor],
+                 num_graphs: int) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """``cell`` as (B, 3, 3) Å and ``pbc`` as (B, 3), one per molecule of the batch; one molecule's (3, 3) cell
+    and (3,) pbc (what ``atoms.cell[:]`` and ``atoms.pbc`` give) are taken as such. Other shapes are an error:
+    a (1, 3) pbc against a batch's atoms would broadcast into a wrong energy without one."""
+    if cell is not None:
+        if cell.dim() == 2 and num_graphs == 1:
+            cell = cell.unsqueeze(0)
+        if cell.dim() != 3 or cell.shape[0] != num_graphs or cell.shape[1] != 3 or cell.shape[2] != 3:
+            raise ValueError("cell must have shape (B, 3, 3) in Å (rows: the lattice vectors; B: the molecules of "
+                             "the batch), or (3, 3) for one structure")
+    if pbc is not None:
+        if pbc.dim() == 1 and num_graphs == 1:
+            pbc = pbc.unsqueeze(0)
+        if pbc.dim() != 2 or pbc.shape[0] != num_graphs or pbc.shape[1] != 3:
+            raise ValueError("pbc must have shape (B, 3) (bool: periodic along each lattice vector; B: the "
+                             "molecules of the batch), or (3,) for one structure")
+    return cell, pbc
+
+
 class Potential(nn.Module):
     __jit_unused_properties__ = ["metadata", "elements", "config"]
 
@@ -277,6 +299,7 @@ class Potential(nn.Module):
                 cell: Optional[Tensor] = None, pbc: Optional[Tensor] = None, with_reference: bool = True,
                 compute_forces: bool = True) -> Dict[str, Tensor]:
         batch, num_graphs = checked_batch(numbers, positions, batch, self.known_elements)
+        cell, pbc = checked_cell(cell, pbc, num_graphs)
         create_graph = self.training
         if compute_forces:
             if not torch.is_grad_enabled():

@@ -114,8 +114,8 @@ class OreoModel(ModelInterface):
             pot = model
         else:
             dev = resolve_device(device, "device") if device is not None else torch.device("cpu")
-            dt = dtype if dtype is not None else torch.float32
-            pot = load_potential(model, device=dev, dtype=dt)
+            pot = load_potential(model, device=dev, dtype=dtype if dtype is not None else torch.float32)
+            dt = _module_dtype(pot)      # an export computes in its own dtype, and torch-sim's states must match it
         self.potential = pot.eval()
         self.cutoff = float(pot.cutoff)
         self._device = dev

@@ -227,3 +227,35 @@ def test_one_dispatch_reads_every_kind_of_model_file(model_file, tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):      # ModelFileNotFound is both
         open_model_file(tmp_path / "missing.pt")
     assert issubclass(ModelFileNotFound, ModelFileError)
+
+
+def test_exports_keep_their_dtype_and_a_users_module_is_left_as_it_is(model_file, tmp_path):
+    """A float64 TorchScript export computes in float64 wherever it is loaded (as a .pt2 does); the calculator
+    works on a copy of a module it is given, in the dtype asked for; an export is not exported again."""
+    ts64 = export_torchscript(model_file, tmp_path / "ts64.pt", dtype=torch.float64)
+    assert OreoCalculator(ts64).potential.scale.dtype == torch.float64
+    assert load_potential(ts64).scale.dtype == torch.float64
+    mine = tiny_potential(dtype=torch.float32).train()
+    calc = OreoCalculator(mine, dtype="float64")
+    assert calc.potential.scale.dtype == torch.float64 and not calc.potential.training
+    assert mine.scale.dtype == torch.float32 and mine.training                 # the caller's module untouched
+    with pytest.raises(ValueError, match="already an export.*from the oreo model file"):
+        export_torchscript(ts64, tmp_path / "again.pt")
+
+
+def test_one_structures_cell_and_pbc_as_ase_gives_them_and_bad_shapes_are_errors(model_file):
+    """``atoms.cell[:]`` (3, 3) and ``atoms.pbc`` (3,) are one structure's cell and pbc; shapes that would broadcast
+    into another energy, and integer positions, are errors that say what is expected."""
+    pot = load_potential(model_file, dtype=torch.float64)
+    z, r = torch.as_tensor(ETHANOL_Z), torch.as_tensor(ETHANOL_R)
+    cell = torch.diag(torch.tensor([6.0, 6.5, 7.0], dtype=torch.float64))
+    pbc = torch.tensor([True, True, False])
+    ref = pot(z, r, None, cell[None], pbc[None])
+    got = pot(z, r, None, cell, pbc)
+    assert torch.equal(ref["energy"], got["energy"]) and torch.equal(ref["forces"], got["forces"])
+    with pytest.raises(ValueError, match=r"pbc must have shape \(B, 3\)"):
+        pot(z, r, None, cell[None], pbc[None, :2])
+    with pytest.raises(ValueError, match=r"cell must have shape \(B, 3, 3\)"):
+        pot(z, r, torch.tensor([0] * 4 + [1] * 5), cell, pbc)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        pot(z, torch.round(r).long())
