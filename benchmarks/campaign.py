@@ -53,6 +53,9 @@ MD_KEYS = {"name", "group", "kind", "molecule", "model", "ps", "replicas", "thre
 # ---------------------------------------------------------------------------- jobs
 POLL_SECONDS = 5.0        # the runner's tick: finished jobs collected, job file edits seen
 FILL_EVERY_S = 60.0       # a free slot is re-checked this often, and whenever a job ends or the job file changes
+MIN_START_MINUTES = 8.0   # no job starts with less time left (a compiled step or export alone takes minutes)
+GRACE_MINUTES = 15.0      # jobs stop themselves at the deadline (their --max-minutes); one still running this much
+                          # later (a long epoch, an SCF that hangs) is ended so that the final commit happens
 
 
 def read_jobs(path: Path) -> List[Dict]:
@@ -445,16 +448,32 @@ def launch(job: Dict, minutes: float, nice: int) -> Slot:
     # each job compiles into its own Inductor cache: after ethanol's compiled step failed (torch 2.13 Inductor,
     # UnboundLocalError in the generated backward), a naphthalene export reading the shared cache failed the same
     # way and built fine in a fresh one
+    # Inductor compiles in worker processes of its own (as many as the machine has cores by default): one job, its
+    # threads, also while it compiles
     env = {**os.environ, "OREO_THREADS": str(job["threads"]), "OMP_NUM_THREADS": str(job["threads"]),
-           "MKL_NUM_THREADS": str(job["threads"]),
+           "MKL_NUM_THREADS": str(job["threads"]), "TORCHINDUCTOR_COMPILE_THREADS": str(job["threads"]),
            "TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR",
                                                      f"/tmp/oreo-inductor-{os.getuid()}") + f"/{job['name']}"}
     with open(log_path, "a") as fh:
         fh.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(shlex.quote(c) for c in cmd)}\n")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log_path, "a"), stderr=subprocess.STDOUT)
+    (out / "running.pid").write_text(str(proc.pid))     # while it runs, a GPU piece is not adopted over it
     print(f"[campaign] start {job['name']} ({'new' if fresh else 'resumed'}, {minutes:.0f} min); log {log_path}",
           flush=True)
     return Slot(job, proc, log_path, time.time())
+
+
+def running_here(job: Dict) -> Optional[int]:
+    """The pid of a runner's process that is working on ``job`` on this machine now, else None."""
+    try:
+        pid = int((RUNS_DIR / job["name"] / "running.pid").read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    try:                                                 # a zombie (exited, not yet collected) is not working
+        return None if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z" else pid
+    except (OSError, IndexError):
+        return pid
 
 
 def last_csv_row(job: Dict) -> Optional[Dict]:
@@ -521,16 +540,45 @@ def commit_state(message: str) -> str:
     return f"committed {len(changed)} state file(s) ({size / 1e6:.1f} MB) as {sha}"
 
 
+class Stopped(Exception):
+    """The runner was told to stop (SIGTERM, SIGHUP)."""
+
+
+def end_jobs(running: List["Slot"], wait_s: float = 60.0) -> None:
+    """SIGTERM to every running job (each loses at most the work since its last checkpoint; state files are written
+    atomically), then wait up to ``wait_s`` for them to exit, then SIGKILL what is left."""
+    for s in running:
+        if s.proc.poll() is None:
+            s.proc.terminate()
+    t_end = time.time() + wait_s
+    for s in running:
+        try:
+            s.proc.wait(timeout=max(0.1, t_end - time.time()))
+        except subprocess.TimeoutExpired:
+            s.proc.kill()
+
+
 def run(jobs: List[Dict], minutes: float, slots: int, every: float, names: Optional[List[str]],
         nice: int = 10, commit_every: Optional[float] = None) -> None:
+    import signal
+
+    def stop(signum, frame):
+        raise Stopped(signal.Signals(signum).name)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
     running: List[Slot] = []
     try:
         _run(running, minutes, slots, every, names, nice, commit_every)
-    except BaseException:            # the runner dies (a bug, Ctrl-C): no job goes on unwatched
-        for s in running:
-            if s.proc.poll() is None:
-                s.proc.terminate()
-        raise
+    except BaseException as exc:     # the runner dies (a bug, Ctrl-C, kill): no job goes on unwatched, and what the
+        end_jobs(running)            # jobs saved is committed
+        print(f"[campaign] stopping ({type(exc).__name__}: {exc}); jobs ended", flush=True)
+        if commit_every:
+            print(f"[campaign] {commit_state(autosave_message('a stop'))}", flush=True)
+        if not isinstance(exc, Stopped):
+            raise
+        return
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if commit_every:
         print(f"[campaign] {commit_state(autosave_message('the end of the run'))}", flush=True)
 
@@ -579,6 +627,7 @@ def _run(running: List[Slot], minutes: float, slots: int, every: float, names: O
         for s in list(running):
             if s.proc.poll() is not None:
                 running.remove(s)
+                (RUNS_DIR / s.job["name"] / "running.pid").unlink(missing_ok=True)
                 fill = True
                 rc = s.proc.returncode
                 print(f"[campaign] {s.job['name']} stopped (exit {rc}) after {(now - s.started) / 60:.1f} min"
@@ -589,9 +638,14 @@ def _run(running: List[Slot], minutes: float, slots: int, every: float, names: O
                 elif s.job.get("kind") == "pretrain":
                     keep_backbone(s.job)
         left = (deadline - now) / 60
+        if left < -GRACE_MINUTES and running:
+            print(f"[campaign] {', '.join(s.job['name'] for s in running)} still running {GRACE_MINUTES:g} min after "
+                  f"the deadline: ending them", flush=True)
+            end_jobs(running)
+            continue
         # fill free slots (the YAML is re-read, so edits take effect); states are MBs: only when a slot is free and
         # something changed, or once a minute
-        listed = current_jobs() if fill and left > 2 and len(running) < slots else None
+        listed = current_jobs() if fill and left > MIN_START_MINUTES and len(running) < slots else None
         if listed is not None:
             next_fill = now + FILL_EVERY_S
             known = {j["name"] for j in listed}
@@ -603,23 +657,27 @@ def _run(running: List[Slot], minutes: float, slots: int, every: float, names: O
                     break
                 if job["name"] in busy or job["name"] in tried:
                     continue
-                state = read_state(job)
-                if finished(job, state):
-                    continue
-                ran_here = [a for a in job["after"] if a in tried]   # its model ships after this run (--ship)
-                wait = waits_for(job, listed) or (f"waits for {', '.join(ran_here)}, which ran in this invocation"
-                                                   if ran_here else "")
-                if wait:
-                    say_once(("wait", job["name"], wait), f"{job['name']} {wait}")
-                    continue
-                budget = job.get("budget_cpu_hours")
-                job_left = left
-                if budget is not None:
-                    spent = 0.0 if state is None else state["cpu_hours"] - float(job.get("init_cpu_hours") or 0)
-                    job_left = min(left, 60 * (budget - spent))
-                tried.add(job["name"])   # once per invocation: a job that stops early is not restarted in a loop
-                running.append(launch(job, job_left, nice))
-                busy.add(job["name"])
+                try:
+                    state = read_state(job)
+                    if finished(job, state):
+                        continue
+                    ran_here = [a for a in job["after"] if a in tried]   # its model ships after this run (--ship)
+                    wait = waits_for(job, listed) or (f"waits for {', '.join(ran_here)}, which ran in this "
+                                                       f"invocation" if ran_here else "")
+                    if wait:
+                        say_once(("wait", job["name"], wait), f"{job['name']} {wait}")
+                        continue
+                    budget = job.get("budget_cpu_hours")
+                    job_left = left
+                    if budget is not None:
+                        spent = 0.0 if state is None else state["cpu_hours"] - float(job.get("init_cpu_hours") or 0)
+                        job_left = min(left, 60 * (budget - spent))
+                    tried.add(job["name"])   # once per invocation: a job that stops early is not restarted in a loop
+                    running.append(launch(job, job_left, nice))
+                    busy.add(job["name"])
+                except (Exception, SystemExit) as exc:      # one job's problem is not every job's
+                    tried.add(job["name"])
+                    say_once(("failed", job["name"]), f"{job['name']} not started: {exc}")
         if not running:
             break
         if now >= next_commit:
@@ -858,7 +916,11 @@ def ship_improved(jobs: List[Dict]) -> None:
     from forcefield.train.datasets import build_splits
     for job in jobs:
         run_dir = RUNS_DIR / job["name"]
-        if not job.get("ship") or not (run_dir / "best.pt").is_file():
+        if not job.get("ship"):
+            continue
+        if not (run_dir / "best.pt").is_file():
+            print(f"[campaign] {job['name']}: no {shown(run_dir / 'best.pt')} here (a fresh clone): run a piece of it "
+                  f"first (--jobs {job['name']}), which writes one; not shipped")
             continue
         cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
         val = build_splits(cfg.data, cfg.optim.seed).val

@@ -47,7 +47,8 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from campaign import REPO, read_jobs, read_state, CAMPAIGN_YAML, state_path, grid_command, md_command, shown  # noqa: E402
+from campaign import (REPO, read_jobs, read_state, CAMPAIGN_YAML, state_path, grid_command, md_command,  # noqa: E402
+                      running_here, shown)
 
 
 def variant_command(job, name: str, overrides, minutes: float, out: Path, threads: int, resume: bool = True,
@@ -99,10 +100,15 @@ def device_name(device: str) -> str:
 
 
 def brought_back(folder: Path, job: dict, suffix: str):
-    """The piece's ``<job>.<suffix>`` and ``<job>.summary.json`` as gpu_piece.sh brings them back into ``folder``."""
+    """The piece's ``<job>.<suffix>`` and ``<job>.summary.json`` as gpu_piece.sh brings them back into ``folder``;
+    refused while a CPU piece of the job runs here (it rewrites the state it read when it started)."""
     piece, summary = folder / f"{job['name']}.{suffix}", folder / f"{job['name']}.summary.json"
     if not (piece.is_file() and summary.is_file()):
         raise SystemExit(f"{folder} lacks {piece.name} or {summary.name} (what benchmarks/gpu_piece.sh brings back)")
+    pid = running_here(job)
+    if pid is not None:
+        raise SystemExit(f"{job['name']} is running here (pid {pid}, benchmarks/campaign.py): adopting now would be "
+                         f"undone by its next save; adopt once it has stopped")
     return piece, summary
 
 
@@ -223,8 +229,13 @@ def adopt_grid(job: dict, folder: Path) -> int:
     dst = state_path(job)
     here = json.loads(dst.read_text()) if dst.is_file() else \
         {"settings": gpu["settings"], "forcefield": [], "qm9": [], "cpu_hours": base_cpu}
+    import hashlib
+    piece_id = hashlib.sha256(piece.read_bytes()).hexdigest()[:16]
+    if piece_id in here.get("adopted_pieces", []):      # its cells would merge away, its CPU-hours would not
+        raise SystemExit(f"{job['name']}: this GPU piece ({piece}) was adopted already; nothing to do")
     before = len(here["forcefield"])
     merged = merge_grid_states(here, [gpu], base_cpu)
+    merged["adopted_pieces"] = list(here.get("adopted_pieces", [])) + [piece_id]
     from forcefield.files import write_json
     write_json(dst, merged, indent=1)
     print(f"[gpu] {job['name']}: adopted {len(merged['forcefield']) - before} cell(s) into {shown(dst)} "

@@ -136,7 +136,9 @@ def ship(run: Path, dest: Path, resume_args=(), training: str = None, reproduce:
     metrics, _ = evaluate(pot, splits.test)
     with open(run / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
-    ck = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    last = rows[-1] if rows else {}          # the run's counters where it ended (no last.pt needed)
+    ck = {"epoch": int(last.get("epoch") or 0), "step": int(last.get("step") or 0),
+          "elapsed": float(last.get("elapsed_s") or 0.0)}
     stop = json.loads((run / "test_metrics.json").read_text()).get("stop_reason", "") \
         if (run / "test_metrics.json").exists() else ""
     dest.mkdir(parents=True, exist_ok=True)

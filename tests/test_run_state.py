@@ -423,9 +423,44 @@ def test_campaign_runner_gives_the_slot_of_a_job_marked_stopped_to_the_next_one(
     edit = threading.Thread(target=mark_first_stopped)
     edit.start()
     t0 = time.time()
-    campaign.run(campaign.read_jobs(job_file), minutes=5, slots=1, every=60, names=["first", "second"])
+    campaign.run(campaign.read_jobs(job_file), minutes=10, slots=1, every=60, names=["first", "second"])
     edit.join()
     assert started == ["first", "second"] and time.time() - t0 < 30      # ended early, not after its 60 s
+
+
+def test_campaign_runner_survives_a_job_that_cannot_start_and_commits_when_killed(tmp_path, monkeypatch):
+    """One job that cannot start (e.g. its pinned model is missing) costs that job, not the others; a SIGTERM to
+    the runner ends its jobs and commits what they saved, instead of leaving them orphaned and the state
+    uncommitted; no job starts with less than a few minutes left."""
+    import signal
+    import threading
+    campaign = import_campaign()
+    job_file = tmp_path / "campaign.yaml"
+    job_file.write_text("jobs:\n  - {name: broken, kind: md, molecule: ethanol}\n"
+                        "  - {name: sleeper, kind: md, molecule: ethanol}\n")
+    monkeypatch.setattr(campaign, "CAMPAIGN_YAML", job_file)
+    monkeypatch.setattr(campaign, "read_state", lambda job: None)
+    monkeypatch.setattr(campaign, "POLL_SECONDS", 0.2)
+    procs, commits = [], []
+
+    def launch(job, minutes, nice):
+        if job["name"] == "broken":
+            raise SystemExit("MD job broken: its state exists but its model does not")
+        procs.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
+        return campaign.Slot(job, procs[-1], tmp_path / "log", time.time())
+    monkeypatch.setattr(campaign, "launch", launch)
+    monkeypatch.setattr(campaign, "commit_state", lambda message: commits.append(message) or "committed")
+    killer = threading.Timer(2.0, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    killer.start()
+    t0 = time.time()
+    campaign.run(campaign.read_jobs(job_file), minutes=30, slots=2, every=60, names=None, commit_every=60)
+    killer.join()
+    assert len(procs) == 1 and procs[0].poll() is not None and time.time() - t0 < 30
+    assert commits and "stop" in commits[-1]
+    procs.clear()
+    campaign.run(campaign.read_jobs(job_file), minutes=campaign.MIN_START_MINUTES / 2, slots=2, every=60,
+                 names=None)
+    assert procs == []
 
 
 def test_campaign_job_waits_for_the_jobs_it_comes_after(tmp_path, monkeypatch):
@@ -552,6 +587,14 @@ def test_a_gpu_piece_of_a_grid_runs_shards_and_its_cells_are_adopted_into_the_co
     assert gpu.main(["grid-x", "--adopt", str(back)]) == 0
     adopted = json.loads(campaign.state_path(job).read_text())
     assert len(adopted["forcefield"]) == 2 and adopted["cpu_hours"] == pytest.approx(0.25 + merged["cpu_hours"])
+    with pytest.raises(SystemExit, match="adopted already"):                     # its CPU-hours count once
+        gpu.main(["grid-x", "--adopt", str(back)])
+    # not while a CPU piece of the job runs here: its next save would undo the adoption
+    monkeypatch.setattr(campaign, "RUNS_DIR", tmp_path / "runs")
+    (tmp_path / "runs" / "grid-x").mkdir(parents=True)
+    (tmp_path / "runs" / "grid-x" / "running.pid").write_text(str(os.getpid()))
+    with pytest.raises(SystemExit, match="is running here"):
+        gpu.main(["grid-x", "--adopt", str(back)])
     job["args"] = ["--smoke", "--finetune-cpu-minutes", "1"]
     with pytest.raises(SystemExit, match="step budget"):
         gpu.main(["grid-x", "--minutes", "1", "--out", str(tmp_path / "p2"), "--device", "cpu"])
@@ -608,3 +651,16 @@ def test_a_gpu_piece_of_an_md_job_continues_its_state_and_is_adopted_only_where_
     assert campaign.read_state(job)["step"] == 20
     with pytest.raises(SystemExit, match="moved it meanwhile"):                  # the job's state is no longer step 0
         gpu.main(["md-x", "--adopt", str(back)])
+
+
+def test_a_run_ships_from_its_best_model_and_log_without_a_full_checkpoint(tmp_path):
+    """release/ship_models.ship reads the run's counters from its log: a folder resumed from the compact state and
+    stopped before its first checkpoint (no last.pt) still ships, with the card's epochs."""
+    sys.path.insert(0, str(REPO))
+    from release.ship_models import ship
+    run = tmp_path / "run"
+    Trainer(_cfg(epochs=2), run, progress=False, log=_quiet).fit()
+    (run / "last.pt").unlink()
+    summary = ship(run, tmp_path / "shipped")
+    assert summary["epochs"] == 2 and (tmp_path / "shipped" / "ethanol.pt").is_file()
+    assert "2 epochs" in (tmp_path / "shipped" / "ethanol.md").read_text()
