@@ -47,8 +47,8 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from campaign import (REPO, read_jobs, read_state, CAMPAIGN_YAML, state_path, grid_command, md_command,  # noqa: E402
-                      running_here, shown)
+from campaign import (REPO, MODELS_DIR, read_jobs, read_state, CAMPAIGN_YAML, state_path, grid_command,  # noqa: E402
+                      md_command, finished, running_here, shown, waits_for)
 
 
 def variant_command(job, name: str, overrides, minutes: float, out: Path, threads: int, resume: bool = True,
@@ -184,6 +184,14 @@ def md_piece(job: dict, args) -> int:
     require_gpu(args.device)
     src = state_path(job)
     start = read_state(job)
+    # the job's first piece runs here (on the CPU): it pins the job's model (campaign.py pinned_model), which the
+    # device's copy of the tree must carry, and which a piece there could not bring back
+    if not (MODELS_DIR / f"{job['name']}.pt").is_file() or start is None:
+        raise SystemExit(f"{job['name']} has not started here: run its first piece on the CPU (python "
+                         f"benchmarks/campaign.py --minutes 10 --jobs {job['name']}), which pins its model; then commit")
+    why = waits_for(job, read_jobs(CAMPAIGN_YAML)) or finished(job, start)
+    if why:
+        raise SystemExit(f"{job['name']}: {why}; no GPU piece")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     state = out / "md.pt"

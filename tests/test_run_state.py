@@ -627,21 +627,29 @@ def test_a_finished_jobs_state_is_archived_to_its_record(tmp_path, monkeypatch):
                     reason="rMD17 reference data not found")
 def test_a_gpu_piece_of_an_md_job_continues_its_state_and_is_adopted_only_where_it_started(tmp_path, monkeypatch):
     """benchmarks/campaign_gpu.py on an MD job (here --device cpu): the job's simulation continued from a copy of
-    its state, eager; adopting it replaces the job's state only if that is still where the piece began."""
+    its state, eager; adopting it replaces the job's state only if that is still where the piece began. The first
+    piece runs here, on the CPU: it pins the job's model, which a piece on the device could not bring back."""
     campaign = import_campaign()
     gpu = import_campaign("campaign_gpu")
-    monkeypatch.setattr(campaign, "MODELS_DIR", REPO / "runs" / "test-gpu-md-models")
+    models = REPO / "runs" / "test-gpu-md-models"
+    monkeypatch.setattr(campaign, "MODELS_DIR", models)
+    monkeypatch.setattr(gpu, "MODELS_DIR", models)
     monkeypatch.setattr(campaign, "STATE_DIR", tmp_path / "state")
-    job = {"name": "md-x", "kind": "md", "molecule": "ethanol", "threads": 1, "ps": 0.01, "replicas": 2,
-           "compile": True}
+    job = {"name": "md-x", "kind": "md", "molecule": "ethanol", "threads": 1, "ps": 0.005, "replicas": 2,
+           "compile": False, "after": []}
     monkeypatch.setattr(gpu, "read_jobs", lambda path: [job])
     out = tmp_path / "piece"
     try:
+        with pytest.raises(SystemExit, match="has not started here"):
+            gpu.main(["md-x", "--minutes", "5", "--out", str(out), "--device", "cpu"])
+        subprocess.run(campaign.md_command(job, 5, out=tmp_path / "cpu"), cwd=REPO, check=True,
+                       capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})       # the first CPU piece
+        job.update(ps=0.01, compile=True)
         assert gpu.main(["md-x", "--minutes", "5", "--out", str(out), "--device", "cpu"]) == 0
     finally:
-        shutil.rmtree(campaign.MODELS_DIR, ignore_errors=True)
+        shutil.rmtree(models, ignore_errors=True)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["start"]["step"] == 0 and summary["end"]["step"] == 20
+    assert summary["start"]["step"] == 10 and summary["end"]["step"] == 20
     assert json.loads((out / "run" / "run.json").read_text())["config"]["compile"] is False   # eager, though the job compiles
     back = tmp_path / "back"
     back.mkdir()
@@ -649,7 +657,7 @@ def test_a_gpu_piece_of_an_md_job_continues_its_state_and_is_adopted_only_where_
     shutil.copyfile(out / "summary.json", back / "md-x.summary.json")
     assert gpu.main(["md-x", "--adopt", str(back)]) == 0
     assert campaign.read_state(job)["step"] == 20
-    with pytest.raises(SystemExit, match="moved it meanwhile"):                  # the job's state is no longer step 0
+    with pytest.raises(SystemExit, match="moved it meanwhile"):                  # the job's state is no longer step 10
         gpu.main(["md-x", "--adopt", str(back)])
 
 
