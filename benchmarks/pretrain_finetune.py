@@ -587,6 +587,7 @@ def main(argv=None) -> int:
 
     left = 0
     index = -1
+    took: Dict[tuple, float] = {}     # (molecule, size) -> wall minutes its longest run took in this invocation
 
     def minutes_left() -> float:
         return args.max_minutes - (time.time() - started) / 60
@@ -601,15 +602,20 @@ def main(argv=None) -> int:
         row = grid.row(table, key) if grid else None
         if row is not None:
             return row
-        if args.max_minutes is not None and minutes_left() < run_minutes[table]:
+        # a step budget's time is known from this invocation's earlier runs of the same molecule and size
+        seen = took.get((key.get("molecule"), key.get("size")), 0.0) if table == "forcefield" else 0.0
+        if args.max_minutes is not None and minutes_left() < max(run_minutes[table], seen):
             left += 1
             return None
         if args.max_minutes is not None and args.finetune_steps:   # a step budget: the time left caps the run
             args.cell_deadline_minutes = minutes_left() - md_minutes
-        cpu0 = time.process_time()
+        cpu0, wall0 = time.process_time(), time.time()
         args.md_deadline_minutes = None
         try:
             row = {**key, **compute()}
+            if table == "forcefield":
+                size_key = (key["molecule"], key["size"])
+                took[size_key] = max(took.get(size_key, 0.0), (time.time() - wall0) / 60)
         except CutShort as cut:
             log(f"[{' '.join(str(v) for v in key.values())}] {cut}: not recorded, it runs again in a later invocation")
             left += 1

@@ -196,3 +196,21 @@ def test_a_qm9_run_starts_only_with_its_budget_left_in_the_piece(tmp_path, monke
     monkeypatch.setattr(pretrain_finetune, "run_property", lambda *a, **k: {"test_mae": 1.0, "curve": []})
     assert pretrain_finetune.main(common + ["--out", str(tmp_path / "b"), "--max-minutes", "90"]) == 0
     assert json.loads((tmp_path / "q.json").read_text())["qm9"][0]["test_mae"] == 1.0
+
+
+def test_a_step_budgeted_run_starts_only_if_one_like_it_fitted_in_the_time_left(tmp_path, monkeypatch, capsys):
+    """With a step budget the time a run takes is not known beforehand: once one run of a molecule and size has
+    taken T minutes in this invocation, the next starts only with T minutes left (else it would be cut short)."""
+    clock = [1000.0]
+    monkeypatch.setattr(pretrain_finetune.time, "time", lambda: clock[0])
+
+    def fake_finetune(mol, size, method, pretrained, args, smoke, log, seed=1):
+        clock[0] += 30 * 60.0                                        # every run takes 30 minutes
+        return {"forces_mae_meV_per_A": 1.0, "stop_reason": "all epochs done"}
+    monkeypatch.setattr(pretrain_finetune, "run_finetune", fake_finetune)
+    assert pretrain_finetune.main(["--methods", "scratch", "--molecules", "ethanol", "--sizes", "50", "--seeds",
+                                   "50:3", "--properties", "--no-progress", "--finetune-steps", "100", "--hidden",
+                                   "16", "--layers", "2", "--out", str(tmp_path), "--state", str(tmp_path / "s.json"),
+                                   "--max-minutes", "50"]) == 0
+    assert len(json.loads((tmp_path / "s.json").read_text())["forcefield"]) == 1
+    assert "2 run(s) left" in capsys.readouterr().out
