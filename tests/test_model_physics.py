@@ -60,8 +60,18 @@ def test_forces_match_finite_differences(pot):
     np.testing.assert_allclose(out["forces"].detach().numpy(), fd, atol=1e-7, rtol=1e-5)
 
 
-def test_energy_and_forces_continuous_across_cutoff(pot):
-    """Two fragments pulled apart: energy and force are continuous at r = cutoff."""
+def _egnn_with_a_cutoff():
+    from forcefield.potential import Potential
+    torch.manual_seed(3)
+    return Potential(backbone={"name": "egnn", "hidden": 16, "num_layers": 2, "cutoff": 3.0, "num_rbf": 8},
+                     elements=[1, 6, 8], scale=0.7).double()
+
+
+@pytest.mark.parametrize("backbone", ["et", "egnn"])
+def test_energy_and_forces_continuous_across_cutoff(pot, backbone):
+    """Two fragments pulled apart: energy and force are continuous at r = cutoff (ET, and EGNN with a finite
+    cutoff: an atom entering the sphere once changed every neighbour's normalisation in a step)."""
+    pot = pot if backbone == "et" else _egnn_with_a_cutoff()
     rc = pot.cutoff
     def config(d):
         return np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 1.1], [d, 0.0, 0.0]])

@@ -62,7 +62,8 @@ class EGNNLayer(nn.Module):
         m = m * cut.unsqueeze(-1)
         agg = torch.zeros_like(h).index_add_(0, i, m)
         h = h + self.node_mlp(torch.cat([h, agg], dim=-1))
-        w = torch.tanh(self.coord_mlp(m)) * self.coords_range          # (E, 1)
+        # (E, 1); times the cutoff: coord_mlp(0) is not 0 (biases), and an edge entering at r_c must add nothing
+        w = torch.tanh(self.coord_mlp(m)) * self.coords_range * cut.unsqueeze(-1)
         d = d + torch.zeros_like(d).index_add_(0, i, -rel * w) * inv_deg.unsqueeze(-1)
         v = rel.unsqueeze(-1) * self.vec_proj(m).unsqueeze(1)          # (E, 3, F)
         vec = torch.zeros((h.shape[0], 3, self.hidden), dtype=h.dtype, device=h.device).index_add_(0, i, v)
@@ -95,9 +96,10 @@ class EGNN(nn.Module):
             cut = torch.ones(edge_vec.shape[0], dtype=edge_vec.dtype, device=edge_vec.device)
         else:
             cut = self.cutoff_fn(torch.sqrt(edge_vec.pow(2).sum(-1) + 1e-12))
-        deg = torch.zeros(n, dtype=edge_vec.dtype, device=edge_vec.device).index_add_(
-            0, edge_index[0], torch.ones_like(cut))
-        inv_deg = 1.0 / deg.clamp_min(1.0)
+        # neighbours counted by their cutoff weight, so that an atom crossing r_c changes no one's normalisation in a
+        # step (1 / (1 + deg), without the kink of a clamp); fully connected: 1 / (number of other atoms), as before
+        deg = torch.zeros(n, dtype=edge_vec.dtype, device=edge_vec.device).index_add_(0, edge_index[0], cut)
+        inv_deg = 1.0 / deg.clamp_min(1.0) if self.fully_connected else 1.0 / (1.0 + deg)
         d = torch.zeros((n, 3), dtype=edge_vec.dtype, device=edge_vec.device)
         vec = torch.zeros((n, 3, self.hidden), dtype=edge_vec.dtype, device=edge_vec.device)
         for layer in self.layers:
