@@ -904,9 +904,30 @@ def _fmt(v: Optional[float], digits: int = 1) -> str:
 
 
 # ---------------------------------------------------------------------------- shipping
+SHIP_CONFIDENCE = 0.95    # a model replaces the shipped one when it is better in this share of paired resamples
+
+
+def better_on_resamples(forces_new, forces_old, frames, resamples: int = 4000, seed: int = 0) -> float:
+    """The share of bootstrap resamples of the validation frames (paired: the same frames for both models) in which
+    the new model's force MAE is below the old one's. 50 frames are few: a lower MAE on them alone is often noise,
+    and following it would swap models back and forth (and ship worse ones)."""
+    import numpy as np
+    ref = np.asarray(frames.forces)
+    atoms = np.diff(np.asarray(frames.ptr))
+    owner = np.repeat(np.arange(len(atoms)), atoms)
+
+    def per_frame(forces):
+        err = np.abs(np.asarray(forces) - ref).sum(axis=1)
+        return np.bincount(owner, weights=err, minlength=len(atoms))       # summed |error| per frame
+    diff, count = per_frame(forces_new) - per_frame(forces_old), 3.0 * atoms
+    pick = np.random.default_rng(seed).integers(0, len(atoms), size=(resamples, len(atoms)))
+    return float(np.mean(diff[pick].sum(axis=1) / count[pick].sum(axis=1) < 0.0))
+
+
 def ship_improved(jobs: List[Dict]) -> None:
     """Ship each job's best model as ``forcefield/pretrained/<ship>.pt`` when it beats the shipped one on the
-    job's validation frames (card: cumulative CPU-hours, epochs, recipe, frame ids; test errors recomputed)."""
+    job's validation frames beyond their noise (:func:`better_on_resamples` at least :data:`SHIP_CONFIDENCE`; card:
+    cumulative CPU-hours, epochs, recipe, frame ids; test errors recomputed)."""
     import torch
     sys.path.insert(0, str(REPO))
     from release.ship_models import ship
@@ -925,15 +946,22 @@ def ship_improved(jobs: List[Dict]) -> None:
         cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
         val = build_splits(cfg.data, cfg.optim.seed).val
         candidate = load_potential(run_dir / "best.pt", dtype=torch.float32)
-        cand, _ = evaluate(candidate, val)
+        cand, cand_pred = evaluate(candidate, val)
         shipped_path = PRETRAINED_DIR / f"{job['ship']}.pt"
-        old = float("inf")
+        old, sure = float("inf"), 1.0
         if shipped_path.is_file():
-            old = evaluate(load_potential(shipped_path, dtype=torch.float32), val)[0]["forces_mae_meV_per_A"]
+            shipped_metrics, shipped_pred = evaluate(load_potential(shipped_path, dtype=torch.float32), val)
+            old = shipped_metrics["forces_mae_meV_per_A"]
+            sure = better_on_resamples(cand_pred["forces"], shipped_pred["forces"], val)
         new = cand["forces_mae_meV_per_A"]
         if not new < old:
             print(f"[campaign] {job['name']}: validation force MAE {new:.2f} meV/Å, not below the shipped "
                   f"{job['ship']}.pt ({old:.2f}); not shipped")
+            continue
+        if sure < SHIP_CONFIDENCE:
+            print(f"[campaign] {job['name']}: validation force MAE {new:.2f} against the shipped {job['ship']}.pt's "
+                  f"{old:.2f} meV/Å, lower in {100 * sure:.0f}% of paired resamples of the {len(val)} validation "
+                  f"frames (shipping takes {100 * SHIP_CONFIDENCE:.0f}%): within their noise; not shipped")
             continue
         meta = candidate.metadata
         recipe = ", ".join(job["set"]) or "the config as it is"

@@ -672,3 +672,18 @@ def test_a_run_ships_from_its_best_model_and_log_without_a_full_checkpoint(tmp_p
     summary = ship(run, tmp_path / "shipped")
     assert summary["epochs"] == 2 and (tmp_path / "shipped" / "ethanol.pt").is_file()
     assert "2 epochs" in (tmp_path / "shipped" / "ethanol.md").read_text()
+
+
+def test_a_model_ships_only_when_better_beyond_the_noise_of_the_validation_frames():
+    """--ship's rule: lower validation MAE in at least 95 % of paired resamples of the frames. A clearly better
+    model passes; one that is better on a few frames and worse on others, by a hair on average, does not."""
+    import numpy as np
+    from forcefield.data.conformations import ConformationSet
+    campaign = import_campaign()
+    rng = np.random.default_rng(0)
+    frames = ConformationSet.from_arrays([6, 1, 1], rng.normal(size=(50, 3, 3)), forces=np.zeros((50, 3, 3)))
+    old = rng.normal(scale=0.01, size=(150, 3))
+    assert campaign.better_on_resamples(old * 0.8, old, frames) > 0.99
+    noisy = old + rng.normal(scale=0.01, size=(150, 3)) * (rng.random((150, 1)) < 0.5)
+    noisy *= np.abs(old).sum() / np.abs(noisy).sum() * 0.995                   # 0.5 % lower MAE on average
+    assert 0.05 < campaign.better_on_resamples(noisy, old, frames) < campaign.SHIP_CONFIDENCE
