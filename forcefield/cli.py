@@ -28,6 +28,20 @@ def cmd_train(args) -> int:
     return 0
 
 
+def frames_it_trained_on(meta: dict, cset, args) -> int:
+    """How many frames of ``cset`` the model trained or validated on, by the frame ids its metadata records, when
+    they come from the same source (the same rMD17 molecule, or the same file); 0 when that cannot be told."""
+    import numpy as np
+    used = set(meta.get("train_frame_ids") or []) | set(meta.get("val_frame_ids") or [])
+    if not used:
+        return 0
+    if args.path:
+        same = bool(meta.get("source")) and Path(str(meta["source"])).resolve() == Path(args.path).resolve()
+    else:
+        same = not meta.get("dataset") and (args.molecule or meta.get("molecule")) == meta.get("molecule")
+    return int(np.isin(np.asarray(cset.frame_id), np.fromiter(used, dtype=np.int64)).sum()) if same else 0
+
+
 def cmd_evaluate(args) -> int:
     from .data import load_ase, load_rmd17
     from .evaluate import evaluate, parity_plot
@@ -57,9 +71,14 @@ def cmd_evaluate(args) -> int:
                           labels=labels)
     if args.max_frames:
         cset = cset.subset(list(range(min(args.max_frames, len(cset)))))
+    seen = frames_it_trained_on(meta, cset, args)
     metrics, pred = evaluate(pot, cset, batch_size=args.batch_size, device=args.device, progress=True)
     metrics["model"] = str(args.model)
     metrics["data"] = cset.source
+    metrics["frames_in_its_training_data"] = seen
+    if seen:
+        print(f"note: {seen} of these {len(cset)} frames are among the model's training or validation frames "
+              f"(its metadata lists them): these errors are not held-out errors", file=sys.stderr)
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.out:
@@ -120,8 +139,9 @@ def cmd_data(args) -> int:
         paths = registry.download(args.name, args.data_dir, molecules=args.molecules)
         print(f"{len(paths)} file(s) ready under {registry.resolve_data_dir(args.data_dir)}")
         return 0
+    # a named data set: every file it should have, so a missing one is reported; all: the files that are there
     statuses = registry.verify(args.data_dir, names=[args.name] if args.name else None,
-                               molecules=args.molecules, present_only=True)
+                               molecules=args.molecules, present_only=not args.name)
     bad = [s for s in statuses if s.status in ("mismatch", "missing")]
     for s in statuses:
         print(f"{s.status:10s} {s.dataset:14s} {s.path}")

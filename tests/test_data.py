@@ -260,6 +260,24 @@ def test_registry_verifies_shared_rmd17_files():
     assert {r.status for r in missing} == {"missing"}
 
 
+def test_data_verify_of_a_named_set_reports_its_missing_files(tmp_path, capsys):
+    from forcefield.cli import main
+    assert main(["data", "verify", "rmd17", "--data-dir", str(tmp_path)]) == 1
+    assert "102 bad" in capsys.readouterr().out
+    assert main(["data", "verify", "rmd17", "--data-dir", str(DATA)]) == 0
+
+
+def test_a_truncated_or_pointer_npz_names_the_file_and_the_fix(tmp_path):
+    (tmp_path / "rmd17").mkdir()
+    bad = tmp_path / "rmd17" / "rmd17_ethanol_train_01.npz"
+    bad.write_bytes((RMD17 / bad.name).read_bytes()[:5000])                       # a download cut short
+    with pytest.raises(ValueError, match=r"rmd17_ethanol_train_01.npz is unreadable.*oreo data download rmd17"):
+        load_rmd17("ethanol", "train", 1, data_dir=tmp_path)
+    bad.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1537803\n")
+    with pytest.raises(ValueError, match=r"Git LFS pointer.*oreo data download rmd17"):
+        load_rmd17("ethanol", "train", 1, data_dir=tmp_path)
+
+
 def test_fetch_verifies_and_renames_atomically(tmp_path):
     src = RMD17 / "rmd17_ethanol_train_01.npz"
     good = next(f for f in registry.DATASETS["rmd17"].files if f.path.endswith(src.name))

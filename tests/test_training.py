@@ -81,6 +81,12 @@ def test_cli_train_evaluate_export(tmp_path, capsys):
     assert oreo(["evaluate", str(out / "best.pt"), "--max-frames", "10", "--out", str(tmp_path / "ev")]) == 0
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["n_frames"] == 10 and metrics["forces_mae_meV_per_A"] > 0
+    assert metrics["frames_in_its_training_data"] == 0                       # the test file: held out
+    capsys.readouterr()
+    assert oreo(["evaluate", str(out / "best.pt"), "--split", "train", "--out", str(tmp_path / "ev-train")]) == 0
+    seen = json.loads((tmp_path / "ev-train" / "metrics.json").read_text())["frames_in_its_training_data"]
+    tiny = TINY_TRAIN_CFG["data"]
+    assert seen == tiny["train_size"] + tiny["val_size"] and "not held-out errors" in capsys.readouterr().err
     assert (tmp_path / "ev" / "parity.png").stat().st_size > 1000
     assert oreo(["export", str(out / "best.pt"), "-o", str(tmp_path / "m.pt")]) == 0
     assert torch.jit.load(str(tmp_path / "m.pt")) is not None

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from .conformations import ConformationSet
-from .paths import DataNotFoundError, PathLike, data_dir_origin, resolve_data_dir
+from .paths import DataNotFoundError, PathLike, data_dir_origin, read_npz, resolve_data_dir
 from ..units import KCAL_PER_MOL
 from .registry import MD17_MOLECULES, md17_filename, molecule_key
 
@@ -34,14 +34,8 @@ def _candidates(root: Path, molecule: str) -> List[Path]:
 
 @functools.lru_cache(maxsize=4)
 def _read_cached(path: str, mtime_ns: int, size: int) -> Dict[str, np.ndarray]:
-    with np.load(path) as data:
-        missing = [k for k in ("R", "z", "E", "F") if k not in data.files]
-        if missing:
-            raise ValueError(f"{path} is not an MD17/sGDML npz file: missing keys {missing} (has {data.files})")
-        out = {k: np.asarray(data[k]) for k in ("R", "z", "E", "F")}
-        for k in ("name", "theory"):
-            if k in data.files:
-                out[k] = np.asarray(data[k])
+    out = read_npz(path, ("R", "z", "E", "F"), optional=("name", "theory"), what="MD17/sGDML npz",
+                   fix="Fetch it again: oreo data download md17 (re-fetches every file whose checksum differs)")
     for arr in out.values():
         arr.flags.writeable = False
     return out

@@ -78,3 +78,27 @@ class DataNotFoundError(FileNotFoundError):
 
     def __str__(self) -> str:  # FileNotFoundError would otherwise prefix errno fields
         return self.args[0]
+
+
+def read_npz(path: PathLike, keys: Iterable[str], optional: Iterable[str] = (), what: str = "npz",
+             fix: str = "") -> dict:
+    """The arrays ``keys`` (and those of ``optional`` that are there) of an npz file. A file that is not one (a
+    truncated download, a Git LFS pointer, an HTML error page) or lacks a key is a ValueError that names the file
+    and ``fix``, not numpy's or zipfile's own message."""
+    import zipfile
+    import zlib
+    import numpy as np
+    keys, optional = list(keys), list(optional)
+    try:
+        with np.load(path) as data:
+            missing = [k for k in keys if k not in data.files]
+            if missing:
+                raise ValueError(f"{path} is not an {what} file: missing keys {missing} (has {data.files}). {fix}")
+            return {k: np.asarray(data[k]) for k in keys + [k for k in optional if k in data.files]}
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+        raise ValueError(f"{path} is unreadable ({type(exc).__name__}: {exc}): a truncated download or not an npz "
+                         f"file. {fix}") from None
+    except ValueError as exc:
+        if str(exc).startswith(str(path)):
+            raise
+        raise ValueError(f"{path} is unreadable ({exc}): not an {what} file (a Git LFS pointer?). {fix}") from None

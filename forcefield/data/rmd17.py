@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from .conformations import ConformationSet
-from .paths import DataNotFoundError, PathLike, data_dir_origin, resolve_data_dir
+from .paths import DataNotFoundError, PathLike, data_dir_origin, read_npz, resolve_data_dir
 from ..units import KCAL_PER_MOL
 from .registry import RMD17_MOLECULES, molecule_key
 
@@ -54,11 +54,8 @@ def _stat_key(path: Path) -> Tuple[str, int, int]:
 
 @functools.lru_cache(maxsize=6)
 def _read_npz_cached(path: str, mtime_ns: int, size: int) -> Dict[str, np.ndarray]:
-    with np.load(path) as data:
-        missing = [k for k in _KEYS if k not in data.files]
-        if missing:
-            raise ValueError(f"{path} is not an rMD17 npz file: missing keys {missing} (has {data.files})")
-        out = {k: np.asarray(data[k]) for k in _KEYS}
+    out = read_npz(path, _KEYS, what="rMD17 npz", fix="Fetch it again: oreo data download rmd17 (re-fetches every "
+                                                    "file whose checksum differs)")
     for arr in out.values():
         arr.flags.writeable = False  # cached: callers must copy, never modify
     return out
