@@ -344,3 +344,39 @@ def test_members_fine_tune_a_backbone_and_continue_warm(tmp_path):
                                {"molecule": "water"}, quiet)
     assert (tmp_path / "rounds" / "r01" / "members" / "m1" / "done.json").is_file()
     assert load_potential(path2).metadata["committee_size"] == 2
+
+
+@pytest.mark.slow
+def test_no_frame_near_a_held_out_one_in_its_trajectory_is_labelled_for_training(fitted):
+    """Pool frames a few fs apart are near copies: none within HOLD_OUT_GAP_STRIDES strides of a held-out frame of
+    the same trajectory trains the model that is scored on it."""
+    from ase.io import read
+    from forcefield.fit.loop import HOLD_OUT_GAP_STRIDES
+    from forcefield.fit.state import ROUND_ID_BASE
+    pool = read(str(fitted / "pool" / "pool.extxyz"), index=":")
+    data = json.loads((fitted / "fit.json").read_text())
+    gap = HOLD_OUT_GAP_STRIDES * 3                                           # TINY_ARGS: --pool-stride 3
+    held = [pool[t] for t in data["test_ids"]]
+    trained = [pool[f] for r in data["rounds"] for f in r["selected"] if f < ROUND_ID_BASE]
+    assert trained and held
+    for a in trained:
+        for t in held:
+            same = (a.info["temperature_K"], a.info["conformer"]) == (t.info["temperature_K"], t.info["conformer"])
+            assert not same or abs(a.info["step"] - t.info["step"]) > gap
+
+
+def test_a_failed_label_whose_record_is_removed_is_labelled_again(tmp_path, monkeypatch):
+    """The log says: remove labels/<id>.failed.json to retry. The next run labels that frame again (it used to
+    skip the finished round and then crash on the missing label)."""
+    from forcefield.fit.loop import run_fit
+    out = tmp_path / "fit"
+    flaky = Counter(fail_at=2, exc=RuntimeError)                 # round 0's second label fails (an SCF, say)
+    monkeypatch.setattr(fit_label, "compute_label", flaky)
+    run_fit(dict(TINY_FIT), out, log=quiet)
+    failed = list((out / "labels").glob("*.failed.json"))
+    assert len(failed) == 1
+    failed[0].unlink()
+    counter = Counter()
+    monkeypatch.setattr(fit_label, "compute_label", counter)
+    run_fit(dict(TINY_FIT), out, log=quiet)
+    assert counter.calls >= 1 and (out / "labels" / failed[0].name.replace(".failed.json", ".npz")).is_file()

@@ -33,6 +33,9 @@ from .config import FitConfig
 from .label import LabelStore, Level
 from .state import ROUND_ID_BASE, FitState, md_frame_id, round_dir
 
+#: no pool frame within this many strides of a held-out frame of the same trajectory is labelled for training
+HOLD_OUT_GAP_STRIDES = 5
+
 
 class _Run:
     """One invocation: the settings, the manifest, the pool, the label store, the backbone."""
@@ -139,7 +142,11 @@ class _Run:
                              f"({cfg.initial_frames}); sample more (--pool-steps, --conformers, --temperatures) or "
                              f"lower --test-frames / --initial-frames")
         test = select_random(n, cfg.test_frames, np.random.default_rng([cfg.seed, 7]))
-        rest = sorted(set(range(n)) - set(test))
+        rest = sorted(set(range(n)) - self.near_held_out(test))
+        if len(rest) < cfg.initial_frames:
+            raise ValueError(f"the pool has {len(rest)} frames away from the {len(test)} held-out ones, fewer than the "
+                             f"first batch ({cfg.initial_frames}); sample more (--pool-steps, --conformers, "
+                             f"--temperatures) or lower --test-frames / --initial-frames")
         if cfg.select == "random":
             picks = [rest[i] for i in select_random(len(rest), cfg.initial_frames,
                                                     np.random.default_rng([cfg.seed, 11]))]
@@ -153,18 +160,36 @@ class _Run:
         state.finish("split", time.perf_counter() - t0)
         self.log(f"held out {len(test)} pool frames (random); first batch: {len(picks)} frames, {how}")
 
+    def near_held_out(self, test) -> set:
+        """Pool frames a held-out frame's trajectory neighbours (within :data:`HOLD_OUT_GAP_STRIDES` strides of it, the
+        same temperature and conformer), the held-out frames included: frames 5 fs apart are near copies, so none of
+        them may train a model that is scored on the held-out ones."""
+        gap = HOLD_OUT_GAP_STRIDES * self.cfg.pool_stride
+
+        def traj(a):
+            return a.info.get("temperature_K"), a.info.get("conformer")
+        held = {}
+        for t in test:
+            held.setdefault(traj(self.pool[t]), []).append(int(self.pool[t].info.get("step", 0)))
+        near = {int(t) for t in test}
+        for j, a in enumerate(self.pool):
+            steps = held.get(traj(a))
+            if steps and min(abs(int(a.info.get("step", 0)) - s) for s in steps) <= gap:
+                near.add(j)
+        return near
+
     # ------------------------------------------------------------------ a round
     def labelled_ids(self, r: int) -> List[int]:
-        """The training + validation frames of round ``r``: every frame selected up to it, minus failures."""
+        """The training + validation frames of round ``r``: every frame selected up to it that has its label."""
         ids = [fid for k in range(r + 1) for fid in self.state.round(k).get("selected", [])]
-        return [fid for fid in ids if not self.store.failed(fid)]
+        return [fid for fid in ids if self.store.path(fid).is_file()]
 
     def splits(self, r: int):
         from ..train.datasets import Splits
         ids = self.labelled_ids(r)
         val = [fid for p, fid in enumerate(ids) if p % self.cfg.val_every == 0]
         train = [fid for fid in ids if fid not in set(val)]
-        test = [fid for fid in self.state.data["test_ids"] if not self.store.failed(fid)]
+        test = [fid for fid in self.state.data["test_ids"] if self.store.path(fid).is_file()]
         if len(train) < 1 or not test:
             raise RuntimeError(f"round {r}: too few labelled frames to train ({len(train)} training, {len(val)} "
                                f"validation, {len(test)} held-out; failed labels are in {self.store.folder}); raise "
@@ -176,9 +201,11 @@ class _Run:
 
     def label_round(self, r: int) -> None:
         rec = self.state.round(r)
-        if rec.get("labelled"):
-            return
         ids = list(rec["selected"]) + (list(self.state.data["test_ids"]) if r == 0 else [])
+        # done when every frame has its label or its failure on record; a failure file removed (the log says how to
+        # retry one) is labelled again
+        if rec.get("labelled") and all(self.store.has(f) for f in ids):
+            return
         stats = self.store.label({fid: self.frame(fid) for fid in ids}, self.cfg.workers, self.log,
                                  what=f"round {r} labels")
         rec.update(labelled=True, label_failed=[fid for fid in ids if self.store.failed(fid)])
@@ -302,7 +329,8 @@ class _Run:
         filled = 0
         if len(picks) < k:                       # too few MD frames: the rest from the pool, for diversity
             taken = set(self.state.data["test_ids"]) | {f for q in range(r) for f in self.state.round(q)["selected"]}
-            rest = [i for i in range(len(self.pool)) if i not in taken]
+            banned = taken | self.near_held_out(self.state.data["test_ids"])
+            rest = [i for i in range(len(self.pool)) if i not in banned]
             more = farthest_point_sampling(self.descriptors(), k - len(picks), candidates=rest,
                                            chosen=[f for f in taken if f < ROUND_ID_BASE])
             picks += more
@@ -367,6 +395,8 @@ def run_fit(settings: Dict[str, Any], out, log: Callable[[str], None] = print) -
     state, cfg = FitState.open(out, settings)
     run = _Run(state, cfg, log)
     run.level.require()
+    if not state.done("pool"):          # the pool is sampled with GFN2-xTB whatever the labels are
+        Level("xtb").require()
     level_text = state.data.setdefault("level_of_theory", run.level.describe())
     run.store = LabelStore(state.out / "labels", run.level, level_text)
     log(f"oreo fit {cfg.system_name} in {state.out} ({'continuing' if state.resumed else 'new run'}): labels "
