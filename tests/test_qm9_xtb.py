@@ -107,6 +107,46 @@ def test_resume_after_interruption_redoes_no_finished_molecule(tiny_set, tmp_pat
     _same(before, after.subset(np.flatnonzero(np.isin(after.frame_id, before.frame_id))))
     with pytest.raises(ValueError, match="temperature: 800.0 -> 500.0"):
         generate_qm9_xtb(tmp_path, **RANGE, temperature=500.0, **quiet)
+    # a write a killed run left unfinished does not stop the block's shard from being written later
+    pending = tmp_path / "pending" / f"{7:05d}"
+    pending.mkdir(parents=True)
+    (pending / "16.npz").write_bytes((tmp_path / "shards" / qm9xtb.shard_name(7)).read_bytes())
+    (pending / ".17.npz.abc.tmp").write_bytes(b"half")
+    qm9xtb._flush_block(tmp_path, 7)
+    assert not pending.exists()
+    # a set begun before the recipe named its QM9 split scheme is not continued (its molecules may be test ones)
+    gen = json.loads((tmp_path / "generation.json").read_text())
+    del gen["recipe"]["split_scheme"]
+    (tmp_path / "generation.json").write_text(json.dumps(gen))
+    with pytest.raises(ValueError, match="split scheme"):
+        generate_qm9_xtb(tmp_path, **RANGE, **quiet)
+
+
+def test_equilibration_brings_the_frames_to_their_temperature():
+    """The recipe equilibrates with a stronger friction (0.1/fs) than production (0.02/fs), and the sampler
+    switches to the production friction when equilibration ends."""
+    from ase.md.langevin import Langevin
+    from forcefield.data.poly24.sampling import SamplingSettings, sample_trajectory
+    settings = qm9xtb.QM9XTBConfig().sampling()
+    assert settings.equilibration_friction == 0.1 and settings.friction == 0.02
+    seen = []
+    real = Langevin.run
+
+    def run(self, steps):
+        from ase import units
+        seen.append(round(self.fr * units.fs, 6))
+        return real(self, steps)
+    from ase.build import molecule
+    from ase.calculators.emt import EMT
+    mp = pytest.MonkeyPatch()
+    mp.setattr(Langevin, "run", run)
+    try:
+        sample_trajectory(molecule("N2"), SamplingSettings(temperature=300, relax_steps=0, equilibration_steps=3,
+                                                           steps=2, stride=1, equilibration_friction=0.1),
+                          seed=1, calculator=EMT())
+    finally:
+        mp.undo()
+    assert seen == [0.1, 0.1, 0.1, 0.02, 0.02]
 
 
 @pytest.mark.skipif(not HAVE_RMD17, reason="rMD17 reference data not found (the targets' geometries)")

@@ -64,6 +64,7 @@ import numpy as np
 
 from ..data.conformations import ConformationSet
 from ..data.paths import DataNotFoundError, resolve_data_dir
+from ..data.qm9 import QM9_SPLIT
 from ..files import atomic_write, write_json
 from ..settings import from_mapping
 
@@ -96,8 +97,11 @@ class QM9XTBConfig:
     equilibration_steps: int = 100
     timestep_fs: float = 0.5
     friction: float = 0.02              # 1/fs
+    # 1/fs while equilibrating (None: friction): 0.1/fs brings the frames to the temperature they are labelled with
+    equilibration_friction: Optional[float] = 0.1
     seed: int = 0
     split: str = "train"                # QM9 split the molecules come from
+    split_scheme: str = QM9_SPLIT       # which molecules that split holds (forcefield.data.qm9)
     qm9: Optional[str] = None           # QM9 source (None: the data dir's archive/db, else qm9pack)
     targets: List[str] = field(default_factory=lambda: ["aspirin", "ethanol", "naphthalene", "salicylic"])
     shard_size: int = 500               # molecules per shard
@@ -116,7 +120,8 @@ class QM9XTBConfig:
         from ..data.poly24.sampling import SamplingSettings
         return SamplingSettings(temperature=self.temperature, timestep_fs=self.timestep_fs, friction=self.friction,
                                 relax_steps=0, equilibration_steps=self.equilibration_steps,
-                                steps=self.frames_per_molecule * self.stride, stride=self.stride)
+                                steps=self.frames_per_molecule * self.stride, stride=self.stride,
+                                equilibration_friction=self.equilibration_friction)
 
     def steps_per_molecule(self) -> int:
         return self.equilibration_steps + self.frames_per_molecule * self.stride
@@ -140,7 +145,7 @@ def molecule_seed(seed: int, qm9_index: int, attempt: int = 0) -> int:
 def _qm9_molecules(config: QM9XTBConfig, data_dir) -> ConformationSet:
     """The split's molecules in the set's order."""
     from ..data.qm9 import load_qm9
-    cset = load_qm9(config.qm9, split=config.split, data_dir=data_dir, properties=())
+    cset = load_qm9(config.qm9, split=config.split, data_dir=data_dir, properties=(), split_scheme=config.split_scheme)
     return cset.subset(molecule_order(cset.frame_id))
 
 
@@ -293,7 +298,13 @@ def _resolve_config(out: Path, options: Dict[str, Any]) -> QM9XTBConfig:
     stored = json.loads(path.read_text())
     if stored.get("format") != FORMAT:
         raise ValueError(f"{path} is not an {FORMAT} recipe")
-    old = from_mapping(QM9XTBConfig, stored["recipe"], "qm9-xtb")
+    recipe = dict(stored["recipe"])
+    if "split_scheme" not in recipe:          # sets begun before the recipe named it: their order is unknown now
+        raise ValueError(f"{out} was begun before qm9-xtb recorded its QM9 split scheme, and the default scheme has "
+                         f"changed since (its molecules may include today's QM9 test molecules): generate a new set "
+                         f"in another --out")
+    recipe.setdefault("equilibration_friction", None)      # sets begun before it: equilibrated at `friction`
+    old = from_mapping(QM9XTBConfig, recipe, "qm9-xtb")
     new = from_mapping(QM9XTBConfig, {**asdict(old), **options}, "qm9-xtb")
     diff = [f.name for f in fields(QM9XTBConfig) if getattr(old, f.name) != getattr(new, f.name)]
     if diff:
@@ -328,6 +339,8 @@ def _flush_block(out: Path, block: int) -> None:
     _save_npz(shard, _concat(records))
     for p in files:
         p.unlink()
+    for tmp in pending_dir.glob(".*.tmp"):     # a write a killed run left unfinished: its molecule runs again
+        tmp.unlink()
     pending_dir.rmdir()
 
 

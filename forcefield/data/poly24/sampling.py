@@ -36,6 +36,10 @@ class SamplingSettings:
     steps: int = 1000                   # production steps
     stride: int = 20                    # keep every stride-th production step
     max_force: float = 50.0             # eV/Å: a larger force means the trajectory blew up
+    # 1/fs during equilibration (None: ``friction``). Momenta drawn at T from a near-minimum geometry lose about
+    # half their energy to the potential; at 0.02/fs (50 fs) the thermostat refills that too slowly for short
+    # equilibrations (qm9-xtb's 50 fs left its frames at 700-740 K for 800 K)
+    equilibration_friction: Optional[float] = None
 
 
 class SamplingError(RuntimeError):
@@ -68,11 +72,14 @@ def sample_trajectory(atoms, settings: SamplingSettings, seed: int, calculator,
     vd.Stationary(atoms)
     vd.ZeroRotation(atoms)
     atoms.set_constraint(FixCom())
+    first = settings.equilibration_friction if settings.equilibration_friction is not None else settings.friction
     dyn = Langevin(atoms, timestep=settings.timestep_fs * units.fs, temperature_K=settings.temperature,
-                   friction=settings.friction / units.fs, fixcm=False, rng=rng)
+                   friction=first / units.fs, fixcm=False, rng=rng)
     frames: List[SampledFrame] = []
     total = settings.equilibration_steps + settings.steps
     for i in range(total):
+        if i == settings.equilibration_steps and first != settings.friction:
+            dyn.set_friction(settings.friction / units.fs)
         dyn.run(1)
         forces = atoms.get_forces(apply_constraint=False)   # the labels: raw xTB forces, not FixCom's projection
         energy = atoms.get_potential_energy()
