@@ -172,8 +172,20 @@ def summarize(cfg: SimulationConfig, ckpt: dict, statuses: List[dict], obs: Obse
     return summary, replicas, r_bins, h_ref
 
 
+def _model_changed(cfg: SimulationConfig, recorded: Optional[dict]) -> bool:
+    """Whether the model file the run names is no longer the one it ran (a molecule re-shipped since): then its
+    force MAE would be another model's, so it is skipped, with a warning."""
+    from .potential import model_fingerprint
+    had, now = (recorded or {}).get("model_sha256"), model_fingerprint(cfg.model_spec).get("model_sha256")
+    if had and now and had != now:
+        warnings.warn(f"force MAE skipped: the model file of '{cfg.model_spec}' has changed since the run started "
+                      f"(SHA-256 {had[:12]}... then, {now[:12]}... now)", stacklevel=3)
+        return True
+    return False
+
+
 def analyze_state(state_file, forcefield=None, force_frames: Optional[int] = None, data_dir: Optional[str] = None,
-                  batch_size: int = 64, frames=None, device: str = "cpu") -> dict:
+                  batch_size: int = 64, frames=None, device: str = "cpu", poly24_dir: Optional[str] = None) -> dict:
     """The summary of a run from its compact state file alone (``oreo-md simulate --state``): what the campaign
     report tabulates on a fresh clone, where the run directory is gone. ``frames``: ``(held_out, reference)``
     (else loaded as in the simulation); ``device``: where the force MAE is computed (not the device the run's last
@@ -186,15 +198,12 @@ def analyze_state(state_file, forcefield=None, force_frames: Optional[int] = Non
     cfg.device = device
     if data_dir is not None:
         cfg.data_dir = data_dir
+    if poly24_dir is not None:            # the folder recorded at run time may not exist on this machine
+        cfg.poly24_dir = poly24_dir
     held_out, reference = frames if frames is not None else load_system_frames(cfg)
     obs = Observables.from_dict(ckpt["observables"])
-    if forcefield is None and (force_frames is None or force_frames > 0):
-        from .potential import model_fingerprint
-        had, now = (ckpt.get("model") or {}).get("model_sha256"), model_fingerprint(cfg.model_spec).get("model_sha256")
-        if had and now and had != now:
-            warnings.warn(f"force MAE skipped: the model file of '{cfg.model_spec}' has changed since the run "
-                          f"started (SHA-256 {had[:12]}... then, {now[:12]}... now)", stacklevel=2)
-            force_frames = 0
+    if forcefield is None and _model_changed(cfg, ckpt.get("model")):
+        force_frames = 0
     return summarize(cfg, ckpt, ckpt["status"], obs, reference, held_out, forcefield, force_frames, batch_size)[0]
 
 
@@ -225,6 +234,8 @@ def analyze_run(run_dir, forcefield=None, frames=None, force_frames: Optional[in
     if ckpt is None:
         raise MDInputError(f"'{run_dir}' has no {io.CHECKPOINT}; the run never reached its first checkpoint")
     statuses = run["replicas"]
+    if forcefield is None and _model_changed(cfg, run.get("model")):
+        force_frames = 0
     obs = run_observables(run_dir, cfg, ckpt, statuses, reference)
     summary, replicas, r, h_ref = summarize(cfg, ckpt, statuses, obs, reference, held_out, forcefield, force_frames,
                                             batch_size, speed=run.get("speed", {}), model_meta=run.get("model", {}))

@@ -204,7 +204,7 @@ def _analyze(args) -> int:
     from .analysis import analyze_run, analyze_state
     if Path(args.run_dir).is_file():
         summary = analyze_state(args.run_dir, force_frames=args.force_frames, data_dir=args.data_dir,
-                                batch_size=args.batch_size)
+                                batch_size=args.batch_size, device=args.device or "cpu", poly24_dir=args.poly24_dir)
         _print_summary(summary)
         return 0
     summary = analyze_run(args.run_dir, force_frames=args.force_frames, batch_size=args.batch_size,
@@ -220,11 +220,19 @@ def _dft_check(args) -> int:
     report = dft_check(args.run_dir, n_frames=args.frames, seed=args.seed, replica=args.replica, xc=args.xc,
                        basis=args.basis, grid_level=args.grid_level, conv_tol=args.conv_tol,
                        max_memory=args.max_memory, max_minutes=args.max_minutes)
+    failed = int(report.get("n_failed") or 0)
     if not report["n_frames"]:
-        print(f"DFT check: no frame done within --max-minutes {args.max_minutes:g}; run again to continue")
+        if failed:
+            print(f"{PROG} dft-check: error: the SCF converged on none of the {failed} frame(s) tried (see "
+                  f"failed_frames in the report); try another --xc / --basis or check the trajectory",
+                  file=sys.stderr)
+            return 1
+        print("DFT check: no frame done" + (f" within --max-minutes {args.max_minutes:g}"
+                                             if args.max_minutes is not None else "") + "; run again to continue")
         return 0
     print(f"DFT check ({args.xc}/{args.basis}) on {report['n_frames']} of {args.frames} frames: force MAE "
-          f"{report['force_mae_meV_per_A']:.1f} meV/Å (RMSE {report['force_rmse_meV_per_A']:.1f})")
+          f"{report['force_mae_meV_per_A']:.1f} meV/Å (RMSE {report['force_rmse_meV_per_A']:.1f})"
+          + (f"; {failed} frame(s) without a converged SCF left out" if failed else ""))
     from .dft import output_paths
     paths = output_paths(Path(args.run_dir))
     print(f"wrote {paths['json']}" + (f" and {paths['png'].name}" if paths["png"] is not None else ""))

@@ -169,16 +169,20 @@ def replay_trajectories(trajectories: Sequence[Sequence], bonds: Sequence, thres
 
 def sampling_floor(reference: np.ndarray, n_frames: int, seed: int = 0, cell=None, pbc=None,
                    draws: int = 3) -> Optional[float]:
-    """The h(r) MAE that sampling alone gives with ``n_frames`` frames: ``min(n_frames, len(reference) // 2)``
-    random frames of the reference (F, n, 3) against the disjoint rest of it, as a replica's h(r) is compared with
-    the reference; the mean over ``draws`` seeded draws.
+    """The h(r) MAE that sampling alone gives with ``n_frames`` frames against the whole reference (F, n, 3), as a
+    replica's h(r) is compared with it: ``m = min(n_frames, F // 2)`` random frames of the reference against the
+    disjoint rest, the mean over ``draws`` seeded draws, scaled from the noise of that comparison (m against F - m
+    frames) to that of n_frames against all F: by sqrt((1/n + 1/F) / (1/m + 1/(F - m))). Unscaled, a full-length run
+    (n = 6,001 against F = 9,633) got a floor 24 % above what an ideal sampler scores.
 
     An MD trajectory's frames are correlated, so its own sampling noise at the same frame count is larger: the
     floor is a lower bound on what any model can score against this reference with that many frames."""
     from .metrics import distance_histogram, hr_mae
-    n = min(int(n_frames), len(reference) // 2)
+    total = len(reference)
+    n = min(int(n_frames), total // 2)
     if n < 1:
         return None
+    scale = float(np.sqrt((1.0 / int(n_frames) + 1.0 / total) / (1.0 / n + 1.0 / (total - n))))
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(draws):
@@ -186,4 +190,4 @@ def sampling_floor(reference: np.ndarray, n_frames: int, seed: int = 0, cell=Non
         drawn = distance_histogram(reference[perm[:n]], cell=cell, pbc=pbc)[1]
         rest = distance_histogram(reference[perm[n:]], cell=cell, pbc=pbc)[1]
         values.append(hr_mae(drawn, rest))
-    return float(np.mean(values))
+    return scale * float(np.mean(values))

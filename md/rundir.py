@@ -82,7 +82,8 @@ def plan_run(given: Dict[str, object], out_dir: Optional[Path], resume: bool = F
         del given["dataset"]
     state = read_state_file(state_file) if state_file is not None and not overwrite else None
     ckpt = read_run_checkpoint(out_dir) if out_dir is not None and not overwrite else None
-    ckpt = ckpt or state
+    if state is not None and (ckpt is None or int(state["state"]["step"]) > int(ckpt["state"]["step"])):
+        ckpt = state                      # the one the run continues from (prepare_run_dir's rule), and its settings
     if ckpt is None:
         if resume and out_dir is None:
             raise MDInputError("--resume needs --out DIR (the run directory to continue)")

@@ -154,10 +154,13 @@ def test_sampling_floor_falls_with_frames_and_is_what_two_draws_give():
     x = np.stack([ref.frame_positions(f) for f in range(len(ref))])
     few, many = sampling_floor(x, 5), sampling_floor(x, 200)
     assert few > 2 * many > 0
-    assert sampling_floor(x, 10_000) == sampling_floor(x, 200)          # capped at half the reference
+    # draws capped at half the reference, then scaled to n frames against all of it: sqrt((1/n + 1/F) / (2/(F/2)))
+    assert sampling_floor(x, 10_000) == pytest.approx(sampling_floor(x, 200) * np.sqrt(
+        (1 / 10_000 + 1 / 400) / (1 / 200 + 1 / 400)))
     perm = np.random.default_rng(0).permutation(400)
     direct = hr_mae(distance_histogram(x[perm[:5]])[1], distance_histogram(x[perm[5:]])[1])
-    assert sampling_floor(x, 5, seed=0, draws=1) == pytest.approx(direct)
+    scale = np.sqrt((1 / 5 + 1 / 400) / (1 / 5 + 1 / 395))
+    assert sampling_floor(x, 5, seed=0, draws=1) == pytest.approx(direct * scale)
     assert sampling_floor(x[:1], 5) is None
 
 
@@ -248,6 +251,12 @@ def test_dft_check_of_a_state_file_uses_its_frame_sample_and_saves_each_frame(tm
     state.with_suffix(".dft_forces.npz").write_bytes(old_forces)
     monkeypatch.setattr(md.dft, "dft_forces", fake_dft)
     assert main(["dft-check", str(state), "--frames", "3"]) == 0 and len(calls) == 6 + 3
+    # no frame converged at all: an error, not a report of nothing
+    for f in (state.with_suffix(".dft_check.json"), state.with_suffix(".dft_forces.npz")):
+        f.unlink()
+    monkeypatch.setattr(md.dft, "dft_forces", no_scf)
+    assert main(["dft-check", str(state), "--frames", "2"]) == 1
+    assert "converged on none of the 2" in capsys.readouterr().err
 
 
 @pytest.mark.slow
