@@ -14,7 +14,8 @@ def report(results: Dict, out: Path) -> None:
     base = "oreo ET eager"
     st = results["settings"]
     lines = ["# oreo speed benchmark\n",
-             f"aspirin (21 atoms), {st['threads']} thread(s), {st['rounds']} interleaved rounds, medians "
+             f"aspirin (21 atoms), {st['threads']} thread(s), {st['rounds']} interleaved rounds "
+             f"({max(4, int(st['rounds']) // 2)} for batched and train, whose rounds are longer), medians "
              f"(IQR in brackets); batched: {st['replicas']} replicas; train: batch {st['train_batch']}.  ",
              f"torch {st['torch']}, {st['date']}, command: `{st['command']}`\n"]
     groups = results["groups"]

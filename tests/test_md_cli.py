@@ -212,6 +212,11 @@ def test_benchmark_script_end_to_end_with_random_weight_model(tmp_path, capsys):
     capsys.readouterr()
     assert bench.main(argv) == 0
     assert "reusing finished run" in capsys.readouterr().out and summary.stat().st_mtime_ns == before
+    # a finished longer run reused for a shorter --ps: the table says what the row ran, and the settings used
+    assert bench.main([a if a != "0.01" else "0.005" for a in argv]) == 0
+    table = (tmp_path / "bench" / "md17_simulation.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| ethanol"))
+    assert row.split(" | ")[2] == "0.01" and "asked: 0.005 ps" in table and "Nosé–Hoover 500 K, 0.5 fs" in table
     assert bench.main(["--models", "ethanol-path", "--out", str(tmp_path / "b2")]) == 2   # no MOLECULE=MODEL
     assert "MOLECULE=MODEL" in capsys.readouterr().err
 
