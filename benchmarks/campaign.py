@@ -592,6 +592,7 @@ def _run(running: List[Slot], minutes: float, slots: int, every: float, names: O
     deadline = time.time() + 60 * minutes
     next_commit = time.time() + 60 * commit_every if commit_every else math.inf
     tried = set()
+    relaunched = set()    # MD jobs given a second start in this invocation (their DFT check after the trajectory)
     said = set()
     last_print = 0.0
     next_fill = 0.0
@@ -637,6 +638,11 @@ def _run(running: List[Slot], minutes: float, slots: int, every: float, names: O
                     print("  " + "\n  ".join(tail), flush=True)
                 elif s.job.get("kind") == "pretrain":
                     keep_backbone(s.job)
+                elif (rc == 0 and not s.stopping and s.job.get("kind") == "md" and s.job["name"] not in relaunched
+                      and md_simulated(read_state(s.job) or {"step": 0, "n_steps": 1, "running": 1})):
+                    # its trajectory just ended: the DFT check along it is the job's next piece, in this invocation
+                    tried.discard(s.job["name"])
+                    relaunched.add(s.job["name"])
         left = (deadline - now) / 60
         if left < -GRACE_MINUTES and running:
             print(f"[campaign] {', '.join(s.job['name'] for s in running)} still running {GRACE_MINUTES:g} min after "

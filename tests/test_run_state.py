@@ -687,3 +687,26 @@ def test_a_model_ships_only_when_better_beyond_the_noise_of_the_validation_frame
     noisy = old + rng.normal(scale=0.01, size=(150, 3)) * (rng.random((150, 1)) < 0.5)
     noisy *= np.abs(old).sum() / np.abs(noisy).sum() * 0.995                   # 0.5 % lower MAE on average
     assert 0.05 < campaign.better_on_resamples(noisy, old, frames) < campaign.SHIP_CONFIDENCE
+
+
+def test_an_md_job_whose_trajectory_ends_gets_its_dft_check_in_the_same_invocation(tmp_path, monkeypatch):
+    """A job starts once an invocation (no crash loops), except an MD job whose simulation just ended: its next
+    piece, the DFT check along the trajectory, starts at once instead of waiting for the next session."""
+    campaign = import_campaign()
+    job_file = tmp_path / "campaign.yaml"
+    job_file.write_text("jobs:\n  - {name: md-x, kind: md, molecule: ethanol}\n")
+    monkeypatch.setattr(campaign, "CAMPAIGN_YAML", job_file)
+    monkeypatch.setattr(campaign, "POLL_SECONDS", 0.1)
+    monkeypatch.setattr(campaign, "FILL_EVERY_S", 0.1)
+    launches = []
+    running_md = {"step": 5, "n_steps": 10, "ps": 300.0, "ps_done": 150.0, "running": 5, "replicas": 5,
+                  "sampled": 24, "dft_done": 0, "cpu_hours": 0.1}
+    simulated = {**running_md, "step": 10, "ps_done": 300.0}
+    monkeypatch.setattr(campaign, "read_state", lambda job: simulated if launches else running_md)
+
+    def launch(job, minutes, nice):
+        launches.append(job["name"])
+        return campaign.Slot(job, subprocess.Popen([sys.executable, "-c", "pass"]), tmp_path / "log", time.time())
+    monkeypatch.setattr(campaign, "launch", launch)
+    campaign.run(campaign.read_jobs(job_file), minutes=20, slots=1, every=60, names=None)
+    assert launches == ["md-x", "md-x"]               # the simulation piece, then its DFT check; not a third time
