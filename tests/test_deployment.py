@@ -90,7 +90,7 @@ def test_torchscript_export_equals_eager_and_loads_with_torch_only(model_file, t
     out = tmp_path / "tiny_ts.pt"
     export_torchscript(model_file, out, dtype=torch.float64)
     meta = read_export_metadata(out)
-    assert meta["units"]["energy"] == "eV" if "units" in meta else True
+    assert meta["units"]["energy"] == "eV"
     assert meta["export_format"] == "oreo-torchscript"
     eager = load_potential(model_file, dtype=torch.float64)
     ref = eager(torch.as_tensor(ETHANOL_Z), torch.as_tensor(ETHANOL_R))

@@ -167,9 +167,15 @@ def test_mixed_batch_slab_and_missing_cell(pot):
     out = pot(z, r, batch, cell, torch.tensor([[False] * 3, [True] * 3]))
     single = _run(pot, ETHANOL_Z, ETHANOL_R)
     assert torch.allclose(out["energy"][0], single["energy"][0], atol=1e-10)
-    slab = torch.tensor([[[12.0, 0, 0], [0, 12.0, 0], [0, 0, 0]]], dtype=torch.float64)
+    alone = _run(pot, ETHANOL_Z, ETHANOL_R + 1.0, None, cell[1:], torch.tensor([[True] * 3]))
+    assert torch.allclose(out["energy"][1], alone["energy"][0], atol=1e-10)      # the periodic frame of the batch
+    # a 6 Å slab: images within the 4 Å cutoff in x and y (they change the energy), none along the zero vector
+    slab = torch.tensor([[[6.0, 0, 0], [0, 6.0, 0], [0, 0, 0]]], dtype=torch.float64)
     out = _run(pot, ETHANOL_Z, ETHANOL_R, None, slab, torch.tensor([[True, True, False]]))
-    assert torch.allclose(out["energy"], single["energy"], atol=1e-10)
+    far = torch.tensor([[[6.0, 0, 0], [0, 6.0, 0], [0, 0, 50.0]]], dtype=torch.float64)
+    ref = _run(pot, ETHANOL_Z, ETHANOL_R, None, far, torch.tensor([[True, True, True]]))
+    assert abs(float(out["energy"] - single["energy"])) > 1e-4
+    assert torch.allclose(out["energy"], ref["energy"], atol=1e-10)
     with pytest.raises(ValueError, match="zero cell vector"):
         _run(pot, ETHANOL_Z, ETHANOL_R, None, torch.zeros(1, 3, 3, dtype=torch.float64),
              torch.tensor([[True, True, True]]))

@@ -184,6 +184,8 @@ def test_cli_pretrain_and_finetune(tmp_path, capsys):
                  "--train-size", "4", "--val-size", "2", "--epochs", "1", "--set", "data.test_size=2",
                  "--set", "optim.batch_size=2", "--out", str(tmp_path / "ft"), "--no-progress"]) == 0
     assert (tmp_path / "ft" / "test_metrics.json").is_file()
+    from forcefield.io import load_potential
+    assert load_potential(tmp_path / "ft" / "best.pt").metadata["pretrained"]["method"] == "et-oreo"   # --from used
 
 
 def test_sources_no_objective_uses_are_not_sampled(tmp_path):

@@ -95,7 +95,11 @@ def test_run_state_is_compact_and_a_fresh_clone_resumes_from_it(tmp_path):
     first = Trainer(_cfg(epochs=2), tmp_path / "a", progress=False, log=_quiet, state_file=state)
     first.fit()
     assert state.is_file()
-    # fresh clone: the run folder is gone, only the committed state is left
+    # fresh clone: the run folder is gone, only the committed state is left; it brings the weights back
+    probe = Trainer(_cfg(epochs=4), tmp_path / "probe", progress=False, log=_quiet)
+    probe.load_checkpoint(state)
+    for k, v in first.ema.state_dict().items():
+        assert torch.equal(v, probe.ema.state_dict()[k]), k                      # the EMA exactly
     resumed = Trainer(_cfg(epochs=4), tmp_path / "fresh", progress=False, log=_quiet, state_file=state)
     resumed.fit(resume=True)
     assert resumed.epoch == 4
