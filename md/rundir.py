@@ -156,5 +156,10 @@ def finished_summary(run_dir, config: SimulationConfig) -> Optional[dict]:
     summary = io.read_json(summary_path)
     if (not resume_conflicts(old, config) and run.get("completed")
             and old.ps >= config.ps and summary.get("requested_ps") == old.ps):
+        from .potential import model_fingerprint
+        had = (run.get("model") or {}).get("model_sha256")
+        now = model_fingerprint(config.model_spec).get("model_sha256")
+        if had and now and had != now:       # the model file was retrained or re-shipped since: not its run
+            return None
         return summary
     return None

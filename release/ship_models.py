@@ -34,7 +34,7 @@ CARD = """# oreo model card: {molecule} (revised MD17)
 | data | revised MD17 {molecule}, PBE/def2-SVP (Christensen & von Lilienfeld 2020), split file {split:02d} |
 | training frames | {n_train} (seeded draw from `rmd17_{molecule}_train_{split:02d}`; ids in `{molecule}.splits.json`) |
 | validation frames | {n_val} (same file, disjoint) |
-| test frames | {n_test} (all of `rmd17_{molecule}_test_{split:02d}`, disjoint from training) |
+| test frames | {n_test} (of `rmd17_{molecule}_test_{split:02d}`, disjoint from training) |
 | elements | {elements} |
 | **test force MAE** | **{f_mae:.1f} meV/Å** (RMSE {f_rmse:.1f}) |
 | test force MAE by element | {f_by_element} |
@@ -75,7 +75,7 @@ POLY24_CARD = """# oreo model card: poly24 (polymer oligomers, GFN2-xTB labels)
 | **test force MAE** | **{f_mae:.1f} meV/Å** (RMSE {f_rmse:.1f}) |
 | test force MAE by element | {f_by_element} |
 | test energy MAE | {e_mae:.1f} meV (RMSE {e_rmse:.1f}) |
-| training | {epochs} epochs, {steps} steps, {minutes:.0f} min of wall time on a 2-core CPU, 1 thread ({stop}) |
+| training | {epochs} epochs, {steps} steps, {minutes:.0f} min of wall time, {where} ({stop}) |
 
 Test force MAE per polymer (meV/Å):
 
@@ -113,7 +113,7 @@ def _per_polymer(pot, cfg, names) -> str:
     return "\n".join(rows)
 
 
-RMD17_TRAINING = "{epochs} epochs, {steps} steps, {minutes:.0f} min of wall time on a 2-core CPU, 1 thread ({stop})"
+RMD17_TRAINING = "{epochs} epochs, {steps} steps, {minutes:.0f} min of wall time, {where} ({stop})"
 RMD17_REPRODUCE = """Reproduce: the commands that trained this model (`optim.max_minutes` caps each invocation by wall time, so
 on another machine the number of epochs, and the result, differ; `--resume` continues the same run):
 
@@ -146,7 +146,6 @@ def ship(run: Path, dest: Path, resume_args=(), training: str = None, reproduce:
     save_model(full, dest / f"{molecule}.pt")
     (dest / f"{molecule}.splits.json").write_text(json.dumps(splits.frame_ids()))
     from ase.data import chemical_symbols
-    b = cfg.model
     template = POLY24_CARD if poly else CARD
     extra = {}
     if poly:
@@ -157,13 +156,19 @@ def ship(run: Path, dest: Path, resume_args=(), training: str = None, reproduce:
     config_name = "poly24" if poly else f"rmd17_{molecule}"
     resume_lines = "".join(f"oreo train --config examples/configs/{config_name}.yaml --out runs/{molecule} "
                            f"--resume {a}\n" for a in resume_args)
+    o = cfg.optim
+    where = (f"device {o.device}" if str(o.device or "cpu") not in ("cpu", "auto") else "CPU") + \
+        f", {o.threads or 1} thread(s)"
     training_line = RMD17_TRAINING.format(epochs=ck["epoch"], steps=ck["step"], minutes=ck["elapsed"] / 60,
-                                          stop=stop or "see metrics.csv")
+                                          stop=stop or "see metrics.csv", where=where)
+    arch = full.describe()
+    pretrained = (full.metadata or {}).get("pretrained") or {}
+    if pretrained.get("method"):
+        arch += f"; fine-tuned from a {pretrained['method']} pretrained backbone ({pretrained.get('steps', '?')} steps)"
     reproduce_text = RMD17_REPRODUCE.format(molecule=molecule, resume_lines=resume_lines)
     card = template.format(
         molecule=molecule, split=cfg.data.split_index, **extra,
-        arch=f"Equivariant Transformer {b.num_layers} layers x {b.hidden}, {b.num_heads} heads, {b.num_rbf} "
-             f"ExpNormal RBF, cosine cutoff {b.cutoff:g} Å; {sum(p.numel() for p in pot.parameters()):,} parameters",
+        arch=arch, where=where,
         n_train=len(splits.train), n_val=len(splits.val), n_test=len(splits.test),
         elements=", ".join(chemical_symbols[z] for z in pot.elements),
         f_mae=metrics["forces_mae_meV_per_A"], f_rmse=metrics["forces_rmse_meV_per_A"],

@@ -29,11 +29,11 @@ CARD = """# oreo pretrained backbone: {name}
 | objective | {method} ({objectives}) |
 | architecture | {arch} |
 | corpus | {corpus_frames:,} conformations: {corpus_rows} |
-| leakage control | `{protocol}` protocol: every conformation of {targets} removed (all rMD17 split files, graph match) |
-| optimisation | {steps} steps × batch {batch} = {seen:,} conformations seen ({epochs:.2f} epochs), lr {lr:g} cosine, {minutes:.0f} min on 1 CPU thread |
+| leakage control | {leakage} |
+| optimisation | {steps} steps × batch {batch}{ranks} = {seen:,} conformations seen ({epochs:.2f} epochs), lr {lr:g} cosine, {minutes:.0f} min of wall time ({where}) |
 
 **This is a small pretraining.** The ET-OREO paper pretrains on 15.7 M conformations on GPUs; this backbone saw
-{seen:,} conformations in {minutes:.0f} CPU-minutes at 3 × 64 features. It is shipped because, in the benchmark
+{seen:,} conformations in {minutes:.0f} minutes ({where}) as {arch_short}. It is shipped because, in the benchmark
 below, fine-tuning from its objective beat training from scratch at equal fine-tuning budget (in the cells the
 table shows; read them, they differ by molecule and size); larger runs (`--pretrain-steps`,
 the paper's 6 × 128 model) are a matter of compute (`torchrun` scales the same command out).
@@ -50,13 +50,29 @@ python release/ship_pretrained.py {run} --name {name} --benchmark {bench_out}
 """
 
 
+def leakage_text(leak: dict) -> str:
+    """What the corpus's leakage protocol did, in words, from its report (not one fixed sentence)."""
+    targets = ", ".join(leak.get("targets") or []) or "no target"
+    how = "same composition" if leak.get("match") == "composition" else "same bond graph"
+    protocol = leak.get("protocol", "strict")
+    if protocol == "strict":
+        return f"`strict` protocol: every conformation of {targets} removed ({how})"
+    if protocol == "paper":
+        return f"`paper` protocol: the test frames of {targets} removed wherever they occur; their other frames kept"
+    return f"`{protocol}` protocol: nothing removed"
+
+
 def ship(run: Path, name: str, dest: Path, benchmark: Path = None, bench_args: str = "") -> Path:
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     report = json.loads((run / "corpus_report.json").read_text())
     with open(run / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
     last = rows[-1]
-    steps, batch = int(last["step"]), int(cfg["optim"]["batch_size"])
+    # the counters of the shipped file itself (pretrained.pt is written at checkpoints, the log more often)
+    from forcefield.io import load_potential
+    shipped = (load_potential(run / "pretrained.pt").metadata or {}).get("pretrained") or {}
+    steps = int(shipped.get("steps", last["step"]))
+    batch, world = int(shipped.get("batch_size", cfg["optim"]["batch_size"])), int(shipped.get("world_size", 1))
     corpus_frames = sum(s["frames"] for s in report["summary"])
     m = cfg["model"]
     arch = (f"Equivariant Transformer {m['num_layers']} layers × {m['hidden']}, {m.get('num_heads', 8)} heads, "
@@ -68,8 +84,11 @@ def ship(run: Path, name: str, dest: Path, benchmark: Path = None, bench_args: s
             f"{k} {v:g}" for k, v in (objectives.get("weights") or {}).items()) or "paper weights",
         arch=arch, corpus_frames=corpus_frames,
         corpus_rows="; ".join(f"{s['name']} {s['frames']:,} ({s['kind']})" for s in report["summary"]),
-        protocol=report["leakage"]["protocol"], targets=", ".join(report["leakage"]["targets"]),
-        steps=steps, batch=batch, seen=steps * batch, epochs=steps * batch / corpus_frames,
+        leakage=leakage_text(report["leakage"]), ranks=f" × {world} processes" if world > 1 else "",
+        where=(f"device {cfg['optim'].get('device')}" if str(cfg["optim"].get("device") or "cpu") not in
+               ("cpu", "auto") else "CPU") + f", {cfg['optim'].get('threads') or 1} thread(s) a process",
+        arch_short=f"{m['name'].upper()} {m['num_layers']} × {m['hidden']}",
+        steps=steps, batch=batch, seen=steps * batch * world, epochs=steps * batch * world / corpus_frames,
         lr=float(cfg["optim"]["lr"]), minutes=float(last["elapsed_s"]) / 60,
         benchmark=(benchmark / "results.md").read_text().replace("# Pretraining benchmark", "## Benchmark")
         if benchmark else "", run=run, bench_out=benchmark or "OUT", bench_args=bench_args or "...")

@@ -217,6 +217,14 @@ def test_benchmark_script_end_to_end_with_random_weight_model(tmp_path, capsys):
     table = (tmp_path / "bench" / "md17_simulation.md").read_text()
     row = next(line for line in table.splitlines() if line.startswith("| ethanol"))
     assert row.split(" | ")[2] == "0.01" and "asked: 0.005 ps" in table and "Nosé–Hoover 500 K, 0.5 fs" in table
+    # the model file retrained in place: its finished run is another model's, so it is run again
+    torch.manual_seed(1)
+    save_model(potential.Potential(backbone={"name": "et", "hidden": 8, "num_layers": 1, "num_heads": 2,
+                                             "num_rbf": 8, "cutoff": 4.0}, elements=[1, 6, 8],
+                                   metadata={"molecule": "ethanol"}), model)
+    capsys.readouterr()
+    assert bench.main(argv) == 2                       # not reused as if it were this model's, not continued either
+    assert "has changed since the run" in capsys.readouterr().err
     assert bench.main(["--models", "ethanol-path", "--out", str(tmp_path / "b2")]) == 2   # no MOLECULE=MODEL
     assert "MOLECULE=MODEL" in capsys.readouterr().err
 

@@ -186,6 +186,14 @@ def test_cli_pretrain_and_finetune(tmp_path, capsys):
     assert (tmp_path / "ft" / "test_metrics.json").is_file()
     from forcefield.io import load_potential
     assert load_potential(tmp_path / "ft" / "best.pt").metadata["pretrained"]["method"] == "et-oreo"   # --from used
+    # its card states what the run did: the steps of the shipped file, the protocol's own sentence, the model size
+    import sys as _sys
+    _sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "release"))
+    import ship_pretrained
+    ship_pretrained.ship(tmp_path / "pre", "tiny-oreo", tmp_path / "shipped")
+    card = (tmp_path / "shipped" / "tiny-oreo.md").read_text()
+    assert "2 steps × batch 4 = 8 conformations" in card and "every conformation of ethanol removed" in card
+    assert "as ET 2 × 16" in card
 
 
 def test_sources_no_objective_uses_are_not_sampled(tmp_path):

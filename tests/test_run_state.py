@@ -675,7 +675,8 @@ def test_a_run_ships_from_its_best_model_and_log_without_a_full_checkpoint(tmp_p
     (run / "last.pt").unlink()
     summary = ship(run, tmp_path / "shipped")
     assert summary["epochs"] == 2 and (tmp_path / "shipped" / "ethanol.pt").is_file()
-    assert "2 epochs" in (tmp_path / "shipped" / "ethanol.md").read_text()
+    card = (tmp_path / "shipped" / "ethanol.md").read_text()
+    assert "2 epochs" in card and "ET 2x16 cutoff 4" in card and "CPU, " in card     # from the files, not fixed text
 
 
 def test_a_model_ships_only_when_better_beyond_the_noise_of_the_validation_frames():
