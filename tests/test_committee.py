@@ -180,6 +180,12 @@ def test_other_refusals_name_the_fix(tmp_path, member_files):
     a.set_metadata(units={"energy": "eV", "length": "Å", "forces": "eV/Å"})
     with pytest.raises(ValueError, match="disagree on units"):
         Committee([a, b])
+    # models trained on files name no molecule: their sources tell an ethanol model from a malonaldehyde one
+    c, d = tiny_potential(seed=0, molecule=None), tiny_potential(seed=1, molecule=None)
+    c.set_metadata(source="ethanol.xyz")
+    d.set_metadata(source="malonaldehyde.xyz")
+    with pytest.raises(ValueError, match="disagree on source: .*same data"):
+        Committee([c, d])
     with pytest.raises(ValueError, match="disagree on dtype: .*same dtype"):
         Committee([tiny_potential(seed=0), tiny_potential(seed=1, dtype=torch.float32)])
     with pytest.raises(ValueError, match="at least 2 models, got 1; pass two or more"):
