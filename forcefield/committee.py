@@ -191,9 +191,6 @@ _AGREE = {
                  "a committee is several models of one molecule; use models trained on the same molecule"),
     "level_of_theory": (lambda m: m.metadata.get("level_of_theory"),
                         "members must be trained on labels of the same level of theory; leave this one out"),
-    # models trained on a file (data.path) name no molecule: their data source tells them apart
-    "source": (lambda m: None if _molecule(m.metadata) else m.metadata.get("source"),
-               "members must be trained on the same data (one molecule's frames); leave this one out"),
     "polymers": (lambda m: tuple(m.metadata["polymers"]) if m.metadata.get("polymers") else None,
                  "poly24 members must be trained on the same polymers; leave this one out"),
     "dtype": (lambda m: m.scale.dtype,

@@ -180,11 +180,11 @@ def test_other_refusals_name_the_fix(tmp_path, member_files):
     a.set_metadata(units={"energy": "eV", "length": "Å", "forces": "eV/Å"})
     with pytest.raises(ValueError, match="disagree on units"):
         Committee([a, b])
-    # models trained on files name no molecule: their sources tell an ethanol model from a malonaldehyde one
+    # poly24 models of other polymers
     c, d = tiny_potential(seed=0, molecule=None), tiny_potential(seed=1, molecule=None)
-    c.set_metadata(source="ethanol.xyz")
-    d.set_metadata(source="malonaldehyde.xyz")
-    with pytest.raises(ValueError, match="disagree on source: .*same data"):
+    c.set_metadata(polymers=["PE"])
+    d.set_metadata(polymers=["PP"])
+    with pytest.raises(ValueError, match="disagree on polymers: .*same polymers"):
         Committee([c, d])
     with pytest.raises(ValueError, match="disagree on dtype: .*same dtype"):
         Committee([tiny_potential(seed=0), tiny_potential(seed=1, dtype=torch.float32)])
