@@ -841,8 +841,8 @@ def md_table(rows: List[Dict]) -> List[str]:
         out += [f"## {group}", "",
                 "Nosé–Hoover, 500 K, 0.5 fs, replicas from held-out rMD17 frames (test split 01). Stability: time "
                 "until a bond deviates > 0.5 Å from its mean over the reference; h(r) MAE over the stable frames "
-                "against every distinct rMD17 frame (9,633), beside the sampling floor (h(r) MAE of as many "
-                "reference frames against the rest of the reference). Force MAE: the model on 1000 held-out "
+                "against every distinct rMD17 frame (9,633), beside the sampling floor (what an ideal sampler's as "
+                "many independent frames score against the reference: `md.observables.sampling_floor`). Force MAE: the model on 1000 held-out "
                 "frames; beside it, against PBE/def2-SVP (PySCF, rMD17's level) on frames of the last 100 ps of the "
                 "model's own trajectories (`oreo-md dft-check STATE`): much larger means the MD visits places the "
                 "data does not cover. Model: the shipped model the job started with and the first digits of its SHA-256 (the "

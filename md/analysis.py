@@ -11,8 +11,8 @@ Definitions (MDsim, MD17):
   it for another reason first, the stop time; else the full simulated length);
 - h(r): normalised histogram of all pair distances, 500 bins on (0, 10] Å, over the stable
   frames; the same over the dataset's frames (rMD17: every distinct frame of the 10 published split files,
-  9,633 per molecule); h(r) MAE = mean |Δh| × 10; beside it the sampling floor: the h(r) MAE of two disjoint
-  draws of the reference with as many frames each (:func:`md.observables.sampling_floor`);
+  9,633 per molecule); h(r) MAE = mean |Δh| × 10; beside it the sampling floor: what as many independent frames
+  score against the reference (:func:`md.observables.sampling_floor`, from two disjoint draws of it);
 - all of it is computed from the observables the simulation accumulates (:mod:`md.observables`), saved in the
   checkpoint and the compact state file, so no trajectory file is needed (:func:`analyze_state`);
 - force MAE of the model on held-out frames (meV/Å); speed in steps/s and ns/day.
