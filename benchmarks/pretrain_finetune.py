@@ -245,6 +245,11 @@ def run_property(prop: str, method: str, pretrained: Optional[Path], args, smoke
         pc.update(epochs=args.qm9_epochs, max_minutes=args.qm9_minutes or args.finetune_minutes,
                   max_cpu_minutes=args.qm9_cpu_minutes or args.finetune_cpu_minutes,
                   data_dir=args.data_dir, threads=args.threads)
+        if resume:         # the budgets are the run's, not each invocation's: what a killed invocation used counts
+            ck = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+            for key, used in (("max_minutes", ck.get("elapsed", 0.0)), ("max_cpu_minutes", ck.get("cpu_seconds", 0.0))):
+                if pc.get(key):
+                    pc[key] = max(pc[key] - float(used) / 60.0, 1e-3)
         if args.qm9_train_size:
             pc["train_size"] = args.qm9_train_size
     if method in SCRATCH:

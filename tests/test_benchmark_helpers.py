@@ -214,3 +214,21 @@ def test_a_step_budgeted_run_starts_only_if_one_like_it_fitted_in_the_time_left(
                                    "--max-minutes", "50"]) == 0
     assert len(json.loads((tmp_path / "s.json").read_text())["forcefield"]) == 1
     assert "2 run(s) left" in capsys.readouterr().out
+
+
+def test_a_resumed_qm9_run_gets_what_is_left_of_its_budget(tmp_path, monkeypatch):
+    """A QM9 run's CPU budget is the run's: resumed after a kill, it gets the budget minus what its checkpoint
+    used, not a fresh one (the methods would otherwise get unequal compute)."""
+    seen = {}
+    monkeypatch.setattr(pretrain_finetune, "finetune_property",
+                        lambda pre, cfg, out, **k: seen.update(cpu=cfg.max_cpu_minutes) or {"test_mae": 1.0})
+    monkeypatch.setattr(pretrain_finetune, "validation_curve", lambda out: [])
+    out = tmp_path / "qm9" / "gap" / "scratch"
+    out.mkdir(parents=True)
+    torch.save({"elapsed": 900.0, "cpu_seconds": 1200.0}, out / "last.pt")          # 20 CPU-minutes used
+    args = pretrain_finetune.argparse.Namespace(out=str(tmp_path), layer_decay=None, qm9_epochs=10, qm9_minutes=None,
+                                                finetune_minutes=None, qm9_cpu_minutes=60.0, finetune_cpu_minutes=None,
+                                                data_dir=None, threads=1, qm9_train_size=None, hidden=16, layers=2,
+                                                heads=None, no_progress=True)
+    pretrain_finetune.run_property("gap", "scratch", None, args, None, lambda *a: None)
+    assert seen["cpu"] == pytest.approx(40.0)
