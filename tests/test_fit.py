@@ -136,6 +136,11 @@ def test_uncertainty_selection_takes_the_largest_spreads():
     assert select_uncertain(spread, 3) == [3, 1, 4]
     assert select_uncertain(spread, 10) == [3, 1, 4, 5, 0, 2]
     assert select_random(6, 3, np.random.default_rng(0)) == select_random(6, 3, np.random.default_rng(0))
+    # consecutive frames of one replica are near copies: the spread's peak is taken once, then the next replica's
+    replica, step = [0, 0, 0, 1, 1, 1], [10, 20, 30, 10, 20, 30]
+    spread = [0.5, 0.9, 0.8, 0.1, 0.2, 0.3]
+    assert select_uncertain(spread, 2, replica, step, min_gap=10) == [1, 5]
+    assert select_uncertain(spread, 5, replica, step, min_gap=10) == [1, 5, 3, 2, 0]   # then the passed-over ones
 
 
 # ---------------------------------------------------------------------------- labels
@@ -247,7 +252,9 @@ def test_active_learning_labels_the_md_frames_of_largest_spread(fitted):
     cands = read(str(fitted / "rounds" / "r00" / "md" / "candidates.extxyz"), index=":")
     spread = np.array([a.info["forces_std_max"] for a in cands])
     assert len(cands) >= 2 and [a.info["frame_id"] for a in cands] == [md_frame_id(0, k) for k in range(len(cands))]
-    top = np.argsort(-spread, kind="stable")[:2]
+    from forcefield.fit.loop import PICK_GAP_STRIDES
+    top = select_uncertain(spread, 2, [a.info["replica"] for a in cands], [a.info["step"] for a in cands],
+                           PICK_GAP_STRIDES * 5)                          # TINY_ARGS: --md-stride 5
     assert data["rounds"][1]["selected"] == [md_frame_id(0, int(k)) for k in top]
     # the spread logged along the MD is the committee's forces_std_max of that frame
     committee = load_potential(fitted / "rounds" / "r00" / "committee.pt")

@@ -35,6 +35,8 @@ from .state import ROUND_ID_BASE, FitState, md_frame_id, round_dir
 
 #: no pool frame within this many strides of a held-out frame of the same trajectory is labelled for training
 HOLD_OUT_GAP_STRIDES = 5
+#: uncertainty picks of one committee-MD replica are at least this many candidate strides apart (while others remain)
+PICK_GAP_STRIDES = 3
 
 
 class _Run:
@@ -322,8 +324,9 @@ class _Run:
         if cfg.select == "random":
             idx = select_random(len(cands), k, np.random.default_rng([cfg.seed, 17, r]))
             how = f"at random from round {r - 1}'s committee MD"
-        else:
-            idx = select_uncertain(spread, k)
+        else:          # the largest spreads, no two within PICK_GAP_STRIDES candidate strides of one replica
+            idx = select_uncertain(spread, k, [a.info.get("replica", 0) for a in cands],
+                                   [a.info.get("step", 0) for a in cands], PICK_GAP_STRIDES * cfg.md_stride)
             how = f"largest committee force spread in round {r - 1}'s committee MD"
         picks = [int(cands[i].info["frame_id"]) for i in idx]
         filled = 0

@@ -83,11 +83,26 @@ def farthest_point_sampling(x: np.ndarray, k: int, candidates: Optional[Sequence
     return picks
 
 
-def select_uncertain(spread: Sequence[float], k: int) -> List[int]:
-    """Indices of the ``k`` largest values of ``spread`` (largest first; ties: the earlier candidate first)."""
+def select_uncertain(spread: Sequence[float], k: int, trajectory: Optional[Sequence[int]] = None,
+                     step: Optional[Sequence[int]] = None, min_gap: int = 0) -> List[int]:
+    """Indices of the ``k`` largest values of ``spread`` (largest first; ties: the earlier candidate first).
+
+    With ``trajectory`` and ``step`` (each candidate's replica and MD step), a candidate within ``min_gap`` steps of
+    a pick of its own trajectory is passed over for the next largest: the spread peaks over a few consecutive
+    frames, which are near copies (one label's worth). Passed-over candidates fill up the ``k`` only if too few
+    others are left."""
     s = np.asarray(spread, dtype=np.float64)
-    order = np.argsort(-s, kind="stable")
-    return [int(i) for i in order[:min(int(k), len(s))]]
+    order = [int(i) for i in np.argsort(-s, kind="stable")]
+    k = min(int(k), len(s))
+    if trajectory is None or step is None or min_gap <= 0:
+        return order[:k]
+    picked, passed = [], []
+    for i in order:
+        if len(picked) == k:
+            break
+        near = any(trajectory[j] == trajectory[i] and abs(int(step[j]) - int(step[i])) <= min_gap for j in picked)
+        (passed if near else picked).append(i)
+    return picked + passed[:k - len(picked)]
 
 
 def select_random(n: int, k: int, rng: np.random.Generator) -> List[int]:
