@@ -315,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .threads import default_threads, set_thread_environment, threads_from_argv
+    try:                     # before the parsers import torch and numpy: their thread pools start with this many
+        set_thread_environment(threads_from_argv(sys.argv[1:] if argv is None else argv) or default_threads())
+    except ValueError:
+        pass                 # a bad $OREO_THREADS: configure_threads below says so
     args = build_parser().parse_args(argv)
     if args.command == "data" and args.action == "download" and not args.name:
         raise SystemExit("oreo data download: name the dataset, e.g. `oreo data download rmd17`")
@@ -322,7 +327,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .threads import configure_threads
         configure_threads(getattr(args, "threads", None))   # before torch loads: one thread unless told
         return args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+    # user errors, as one line each: missing or existing files (OSError), bad values, runs that diverged
+    # (FloatingPointError), missing optional packages (ImportError)
+    except (OSError, ValueError, RuntimeError, ArithmeticError, ImportError) as exc:
         print(f"oreo {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -64,7 +64,7 @@ def trace_energy_forces(potential: nn.Module, dtype: torch.dtype = torch.float32
     from torch.fx.experimental.proxy_tensor import make_fx
 
     if not traceable(potential):
-        raise TypeError("compiling needs an eager oreo Potential (a model file or checkpoint), not a TorchScript export")
+        raise ValueError("compiling needs an eager oreo Potential (a model file or checkpoint), not a TorchScript export")
     pot = cast_potential(copy.deepcopy(potential), device, dtype).eval()    # the caller's model stays as it is
     for p in pot.parameters():
         p.requires_grad_(False)

@@ -159,7 +159,12 @@ def apply_overrides(d: Dict[str, Any], overrides: Optional[Sequence[str]]) -> Di
         path = key.strip().split(".")
         if not sep or len(path) < 2 or not all(path):
             raise ValueError(f"--set expects section.key=value (e.g. optim.max_minutes=30), got '{item}'")
-        set_in(d, ".".join(path), yaml.safe_load(value))
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--set {item}: the value is not valid YAML ({str(exc).splitlines()[0]}); quote it or "
+                             f"fix it, e.g. --set data.polymers='[PE, PS]'") from None
+        set_in(d, ".".join(path), parsed)
     return d
 
 

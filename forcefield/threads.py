@@ -13,7 +13,6 @@ So every heavy command uses **one thread unless told otherwise**: ``--threads N`
 cores to itself.
 """
 import os
-import sys
 from typing import Optional
 
 THREADS_HELP = ("CPU threads for this job (default: $OREO_THREADS, else $OMP_NUM_THREADS, else 1); jobs side by "
@@ -40,6 +39,26 @@ def default_threads() -> int:
     return 1
 
 
+def set_thread_environment(n: int) -> None:
+    """The thread variables of OpenMP, MKL and OpenBLAS, for the runtimes this process has not loaded yet and for
+    its child processes."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(int(n))
+
+
+def threads_from_argv(argv) -> Optional[int]:
+    """The ``--threads N`` of a command line, read before argparse (whose parsers import torch and numpy)."""
+    for k, a in enumerate(argv):
+        value = a.split("=", 1)[1] if a.startswith("--threads=") else (argv[k + 1] if a == "--threads" and
+                                                                       k + 1 < len(argv) else None)
+        if value is not None:
+            try:
+                return max(1, int(value))
+            except ValueError:
+                return None                # argparse says what is wrong with it
+    return None
+
+
 def configure_threads(threads: Optional[int] = None) -> int:
     """Set this process's CPU threads (``threads``, else :func:`default_threads`); returns the number used.
 
@@ -48,9 +67,7 @@ def configure_threads(threads: Optional[int] = None) -> int:
     if threads is not None and int(threads) < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
     n = int(threads) if threads is not None else default_threads()
-    if "torch" not in sys.modules:
-        os.environ["OMP_NUM_THREADS"] = str(n)
-        os.environ["MKL_NUM_THREADS"] = str(n)
+    set_thread_environment(n)          # the runtimes not loaded yet, and every child process (label workers, ...)
     import torch
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)

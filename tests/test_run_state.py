@@ -257,6 +257,13 @@ def test_commands_run_on_one_thread_unless_told():
     out = subprocess.run([sys.executable, "-c", code], env={**env, "OREO_THREADS": "2"}, capture_output=True,
                          text=True, check=True)
     assert out.stdout.strip() == "2"
+    # the oreo command sets the BLAS/OpenMP variables before its parsers import numpy and torch, and child
+    # processes inherit them
+    code = ("import os, sys; from forcefield.cli import main; main(['info', 'ethanol', '--threads', '1'] "
+            "if '--threads' in sys.argv else ['info', 'ethanol']); "
+            "print(os.environ['OMP_NUM_THREADS'], os.environ['OPENBLAS_NUM_THREADS'])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-2:] == ["1", "1"]
 
 
 def test_campaign_job_file_is_checked(tmp_path, monkeypatch):
@@ -715,3 +722,16 @@ def test_an_md_job_whose_trajectory_ends_gets_its_dft_check_in_the_same_invocati
     monkeypatch.setattr(campaign, "launch", launch)
     campaign.run(campaign.read_jobs(job_file), minutes=20, slots=1, every=60, names=None)
     assert launches == ["md-x", "md-x"]               # the simulation piece, then its DFT check; not a third time
+
+
+def test_a_resume_with_another_model_or_data_config_is_refused(tmp_path):
+    """Weights trained at one cutoff (or on other labels) are not continued under another config; optim
+    settings may change on a resume (lr, budgets)."""
+    Trainer(_cfg(epochs=1), tmp_path / "run", progress=False, log=_quiet).fit()
+    import dataclasses
+    cfg = _cfg(epochs=2)
+    other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, cutoff=3.0))
+    with pytest.raises(ValueError, match=r"model.cutoff: 4.0 -> 3.0"):
+        Trainer(other, tmp_path / "run", progress=False, log=_quiet).fit(resume=True)
+    lr = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1e-4))
+    assert Trainer(lr, tmp_path / "run", progress=False, log=_quiet).fit(resume=True) is not None

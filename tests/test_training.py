@@ -95,6 +95,10 @@ def test_cli_train_evaluate_export(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     assert oreo(["evaluate", str(out / "best.pt"), "--molecule", "caffeine"]) == 2
     assert "caffeine" in capsys.readouterr().err
+    assert oreo(["train", "--config", str(cfg), "--out", str(out), "--no-progress"]) == 2    # forgot --resume
+    assert "pass --resume" in capsys.readouterr().err
+    assert oreo(["train", "--config", str(cfg), "--out", str(tmp_path / "x"), "--set", "optim.lr=[1"]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
 
 
 def test_one_config_loader_converts_every_config():

@@ -210,6 +210,17 @@ class Trainer(EpochTrainer):
         if ck["frame_ids"] != self.splits.frame_ids():
             raise ValueError(f"cannot resume the run in {self.out}: its data split differs from this config's "
                              f"(different data, seed or sizes). Use the original config or a new --out folder.")
+        # the model and the data cannot change under a run (optim settings may: lr, budgets, ...); where the data
+        # lives (data_dir, path) may differ between machines
+        now = self.cfg.to_dict()
+        changed = [f"{section}.{k}: {v!r} -> {now[section].get(k)!r}"
+                   for section, skip in (("model", ()), ("data", ("data_dir", "path")))
+                   for k, v in (ck.get("config", {}).get(section) or {}).items()
+                   if k not in skip and k in now[section] and v != now[section][k]]
+        if changed:
+            raise ValueError(f"cannot resume the run in {self.out} with another model or data config "
+                             f"({'; '.join(changed)}): its weights were trained for the old one. Resume with the "
+                             f"run's config (its config.yaml), or start a new run in another --out folder")
         self.model.load_state_dict(ck["train_model"])
         self.ema.load_state_dict(ck["model"]["state_dict"])
         load_optimizer_state(self.optimizer, ck["optimizer"])
