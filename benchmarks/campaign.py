@@ -951,8 +951,8 @@ def ship_improved(jobs: List[Dict]) -> None:
     from forcefield.train.datasets import build_splits
     for job in jobs:
         run_dir = RUNS_DIR / job["name"]
-        if not job.get("ship"):
-            continue
+        if not job.get("ship") or (job.get("stopped") and not (run_dir / "best.pt").is_file()):
+            continue                      # nothing to ship, or a finished job (its model shipped) not run here
         if not (run_dir / "best.pt").is_file():
             print(f"[campaign] {job['name']}: no {shown(run_dir / 'best.pt')} here (a fresh clone): run a piece of it "
                   f"first (--jobs {job['name']}), which writes one; not shipped")
