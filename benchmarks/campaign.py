@@ -366,10 +366,6 @@ def pretrain_command(job: Dict, minutes: float, fresh: bool) -> List[str]:
         cmd += ["--corpus", str(REPO / job["corpus"])]
     if job.get("method"):
         cmd += ["--method", str(job["method"])]
-    if not any(item.startswith("optim.epochs=") for item in job["set"]):
-        # a campaign job's pieces end on their time; the config's epoch cap would end the job (and leave its core
-        # idle for the rest of the piece) while it still falls, as ethanol-ft-oreo's 3,000 did on 2026-12-04
-        cmd += ["--set", "optim.epochs=1000000"]
     for item in job["set"]:
         cmd += ["--set", item]
     return cmd + ([] if fresh else ["--resume"])

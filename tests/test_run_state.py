@@ -285,6 +285,9 @@ def test_campaign_job_file_is_checked(tmp_path, monkeypatch):
     assert "--resume" in again and "--init-from" not in again and "optim.max_minutes=10.00" in again
     assert "optim.epochs=1000000" in again            # pieces end on their time, not on the config's epoch cap
     assert "optim.epochs=1000000" not in campaign.job_command({**job, "set": ["optim.epochs=5"]}, 10, fresh=False)
+    pre = {"name": "pre", "kind": "pretrain", "config": "examples/configs/pretrain_et_oreo.yaml", "set": [],
+           "threads": 1}
+    assert "optim.epochs=1000000" not in campaign.job_command(pre, 10, fresh=False)   # epochs size its schedule
     # a fine-tune of a pretraining job's backbone: `oreo finetune --from` it on every piece, after that job is done
     bad.write_text("jobs:\n  - {name: pre, kind: pretrain, config: examples/configs/pretrain_et_oreo.yaml}\n"
                    "  - {name: ft, config: examples/configs/rmd17_ethanol.yaml, finetune_from: pre}\n")
