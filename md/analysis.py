@@ -175,13 +175,12 @@ def summarize(cfg: SimulationConfig, ckpt: dict, statuses: List[dict], obs: Obse
 def _model_changed(cfg: SimulationConfig, recorded: Optional[dict]) -> bool:
     """Whether the model file the run names is no longer the one it ran (a molecule re-shipped since): then its
     force MAE would be another model's, so it is skipped, with a warning."""
-    from .potential import model_fingerprint
-    had, now = (recorded or {}).get("model_sha256"), model_fingerprint(cfg.model_spec).get("model_sha256")
-    if had and now and had != now:
+    from .potential import model_change, model_fingerprint
+    change = model_change(recorded, model_fingerprint(cfg.model_spec))
+    if change:
         warnings.warn(f"force MAE skipped: the model file of '{cfg.model_spec}' has changed since the run started "
-                      f"(SHA-256 {had[:12]}... then, {now[:12]}... now)", stacklevel=3)
-        return True
-    return False
+                      f"({change})", stacklevel=3)
+    return change is not None
 
 
 def analyze_state(state_file, forcefield=None, force_frames: Optional[int] = None, data_dir: Optional[str] = None,

@@ -280,3 +280,10 @@ def model_fingerprint(spec: str) -> Dict[str, object]:
     except FileNotFoundError:
         return {}
     return {"model_file": path.name, "model_sha256": sha256sum(path)}
+
+
+def model_change(recorded: Optional[Dict[str, object]], fingerprint: Dict[str, object]) -> Optional[str]:
+    """``"SHA-256 <then>... then, <now>... now"`` when the model a run recorded is not the file ``fingerprint``
+    (:func:`model_fingerprint`) names now, e.g. a re-shipped model; None when it is, or when either is unknown."""
+    had, now = (recorded or {}).get("model_sha256"), fingerprint.get("model_sha256")
+    return f"SHA-256 {had[:12]}... then, {now[:12]}... now" if had and now and had != now else None

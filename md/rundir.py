@@ -69,6 +69,12 @@ def _no_checkpoint(out_dir) -> MDInputError:
     return MDInputError(f"--resume: no checkpoint in '{out_dir}'; drop --resume to start a new run there")
 
 
+def further_along(state: Optional[dict], ckpt: Optional[dict]) -> bool:
+    """Whether a run continues from the state file's record rather than the run directory's checkpoint: it exists
+    and is further along (a fresh clone, or a GPU piece's state adopted while this folder stayed)."""
+    return state is not None and (ckpt is None or int(state["state"]["step"]) > int(ckpt["state"]["step"]))
+
+
 def plan_run(given: Dict[str, object], out_dir: Optional[Path], resume: bool = False,
              overwrite: bool = False, state_file=None) -> Tuple[SimulationConfig, Path, bool]:
     """``(config, run directory, continuing)`` for the settings given on a command line (``given``: only those
@@ -82,8 +88,8 @@ def plan_run(given: Dict[str, object], out_dir: Optional[Path], resume: bool = F
         del given["dataset"]
     state = read_state_file(state_file) if state_file is not None and not overwrite else None
     ckpt = read_run_checkpoint(out_dir) if out_dir is not None and not overwrite else None
-    if state is not None and (ckpt is None or int(state["state"]["step"]) > int(ckpt["state"]["step"])):
-        ckpt = state                      # the one the run continues from (prepare_run_dir's rule), and its settings
+    if further_along(state, ckpt):
+        ckpt = state                      # the record the run continues from, and its settings
     if ckpt is None:
         if resume and out_dir is None:
             raise MDInputError("--resume needs --out DIR (the run directory to continue)")
@@ -119,7 +125,7 @@ def prepare_run_dir(out_dir: Path, config: SimulationConfig, resume: Optional[bo
         return None, False
     ckpt = read_run_checkpoint(out_dir)
     state = read_state_file(state_file) if state_file is not None else None
-    from_state = state is not None and (ckpt is None or int(state["state"]["step"]) > int(ckpt["state"]["step"]))
+    from_state = further_along(state, ckpt)
     if from_state:
         ckpt = state
     if ckpt is None:
@@ -156,10 +162,8 @@ def finished_summary(run_dir, config: SimulationConfig) -> Optional[dict]:
     summary = io.read_json(summary_path)
     if (not resume_conflicts(old, config) and run.get("completed")
             and old.ps >= config.ps and summary.get("requested_ps") == old.ps):
-        from .potential import model_fingerprint
-        had = (run.get("model") or {}).get("model_sha256")
-        now = model_fingerprint(config.model_spec).get("model_sha256")
-        if had and now and had != now:       # the model file was retrained or re-shipped since: not its run
-            return None
+        from .potential import model_change, model_fingerprint
+        if model_change(run.get("model"), model_fingerprint(config.model_spec)):
+            return None                      # the model file was retrained or re-shipped since: not its run
         return summary
     return None

@@ -28,7 +28,7 @@ from .integrators import compute_forces, conserved_energy, make_integrator
 from .metrics import timed_by_device
 from .observables import Observables, replay_trajectories, sample_window_start
 from .rundir import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, prepare_run_dir
-from .potential import ForceField, load_model, model_fingerprint, model_metadata
+from .potential import ForceField, load_model, model_change, model_fingerprint, model_metadata
 from .state import MDState, make_state, maxwell_boltzmann_velocities, overlapping_atoms
 
 #: the wall-time estimate is printed after this many steps or seconds of the run, whichever comes first
@@ -85,6 +85,7 @@ class _Run:
         #: the same timing per device type ({"cpu": [seconds, steps], "cuda": ...}): pieces of one run may run on a
         #: GPU and on CPUs, and a rate or an estimate of the time left is one device's
         self.timed_by_device: Dict[str, List[float]] = {}
+        self.device_type = torch.device(config.device or "cpu").type
         self.model_meta: Dict[str, object] = {}
         self.frames: Dict[str, str] = {}
         self.obs = Observables(config.replicas, config.bond_threshold)
@@ -206,7 +207,7 @@ class _Run:
         """Add ``steps`` integration steps that took ``seconds`` of wall time to the run's timing."""
         self.wall_s += seconds
         self.steps_timed += steps
-        w = self.timed_by_device.setdefault(torch.device(self.config.device or "cpu").type, [0.0, 0])
+        w = self.timed_by_device.setdefault(self.device_type, [0.0, 0])
         w[0] += seconds
         w[1] += steps
 
@@ -263,11 +264,10 @@ def initial_state(config: SimulationConfig, held_out, generator: torch.Generator
 
 def _check_same_model(ckpt: dict, fingerprint: Dict[str, object], where: str) -> None:
     """A run continues with the model file it started with (the shipped name may point at a re-shipped model)."""
-    had = (ckpt.get("model") or {}).get("model_sha256")
-    now = fingerprint.get("model_sha256")
-    if had and now and had != now:
+    change = model_change(ckpt.get("model"), fingerprint)
+    if change:
         raise MDInputError(f"the model file {fingerprint.get('model_file')} has changed since the run in {where} "
-                           f"started (SHA-256 {had[:12]}... then, {now[:12]}... now; a re-shipped model?): one "
+                           f"started ({change}; a re-shipped model?): one "
                            f"trajectory must come from one model. Pass --model with the original file, or start a "
                            f"new run (--overwrite, or another --out / --state)")
 

@@ -100,9 +100,8 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict) -> None:
                     st[k] = v.to(p.device)
 
 
-def _step_of(path: Path) -> int:
-    """The optimiser step a checkpoint or run state was written at (-1 if it does not say)."""
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+def _step_of(ck: Any) -> int:
+    """The optimiser step a loaded checkpoint or run state was written at (-1 if it does not say)."""
     return int(ck.get("step", -1)) if isinstance(ck, dict) else -1
 
 
@@ -252,9 +251,10 @@ class TrainingRun:
     def after_checkpoint(self, state: Dict[str, Any]) -> None:
         """Files written with every checkpoint besides ``last.pt`` (e.g. a model file), from its ``state``."""
 
-    def load_checkpoint(self, path: Path) -> None:
-        """Restore the run from a full checkpoint or a compact run state (which also rewrites the log)."""
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+    def load_checkpoint(self, path: Path, ck: Any = None) -> None:
+        """Restore the run from a full checkpoint or a compact run state (which also rewrites the log); ``ck``: the
+        file's content when it is loaded already."""
+        ck = torch.load(path, map_location="cpu", weights_only=False) if ck is None else ck
         self.resumed_from_runstate = is_runstate(ck)
         if is_runstate(ck):
             rows = ck.get("history") or []
@@ -268,16 +268,19 @@ class TrainingRun:
         """The start of every ``fit``: continue the run in the folder (``resume``; from ``last.pt``, else from the
         compact state), or refuse a folder that already holds a run."""
         if resume:
-            last = self.last_path
-            if self.state_file is not None and self.state_file.is_file() and (
-                    not last.is_file() or _step_of(self.state_file) > _step_of(last)):
-                if last.is_file():      # e.g. a GPU piece's state copied over the job's while this folder stayed
-                    self.log(f"the run state {self.state_file} is further along than {last}: resuming from it")
-                last = self.state_file
-            if not last.is_file():
+            # each candidate read once: the folder's last.pt, and the compact state when it is further along
+            found = {p: torch.load(p, map_location="cpu", weights_only=False)
+                     for p in (self.last_path, self.state_file) if p is not None and p.is_file()}
+            if not found:
                 where = f" or run state {self.state_file}" if self.state_file is not None else ""
                 raise FileNotFoundError(f"--resume: no checkpoint {self.last_path}{where}; start without --resume")
-            self.load_checkpoint(last)
+            last = self.last_path if self.last_path in found else self.state_file
+            if last == self.last_path and self.state_file in found and \
+                    _step_of(found[self.state_file]) > _step_of(found[last]):
+                # e.g. a GPU piece's state copied over the job's while this folder stayed
+                self.log(f"the run state {self.state_file} is further along than {last}: resuming from it")
+                last = self.state_file
+            self.load_checkpoint(last, found[last])
             value = getattr(self, self.csv_key)
             self.write_rows([r for r in self.rows() if int(r[self.csv_key]) <= value])
             self.log(f"resumed from {last} at {self.position()}")
