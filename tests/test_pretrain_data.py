@@ -13,7 +13,8 @@ from forcefield.data import load_rmd17
 from forcefield.data.ani import forces_unit_factor, load_ani
 from forcefield.data.conformations import ConformationSet
 from forcefield.data.pcqm import iter_sdf, load_pcqm4mv2
-from forcefield.data.qm9 import QM9_N_MOLECULES, parse_qm9_xyz, qm9_split_labels, qm9_uncharacterized, read_qm9
+from forcefield.data.qm9 import (QM9_N_MOLECULES, parse_qm9_xyz, qm9_index_of_db_rows, qm9_split_labels,
+                                 qm9_uncharacterized, read_qm9)
 from forcefield.pretrain.corpus import Corpus, EpochSampler, corpus_config_from_obj
 from forcefield.pretrain.leakage import LeakageConfig, apply_leakage_filter, graph_hash, resolve_targets
 from tests.helpers import ETHANOL_R, ETHANOL_Z, random_rotation
@@ -110,6 +111,21 @@ def test_qm9_legacy_split_is_kept():
     assert qm9_split_labels([1, 2, 3, 4, 5], "seeded-80-10-10").tolist() == lab[:5].tolist()
     with pytest.raises(ValueError, match="split scheme"):
         qm9_split_labels([1], "80-10-10")
+
+
+def test_schnetpack_db_without_uncharacterized_rows_maps_to_qm9_indices():
+    # SchNetPack's remove_uncharacterized writes the 130,831 characterized molecules one after another
+    bad = qm9_uncharacterized()
+    n = QM9_N_MOLECULES - len(bad)
+    idx = qm9_index_of_db_rows(np.arange(1, n + 1), n)
+    assert idx.tolist() == np.setdiff1d(np.arange(1, QM9_N_MOLECULES + 1), bad).tolist()
+    assert qm9_index_of_db_rows([57, 58, 59], n).tolist() == [57, 59, 60]      # 58 is the first uncharacterized
+    # so its split labels are those of the molecules it holds: no row lands in "none"
+    assert not (qm9_split_labels(idx) == "none").any()
+    assert qm9_index_of_db_rows([57, 58, 59], QM9_N_MOLECULES).tolist() == [57, 58, 59]   # all molecules: row = index
+    assert qm9_index_of_db_rows([58], 20).tolist() == [58]                                  # a hand-made subset
+    with pytest.raises(ValueError, match="row ids"):
+        qm9_index_of_db_rows([n + 1], n)
 
 
 @pytest.mark.skipif(not QM9_DB.is_file(), reason="SchNetPack QM9 test database not found")

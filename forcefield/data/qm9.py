@@ -13,9 +13,12 @@ upstream xyz archive (figshare ``dsgdb9nsd.xyz.tar.bz2``)
     use Mathematica's ``*^`` exponent. Read from the archive itself (``.tar.bz2``/``.tar.gz``/``.tar``), a
     folder of the files, or one file.
 SchNetPack ASE database (``qm9.db``)
-    rows with the properties in ``row.data`` (units in the database metadata; Hartree for energies).
+    rows with the properties in ``row.data`` (units in the database metadata; Hartree for energies). SchNetPack
+    writes the molecules in index order, all 133,885 (row id = QM9 index) or, with ``remove_uncharacterized``,
+    the 130,831 characterized ones one after another (row k = the k-th characterized index): a database of
+    exactly 130,831 rows is read the second way (:func:`qm9_index_of_db_rows`).
 
-``frame_id`` is the QM9 molecule index (1..133885; the row id for databases), ``equilibrium`` is True,
+``frame_id`` is the QM9 molecule index (1..133885), ``equilibrium`` is True,
 ``energy`` is U0 (eV) when the source has it.
 
 Split: :func:`qm9_split_labels` assigns every QM9 index to train/val/test by a named scheme, so a molecule
@@ -302,11 +305,30 @@ def _read_xyz_source(path: Path, properties: Sequence[str], max_molecules: Optio
     return rec
 
 
+def qm9_index_of_db_rows(row_ids: Sequence[int], n_rows: int) -> np.ndarray:
+    """QM9 indices of a SchNetPack database's rows. SchNetPack writes the molecules in index order: all 133,885
+    (row id = index), or without the 3,054 uncharacterized ones (``remove_uncharacterized``), whose 130,831 rows
+    are the characterized indices in order, so row 58 is molecule 59. A database of ``n_rows`` = 130,831 is read
+    the second way; any other (a subset written by hand, the full set) keeps row id = index."""
+    row_ids = np.asarray(row_ids, dtype=np.int64)
+    n_characterized = QM9_N_MOLECULES - len(qm9_uncharacterized())
+    if n_rows != n_characterized:
+        return row_ids
+    if len(row_ids) and (row_ids.min() < 1 or row_ids.max() > n_characterized):
+        raise ValueError(f"a QM9 database of {n_rows} rows (SchNetPack without the uncharacterized molecules) has "
+                         f"row ids 1..{n_characterized}, got {row_ids.min()}..{row_ids.max()}; rebuild it with "
+                         f"SchNetPack, or use the upstream archive or qm9pack")
+    ok = np.ones(QM9_N_MOLECULES, dtype=bool)
+    ok[qm9_uncharacterized() - 1] = False
+    return np.flatnonzero(ok)[row_ids - 1] + 1
+
+
 def _read_db(path: Path, properties: Sequence[str]) -> _Records:
     import ase.db
     rec = _Records()
     with ase.db.connect(path) as db:
         units_in_db = (db.metadata or {}).get("_property_unit_dict", {})
+        n_rows = db.count()
         for row in db.select():
             rec.index.append(int(row.id))
             rec.numbers.append(np.asarray(row.numbers, dtype=np.int64))
@@ -320,6 +342,7 @@ def _read_db(path: Path, properties: Sequence[str]) -> _Records:
                 if QM9_PROPERTIES[p].unit == "eV" and units_in_db.get(key, "Ha") not in ("Ha", "Hartree"):
                     factor = {"eV": 1.0, "meV": 1e-3}[units_in_db[key]]
                 rec.props.setdefault(p, []).append(float(np.asarray(data[key]).reshape(-1)[0]) * factor)
+    rec.index = qm9_index_of_db_rows(rec.index, n_rows).tolist()
     return rec
 
 
