@@ -189,6 +189,8 @@ _AGREE = {
               "members must predict in the same units (oreo models are eV, Å, eV/Å); leave this one out"),
     "molecule": (lambda m: _molecule(m.metadata),
                  "a committee is several models of one molecule; use models trained on the same molecule"),
+    "formula": (lambda m: m.metadata.get("formula"),      # models trained on a file record no molecule name
+                "a committee is several models of one molecule; use models trained on frames of the same molecule"),
     "level_of_theory": (lambda m: m.metadata.get("level_of_theory"),
                         "members must be trained on labels of the same level of theory; leave this one out"),
     "polymers": (lambda m: tuple(m.metadata["polymers"]) if m.metadata.get("polymers") else None,

@@ -186,6 +186,14 @@ def test_other_refusals_name_the_fix(tmp_path, member_files):
     d.set_metadata(polymers=["PP"])
     with pytest.raises(ValueError, match="disagree on polymers: .*same polymers"):
         Committee([c, d])
+    # models trained on files record no molecule name, but the formula of their frames (oreo fit members)
+    c, d = tiny_potential(seed=0, molecule=None), tiny_potential(seed=1, molecule=None)
+    c.set_metadata(formula="C2H6O")
+    d.set_metadata(formula="C9H8O4")
+    with pytest.raises(ValueError, match="disagree on formula: formula='C2H6O' .*frames of the same molecule"):
+        Committee([c, d])
+    d.set_metadata(formula="C2H6O")
+    assert Committee([c, d]).size == 2
     with pytest.raises(ValueError, match="disagree on dtype: .*same dtype"):
         Committee([tiny_potential(seed=0), tiny_potential(seed=1, dtype=torch.float32)])
     with pytest.raises(ValueError, match="at least 2 models, got 1; pass two or more"):

@@ -49,6 +49,7 @@ def test_rmd17_aspirin_train_01():
     m = cs.meta
     assert (m["molecule"], m["split"], m["split_index"], m["labels"]) == ("aspirin", "train", 1, "revised")
     assert m["level_of_theory"] == "PBE/def2-SVP" and m["path"].endswith("rmd17_aspirin_train_01.npz")
+    assert cs.formula == "C9H8O4" and cs.subset([3, 5]).formula == "C9H8O4"
 
 
 def test_rmd17_original_labels_and_aliases():
@@ -195,6 +196,7 @@ def test_ase_mixed_atom_counts_and_slicing():
     np.testing.assert_array_equal(cs.ptr, np.concatenate([[0], np.cumsum(cs.n_atoms)]))
     np.testing.assert_array_equal(cs.frame_id, np.arange(295, 305))
     assert cs.n_atoms.tolist() == [6] * 5 + [9] * 5
+    assert cs.formula is None and cs.subset([0, 1]).formula == "CH4O" and cs.subset([5]).formula == "C2H6O"
 
 
 def _write_xyz(path, frames):

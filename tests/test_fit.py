@@ -346,6 +346,7 @@ def test_members_fine_tune_a_backbone_and_continue_warm(tmp_path):
     assert m0.config["backbone"]["hidden"] == m1.config["backbone"]["hidden"] == 24
     assert not torch.equal(next(iter(m0.head.parameters())), next(iter(m1.head.parameters())))
     assert committee.metadata["level_of_theory"].startswith("GFN2-xTB")
+    assert m0.metadata["formula"] == m1.metadata["formula"] == "H2O"     # what identifies a file-trained member
     # the next round continues each member from its weights
     path2, _ = train_committee(tmp_path / "rounds" / "r01", cfg, splits, backbone, tmp_path / "rounds" / "r00",
                                {"molecule": "water"}, quiet)

@@ -118,6 +118,20 @@ class ConformationSet:
     def elements(self) -> List[int]:
         return sorted(set(int(z) for z in np.unique(self.numbers)))
 
+    @property
+    def formula(self) -> Optional[str]:
+        """The chemical formula (Hill order, e.g. ``C2H6O``) when every frame holds the same atoms, else None
+        (an empty set or several molecules): what identifies the molecule of data read from a file."""
+        sizes = self.n_atoms
+        if len(sizes) == 0 or (sizes != sizes[0]).any():
+            return None
+        per_frame = np.sort(self.numbers.reshape(len(sizes), int(sizes[0])), axis=1)
+        if (per_frame != per_frame[0]).any():
+            return None
+        from ase.formula import Formula
+        from ase.data import chemical_symbols
+        return Formula.from_list([chemical_symbols[z] for z in per_frame[0]]).format("hill")
+
     def atom_index(self, frames: np.ndarray) -> np.ndarray:
         """Flat atom indices of the given frames, in order."""
         frames = np.asarray(frames, dtype=np.int64)

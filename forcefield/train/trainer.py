@@ -117,6 +117,7 @@ class Trainer(EpochTrainer):
             source = {"molecule": d.molecule if not d.path else None, "source": d.path or f"rMD17 {d.molecule}",
                       "labels": d.labels, "split_index": d.split_index}
         return {**source, "units": {"energy": "eV", "length": "Å", "forces": "eV/Å"},
+                "formula": self.splits.train.formula,
                 "train_frame_ids": self.splits.train.frame_id.tolist(),
                 "val_frame_ids": self.splits.val.frame_id.tolist(),
                 "level_of_theory": self.splits.train.meta.get("level_of_theory"), "oreo_version": __version__}
