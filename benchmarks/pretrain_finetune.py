@@ -54,6 +54,8 @@ from forcefield.pretrain.trainer import Pretrainer, pretrain_config_from_dict  #
 from forcefield.train import Trainer, config_from_dict  # noqa: E402
 
 CONFIGS = ROOT / "examples" / "configs"
+FIRST_CELL_MINUTES = 15.0     # wall minutes kept for a step-budgeted run of a molecule no recorded run has timed
+QM9_TEST_MINUTES = 5.0        # wall minutes kept after a QM9 run's budget for its test (10,831 molecules)
 METHOD_CONFIGS = {
     "et-oro": "pretrain_et_oro.yaml",
     "et-oreo": "pretrain_et_oreo.yaml",
@@ -70,6 +72,11 @@ PROPERTIES = ["homo", "lumo", "gap"]
 FINETUNE_OPTIM = {"epochs": 3000, "batch_size": 8, "lr": 4e-4, "lr_warmup_steps": 300, "lr_factor": 0.7,
                   "lr_patience": 6, "lr_min": 1e-6, "ema_decay": 0.99, "energy_weight": 0.05, "forces_weight": 0.95,
                   "early_stop_patience": 60, "seed": 1}
+#: with --finetune-steps (equal compute): every run takes all its steps (no early stop, and the learning-rate floor
+#: lies beyond them: 0.7^24 of 4e-4 is below 1e-7, and each cut waits at least the patience), and the plateau
+#: patience is counted in optimiser steps, so that 50 and 950 training frames (7 and 119 steps an epoch) get one
+#: schedule; the model kept is the best on validation, as always
+STEP_SCHEDULE = {"lr_patience_steps": 250, "lr_min": 1e-7}
 
 
 def smoke_settings(data_dir: Path) -> Dict[str, Any]:
@@ -96,6 +103,26 @@ def smoke_settings(data_dir: Path) -> Dict[str, Any]:
 # ---------------------------------------------------------------------------- runs
 def _done(path: Path) -> bool:
     return (path / "test_metrics.json").is_file()
+
+
+def claim_cell_folder(out: Path, args, log) -> None:
+    """Make ``out`` a folder of this grid's settings: one a run with other settings (other backbones or recipe)
+    left behind is moved aside (``<name>.other-settings-N``, nothing deleted), so that neither its results nor its
+    ``last.pt`` pass for this grid's; then it is stamped with this grid's settings."""
+    stamp = getattr(args, "settings_stamp", None)
+    if stamp is None:
+        return
+    f = out / "grid_settings.sha256"
+    if out.is_dir() and any(out.iterdir()) and (not f.is_file() or f.read_text().strip() != stamp):
+        k = 1
+        while out.with_name(f"{out.name}.other-settings-{k}").exists():
+            k += 1
+        aside = out.with_name(f"{out.name}.other-settings-{k}")
+        out.rename(aside)
+        log(f"[{out}] was run with other grid settings: moved to {aside.name}, the cell starts anew")
+    out.mkdir(parents=True, exist_ok=True)
+    if not f.is_file():
+        f.write_text(stamp + "\n")
 
 
 def pretrain_config(method: str, args, smoke: Optional[Dict]) -> Dict[str, Any]:
@@ -174,7 +201,11 @@ def finetune_config(molecule: str, size: int, args, smoke, model: Dict, seed: in
     if args.finetune_epochs:
         optim["epochs"] = args.finetune_epochs
     if args.finetune_steps:          # equal optimiser steps on any device: whole epochs of ceil(size / batch) steps
-        optim["epochs"] = max(1, -(-args.finetune_steps // -(-size // int(optim["batch_size"]))))
+        per_epoch = -(-size // int(optim["batch_size"]))
+        optim["epochs"] = max(1, -(-args.finetune_steps // per_epoch))
+        optim["early_stop_patience"] = optim["epochs"] + 1
+        optim["lr_patience"] = max(1, round(STEP_SCHEDULE["lr_patience_steps"] / per_epoch))
+        optim["lr_min"] = STEP_SCHEDULE["lr_min"]
     if args.cell_deadline_minutes is not None:      # this invocation's time left (--max-minutes), not a budget
         optim["max_minutes"] = min(optim.get("max_minutes") or math.inf, args.cell_deadline_minutes)
     optim["device"] = args.device
@@ -194,6 +225,7 @@ def cell_dir(molecule: str, size: int, method: str, seed: int = 1) -> str:
 def run_finetune(molecule: str, size: int, method: str, pretrained: Optional[Path], args, smoke, log,
                  seed: int = 1) -> Dict:
     out = Path(args.out) / "finetune" / cell_dir(molecule, size, method, seed)
+    claim_cell_folder(out, args, log)
     if _done(out):
         return json.loads((out / "test_metrics.json").read_text())
     resume = (out / "last.pt").is_file()
@@ -234,6 +266,7 @@ def validation_curve(out: Path, y: str = "val_mae_meV", max_points: int = 60) ->
 
 def run_property(prop: str, method: str, pretrained: Optional[Path], args, smoke, log) -> Dict:
     out = Path(args.out) / "qm9" / prop / method
+    claim_cell_folder(out, args, log)
     if _done(out):
         return {**json.loads((out / "test_metrics.json").read_text()), "curve": validation_curve(out)}
     resume = (out / "last.pt").is_file()
@@ -250,6 +283,8 @@ def run_property(prop: str, method: str, pretrained: Optional[Path], args, smoke
             for key, used in (("max_minutes", ck.get("elapsed", 0.0)), ("max_cpu_minutes", ck.get("cpu_seconds", 0.0))):
                 if pc.get(key):
                     pc[key] = max(pc[key] - float(used) / 60.0, 1e-3)
+        if args.cell_deadline_minutes is not None:      # this invocation's time left, not a budget
+            pc["max_minutes"] = min(pc.get("max_minutes") or math.inf, args.cell_deadline_minutes)
         if args.qm9_train_size:
             pc["train_size"] = args.qm9_train_size
     if method in SCRATCH:
@@ -260,7 +295,20 @@ def run_property(prop: str, method: str, pretrained: Optional[Path], args, smoke
         pretrained = None
     metrics = finetune_property(pretrained, PropertyConfig.from_dict(pc), out, resume=resume,
                                 progress=not args.no_progress, log=log)
+    own = args.qm9_minutes or args.finetune_minutes
+    if (args.cell_deadline_minutes is not None and args.cell_deadline_minutes < (own or math.inf)
+            and str(metrics.get("stop_reason", "")).startswith("time budget")):
+        (out / "test_metrics.json").unlink(missing_ok=True)      # resumed from its last.pt by a later invocation
+        raise CutShort(f"stopped at this invocation's end before its budget ({metrics['stop_reason'].split(' (')[0]})")
     return {**metrics, "curve": validation_curve(out)}
+
+
+def budget_used_minutes(out: Path) -> float:
+    """CPU minutes a resumable QM9 run in ``out`` has already used (0 when it has not started)."""
+    last = out / "last.pt"
+    if not last.is_file():
+        return 0.0
+    return float(torch.load(last, map_location="cpu", weights_only=False).get("cpu_seconds", 0.0)) / 60.0
 
 
 def run_md(molecule: str, size: int, method: str, args, log, seed: int = 1) -> Dict:
@@ -303,12 +351,21 @@ def mean_std(values: List[float], bold: bool = False) -> str:
     return f"**{text}**" if bold else text
 
 
+def finite_mean(values: List[Optional[float]], fmt: str) -> str:
+    """The mean of the finite values, formatted, or "–" when there is none (an MD replica unstable before its
+    first logged frame has no h(r))."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return format(float(np.mean(vals)), fmt) if vals else "–"
+
+
 def write_report(out: Path, results: List[Dict], qm9: List[Dict], methods: List[str],
                  notes: Optional[List[str]] = None) -> None:
     (out / "results.json").write_text(json.dumps({"forcefield": results, "qm9": qm9}, indent=2, default=str))
     lines = ["# Pretraining benchmark", "", "## Force MAE on the rMD17 test frames (meV/Å)", "",
              "| molecule | train frames | " + " | ".join(methods) + " |",
              "|---|---:|" + "---:|" * len(methods)]
+    failed = [r for r in results if r.get("failed")]
+    results = [r for r in results if not r.get("failed")]
     table: Dict[tuple, Dict[str, List[float]]] = {}
     for r in results:
         table.setdefault((r["molecule"], r["size"]), {}).setdefault(r["method"], []).append(r["forces_mae_meV_per_A"])
@@ -328,10 +385,16 @@ def write_report(out: Path, results: List[Dict], qm9: List[Dict], methods: List[
             runs.setdefault((r["molecule"], r["size"], r["method"]), []).append(r)
         mt: Dict[tuple, Dict[str, str]] = {}
         for (mol, size, method), rs in runs.items():
-            mt.setdefault((mol, size), {})[method] = (f"{np.mean([x['stability_ps'] for x in rs]):.1f} / "
-                                                     f"{np.mean([x['hr_mae'] for x in rs]):.3f}")
+            mt.setdefault((mol, size), {})[method] = (f"{finite_mean([x['stability_ps'] for x in rs], '.1f')} / "
+                                                     f"{finite_mean([x.get('hr_mae') for x in rs], '.3f')}"
+                                                     + (f" ({len(rs)})" if len(rs) > 1 else ""))
         for (mol, size), row in sorted(mt.items()):
             lines.append(f"| {mol} | {size} | " + " | ".join(row.get(m, "–") for m in methods) + " |")
+        lines += ["", "stable ps / h(r) MAE: the mean over seeds (their number in brackets); – where no replica "
+                      "had a stable logged frame"]
+    if failed:
+        lines += ["", "Cells that failed (recorded, not run again): " + "; ".join(
+            f"{r['molecule']} n={r['size']} {r['method']} seed {r.get('seed', 1)}: {r['failed']}" for r in failed)]
     if qm9:
         lines += ["", "## QM9 test MAE (meV)", "", "| property | " + " | ".join(methods) + " |",
                   "|---|" + "---:|" * len(methods)]
@@ -435,7 +498,8 @@ def grid_settings(args, backbones: Dict[str, Path]) -> Dict[str, Any]:
             "model": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads},
             "finetune": {"cpu_minutes": args.finetune_cpu_minutes, "minutes": args.finetune_minutes,
                          "epochs": args.finetune_epochs, "layer_decay": args.layer_decay, "optim": FINETUNE_OPTIM,
-                         **({"steps": args.finetune_steps} if args.finetune_steps else {})},
+                         **({"steps": args.finetune_steps, "step_schedule": STEP_SCHEDULE}
+                            if args.finetune_steps else {})},
             "qm9": {"epochs": args.qm9_epochs, "cpu_minutes": args.qm9_cpu_minutes, "train_size": args.qm9_train_size},
             "md": {"ps": args.md_ps, "replicas": args.md_replicas}}
 
@@ -582,7 +646,10 @@ def main(argv=None) -> int:
     seeds = parse_seeds(args.seeds, p)
     pretrained = {m: backbones.get(m) or run_pretrain(m, args, smoke, log) for m in args.methods
                   if m in METHOD_CONFIGS}
-    grid = GridState(Path(args.state), grid_settings(args, backbones)) if args.state else None
+    settings = grid_settings(args, backbones)
+    grid = GridState(Path(args.state), settings) if args.state else None
+    import hashlib
+    args.settings_stamp = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
     started = time.time()
     md_minutes = args.md_minutes_per_ps * args.md_ps if args.md_ps else 0.0
     # the wall minutes a run needs (one thread: a CPU-time budget takes at least as long), so none starts too late
@@ -592,10 +659,23 @@ def main(argv=None) -> int:
 
     left = 0
     index = -1
-    took: Dict[tuple, float] = {}     # (molecule, size) -> wall minutes its longest run took in this invocation
 
     def minutes_left() -> float:
         return args.max_minutes - (time.time() - started) / 60
+
+    def minutes_needed(table: str, key: Dict[str, Any]) -> float:
+        """Wall minutes the cell needs to finish. A step budget's: the longest any recorded run of the molecule took
+        on this device (the state's rows and this invocation's), else a first guess; a time budget's: what is left
+        of it (a resumed QM9 run has used some)."""
+        if table == "qm9":
+            used = budget_used_minutes(Path(args.out) / "qm9" / key["property"] / key["method"])
+            return max(run_minutes["qm9"] - used, 0.0) + QM9_TEST_MINUTES
+        if not args.finetune_steps:
+            return run_minutes["forcefield"]
+        rows = (grid.data["forcefield"] if grid else []) + results
+        took = [float(r["wall_minutes"]) for r in rows if r.get("molecule") == key["molecule"]
+                and r.get("device") == args.device and r.get("wall_minutes")]
+        return max(took) if took else FIRST_CELL_MINUTES + md_minutes
 
     def cell(table: str, key: Dict[str, Any], compute) -> Optional[Dict]:
         """The row of one run: from the grid's state when it is there, else computed (and recorded) when this
@@ -607,24 +687,25 @@ def main(argv=None) -> int:
         row = grid.row(table, key) if grid else None
         if row is not None:
             return row
-        # a step budget's time is known from this invocation's earlier runs of the same molecule and size
-        seen = took.get((key.get("molecule"), key.get("size")), 0.0) if table == "forcefield" else 0.0
-        if args.max_minutes is not None and minutes_left() < max(run_minutes[table], seen):
+        if args.max_minutes is not None and minutes_left() < minutes_needed(table, key):
             left += 1
             return None
-        if args.max_minutes is not None and args.finetune_steps:   # a step budget: the time left caps the run
-            args.cell_deadline_minutes = minutes_left() - md_minutes
+        args.cell_deadline_minutes = None
+        if args.max_minutes is not None and (args.finetune_steps or table == "qm9"):   # the time left caps the run
+            args.cell_deadline_minutes = minutes_left() - (md_minutes if table == "forcefield" else QM9_TEST_MINUTES)
         cpu0, wall0 = time.process_time(), time.time()
         args.md_deadline_minutes = None
+        name = " ".join(str(v) for v in key.values())
         try:
             row = {**key, **compute()}
-            if table == "forcefield":
-                size_key = (key["molecule"], key["size"])
-                took[size_key] = max(took.get(size_key, 0.0), (time.time() - wall0) / 60)
         except CutShort as cut:
-            log(f"[{' '.join(str(v) for v in key.values())}] {cut}: not recorded, it runs again in a later invocation")
+            log(f"[{name}] {cut}: not recorded, it runs again in a later invocation")
             left += 1
             return None
+        except FloatingPointError as err:     # diverged: recorded as failed (it would diverge again), not retried
+            log(f"[{name}] failed: {err}")
+            row = {**key, "failed": str(err).split(";")[0]}
+        row.update(wall_minutes=round((time.time() - wall0) / 60, 2), device=args.device)
         if grid:
             grid.add(table, row, time.process_time() - cpu0)
         return row

@@ -229,6 +229,103 @@ def test_a_resumed_qm9_run_gets_what_is_left_of_its_budget(tmp_path, monkeypatch
     args = pretrain_finetune.argparse.Namespace(out=str(tmp_path), layer_decay=None, qm9_epochs=10, qm9_minutes=None,
                                                 finetune_minutes=None, qm9_cpu_minutes=60.0, finetune_cpu_minutes=None,
                                                 data_dir=None, threads=1, qm9_train_size=None, hidden=16, layers=2,
-                                                heads=None, no_progress=True)
+                                                heads=None, no_progress=True, cell_deadline_minutes=None)
     pretrain_finetune.run_property("gap", "scratch", None, args, None, lambda *a: None)
     assert seen["cpu"] == pytest.approx(40.0)
+
+
+def test_a_step_budget_gives_every_training_set_size_one_schedule_in_steps():
+    """--finetune-steps is equal compute: each run takes all its steps (whole epochs, no early stop, a learning-rate
+    floor it cannot reach), with the plateau patience counted in steps, whatever the epoch length."""
+    p = pretrain_finetune
+    args = p.argparse.Namespace(compile=False, finetune_minutes=None, finetune_cpu_minutes=None, finetune_epochs=None,
+                                finetune_steps=5000, cell_deadline_minutes=None, device="cpu", data_dir=None,
+                                threads=1)
+    o = p.FINETUNE_OPTIM
+    for size in (50, 200, 950):
+        optim = p.finetune_config("ethanol", size, args, None, {}, 1)["optim"]
+        per_epoch = -(-size // optim["batch_size"])
+        steps = optim["epochs"] * per_epoch
+        assert 5000 <= steps < 5000 + per_epoch and optim["early_stop_patience"] > optim["epochs"]
+        assert abs(optim["lr_patience"] * per_epoch - p.STEP_SCHEDULE["lr_patience_steps"]) <= per_epoch / 2
+        # the most cuts the plateau rule can make in those steps leave the lr above its floor
+        cuts = (steps - o["lr_warmup_steps"]) // ((optim["lr_patience"] + 1) * per_epoch)
+        assert o["lr"] * o["lr_factor"] ** cuts > optim["lr_min"], size
+
+
+def test_the_grid_report_survives_md_without_h_r_and_failed_cells(tmp_path):
+    rows = [{"molecule": "ethanol", "size": 50, "method": "scratch", "seed": s, "forces_mae_meV_per_A": 40.0,
+             "stability_ps": st, "hr_mae": hr} for s, st, hr in ((1, 0.0, None), (2, 10.0, 0.2))]
+    rows.append({"molecule": "ethanol", "size": 50, "method": "et-oro", "seed": 1, "failed": "validation loss is nan"})
+    rows.append({"molecule": "ethanol", "size": 200, "method": "et-oro", "seed": 1, "forces_mae_meV_per_A": 20.0,
+                 "stability_ps": 0.0, "hr_mae": None})
+    pretrain_finetune.write_report(tmp_path, rows, [], ["scratch", "et-oro"])
+    text = (tmp_path / "results.md").read_text()
+    assert "| ethanol | 50 | 5.0 / 0.200 (2) | – |" in text and "| ethanol | 200 | – | 0.0 / – |" in text
+    assert "failed (recorded, not run again): ethanol n=50 et-oro seed 1: validation loss is nan" in text
+
+
+def test_grid_cells_start_only_with_the_time_their_molecule_took_and_a_diverged_one_is_recorded(tmp_path,
+                                                                                                  monkeypatch, capsys):
+    """How long a step-budgeted cell takes comes from the state's rows (a fresh clone remembers it); before any,
+    a first guess. A diverged fine-tune is recorded as failed instead of being retried every piece."""
+    p = pretrain_finetune
+    backbone = tmp_path / "b.pt"
+    backbone.write_bytes(b"weights")
+    common = ["--methods", "scratch", "--molecules", "ethanol", "--sizes", "50", "--properties", "--no-progress",
+              "--finetune-steps", "100", "--hidden", "16", "--layers", "2", "--state", str(tmp_path / "g.json")]
+
+    def diverges(*a, **k):
+        raise FloatingPointError("validation loss is nan after epoch 3: the model diverged; lower the learning rate")
+    monkeypatch.setattr(p, "run_finetune", lambda *a, **k: pytest.fail("started without the time it needs"))
+    assert p.main(common + ["--out", str(tmp_path / "a"), "--max-minutes", str(p.FIRST_CELL_MINUTES - 1)]) == 0
+    assert "1 run(s) left" in capsys.readouterr().out
+    monkeypatch.setattr(p, "run_finetune", diverges)
+    assert p.main(common + ["--out", str(tmp_path / "a"), "--max-minutes", str(p.FIRST_CELL_MINUTES + 1)]) == 0
+    row = json.loads((tmp_path / "g.json").read_text())["forcefield"][0]
+    assert row["failed"].startswith("validation loss is nan") and row["device"] == "cpu" and "wall_minutes" in row
+    # a recorded time of 40 min for ethanol on this device: a piece of 30 min starts no ethanol cell
+    state = json.loads((tmp_path / "g.json").read_text())
+    state["forcefield"][0].update(wall_minutes=40.0, size=200)
+    (tmp_path / "g.json").write_text(json.dumps(state))
+    monkeypatch.setattr(p, "run_finetune", lambda *a, **k: pytest.fail("started without the time it needs"))
+    assert p.main(common + ["--out", str(tmp_path / "a"), "--max-minutes", "30"]) == 0
+
+
+def test_a_cell_folder_of_other_grid_settings_is_moved_aside_not_reused(tmp_path):
+    p = pretrain_finetune
+    out = tmp_path / "finetune" / "ethanol" / "50" / "et-oro"
+    out.mkdir(parents=True)
+    (out / "test_metrics.json").write_text('{"forces_mae_meV_per_A": 1.0}')     # from an older backbone
+    args = p.argparse.Namespace(settings_stamp="new")
+    p.claim_cell_folder(out, args, log=lambda s: None)
+    assert not p._done(out) and (out / "grid_settings.sha256").read_text().strip() == "new"
+    assert (out.parent / "et-oro.other-settings-1" / "test_metrics.json").is_file()        # nothing deleted
+    (out / "test_metrics.json").write_text("{}")
+    p.claim_cell_folder(out, args, log=lambda s: None)                                    # its own: kept
+    assert p._done(out)
+
+
+def test_a_qm9_run_cut_by_the_pieces_end_is_not_recorded_and_a_resumed_one_needs_only_its_rest(tmp_path, monkeypatch,
+                                                                                               capsys):
+    p = pretrain_finetune
+    seen = {}
+
+    def cut(pretrained, cfg, out, **k):
+        seen["max_minutes"] = cfg.max_minutes
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "test_metrics.json").write_text("{}")
+        return {"test_mae": 1.0, "stop_reason": "time budget of 20 min reached (continue with --resume)"}
+    monkeypatch.setattr(p, "finetune_property", cut)
+    common = ["--methods", "scratch", "--molecules", "--properties", "gap", "--no-progress", "--hidden", "16",
+              "--layers", "2", "--qm9-cpu-minutes", "60", "--state", str(tmp_path / "q.json"), "--out", str(tmp_path)]
+    assert p.main(common + ["--max-minutes", "90"]) == 0
+    assert seen["max_minutes"] <= 90 - p.QM9_TEST_MINUTES
+    assert json.loads((tmp_path / "q.json").read_text())["qm9"] == [] and not (tmp_path / "qm9" / "gap" / "scratch"
+                                                                               / "test_metrics.json").exists()
+    # it used 50 of its 60 CPU minutes: 10 + the test's minutes are enough to start it again
+    torch.save({"cpu_seconds": 50 * 60.0}, tmp_path / "qm9" / "gap" / "scratch" / "last.pt")
+    assert p.budget_used_minutes(tmp_path / "qm9" / "gap" / "scratch") == pytest.approx(50.0)
+    monkeypatch.setattr(p, "run_property", lambda *a, **k: {"test_mae": 2.0, "curve": []})
+    assert p.main(common + ["--max-minutes", "20"]) == 0
+    assert json.loads((tmp_path / "q.json").read_text())["qm9"][0]["test_mae"] == 2.0

@@ -144,6 +144,15 @@ def test_a_cpu_time_budget_stops_the_loop():
     assert config_from_dict({"optim": {"max_cpu_minutes": 10}}).optim.max_cpu_minutes == 10
 
 
+def test_a_budget_that_runs_out_with_the_last_epoch_cut_nothing(tmp_path):
+    """A run whose time is up when its last epoch ends has finished (a grid counts it as a result), and one whose
+    time is up before it has not (a grid runs it again)."""
+    done = Trainer(_cfg(epochs=1, max_minutes=1e-9), tmp_path / "a", progress=False, log=lambda s: None).fit()
+    assert done["stop_reason"] == "all 1 epochs done"
+    cut = Trainer(_cfg(epochs=2, max_minutes=1e-9), tmp_path / "b", progress=False, log=lambda s: None).fit()
+    assert cut["stop_reason"].startswith("time budget")
+
+
 def test_force_errors_by_element_add_up_to_the_total():
     from forcefield.data.conformations import ConformationSet
     from forcefield.evaluate import error_metrics

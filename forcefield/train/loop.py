@@ -410,6 +410,8 @@ class EpochTrainer(TrainingRun):
             self.log(self.epoch_line(loss, val, lr, improved))
             if self.epoch % 10 == 0:
                 self.plot_learning_curve()
+            if self.epoch >= o.epochs:      # the last epoch is done: a budget that ran out with it cut nothing
+                continue
             self.stop_reason = early_stop_reason(self.epochs_since_best, o.early_stop_patience, lr, o.lr_min,
                                                  self.step, o.lr_warmup_steps, self.seconds_this_invocation(),
                                                  o.max_minutes, self.cpu_seconds_this_invocation(),
