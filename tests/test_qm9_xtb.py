@@ -206,3 +206,45 @@ def test_a_broken_or_new_bond_is_detected_but_vibration_is_not():
     formed = water.copy()
     formed[2] = formed[1] + [0.0, 0.55, 0.0]                               # H-H at 0.55 Å: a new bond
     assert not qm9xtb.bonds_intact(z, water, formed)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_RMD17, reason="rMD17 files not found")
+def test_the_study_pretrains_two_arms_that_differ_only_in_the_qm9_xtb_source(tiny_set, tmp_path):
+    """benchmarks/qm9_xtb_study.py: the same pretraining and fine-tuning in both arms, the corpus the only
+    difference; the comparison pairs the arms seed by seed."""
+    import sys
+    import yaml
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import qm9_xtb_study
+    corpus = tmp_path / "corpus.yaml"
+    corpus.write_text(yaml.safe_dump({
+        "leakage": {"protocol": "strict", "targets": ["ethanol"], "split_indices": [1]},
+        "sources": [{"name": "rmd17", "reader": "rmd17", "kind": "off-equilibrium", "molecules": ["malonaldehyde"],
+                     "max_frames": 16}]}))
+    out = tmp_path / "study"
+    argv = ["--out", str(out), "--results", str(tmp_path / "results"), "--corpus", str(corpus), "--xtb-dir",
+            str(tiny_set), "--pretrain-steps", "2", "--pretrain-batch-size", "4", "--hidden", "16", "--layers", "2",
+            "--finetune-molecules", "ethanol", "--size", "8", "--seeds", "2", "--finetune-steps", "2"]
+    assert qm9_xtb_study.main(argv) == 0
+    arms = {arm: yaml.safe_load((out / f"corpus-{qm9_xtb_study.arm_folder(arm)}.yaml").read_text())
+            for arm in qm9_xtb_study.ARMS}
+    assert arms["+qm9-xtb"]["sources"][:-1] == arms["base"]["sources"]
+    assert arms["+qm9-xtb"]["sources"][-1]["reader"] == "qm9-xtb"
+    # each arm pretrained on its own corpus for the same steps: the qm9-xtb frames are in one only
+    import torch
+    seen = {}
+    for arm in qm9_xtb_study.ARMS:
+        ck = torch.load(out / qm9_xtb_study.arm_folder(arm) / "pretrain" / "et-oro" / "last.pt", map_location="cpu",
+                        weights_only=False)
+        seen[arm] = ck["step"]
+    assert seen["base"] == seen["+qm9-xtb"] == 2
+    drawn = {arm: [s["name"] for s in json.loads((out / qm9_xtb_study.arm_folder(arm) / "pretrain" / "et-oro" /
+                                                   "corpus_report.json").read_text())["summary"]]
+             for arm in qm9_xtb_study.ARMS}
+    assert drawn == {"base": ["rmd17"], "+qm9-xtb": ["rmd17", "qm9-xtb"]}
+    result = json.loads((tmp_path / "results" / "comparison.json").read_text())
+    row = result["rows"][0]
+    assert row["molecule"] == "ethanol" and row["seeds"] == [1, 2] and len(row["plus_qm9_xtb"]) == 2
+    assert row["ratio"] == pytest.approx(np.mean(row["plus_qm9_xtb"]) / np.mean(row["base"]))
+    assert "| ethanol | 2 |" in (tmp_path / "results" / "comparison.md").read_text()
