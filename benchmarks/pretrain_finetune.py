@@ -105,11 +105,16 @@ def _done(path: Path) -> bool:
     return (path / "test_metrics.json").is_file()
 
 
-def claim_cell_folder(out: Path, args, log) -> None:
-    """Make ``out`` a folder of this grid's settings: one a run with other settings (other backbones or recipe)
-    left behind is moved aside (``<name>.other-settings-N``, nothing deleted), so that neither its results nor its
-    ``last.pt`` pass for this grid's; then it is stamped with this grid's settings."""
-    stamp = getattr(args, "settings_stamp", None)
+def settings_hash(settings: Any) -> str:
+    import hashlib
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def claim_cell_folder(out: Path, args, log, stamp: Optional[str] = None) -> None:
+    """Make ``out`` a folder of this grid's settings (or of ``stamp``): one a run with other settings (other
+    backbones or recipe) left behind is moved aside (``<name>.other-settings-N``, nothing deleted), so that neither
+    its results nor its ``last.pt`` pass for this grid's; then it is stamped with these settings."""
+    stamp = stamp or getattr(args, "settings_stamp", None)
     if stamp is None:
         return
     f = out / "grid_settings.sha256"
@@ -160,7 +165,11 @@ def resized_model(model: Dict[str, Any], args) -> Dict[str, Any]:
 
 def run_pretrain(method: str, args, smoke, log) -> Path:
     out = Path(args.out) / "pretrain" / method
-    cfg = pretrain_config_from_dict(pretrain_config(method, args, smoke))
+    d = pretrain_config(method, args, smoke)
+    # a folder pretrained with other steps, batch, corpus or model is not this run's (threads are a speed setting)
+    claim_cell_folder(out, args, log, stamp=settings_hash({**d, "optim": {k: v for k, v in d["optim"].items()
+                                                                          if k != "threads"}}))
+    cfg = pretrain_config_from_dict(d)
     last = out / "last.pt"
     if last.is_file():
         ck = torch.load(last, map_location="cpu", weights_only=False)
@@ -648,8 +657,7 @@ def main(argv=None) -> int:
                   if m in METHOD_CONFIGS}
     settings = grid_settings(args, backbones)
     grid = GridState(Path(args.state), settings) if args.state else None
-    import hashlib
-    args.settings_stamp = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    args.settings_stamp = settings_hash(settings)
     started = time.time()
     md_minutes = args.md_minutes_per_ps * args.md_ps if args.md_ps else 0.0
     # the wall minutes a run needs (one thread: a CPU-time budget takes at least as long), so none starts too late

@@ -329,3 +329,30 @@ def test_a_qm9_run_cut_by_the_pieces_end_is_not_recorded_and_a_resumed_one_needs
     monkeypatch.setattr(p, "run_property", lambda *a, **k: {"test_mae": 2.0, "curve": []})
     assert p.main(common + ["--max-minutes", "20"]) == 0
     assert json.loads((tmp_path / "q.json").read_text())["qm9"][0]["test_mae"] == 2.0
+
+
+def test_a_pretraining_folder_of_other_settings_is_not_taken_as_done(tmp_path, monkeypatch):
+    """A backbone pretrained with other steps (or corpus, batch, model) in the same --out is moved aside and
+    pretrained anew, not fine-tuned from as if it were this grid's."""
+    p = pretrain_finetune
+    started = []
+
+    class FakePretrainer:
+        def __init__(self, cfg, out, **k):
+            self.cfg, self.out = cfg, Path(out)
+
+        def fit(self, resume=False):
+            started.append((self.cfg.optim.max_steps, resume))
+            torch.save({"step": self.cfg.optim.max_steps, "total_steps": self.cfg.optim.max_steps, "elapsed": 1.0},
+                       self.out / "last.pt")
+    monkeypatch.setattr(p, "Pretrainer", FakePretrainer)
+    args = p.argparse.Namespace(out=str(tmp_path), corpus=str(p.CONFIGS / "pretrain_corpus.yaml"), hidden=16,
+                                layers=2, heads=None, pretrain_lr=None, pretrain_steps=100, threads=1,
+                                pretrain_batch_size=8, budget="steps", pretrain_minutes=1.0, no_progress=True,
+                                data_dir=None)
+    p.run_pretrain("et-oro", args, None, log=lambda s: None)
+    p.run_pretrain("et-oro", p.argparse.Namespace(**{**vars(args), "threads": 2}), None, log=lambda s: None)
+    assert started == [(100, False)]                          # done; threads are a speed setting
+    p.run_pretrain("et-oro", p.argparse.Namespace(**{**vars(args), "pretrain_steps": 500}), None, log=lambda s: None)
+    assert started == [(100, False), (500, False)]
+    assert (tmp_path / "pretrain" / "et-oro.other-settings-1" / "last.pt").is_file()

@@ -98,6 +98,11 @@ def test_resume_continues_exactly_and_files_are_written(tmp_path, monkeypatch):
     with open(tmp_path / "b" / "metrics.csv") as fh:
         steps = [int(r["step"]) for r in csv.DictReader(fh)]
     assert steps == [2, 3, 4, 6]      # the interrupted run logged step 3; nothing is logged twice
+    # resuming ET-OREO's run as ET-ORO (the same weights fit both) or with another batch would mix two recipes
+    for other, why in ((tiny_config("et-oro", dtype="float64", max_steps=9), "objective weights"),
+                       (tiny_config(dtype="float64", max_steps=9, batch_size=2), "optim.batch_size")):
+        with pytest.raises(ValueError, match=f"other settings: .*{why}"):
+            Pretrainer(other, tmp_path / "b", corpus=tiny_corpus(), progress=False, log=lambda s: None).fit(resume=True)
 
 
 def test_finetune_starts_from_the_pretrained_backbone(tmp_path):
@@ -182,8 +187,10 @@ def test_cli_pretrain_and_finetune(tmp_path, capsys):
     assert report["sources"][0]["dropped"]["ethanol"] == 1      # QM9's ethanol left out of pretraining
     assert main(["finetune", "--from", str(tmp_path / "pre" / "pretrained.pt"), "--molecule", "ethanol",
                  "--train-size", "4", "--val-size", "2", "--epochs", "1", "--set", "data.test_size=2",
-                 "--set", "optim.batch_size=2", "--out", str(tmp_path / "ft"), "--no-progress"]) == 0
+                 "--set", "optim.batch_size=2", "--set", "finetune.layer_decay=0.8", "--out", str(tmp_path / "ft"),
+                 "--no-progress"]) == 0
     assert (tmp_path / "ft" / "test_metrics.json").is_file()
+    assert yaml.safe_load((tmp_path / "ft" / "finetune.yaml").read_text())["finetune"] == {"layer_decay": 0.8}
     from forcefield.io import load_potential
     assert load_potential(tmp_path / "ft" / "best.pt").metadata["pretrained"]["method"] == "et-oreo"   # --from used
     # its card states what the run did: the steps of the shipped file, the protocol's own sentence, the model size

@@ -115,6 +115,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         d.pop("from", None)
     if not pretrained:
         raise SystemExit("oreo finetune: say which pretrained model to start from: --from PATH (pretrained.pt)")
+    _set_given(d, {"data.molecule": args.molecule, "data.train_size": args.train_size, "data.val_size": args.val_size,
+                   "data.split_index": args.split_index, "data.data_dir": args.data_dir, "optim.epochs": args.epochs,
+                   "optim.max_minutes": args.max_minutes})
+    d = apply_overrides(d, args.set)                       # --set finetune.layer_decay=... too
     opts = dict(d.pop("finetune", None) or {})
     if args.layer_decay is not None:
         opts["layer_decay"] = args.layer_decay
@@ -122,10 +126,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         opts["backbone_lr_factor"] = args.backbone_lr_factor
     if args.reuse_head:
         opts["reuse_head"] = True
-    _set_given(d, {"data.molecule": args.molecule, "data.train_size": args.train_size, "data.val_size": args.val_size,
-                   "data.split_index": args.split_index, "data.data_dir": args.data_dir, "optim.epochs": args.epochs,
-                   "optim.max_minutes": args.max_minutes})
-    d = apply_overrides(d, args.set)
     d.pop("model", None)  # the architecture comes from the pretrained model
     cfg = config_from_dict(d)
     options = from_mapping(FinetuneOptions, opts, "finetune")

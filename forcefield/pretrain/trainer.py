@@ -256,6 +256,16 @@ class Pretrainer(TrainingRun):
         if ck["corpus"] != self.corpus.summary():
             raise ValueError(f"cannot resume the run in {self.out}: the corpus differs from the one it was trained on "
                              f"({ck['corpus']} vs {self.corpus.summary()}); use the original config or a new --out")
+        now = self.cfg.to_dict()
+        then = ck.get("config") or {}
+        same = {"objective weights": (ck.get("objective_weights"), self.weights),
+                "model": (then.get("model"), now.get("model")),
+                "optim.batch_size": ((then.get("optim") or {}).get("batch_size"), now["optim"].get("batch_size")),
+                "optim.seed": ((then.get("optim") or {}).get("seed"), now["optim"].get("seed"))}
+        differ = [f"{what} {a!r} -> {b!r}" for what, (a, b) in same.items() if a is not None and a != b]
+        if differ:     # resuming would continue one method or recipe as another (e.g. ET-ORO's state as ET-OREO)
+            raise ValueError(f"cannot resume the run in {self.out} with other settings: {'; '.join(differ)}; use "
+                             f"the config it was started with (its config.yaml), or a new --out")
         if ck["world_size"] != self.dist.world_size:
             self.log(f"warning: the run in {self.out} was written by {ck['world_size']} process(es), now "
                      f"{self.dist.world_size}: training continues, but not step for step as the original run would "
