@@ -37,7 +37,8 @@ class SimulationConfig:
     temperature: float = 500.0            #: K (thermostat target and Maxwell–Boltzmann start)
     timestep: float = 0.5                 #: fs
     thermostat: str = "nose-hoover"       #: nose-hoover | langevin | nve
-    tau_steps: float = 20.0               #: Nosé–Hoover coupling time in steps (Q = 3 N kT (tau_steps dt)²)
+    tau_steps: float = 20.0               #: Nosé–Hoover coupling time in steps (Q = 3 N kT (tau_steps dt)²; see
+                                          #: md.integrators.nose_hoover_mass for how that compares with MDsim's)
     friction: float = 0.01                #: Langevin friction, 1/fs
     seed: int = 123
     log_every: int = 100                  #: steps between logged frames

@@ -72,7 +72,10 @@ def nve_step(state: MDState, forcefield, dt: float) -> MDState:
 
 # ---------------------------------------------------------------------------------- Nosé–Hoover
 def nose_hoover_mass(n_atoms: torch.Tensor, temperature: float, tau: float) -> torch.Tensor:
-    """Thermostat mass Q (B,) in eV·fs² = 3 N kB T tau², tau in fs (MDsim: tau = 20 dt)."""
+    """Thermostat mass Q (B,) in eV·fs² = 3 N kB T tau², tau in fs (MDsim's tau = 20 dt). MDsim's own integrator
+    writes the friction as dzeta/dt = (K - 3 N kB T / 2) / Q with this Q, which in the form used here
+    (dp_eta/dt = 2 K - g kB T) is a mass of 6 N kB T tau²: this thermostat is twice as stiff (its period shorter
+    by sqrt(2)); the ensemble it samples is the same."""
     return 3.0 * n_atoms.to(torch.float64) * KB * temperature * tau ** 2
 
 
