@@ -162,6 +162,14 @@ def test_property_finetune_loads_backbone_and_reports_meV(tmp_path):
                              log=lambda s: None)
     # the backbone saw QM9 molecules: a random split's test MAE is on molecules it has seen, and it says so
     assert any("split 'random'" in str(w.message) and "qm9-water" in str(w.message) for w in caught)
+    # ET-ORO never draws the equilibrium QM9 source: nothing to warn about
+    Pretrainer(tiny_config("et-oro", max_steps=1), tmp_path / "oro", corpus=tiny_corpus(names=("eth", "qm9-water")),
+               progress=False, log=lambda s: None).fit()
+    with warnings.catch_warnings(record=True) as quiet:
+        warnings.simplefilter("always")
+        PropertyTrainer(cfg, tmp_path / "homo-oro", pretrained=tmp_path / "oro" / "pretrained.pt", progress=False,
+                        log=lambda s: None)
+    assert not any("split 'random'" in str(w.message) for w in quiet)
     ref = tr.task.potential.state_dict()
     backbone = {k[len("potential."):]: v for k, v in pt.model.state_dict().items() if k.startswith("potential.backbone.")}
     assert backbone and all(torch.equal(v, ref[k].float()) for k, v in backbone.items())

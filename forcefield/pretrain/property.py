@@ -204,8 +204,10 @@ class PropertyTrainer(EpochTrainer):
         if pretrained is not None:
             pot, self.pretrained_info = load_pretrained(pretrained)
             backbone = dict(pot.config["backbone"])
-            seen = [c.get("name") for c in self.pretrained_info.get("corpus") or []
-                    if "qm9" in str(c.get("name", "")).lower() and c.get("frames")]
+            corpus = self.pretrained_info.get("corpus") or []
+            drawn = self.pretrained_info.get("source_weights") or [1.0] * len(corpus)   # 0: a source never drawn
+            seen = [c.get("name") for c, w in zip(corpus, drawn)                      # (ET-ORO's equilibrium ones)
+                    if "qm9" in str(c.get("name", "")).lower() and c.get("frames") and w > 0]
             if cfg.split == "random" and seen and splits is None:      # a smoke test may mean it; a benchmark not
                 warnings.warn(f"split 'random' draws its test molecules from all of QM9, but the backbone "
                               f"{self.pretrained_info.get('path')} was pretrained on QM9 ({', '.join(seen)}): its test "
