@@ -141,6 +141,20 @@ def test_loaders_round_trip_and_filter(tiny_set):
         load_polymer_set(tiny_set / "test.extxyz", polymers=["PS"])
 
 
+def test_frame_ids_of_two_trajectories_cannot_collide(tiny_set, monkeypatch):
+    """Frame ids are 10000 x trajectory + frame: a trajectory of 10,000 frames would share ids with the next, so
+    neither the generator nor the loader makes one."""
+    with pytest.raises(ValueError, match="fewer than 10000; raise the stride"):
+        GenerationConfig(polymers=["PE"], steps=20000, stride=2)
+    ids = load_poly24("all", root=tiny_set).frame_id
+    assert len(np.unique(ids)) == len(ids)
+    import forcefield.data.poly24.loader as loader
+    real = loader.load_ase
+    monkeypatch.setattr(loader, "load_ase", lambda path, **k: real(path, **k).subset(np.zeros(10000, dtype=int)))
+    with pytest.raises(ValueError, match="10000 frames; frame ids are"):
+        load_poly24("test", root=tiny_set, polymers=["PE"])
+
+
 def test_missing_set_says_how_to_generate_it(tmp_path):
     with pytest.raises(DataNotFoundError, match="oreo data poly24 --out"):
         load_poly24("train", data_dir=tmp_path)

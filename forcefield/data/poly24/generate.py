@@ -25,6 +25,7 @@ from typing import Callable, Dict, List, Optional
 from ...files import atomic_write_text
 from .build import build_oligomer, geometry_problems, oligomer_smiles
 from .catalog import POLYMERS, Polymer, select_polymers
+from .loader import FRAMES_PER_TRAJECTORY_ID
 from .sampling import SamplingError, SamplingSettings, frames_to_images, sample_trajectory, write_extxyz
 
 FORMAT = "oreo-poly24"
@@ -62,6 +63,10 @@ class GenerationConfig:
             raise ValueError(f"need steps >= stride >= 1 to keep any frame (steps {self.steps}, stride {self.stride})")
         if self.labels not in ("xtb", "dft"):
             raise ValueError(f"labels must be 'xtb' (GFN2-xTB) or 'dft' (PySCF), got '{self.labels}'")
+        if self.frames_per_trajectory() >= FRAMES_PER_TRAJECTORY_ID:
+            raise ValueError(f"{self.frames_per_trajectory()} frames a trajectory (steps {self.steps} / stride "
+                             f"{self.stride}): frame ids are {FRAMES_PER_TRAJECTORY_ID} x trajectory + frame, so a "
+                             f"trajectory holds fewer than {FRAMES_PER_TRAJECTORY_ID}; raise the stride or add replicas")
 
     def sampling(self, temperature: float) -> SamplingSettings:
         return SamplingSettings(temperature=temperature, timestep_fs=self.timestep_fs, friction=self.friction,

@@ -19,6 +19,8 @@ from ..conformations import ConformationSet
 from ..paths import DataNotFoundError, data_dir_origin, resolve_data_dir
 from .catalog import canonical_polymer
 
+#: frame ids are FRAMES_PER_TRAJECTORY_ID * (the trajectory's index in the manifest) + the frame's index in it
+FRAMES_PER_TRAJECTORY_ID = 10000
 GENERATE_HINT = ("generate it with:  oreo data poly24 --out {root}   (needs: pip install 'oreo[poly24]'; "
                  "about an hour on one CPU core with the README's settings; the manifest is written when every "
                  "trajectory is done, and re-running the command continues an unfinished set), or pass the folder "
@@ -73,7 +75,11 @@ def load_poly24(split: Union[str, Sequence[str]] = "train", polymers: Optional[I
         if temps is not None and float(rec["temperature_K"]) not in temps:
             continue
         cset = load_ase(folder / rec["file"], source=rec["file"])
-        cset.frame_id = 10000 * index + np.arange(len(cset), dtype=np.int64)
+        if len(cset) >= FRAMES_PER_TRAJECTORY_ID:     # the ids of two trajectories would collide
+            raise ValueError(f"{folder / rec['file']}: {len(cset)} frames; frame ids are "
+                             f"{FRAMES_PER_TRAJECTORY_ID} x trajectory + frame, so a trajectory holds fewer than "
+                             f"{FRAMES_PER_TRAJECTORY_ID}; regenerate it with a larger stride (oreo data poly24)")
+        cset.frame_id = FRAMES_PER_TRAJECTORY_ID * index + np.arange(len(cset), dtype=np.int64)
         sets.append(cset)
     if not sets:
         have = sorted({float(r["temperature_K"]) for r in manifest["trajectories"]})
