@@ -73,10 +73,11 @@ FINETUNE_OPTIM = {"epochs": 3000, "batch_size": 8, "lr": 4e-4, "lr_warmup_steps"
                   "lr_patience": 6, "lr_min": 1e-6, "ema_decay": 0.99, "energy_weight": 0.05, "forces_weight": 0.95,
                   "early_stop_patience": 60, "seed": 1}
 #: with --finetune-steps (equal compute): every run takes all its steps (no early stop, and the learning-rate floor
-#: lies beyond them: 0.7^24 of 4e-4 is below 1e-7, and each cut waits at least the patience), and the plateau
-#: patience is counted in optimiser steps, so that 50 and 950 training frames (7 and 119 steps an epoch) get one
-#: schedule; the model kept is the best on validation, as always
-STEP_SCHEDULE = {"lr_patience_steps": 250, "lr_min": 1e-7}
+#: lies beyond them: 0.7^24 of 4e-4 is below 1e-7, and each cut waits at least the patience), and validation and
+#: the plateau patience are counted in optimiser steps, so that 50 and 950 training frames (7 and 119 steps an
+#: epoch) get one schedule: a validation about every 50 steps (whole epochs), a cut after about 250 steps without
+#: improvement; the model kept is the best on validation, as always
+STEP_SCHEDULE = {"val_every_steps": 50, "lr_patience_steps": 250, "lr_min": 1e-7}
 
 
 def smoke_settings(data_dir: Path) -> Dict[str, Any]:
@@ -213,7 +214,8 @@ def finetune_config(molecule: str, size: int, args, smoke, model: Dict, seed: in
         per_epoch = -(-size // int(optim["batch_size"]))
         optim["epochs"] = max(1, -(-args.finetune_steps // per_epoch))
         optim["early_stop_patience"] = optim["epochs"] + 1
-        optim["lr_patience"] = max(1, round(STEP_SCHEDULE["lr_patience_steps"] / per_epoch))
+        optim["val_every"] = max(1, round(STEP_SCHEDULE["val_every_steps"] / per_epoch))
+        optim["lr_patience"] = max(1, round(STEP_SCHEDULE["lr_patience_steps"] / (optim["val_every"] * per_epoch)))
         optim["lr_min"] = STEP_SCHEDULE["lr_min"]
     if args.cell_deadline_minutes is not None:      # this invocation's time left (--max-minutes), not a budget
         optim["max_minutes"] = min(optim.get("max_minutes") or math.inf, args.cell_deadline_minutes)

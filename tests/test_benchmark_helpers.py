@@ -247,9 +247,11 @@ def test_a_step_budget_gives_every_training_set_size_one_schedule_in_steps():
         per_epoch = -(-size // optim["batch_size"])
         steps = optim["epochs"] * per_epoch
         assert 5000 <= steps < 5000 + per_epoch and optim["early_stop_patience"] > optim["epochs"]
-        assert abs(optim["lr_patience"] * per_epoch - p.STEP_SCHEDULE["lr_patience_steps"]) <= per_epoch / 2
+        between = optim["val_every"] * per_epoch                  # steps between two validations
+        assert abs(between - p.STEP_SCHEDULE["val_every_steps"]) <= per_epoch / 2 or optim["val_every"] == 1
+        assert abs(optim["lr_patience"] * between - p.STEP_SCHEDULE["lr_patience_steps"]) <= between / 2
         # the most cuts the plateau rule can make in those steps leave the lr above its floor
-        cuts = (steps - o["lr_warmup_steps"]) // ((optim["lr_patience"] + 1) * per_epoch)
+        cuts = (steps - o["lr_warmup_steps"]) // ((optim["lr_patience"] + 1) * between)
         assert o["lr"] * o["lr_factor"] ** cuts > optim["lr_min"], size
 
 

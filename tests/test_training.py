@@ -153,6 +153,18 @@ def test_a_budget_that_runs_out_with_the_last_epoch_cut_nothing(tmp_path):
     assert cut["stop_reason"].startswith("time budget")
 
 
+def test_val_every_validates_every_nth_epoch_and_the_last(tmp_path):
+    """optim.val_every: a 50-frame set has epochs of 7 steps; validating each would cost as much as training."""
+    tr = Trainer(_cfg(epochs=5, val_every=2), tmp_path / "run", progress=False, log=lambda s: None)
+    calls = []
+    real = tr.validate
+    tr.validate = lambda: calls.append(tr.epoch) or real()
+    tr.fit()
+    assert calls == [1, 3, 4]              # (counted from 0) after epochs 2 and 4, and after the last, 5
+    rows = (tmp_path / "run" / "metrics.csv").read_text().strip().splitlines()
+    assert [int(r.split(",")[0]) for r in rows[1:]] == [2, 4, 5] and tr.epoch == 5
+
+
 def test_force_errors_by_element_add_up_to_the_total():
     from forcefield.data.conformations import ConformationSet
     from forcefield.evaluate import error_metrics

@@ -42,14 +42,15 @@ class OptimConfig:
     lr: float = 4e-4
     lr_warmup_steps: int = 1000
     lr_factor: float = 0.8           # reduce-on-plateau factor
-    lr_patience: int = 15            # epochs without improvement before the lr drops
+    lr_patience: int = 15            # validations (epochs, with val_every 1) without improvement before the lr drops
     lr_min: float = 1e-7
     weight_decay: float = 0.0
     ema_decay: float = 0.99
     grad_clip: float = 10.0
     energy_weight: float = 0.05
     forces_weight: float = 0.95
-    early_stop_patience: int = 150   # epochs without improvement
+    early_stop_patience: int = 150   # validations without improvement
+    val_every: int = 1               # validate every N epochs (and the last): small sets have epochs of few steps
     seed: int = 1
     max_minutes: Optional[float] = None  # wall-clock budget of this invocation; --resume continues
     max_cpu_minutes: Optional[float] = None  # CPU-time budget of this invocation (equal-compute comparisons)

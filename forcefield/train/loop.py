@@ -387,27 +387,30 @@ class EpochTrainer(TrainingRun):
             self.save_best(val)
         self.on_start()
         self.start_clock()
+        every = max(1, int(getattr(o, "val_every", 1) or 1))   # patience, plateau and curve count validations
         while self.epoch < o.epochs:
             loss = self.train_epoch()
-            val = self.validate()
-            if not math.isfinite(val["score"]):
+            val = self.validate() if (self.epoch + 1) % every == 0 or self.epoch + 1 >= o.epochs else None
+            if val is not None and not math.isfinite(val["score"]):
                 raise FloatingPointError(f"validation loss is {val['score']} after epoch {self.epoch + 1}: the model "
                                          f"diverged; lower the learning rate and start again (or resume from an "
                                          f"earlier run)")
             self.epoch += 1
-            if self.step > o.lr_warmup_steps:
+            if val is not None and self.step > o.lr_warmup_steps:
                 self.scheduler.step(val["score"])
             self.tick()
-            improved = val["score"] < self.best_val
-            if improved:
-                self.best_val, self.epochs_since_best = val["score"], 0
-                self.save_best(val)
-            else:
-                self.epochs_since_best += 1
             lr = self.optimizer.param_groups[0]["lr"]
-            self.append_row(self.epoch_row(loss, val, lr))
+            if val is not None:
+                improved = val["score"] < self.best_val
+                if improved:
+                    self.best_val, self.epochs_since_best = val["score"], 0
+                    self.save_best(val)
+                else:
+                    self.epochs_since_best += 1
+                self.append_row(self.epoch_row(loss, val, lr))
             self.save_checkpoint()
-            self.log(self.epoch_line(loss, val, lr, improved))
+            if val is not None:
+                self.log(self.epoch_line(loss, val, lr, improved))
             if self.epoch % 10 == 0:
                 self.plot_learning_curve()
             if self.epoch >= o.epochs:      # the last epoch is done: a budget that ran out with it cut nothing
