@@ -133,7 +133,8 @@ def grid_piece(job: dict, args) -> int:
         cmd = [a for a in grid_command(job, args.minutes, out=out / "runs" / f"shard-{i}", state=state)
                if a != "--compile"] + [
             "--device", args.device, "--shard", f"{i}/{args.shards}", "--md-minutes-per-ps",
-            str(args.md_minutes_per_ps)] + (["--molecules", *args.molecules] if args.molecules else [])
+            str(args.md_minutes_per_ps), "--first-cell-minutes", str(args.first_cell_minutes)] + (
+            ["--molecules", *args.molecules] if args.molecules else [])
         fh = open(out / "runs" / f"shard-{i}.log", "w")
         procs.append((subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO), fh, state))
     print(f"[gpu] {job['name']}: {args.shards} shards, {args.minutes:g} min"
@@ -260,6 +261,9 @@ def main(argv=None) -> int:
                    help="a name and its config overrides; repeat for each variant (training and pretraining jobs)")
     p.add_argument("--shards", type=int, default=8, help="grid jobs: processes side by side on the GPU")
     p.add_argument("--molecules", nargs="+", help="grid jobs: only these molecules' cells in this piece")
+    p.add_argument("--first-cell-minutes", type=float, default=2.0,
+                   help="grid: wall minutes (before its MD) kept for a molecule's first run on the GPU (5,000 eager "
+                        "steps; later runs take the longest recorded time)")
     p.add_argument("--md-minutes-per-ps", type=float, default=0.5,
                    help="grid jobs: wall minutes a simulated ps of one replica takes on the GPU (cells start only "
                         "while their MD still fits the piece)")

@@ -38,7 +38,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -54,7 +54,6 @@ from forcefield.pretrain.trainer import Pretrainer, pretrain_config_from_dict  #
 from forcefield.train import Trainer, config_from_dict  # noqa: E402
 
 CONFIGS = ROOT / "examples" / "configs"
-FIRST_CELL_MINUTES = 15.0     # wall minutes kept for a step-budgeted run of a molecule no recorded run has timed
 QM9_TEST_MINUTES = 5.0        # wall minutes kept after a QM9 run's budget for its test (10,831 molecules)
 METHOD_CONFIGS = {
     "et-oro": "pretrain_et_oro.yaml",
@@ -111,21 +110,26 @@ def settings_hash(settings: Any) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def claim_cell_folder(out: Path, args, log, stamp: Optional[str] = None) -> None:
+def claim_cell_folder(out: Path, args, log, stamp: Optional[str] = None, along: Sequence[Path] = ()) -> None:
     """Make ``out`` a folder of this grid's settings (or of ``stamp``): one a run with other settings (other
-    backbones or recipe) left behind is moved aside (``<name>.other-settings-N``, nothing deleted), so that neither
-    its results nor its ``last.pt`` pass for this grid's; then it is stamped with these settings."""
+    backbones or recipe) left behind is moved aside (``<name>.other-settings-N``, nothing deleted), with the folders
+    ``along`` (the cell's MD), so that neither its results nor its ``last.pt`` pass for this grid's; then it is
+    stamped with these settings. A folder from before stamps (none there) is taken as this grid's, as it always
+    was."""
     stamp = stamp or getattr(args, "settings_stamp", None)
     if stamp is None:
         return
     f = out / "grid_settings.sha256"
-    if out.is_dir() and any(out.iterdir()) and (not f.is_file() or f.read_text().strip() != stamp):
-        k = 1
-        while out.with_name(f"{out.name}.other-settings-{k}").exists():
-            k += 1
-        aside = out.with_name(f"{out.name}.other-settings-{k}")
-        out.rename(aside)
-        log(f"[{out}] was run with other grid settings: moved to {aside.name}, the cell starts anew")
+    if f.is_file() and f.read_text().strip() != stamp:
+        for folder in [out, *along]:
+            if not folder.exists():
+                continue
+            k = 1
+            while folder.with_name(f"{folder.name}.other-settings-{k}").exists():
+                k += 1
+            aside = folder.with_name(f"{folder.name}.other-settings-{k}")
+            folder.rename(aside)
+            log(f"[{folder}] was run with other grid settings: moved to {aside.name}, it starts anew")
     out.mkdir(parents=True, exist_ok=True)
     if not f.is_file():
         f.write_text(stamp + "\n")
@@ -164,13 +168,17 @@ def resized_model(model: Dict[str, Any], args) -> Dict[str, Any]:
     return m
 
 
+def pretrain_stamp(method: str, args, smoke) -> str:
+    """What a method's pretraining here is made of (corpus, model, optimiser; not the threads, a speed setting)."""
+    d = pretrain_config(method, args, smoke)
+    return settings_hash({**d, "optim": {k: v for k, v in d["optim"].items() if k != "threads"}})
+
+
 def run_pretrain(method: str, args, smoke, log) -> Path:
     out = Path(args.out) / "pretrain" / method
-    d = pretrain_config(method, args, smoke)
-    # a folder pretrained with other steps, batch, corpus or model is not this run's (threads are a speed setting)
-    claim_cell_folder(out, args, log, stamp=settings_hash({**d, "optim": {k: v for k, v in d["optim"].items()
-                                                                          if k != "threads"}}))
-    cfg = pretrain_config_from_dict(d)
+    # a folder pretrained with other steps, batch, corpus or model is not this run's
+    claim_cell_folder(out, args, log, stamp=pretrain_stamp(method, args, smoke))
+    cfg = pretrain_config_from_dict(pretrain_config(method, args, smoke))
     last = out / "last.pt"
     if last.is_file():
         ck = torch.load(last, map_location="cpu", weights_only=False)
@@ -236,7 +244,7 @@ def cell_dir(molecule: str, size: int, method: str, seed: int = 1) -> str:
 def run_finetune(molecule: str, size: int, method: str, pretrained: Optional[Path], args, smoke, log,
                  seed: int = 1) -> Dict:
     out = Path(args.out) / "finetune" / cell_dir(molecule, size, method, seed)
-    claim_cell_folder(out, args, log)
+    claim_cell_folder(out, args, log, along=[Path(args.out) / "md" / cell_dir(molecule, size, method, seed)])
     if _done(out):
         return json.loads((out / "test_metrics.json").read_text())
     resume = (out / "last.pt").is_file()
@@ -294,6 +302,8 @@ def run_property(prop: str, method: str, pretrained: Optional[Path], args, smoke
             for key, used in (("max_minutes", ck.get("elapsed", 0.0)), ("max_cpu_minutes", ck.get("cpu_seconds", 0.0))):
                 if pc.get(key):
                     pc[key] = max(pc[key] - float(used) / 60.0, 1e-3)
+    own_left = pc.get("max_minutes")                    # the run's own wall budget, what is left of it
+    if not smoke:
         if args.cell_deadline_minutes is not None:      # this invocation's time left, not a budget
             pc["max_minutes"] = min(pc.get("max_minutes") or math.inf, args.cell_deadline_minutes)
         if args.qm9_train_size:
@@ -306,8 +316,7 @@ def run_property(prop: str, method: str, pretrained: Optional[Path], args, smoke
         pretrained = None
     metrics = finetune_property(pretrained, PropertyConfig.from_dict(pc), out, resume=resume,
                                 progress=not args.no_progress, log=log)
-    own = args.qm9_minutes or args.finetune_minutes
-    if (args.cell_deadline_minutes is not None and args.cell_deadline_minutes < (own or math.inf)
+    if (args.cell_deadline_minutes is not None and args.cell_deadline_minutes < (own_left or math.inf)
             and str(metrics.get("stop_reason", "")).startswith("time budget")):
         (out / "test_metrics.json").unlink(missing_ok=True)      # resumed from its last.pt by a later invocation
         raise CutShort(f"stopped at this invocation's end before its budget ({metrics['stop_reason'].split(' (')[0]})")
@@ -406,6 +415,11 @@ def write_report(out: Path, results: List[Dict], qm9: List[Dict], methods: List[
     if failed:
         lines += ["", "Cells that failed (recorded, not run again): " + "; ".join(
             f"{r['molecule']} n={r['size']} {r['method']} seed {r.get('seed', 1)}: {r['failed']}" for r in failed)]
+    failed_q = [r for r in qm9 if r.get("failed")]
+    qm9 = [r for r in qm9 if not r.get("failed")]
+    if failed_q:
+        lines += ["", "QM9 runs that failed (recorded, not run again): " + "; ".join(
+            f"{r['property']} {r['method']}: {r['failed']}" for r in failed_q)]
     if qm9:
         lines += ["", "## QM9 test MAE (meV)", "", "| property | " + " | ".join(methods) + " |",
                   "|---|" + "---:|" * len(methods)]
@@ -636,6 +650,9 @@ def main(argv=None) -> int:
                         "(one GPU), each with its own --out and --state, merged afterwards (campaign_gpu.py)")
     p.add_argument("--md-minutes-per-ps", type=float, default=2.0,
                    help="wall minutes one simulated ps takes (with --max-minutes: the time kept for each cell's MD)")
+    p.add_argument("--first-cell-minutes", type=float, default=15.0,
+                   help="with --max-minutes and --finetune-steps: the wall minutes (before its MD) kept for a run of a "
+                        "molecule no recorded run on this device has timed yet (later ones take the longest such time)")
     p.add_argument("--data-dir", default=os.environ.get("OREO_DATA_DIR"))
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -658,6 +675,9 @@ def main(argv=None) -> int:
     pretrained = {m: backbones.get(m) or run_pretrain(m, args, smoke, log) for m in args.methods
                   if m in METHOD_CONFIGS}
     settings = grid_settings(args, backbones)
+    made_here = {m: pretrain_stamp(m, args, smoke) for m in pretrained if m not in backbones}
+    if made_here:        # backbones pretrained here: other pretraining settings make other cells
+        settings["pretraining"] = made_here
     grid = GridState(Path(args.state), settings) if args.state else None
     args.settings_stamp = settings_hash(settings)
     started = time.time()
@@ -685,7 +705,7 @@ def main(argv=None) -> int:
         rows = (grid.data["forcefield"] if grid else []) + results
         took = [float(r["wall_minutes"]) for r in rows if r.get("molecule") == key["molecule"]
                 and r.get("device") == args.device and r.get("wall_minutes")]
-        return max(took) if took else FIRST_CELL_MINUTES + md_minutes
+        return max(took) if took else args.first_cell_minutes + md_minutes
 
     def cell(table: str, key: Dict[str, Any], compute) -> Optional[Dict]:
         """The row of one run: from the grid's state when it is there, else computed (and recorded) when this

@@ -261,10 +261,13 @@ def test_the_grid_report_survives_md_without_h_r_and_failed_cells(tmp_path):
     rows.append({"molecule": "ethanol", "size": 50, "method": "et-oro", "seed": 1, "failed": "validation loss is nan"})
     rows.append({"molecule": "ethanol", "size": 200, "method": "et-oro", "seed": 1, "forces_mae_meV_per_A": 20.0,
                  "stability_ps": 0.0, "hr_mae": None})
-    pretrain_finetune.write_report(tmp_path, rows, [], ["scratch", "et-oro"])
+    qm9 = [{"property": "gap", "method": "scratch", "test_mae": 120.0, "curve": []},
+           {"property": "gap", "method": "et-oro", "failed": "validation loss is nan"}]
+    pretrain_finetune.write_report(tmp_path, rows, qm9, ["scratch", "et-oro"])
     text = (tmp_path / "results.md").read_text()
     assert "| ethanol | 50 | 5.0 / 0.200 (2) | – |" in text and "| ethanol | 200 | – | 0.0 / – |" in text
     assert "failed (recorded, not run again): ethanol n=50 et-oro seed 1: validation loss is nan" in text
+    assert "| gap | 120.0 | – |" in text and "QM9 runs that failed (recorded, not run again): gap et-oro" in text
 
 
 def test_grid_cells_start_only_with_the_time_their_molecule_took_and_a_diverged_one_is_recorded(tmp_path,
@@ -280,10 +283,10 @@ def test_grid_cells_start_only_with_the_time_their_molecule_took_and_a_diverged_
     def diverges(*a, **k):
         raise FloatingPointError("validation loss is nan after epoch 3: the model diverged; lower the learning rate")
     monkeypatch.setattr(p, "run_finetune", lambda *a, **k: pytest.fail("started without the time it needs"))
-    assert p.main(common + ["--out", str(tmp_path / "a"), "--max-minutes", str(p.FIRST_CELL_MINUTES - 1)]) == 0
+    assert p.main(common + ["--out", str(tmp_path / "a"), "--max-minutes", "14"]) == 0      # first guess: 15
     assert "1 run(s) left" in capsys.readouterr().out
     monkeypatch.setattr(p, "run_finetune", diverges)
-    assert p.main(common + ["--out", str(tmp_path / "a"), "--max-minutes", str(p.FIRST_CELL_MINUTES + 1)]) == 0
+    assert p.main(common + ["--out", str(tmp_path / "a"), "--max-minutes", "16"]) == 0
     row = json.loads((tmp_path / "g.json").read_text())["forcefield"][0]
     assert row["failed"].startswith("validation loss is nan") and row["device"] == "cpu" and "wall_minutes" in row
     # a recorded time of 40 min for ethanol on this device: a piece of 30 min starts no ethanol cell
@@ -297,15 +300,25 @@ def test_grid_cells_start_only_with_the_time_their_molecule_took_and_a_diverged_
 def test_a_cell_folder_of_other_grid_settings_is_moved_aside_not_reused(tmp_path):
     p = pretrain_finetune
     out = tmp_path / "finetune" / "ethanol" / "50" / "et-oro"
+    md = tmp_path / "md" / "ethanol" / "50" / "et-oro"
     out.mkdir(parents=True)
-    (out / "test_metrics.json").write_text('{"forces_mae_meV_per_A": 1.0}')     # from an older backbone
+    md.mkdir(parents=True)
+    (out / "test_metrics.json").write_text('{"forces_mae_meV_per_A": 1.0}')
+    (out / "grid_settings.sha256").write_text("old\n")                             # from an older backbone
     args = p.argparse.Namespace(settings_stamp="new")
-    p.claim_cell_folder(out, args, log=lambda s: None)
-    assert not p._done(out) and (out / "grid_settings.sha256").read_text().strip() == "new"
+    p.claim_cell_folder(out, args, log=lambda s: None, along=[md])
+    assert not p._done(out) and (out / "grid_settings.sha256").read_text().strip() == "new" and not md.exists()
     assert (out.parent / "et-oro.other-settings-1" / "test_metrics.json").is_file()        # nothing deleted
+    assert (md.parent / "et-oro.other-settings-1").is_dir()                                # its MD went with it
     (out / "test_metrics.json").write_text("{}")
     p.claim_cell_folder(out, args, log=lambda s: None)                                    # its own: kept
     assert p._done(out)
+    # a folder from before the stamps is taken as this grid's, as it always was
+    legacy = tmp_path / "finetune" / "ethanol" / "50" / "scratch"
+    legacy.mkdir()
+    (legacy / "test_metrics.json").write_text("{}")
+    p.claim_cell_folder(legacy, args, log=lambda s: None)
+    assert p._done(legacy) and (legacy / "grid_settings.sha256").read_text().strip() == "new"
 
 
 def test_a_qm9_run_cut_by_the_pieces_end_is_not_recorded_and_a_resumed_one_needs_only_its_rest(tmp_path, monkeypatch,
@@ -333,6 +346,27 @@ def test_a_qm9_run_cut_by_the_pieces_end_is_not_recorded_and_a_resumed_one_needs
     assert json.loads((tmp_path / "q.json").read_text())["qm9"][0]["test_mae"] == 2.0
 
 
+def test_a_resumed_qm9_run_that_spends_its_own_wall_budget_is_recorded(tmp_path, monkeypatch):
+    """--qm9-minutes 60 with 50 used: the run gets its 10 minutes, and stopping on them is its end, not a cut."""
+    p = pretrain_finetune
+    seen = {}
+
+    def ends(pretrained, cfg, out, **k):
+        seen["max_minutes"] = cfg.max_minutes
+        return {"test_mae": 3.0, "stop_reason": "time budget of 10 min reached (continue with --resume)"}
+    monkeypatch.setattr(p, "finetune_property", ends)
+    monkeypatch.setattr(p, "validation_curve", lambda out: [])
+    out = tmp_path / "qm9" / "gap" / "scratch"
+    out.mkdir(parents=True)
+    torch.save({"elapsed": 50 * 60.0, "cpu_seconds": 50 * 60.0}, out / "last.pt")
+    args = p.argparse.Namespace(out=str(tmp_path), layer_decay=None, qm9_epochs=10, qm9_minutes=60.0,
+                                finetune_minutes=None, qm9_cpu_minutes=None, finetune_cpu_minutes=None, data_dir=None,
+                                threads=1, qm9_train_size=None, hidden=16, layers=2, heads=None, no_progress=True,
+                                cell_deadline_minutes=25.0)
+    assert p.run_property("gap", "scratch", None, args, None, lambda *a: None)["test_mae"] == 3.0
+    assert seen["max_minutes"] == pytest.approx(10.0)
+
+
 def test_a_pretraining_folder_of_other_settings_is_not_taken_as_done(tmp_path, monkeypatch):
     """A backbone pretrained with other steps (or corpus, batch, model) in the same --out is moved aside and
     pretrained anew, not fine-tuned from as if it were this grid's."""
@@ -358,3 +392,27 @@ def test_a_pretraining_folder_of_other_settings_is_not_taken_as_done(tmp_path, m
     p.run_pretrain("et-oro", p.argparse.Namespace(**{**vars(args), "pretrain_steps": 500}), None, log=lambda s: None)
     assert started == [(100, False), (500, False)]
     assert (tmp_path / "pretrain" / "et-oro.other-settings-1" / "last.pt").is_file()
+    # and the grid's cells: other pretraining settings are another grid (its state refuses them)
+    monkeypatch.setattr(p, "run_finetune", lambda *a, **k: {"forces_mae_meV_per_A": 1.0, "stop_reason": "done"})
+    argv = ["--methods", "et-oro", "--molecules", "ethanol", "--sizes", "50", "--properties", "--no-progress",
+            "--hidden", "16", "--layers", "2", "--pretrain-batch-size", "8", "--out", str(tmp_path / "g"),
+            "--state", str(tmp_path / "g.json")]
+    assert p.main(argv + ["--pretrain-steps", "100"]) == 0
+    with pytest.raises(SystemExit, match="other settings"):
+        p.main(argv + ["--pretrain-steps", "500"])
+
+
+def test_a_gpu_piece_of_the_grid_starts_its_first_cells(tmp_path, monkeypatch):
+    """A GPU piece (campaign_gpu.py: 8 minutes, 0.5 min a simulated ps, a 2-minute first guess) must be able to
+    start a molecule's first cell, which no recorded run on the GPU has timed yet."""
+    p = pretrain_finetune
+    monkeypatch.setattr(p, "run_finetune", lambda *a, **k: {"forces_mae_meV_per_A": 1.0, "stop_reason": "all done"})
+    import md17_simulation
+    monkeypatch.setattr(md17_simulation, "run_one", lambda mol, model, a: {"stability_ps": {"mean": 10.0},
+                                                                            "hr_mae": {"mean": 0.1}})
+    argv = ["--methods", "scratch", "--molecules", "ethanol", "--sizes", "50", "--properties", "--no-progress",
+            "--finetune-steps", "5000", "--hidden", "16", "--layers", "2", "--md-ps", "10", "--md-replicas", "1",
+            "--state", str(tmp_path / "g.json"), "--out", str(tmp_path), "--device", "cuda", "--max-minutes", "8",
+            "--md-minutes-per-ps", "0.5", "--first-cell-minutes", "2"]
+    assert p.main(argv) == 0
+    assert len(json.loads((tmp_path / "g.json").read_text())["forcefield"]) == 1

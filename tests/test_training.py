@@ -160,9 +160,13 @@ def test_val_every_validates_every_nth_epoch_and_the_last(tmp_path):
     real = tr.validate
     tr.validate = lambda: calls.append(tr.epoch) or real()
     tr.fit()
-    assert calls == [1, 3, 4]              # (counted from 0) after epochs 2 and 4, and after the last, 5
+    assert calls == [2, 4, 5]              # after epochs 2 and 4, and after the last
     rows = (tmp_path / "run" / "metrics.csv").read_text().strip().splitlines()
     assert [int(r.split(",")[0]) for r in rows[1:]] == [2, 4, 5] and tr.epoch == 5
+    # a budget that ends the run between validations: the epochs trained are validated before it stops
+    cut = Trainer(_cfg(epochs=5, val_every=3, max_minutes=1e-9), tmp_path / "cut", progress=False, log=lambda s: None)
+    m = cut.fit()
+    assert m["stop_reason"].startswith("time budget") and cut.epoch == 1 and (tmp_path / "cut" / "best.pt").is_file()
 
 
 def test_force_errors_by_element_add_up_to_the_total():

@@ -258,8 +258,11 @@ class Pretrainer(TrainingRun):
                              f"({ck['corpus']} vs {self.corpus.summary()}); use the original config or a new --out")
         now = self.cfg.to_dict()
         then = ck.get("config") or {}
+        then_model, now_model = then.get("model") or {}, now.get("model") or {}
         same = {"objective weights": (ck.get("objective_weights"), self.weights),
-                "model": (then.get("model"), now.get("model")),
+                # the fields the checkpoint records (a field added to the model config later is not a change)
+                "model": ({k: then_model[k] for k in then_model if k in now_model} or None,
+                          {k: now_model[k] for k in then_model if k in now_model}),
                 "optim.batch_size": ((then.get("optim") or {}).get("batch_size"), now["optim"].get("batch_size")),
                 "optim.seed": ((then.get("optim") or {}).get("seed"), now["optim"].get("seed"))}
         differ = [f"{what} {a!r} -> {b!r}" for what, (a, b) in same.items() if a is not None and a != b]

@@ -375,6 +375,34 @@ class EpochTrainer(TrainingRun):
                 it.set_postfix(loss=f"{total / count:.4g}")
         return total / max(count, 1)
 
+    def score_epoch(self, loss: float) -> None:
+        """Validate the epoch just trained: plateau schedule, best model, a row of the curve, the checkpoint."""
+        o = self.opts
+        val = self.validate()
+        if not math.isfinite(val["score"]):
+            raise FloatingPointError(f"validation loss is {val['score']} after epoch {self.epoch}: the model "
+                                     f"diverged; lower the learning rate and start again (or resume from an "
+                                     f"earlier run)")
+        if self.step > o.lr_warmup_steps:
+            self.scheduler.step(val["score"])
+        self.tick()
+        improved = val["score"] < self.best_val
+        if improved:
+            self.best_val, self.epochs_since_best = val["score"], 0
+            self.save_best(val)
+        else:
+            self.epochs_since_best += 1
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.append_row(self.epoch_row(loss, val, lr))
+        self.save_checkpoint()
+        self.log(self.epoch_line(loss, val, lr, improved))
+
+    def why_stop(self) -> str:
+        o = self.opts
+        return early_stop_reason(self.epochs_since_best, o.early_stop_patience, self.optimizer.param_groups[0]["lr"],
+                                 o.lr_min, self.step, o.lr_warmup_steps, self.seconds_this_invocation(),
+                                 o.max_minutes, self.cpu_seconds_this_invocation(), o.max_cpu_minutes)
+
     def fit(self, resume: bool = False) -> Dict[str, Any]:
         o = self.opts
         self.begin(resume)
@@ -390,36 +418,21 @@ class EpochTrainer(TrainingRun):
         every = max(1, int(getattr(o, "val_every", 1) or 1))   # patience, plateau and curve count validations
         while self.epoch < o.epochs:
             loss = self.train_epoch()
-            val = self.validate() if (self.epoch + 1) % every == 0 or self.epoch + 1 >= o.epochs else None
-            if val is not None and not math.isfinite(val["score"]):
-                raise FloatingPointError(f"validation loss is {val['score']} after epoch {self.epoch + 1}: the model "
-                                         f"diverged; lower the learning rate and start again (or resume from an "
-                                         f"earlier run)")
             self.epoch += 1
-            if val is not None and self.step > o.lr_warmup_steps:
-                self.scheduler.step(val["score"])
-            self.tick()
-            lr = self.optimizer.param_groups[0]["lr"]
-            if val is not None:
-                improved = val["score"] < self.best_val
-                if improved:
-                    self.best_val, self.epochs_since_best = val["score"], 0
-                    self.save_best(val)
-                else:
-                    self.epochs_since_best += 1
-                self.append_row(self.epoch_row(loss, val, lr))
-            self.save_checkpoint()
-            if val is not None:
-                self.log(self.epoch_line(loss, val, lr, improved))
+            scored = self.epoch % every == 0 or self.epoch >= o.epochs
+            if scored:
+                self.score_epoch(loss)
+            else:
+                self.tick()
+                self.save_checkpoint()
             if self.epoch % 10 == 0:
                 self.plot_learning_curve()
             if self.epoch >= o.epochs:      # the last epoch is done: a budget that ran out with it cut nothing
                 continue
-            self.stop_reason = early_stop_reason(self.epochs_since_best, o.early_stop_patience, lr, o.lr_min,
-                                                 self.step, o.lr_warmup_steps, self.seconds_this_invocation(),
-                                                 o.max_minutes, self.cpu_seconds_this_invocation(),
-                                                 o.max_cpu_minutes)
+            self.stop_reason = self.why_stop()
             if self.stop_reason:
+                if not scored:              # a run never ends on epochs no validation has seen
+                    self.score_epoch(loss)
                 break
         else:
             self.stop_reason = f"all {o.epochs} epochs done"
