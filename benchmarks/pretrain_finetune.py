@@ -298,10 +298,10 @@ def run_property(prop: str, method: str, pretrained: Optional[Path], args, smoke
                   max_cpu_minutes=args.qm9_cpu_minutes or args.finetune_cpu_minutes,
                   data_dir=args.data_dir, threads=args.threads)
         if resume:         # the budgets are the run's, not each invocation's: what a killed invocation used counts
-            ck = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
-            for key, used in (("max_minutes", ck.get("elapsed", 0.0)), ("max_cpu_minutes", ck.get("cpu_seconds", 0.0))):
+            used = budget_used_minutes(out)
+            for key in ("max_minutes", "max_cpu_minutes"):
                 if pc.get(key):
-                    pc[key] = max(pc[key] - float(used) / 60.0, 1e-3)
+                    pc[key] = max(pc[key] - used[key], 1e-3)
     own_left = pc.get("max_minutes")                    # the run's own wall budget, what is left of it
     if not smoke:
         if args.cell_deadline_minutes is not None:      # this invocation's time left, not a budget
@@ -323,12 +323,13 @@ def run_property(prop: str, method: str, pretrained: Optional[Path], args, smoke
     return {**metrics, "curve": validation_curve(out)}
 
 
-def budget_used_minutes(out: Path) -> float:
-    """CPU minutes a resumable QM9 run in ``out`` has already used (0 when it has not started)."""
+def budget_used_minutes(out: Path) -> Dict[str, float]:
+    """Wall and CPU minutes a resumable QM9 run in ``out`` has already used, keyed by the budget they count
+    against (``max_minutes``, ``max_cpu_minutes``; 0 when it has not started)."""
     last = out / "last.pt"
-    if not last.is_file():
-        return 0.0
-    return float(torch.load(last, map_location="cpu", weights_only=False).get("cpu_seconds", 0.0)) / 60.0
+    ck = torch.load(last, map_location="cpu", weights_only=False) if last.is_file() else {}
+    return {"max_minutes": float(ck.get("elapsed", 0.0)) / 60.0,
+            "max_cpu_minutes": float(ck.get("cpu_seconds", 0.0)) / 60.0}
 
 
 def run_md(molecule: str, size: int, method: str, args, log, seed: int = 1) -> Dict:
@@ -698,7 +699,7 @@ def main(argv=None) -> int:
         on this device (the state's rows and this invocation's), else a first guess; a time budget's: what is left
         of it (a resumed QM9 run has used some)."""
         if table == "qm9":
-            used = budget_used_minutes(Path(args.out) / "qm9" / key["property"] / key["method"])
+            used = budget_used_minutes(Path(args.out) / "qm9" / key["property"] / key["method"])["max_cpu_minutes"]
             return max(run_minutes["qm9"] - used, 0.0) + QM9_TEST_MINUTES
         if not args.finetune_steps:
             return run_minutes["forcefield"]

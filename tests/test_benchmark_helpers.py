@@ -340,7 +340,7 @@ def test_a_qm9_run_cut_by_the_pieces_end_is_not_recorded_and_a_resumed_one_needs
                                                                                / "test_metrics.json").exists()
     # it used 50 of its 60 CPU minutes: 10 + the test's minutes are enough to start it again
     torch.save({"cpu_seconds": 50 * 60.0}, tmp_path / "qm9" / "gap" / "scratch" / "last.pt")
-    assert p.budget_used_minutes(tmp_path / "qm9" / "gap" / "scratch") == pytest.approx(50.0)
+    assert p.budget_used_minutes(tmp_path / "qm9" / "gap" / "scratch")["max_cpu_minutes"] == pytest.approx(50.0)
     monkeypatch.setattr(p, "run_property", lambda *a, **k: {"test_mae": 2.0, "curve": []})
     assert p.main(common + ["--max-minutes", "20"]) == 0
     assert json.loads((tmp_path / "q.json").read_text())["qm9"][0]["test_mae"] == 2.0
