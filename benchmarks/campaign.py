@@ -934,18 +934,136 @@ def better_on_resamples(forces_new, forces_old, frames, resamples: int = 4000, s
     return float(np.mean(diff[pick].sum(axis=1) / count[pick].sum(axis=1) < 0.0))
 
 
-def ship_improved(jobs: List[Dict]) -> None:
-    """Ship each job's best model as ``forcefield/pretrained/<ship>.pt`` when it beats the shipped one on the
-    job's validation frames beyond their noise (:func:`better_on_resamples` at least :data:`SHIP_CONFIDENCE`; card:
-    cumulative CPU-hours, epochs, recipe, frame ids; test errors recomputed)."""
+def ship_if_better(label: str, run_dir: Path, ship_as: str, val, dest: Path, training: str,
+                   reproduce: str) -> Optional[Dict]:
+    """Ship ``run_dir``'s best model as ``dest/<ship_as>.pt`` when its force MAE on ``val`` is below the shipped
+    model's beyond the noise of those frames (:func:`better_on_resamples` at least :data:`SHIP_CONFIDENCE`; no
+    shipped model: any). Returns the shipped model's summary (test errors recomputed), or None (said why)."""
     import torch
     sys.path.insert(0, str(REPO))
     from release.ship_models import ship
     from forcefield.evaluate import evaluate
+    from forcefield.io import load_potential
+    cand, cand_pred = evaluate(load_potential(run_dir / "best.pt", dtype=torch.float32), val)
+    shipped_path = dest / f"{ship_as}.pt"
+    old, sure = float("inf"), 1.0
+    if shipped_path.is_file():
+        shipped_metrics, shipped_pred = evaluate(load_potential(shipped_path, dtype=torch.float32), val)
+        old = shipped_metrics["forces_mae_meV_per_A"]
+        sure = better_on_resamples(cand_pred["forces"], shipped_pred["forces"], val)
+    new = cand["forces_mae_meV_per_A"]
+    if not new < old:
+        print(f"[campaign] {label}: validation force MAE {new:.2f} meV/Å, not below the shipped {ship_as}.pt "
+              f"({old:.2f}); not shipped")
+        return None
+    if sure < SHIP_CONFIDENCE:
+        print(f"[campaign] {label}: validation force MAE {new:.2f} against the shipped {ship_as}.pt's {old:.2f} "
+              f"meV/Å, lower in {100 * sure:.0f}% of paired resamples of the {len(val)} validation frames (shipping "
+              f"takes {100 * SHIP_CONFIDENCE:.0f}%): within their noise; not shipped")
+        return None
+    summary = ship(run_dir, dest, training=training, reproduce=reproduce)
+    print(f"[campaign] shipped {ship_as}.pt from {label}: validation {old:.2f} -> {new:.2f} meV/Å, test force MAE "
+          f"{summary['forces_mae_meV_per_A']:.2f} meV/Å")
+    return summary
+
+
+def grid_cells_here(job: Dict) -> Dict[str, List[Dict]]:
+    """The fine-tuned models of a grid job that this clone holds, by molecule: the cells its state records as
+    finished (not failed) whose folder below ``runs/campaign/<job>/finetune/`` still has its ``best.pt`` (a grid
+    runs over many clones; the models of earlier pieces are gone, their rows stay). Each: the state's row plus
+    ``run_dir``."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from pretrain_finetune import cell_dir
+    path = state_path(job)
+    cells: Dict[str, List[Dict]] = {}
+    for row in (json.loads(path.read_text()) if path.is_file() else {}).get("forcefield") or []:
+        if row.get("failed"):
+            continue
+        run_dir = RUNS_DIR / job["name"] / "finetune" / cell_dir(row["molecule"], int(row["size"]), row["method"],
+                                                                 int(row.get("seed") or 1))
+        if (run_dir / "best.pt").is_file() and (run_dir / "test_metrics.json").is_file():
+            cells.setdefault(row["molecule"], []).append({**row, "run_dir": run_dir})
+    return cells
+
+
+def shipped_validation(path: Path):
+    """The validation frames a shipped rMD17 model was chosen on (its card's frame ids), or None (no such model,
+    or one that records none)."""
+    import torch
+    from forcefield.data import load_rmd17, select_by_frame_id
+    from forcefield.io import load_potential
+    if not path.is_file():
+        return None
+    meta = load_potential(path, dtype=torch.float32).metadata or {}
+    if not meta.get("molecule") or not meta.get("val_frame_ids"):
+        return None
+    pool = load_rmd17(meta["molecule"], split="train", split_index=int(meta.get("split_index") or 1),
+                      labels=meta.get("labels") or "revised")
+    return select_by_frame_id(pool, meta["val_frame_ids"]), meta
+
+
+def ship_grid_cells(job: Dict, dest: Path) -> None:
+    """A grid's fine-tuned models (issue 13 item 3): per molecule, the one lowest on the shipped model's validation
+    frames (among those that never trained on them: other seeds draw other frames) replaces the shipped model by
+    :func:`ship_if_better`'s rule; its card names the backbone and its pretraining compute, and the fine-tuning
+    compute."""
+    import torch
+    from forcefield.evaluate import evaluate
+    from forcefield.io import load_potential
+    for molecule, cells in sorted(grid_cells_here(job).items()):
+        shipped = shipped_validation(dest / f"{molecule}.pt")
+        if shipped is None:
+            print(f"[campaign] {job['name']}: no shipped {molecule}.pt with validation frame ids in {shown(dest)}; "
+                  f"its cells have nothing to be compared with (a training job ships first)")
+            continue
+        val, meta = shipped
+        val_ids = set(int(i) for i in meta["val_frame_ids"])
+        scored = []
+        for c in cells:
+            cmeta = load_potential(c["run_dir"] / "best.pt", dtype=torch.float32).metadata or {}
+            seen = val_ids & set(int(i) for i in cmeta.get("train_frame_ids") or [])
+            if seen or cmeta.get("split_index") != meta.get("split_index") or cmeta.get("labels") != meta.get("labels"):
+                continue          # trained on (some of) those frames, or on another split: not comparable there
+            scored.append((evaluate(load_potential(c["run_dir"] / "best.pt", dtype=torch.float32), val)[0]
+                           ["forces_mae_meV_per_A"], c))
+        if not scored:
+            print(f"[campaign] {job['name']}: none of its {len(cells)} {molecule} model(s) here is comparable with "
+                  f"the shipped one (each trained on some of its validation frames); not shipped")
+            continue
+        _, best = min(scored, key=lambda t: t[0])
+        backbone = (job.get("backbones") or {}).get(best["method"])
+        tm = json.loads((best["run_dir"] / "test_metrics.json").read_text())
+        origin = (f"the {best['method']} backbone of the campaign's pretraining job `{backbone}` "
+                  f"({pretraining_cpu_hours(backbone):.2f} CPU-h of pretraining, not counted here)" if backbone
+                  else f"random weights ({best['method']})")
+        training = (f"fine-tuned in the campaign's grid `{job['name']}` on {best['size']} rMD17 frames (seed "
+                    f"{best.get('seed', 1)}): {tm.get('steps', '?')} optimiser steps, {tm.get('epochs', '?')} "
+                    f"epochs, {float(tm.get('cpu_hours', float('nan'))):.2f} CPU-hours of fine-tuning, from {origin}")
+        reproduce = ("Reproduce: the campaign's fine-tune grid runs this cell; its settings are in "
+                     f"`benchmarks/campaign/campaign.yaml` (job `{job['name']}`) and its finished cells in "
+                     f"`benchmarks/campaign/state/{job['name']}.json`:\n\n```bash\n"
+                     "export OREO_DATA_DIR=/path/to/data          # holds rmd17/ (oreo data download rmd17)\n"
+                     f"python benchmarks/campaign.py --minutes 150 --jobs {job['name']}\n"
+                     "python benchmarks/campaign.py --ship          # ships a cell that beats the shipped model\n```")
+        ship_if_better(f"{job['name']} {molecule} n={best['size']} {best['method']} seed {best.get('seed', 1)} "
+                       f"(best of {len(scored)} comparable cell(s) here)", best["run_dir"], molecule, val, dest,
+                       training, reproduce)
+
+
+def ship_improved(jobs: List[Dict], dest: Optional[Path] = None) -> None:
+    """Ship each job's best model as ``forcefield/pretrained/<ship>.pt`` (or into ``dest``) when it beats the
+    shipped one on the job's validation frames beyond their noise (:func:`ship_if_better`; card: cumulative
+    CPU-hours, epochs, recipe, frame ids; test errors recomputed); then each grid job's best cells
+    (:func:`ship_grid_cells`)."""
+    import torch
+    sys.path.insert(0, str(REPO))
     from forcefield.io import PRETRAINED_DIR, load_potential
     from forcefield.train.config import config_from_dict
     from forcefield.train.datasets import build_splits
+    dest = Path(dest) if dest is not None else PRETRAINED_DIR
     for job in jobs:
+        if job.get("kind") == "grid":
+            continue
         run_dir = RUNS_DIR / job["name"]
         if not job.get("ship") or (job.get("stopped") and not (run_dir / "best.pt").is_file()):
             continue                      # nothing to ship, or a finished job (its model shipped) not run here
@@ -955,25 +1073,7 @@ def ship_improved(jobs: List[Dict]) -> None:
             continue
         cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
         val = build_splits(cfg.data, cfg.optim.seed).val
-        candidate = load_potential(run_dir / "best.pt", dtype=torch.float32)
-        cand, cand_pred = evaluate(candidate, val)
-        shipped_path = PRETRAINED_DIR / f"{job['ship']}.pt"
-        old, sure = float("inf"), 1.0
-        if shipped_path.is_file():
-            shipped_metrics, shipped_pred = evaluate(load_potential(shipped_path, dtype=torch.float32), val)
-            old = shipped_metrics["forces_mae_meV_per_A"]
-            sure = better_on_resamples(cand_pred["forces"], shipped_pred["forces"], val)
-        new = cand["forces_mae_meV_per_A"]
-        if not new < old:
-            print(f"[campaign] {job['name']}: validation force MAE {new:.2f} meV/Å, not below the shipped "
-                  f"{job['ship']}.pt ({old:.2f}); not shipped")
-            continue
-        if sure < SHIP_CONFIDENCE:
-            print(f"[campaign] {job['name']}: validation force MAE {new:.2f} against the shipped {job['ship']}.pt's "
-                  f"{old:.2f} meV/Å, lower in {100 * sure:.0f}% of paired resamples of the {len(val)} validation "
-                  f"frames (shipping takes {100 * SHIP_CONFIDENCE:.0f}%): within their noise; not shipped")
-            continue
-        meta = candidate.metadata
+        meta = load_potential(run_dir / "best.pt", dtype=torch.float32).metadata
         recipe = ", ".join(job["set"]) or "the config as it is"
         training = (f"{meta.get('cpu_hours', float('nan')):.2f} cumulative CPU-hours (1 thread each) over "
                     f"{meta.get('epochs', '?')} epochs of this campaign job"
@@ -988,9 +1088,10 @@ def ship_improved(jobs: List[Dict]) -> None:
                      "export OREO_DATA_DIR=/path/to/data          # holds rmd17/ (oreo data download rmd17)\n"
                      f"python benchmarks/campaign.py --minutes 150 --jobs {job['name']}\n"
                      "python benchmarks/campaign.py --ship          # ships it when it beats the shipped model\n```")
-        summary = ship(run_dir, PRETRAINED_DIR, training=training, reproduce=reproduce)
-        print(f"[campaign] shipped {job['ship']}.pt: validation {old:.2f} -> {new:.2f} meV/Å, test force MAE "
-              f"{summary['forces_mae_meV_per_A']:.2f} meV/Å")
+        ship_if_better(job["name"], run_dir, job["ship"], val, dest, training, reproduce)
+    for job in jobs:
+        if job.get("kind") == "grid":
+            ship_grid_cells(job, dest)
 
 
 def plot_curves(rows: List[Dict]) -> None:

@@ -740,3 +740,44 @@ def test_a_resume_with_another_model_or_data_config_is_refused(tmp_path):
         Trainer(other, tmp_path / "run", progress=False, log=_quiet).fit(resume=True)
     lr = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1e-4))
     assert Trainer(lr, tmp_path / "run", progress=False, log=_quiet).fit(resume=True) is not None
+
+
+def test_a_grid_cell_ships_only_if_it_never_trained_on_the_shipped_models_validation_frames(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """--ship also weighs the fine-tune grid's models (issue 13 item 3), on the shipped model's own validation
+    frames: a cell that trained on some of them is left out even when it scores best there; a comparable cell
+    that beats the shipped model beyond the frames' noise replaces it, and its card says where it came from."""
+    import json
+    import shutil
+    sys.path.insert(0, str(REPO))
+    from release.ship_models import ship
+    from forcefield.io import load_potential, save_model
+    campaign = import_campaign()
+    monkeypatch.setattr(campaign, "RUNS_DIR", tmp_path / "runs")
+    monkeypatch.setattr(campaign, "STATE_DIR", tmp_path / "state")
+    dest = tmp_path / "shipped"
+    Trainer(_cfg(epochs=1), tmp_path / "first", progress=False, log=_quiet).fit()
+    ship(tmp_path / "first", dest)                                               # the shipped model: 1 epoch
+    val_ids = load_potential(dest / "ethanol.pt").metadata["val_frame_ids"]
+    job = {"name": "grid-x", "kind": "grid", "backbones": {}}
+    cells = tmp_path / "runs" / "grid-x" / "finetune" / "ethanol" / "24"
+    shutil.copytree(tmp_path / "first", cells / "scratch")
+    Trainer(_cfg(epochs=12), cells / "scratch", progress=False, log=_quiet).fit(resume=True)    # better, comparable
+    shutil.copytree(cells / "scratch", cells / "scratch-s2")
+    Trainer(_cfg(epochs=24), cells / "scratch-s2", progress=False, log=_quiet).fit(resume=True)  # best, but...
+    leaky = load_potential(cells / "scratch-s2" / "best.pt", dtype=None)
+    leaky.set_metadata(train_frame_ids=leaky.metadata["train_frame_ids"] + [val_ids[0]])  # ...saw a val frame
+    save_model(leaky, cells / "scratch-s2" / "best.pt")
+    rows = [{"molecule": "ethanol", "size": 24, "method": "scratch", "seed": s} for s in (1, 2)]
+    rows.append({"molecule": "ethanol", "size": 24, "method": "scratch", "seed": 3, "failed": "diverged"})
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "grid-x.json").write_text(json.dumps({"settings": {}, "forcefield": rows, "qm9": []}))
+    assert [c["seed"] for c in campaign.grid_cells_here(job)["ethanol"]] == [1, 2]   # the failed cell has no model
+    campaign.ship_improved([job], dest=dest)
+    out = capsys.readouterr().out
+    assert "shipped ethanol.pt from grid-x ethanol n=24 scratch seed 1 (best of 1 comparable" in out
+    shipped = load_potential(dest / "ethanol.pt").metadata
+    assert shipped["epochs"] == 12 and val_ids[0] not in shipped["train_frame_ids"]
+    assert "fine-tuned in the campaign's grid `grid-x` on 24 rMD17 frames (seed 1)" in (dest / "ethanol.md").read_text()
+    campaign.ship_improved([job], dest=dest)                    # the shipped model is now that cell: nothing better
+    assert "not below the shipped ethanol.pt" in capsys.readouterr().out
