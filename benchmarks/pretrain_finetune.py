@@ -135,6 +135,21 @@ def claim_cell_folder(out: Path, args, log, stamp: Optional[str] = None, along: 
         f.write_text(stamp + "\n")
 
 
+def set_aside_a_log_without_checkpoint(out: Path, log) -> None:
+    """A run ended after its first log row and before its first checkpoint (pretraining logs every 50 steps and
+    saves every 500) leaves a log and nothing to resume, and the training loop refuses a folder with a log: the log
+    is moved aside (``metrics.no-checkpoint-N.csv``) so that the run starts again instead of failing every time."""
+    csv_path = out / "metrics.csv"
+    if (out / "last.pt").is_file() or not csv_path.is_file():
+        return
+    k = 1
+    while (out / f"metrics.no-checkpoint-{k}.csv").exists():
+        k += 1
+    csv_path.rename(out / f"metrics.no-checkpoint-{k}.csv")
+    log(f"[{out}] a log without a checkpoint (the run ended before its first one): moved to "
+        f"metrics.no-checkpoint-{k}.csv, the run starts again")
+
+
 def pretrain_config(method: str, args, smoke: Optional[Dict]) -> Dict[str, Any]:
     d = yaml.safe_load((CONFIGS / METHOD_CONFIGS[method]).read_text())
     d["corpus"] = yaml.safe_load(Path(args.corpus).read_text()) if not smoke else copy.deepcopy(smoke["corpus"])
@@ -190,6 +205,7 @@ def run_pretrain(method: str, args, smoke, log) -> Path:
         log(f"[pretrain {method}] resuming at step {ck['step']}")
         Pretrainer(cfg, out, progress=not args.no_progress, log=log, data_dir=args.data_dir).fit(resume=True)
     else:
+        set_aside_a_log_without_checkpoint(out, log)
         log(f"[pretrain {method}] starting")
         Pretrainer(cfg, out, progress=not args.no_progress, log=log, data_dir=args.data_dir).fit()
     return out / "pretrained.pt"
@@ -248,6 +264,8 @@ def run_finetune(molecule: str, size: int, method: str, pretrained: Optional[Pat
     if _done(out):
         return json.loads((out / "test_metrics.json").read_text())
     resume = (out / "last.pt").is_file()
+    if not resume:
+        set_aside_a_log_without_checkpoint(out, log)
     log(f"[finetune {molecule} n={size} {method} seed {seed}] " + ("resuming" if resume else "starting"))
     if method in SCRATCH:
         model = (smoke["egnn_model"] if SCRATCH[method] == "egnn" else smoke["model"]) if smoke else \
@@ -289,6 +307,8 @@ def run_property(prop: str, method: str, pretrained: Optional[Path], args, smoke
     if _done(out):
         return {**json.loads((out / "test_metrics.json").read_text()), "curve": validation_curve(out)}
     resume = (out / "last.pt").is_file()
+    if not resume:
+        set_aside_a_log_without_checkpoint(out, log)
     log(f"[qm9 {prop} {method}] " + ("resuming" if resume else "starting"))
     pc: Dict[str, Any] = {"property": prop, "layer_decay": args.layer_decay}
     if smoke:

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import yaml
@@ -71,26 +71,90 @@ def arm_command(arm: str, corpus: Path, args) -> List[str]:
 
 
 def run_arms(commands: Dict[str, List[str]], out: Path, parallel: int) -> None:
-    """Run the arms' commands, ``parallel`` at a time, one thread each; a failed arm is an error naming its log."""
+    """Run the arms' commands, ``parallel`` at a time, one thread each. An arm that fails lets the others finish
+    (their work is kept), then is an error naming its log; this process ending (an error, Ctrl-C, SIGTERM) ends
+    the arms it started, so that a rerun never finds a second copy writing the same folders."""
+    import signal
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OREO_THREADS": "1"}
-    pending, running = list(commands.items()), []
-    while pending or running:
-        while pending and len(running) < parallel:
-            arm, cmd = pending.pop(0)
-            log = out / f"{arm_folder(arm)}.log"
-            print(f"[study] {arm}: {' '.join(cmd[1:])}\n        log {log}", flush=True)
-            running.append((arm, log, subprocess.Popen(cmd, env=env, stdout=open(log, "a"), stderr=subprocess.STDOUT)))
-        time.sleep(2.0)
-        for item in list(running):
-            arm, log, proc = item
-            if proc.poll() is not None:
-                running.remove(item)
-                if proc.returncode != 0:
-                    for _, _, other in running:
-                        other.terminate()
-                    raise SystemExit(f"arm {arm} failed (exit {proc.returncode}); see {log}, then rerun the same "
-                                     f"command (finished runs are kept)")
-                print(f"[study] {arm}: done", flush=True)
+    pending, running, failed = list(commands.items()), [], []
+
+    def stop(signum, frame):
+        raise SystemExit(f"stopped by signal {signum}; rerun the same command to continue (finished runs are kept)")
+    old_handler = signal.signal(signal.SIGTERM, stop)
+    try:
+        while pending or running:
+            while pending and len(running) < parallel:
+                arm, cmd = pending.pop(0)
+                log = out / f"{arm_folder(arm)}.log"
+                print(f"[study] {arm}: {' '.join(cmd[1:])}\n        log {log}", flush=True)
+                with open(log, "a") as fh:
+                    running.append((arm, log, subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)))
+            time.sleep(2.0)
+            for item in list(running):
+                arm, log, proc = item
+                if proc.poll() is not None:
+                    running.remove(item)
+                    if proc.returncode != 0:
+                        failed.append(f"arm {arm} failed (exit {proc.returncode}); see {log}")
+                        print(f"[study] {failed[-1]}", flush=True)
+                    else:
+                        print(f"[study] {arm}: done", flush=True)
+    finally:
+        for _, _, proc in running:
+            proc.terminate()
+        for _, _, proc in running:
+            proc.wait()
+        signal.signal(signal.SIGTERM, old_handler)
+    if failed:
+        raise SystemExit("; ".join(failed) + "; then rerun the same command (finished runs are kept)")
+
+
+#: the arguments that define a study's results (not where they go, nor how many processes make them)
+DEFINING = ("corpus", "xtb_dir", "xtb_molecules", "method", "pretrain_steps", "pretrain_batch_size", "hidden",
+            "layers", "finetune_molecules", "size", "seeds", "finetune_steps")
+
+
+def claim_study_folder(out: Path, args, manifest: Optional[Dict]) -> None:
+    """``OUT/study.json``: the study's defining arguments and the qm9-xtb set's counts. A folder begun with others
+    (another set at the same path, other steps or sizes) is refused: its finished backbones and runs would be taken
+    for this study's, as their folders are named by method and cell only. Without ``manifest`` (before the set is
+    generated) only the arguments are checked, so that other arguments fail before any labelling."""
+    from forcefield.files import write_json
+    settings = {"arguments": {k: getattr(args, k) for k in DEFINING}}
+    if manifest is not None:
+        settings["qm9_xtb"] = {"counts": manifest.get("counts"), "recipe": manifest.get("recipe")}
+    settings = json.loads(json.dumps(settings, default=str))
+    path = out / "study.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = [k for k in settings["arguments"] if old.get("arguments", {}).get(k) != settings["arguments"][k]]
+        if manifest is not None and old.get("qm9_xtb") != settings["qm9_xtb"]:
+            diff.append("the qm9-xtb set (its counts or recipe)")
+        if diff:
+            raise SystemExit(f"{out} holds a study with other settings ({', '.join(diff)}): its backbones and runs "
+                             f"are not this study's; use another --out, or the same settings")
+    elif manifest is not None:
+        write_json(path, settings, indent=1)
+
+
+def lock_study_folder(out: Path) -> None:
+    """``OUT/study.lock`` holds this process's id while it runs; a second process on the same folder is refused
+    (two copies would write the same checkpoints). A lock whose process is gone is taken over."""
+    import atexit
+    lock = out / "study.lock"
+    if lock.is_file():
+        try:
+            pid = int(lock.read_text().strip())
+            os.kill(pid, 0)
+        except (ValueError, ProcessLookupError):
+            pass                                   # its process ended without removing it
+        except PermissionError:
+            raise SystemExit(f"{out} is in use by process {lock.read_text().strip()} ({lock}); wait for it")
+        else:
+            if pid != os.getpid():
+                raise SystemExit(f"{out} is in use by process {pid} ({lock}); wait for it or end it (kill {pid})")
+    lock.write_text(f"{os.getpid()}\n")
+    atexit.register(lambda: lock.unlink(missing_ok=True))
 
 
 def compare(out: Path, args, xtb_manifest: Dict) -> Dict:
@@ -136,7 +200,15 @@ def comparison_markdown(result: Dict, command: str) -> str:
                      f"{r['ratio']:.2f} | {r['paired_difference']:+.1f} | {r['wins']} / {len(r['seeds'])} |")
     if not result["rows"]:
         lines.append("| (no molecule has both arms yet) | | | | | | |")
-    lines += ["", "Reproduce:", "", "```bash", command, "```", ""]
+    lines += ["", "How far this reaches: each arm is one pretraining run (the same pretraining seed in both); the "
+              "seeds vary only the fine-tuning draw of frames and the head's initialisation. So the table measures "
+              "one backbone against one backbone: the paired difference includes the noise of a pretraining run, "
+              "which this study does not measure, and two seeds carry no significance (2 / 2 wins happens a quarter "
+              "of the time by chance). The two sets of labels also differ in level of theory (GFN2-xTB beside the "
+              "corpus's DFT) and share one force output, so a null result may be that conflict rather than that the "
+              "frames do not help. Read it as a pilot: a clear, consistent gap across molecules and seeds is worth a "
+              "larger study (more pretraining seeds); a small or mixed one is not evidence either way.",
+              "", "Reproduce:", "", "```bash", command, "```", ""]
     return "\n".join(lines)
 
 
@@ -149,7 +221,8 @@ def main(argv=None) -> int:
                    help="the base arm's corpus (the other arm adds qm9-xtb to it)")
     p.add_argument("--xtb-dir", help="an existing oreo-qm9-xtb set to use (default: OUT/qm9xtb, generated)")
     p.add_argument("--xtb-molecules", type=int, default=2000, help="QM9 molecules to sample (positions 0..N-1)")
-    p.add_argument("--xtb-workers", type=int, default=1)
+    p.add_argument("--xtb-workers", type=int, help="processes that label the set (one thread each; default: "
+                                                   "--parallel, the cores the arms will use)")
     p.add_argument("--method", default="et-oro", choices=["et-oro", "et-oreo"],
                    help="pretraining method (et-oro: force matching only, where qm9-xtb frames enter directly)")
     p.add_argument("--pretrain-steps", type=int, default=3000)
@@ -166,15 +239,19 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    lock_study_folder(out)
+    claim_study_folder(out, args, None)
     xtb_dir = Path(args.xtb_dir) if args.xtb_dir else out / "qm9xtb"
     if not args.xtb_dir:
         from forcefield.pretrain.qm9xtb import generate_qm9_xtb
-        generate_qm9_xtb(xtb_dir, molecules=args.xtb_molecules, workers=args.xtb_workers, data_dir=args.data_dir)
+        generate_qm9_xtb(xtb_dir, molecules=args.xtb_molecules, workers=args.xtb_workers or max(1, args.parallel),
+                         data_dir=args.data_dir)
     manifest_path = xtb_dir / "manifest.json"
     if not manifest_path.is_file():
         raise SystemExit(f"{xtb_dir} holds no oreo-qm9-xtb set (no manifest.json); make one with `oreo data qm9-xtb "
                          f"--out {xtb_dir} --molecules N`, or leave out --xtb-dir")
     manifest = json.loads(manifest_path.read_text())
+    claim_study_folder(out, args, manifest)
     corpora = write_corpora(out, Path(args.corpus), xtb_dir)
     run_arms({arm: arm_command(arm, corpora[arm], args) for arm in ARMS}, out, max(1, args.parallel))
     result = compare(out, args, manifest)

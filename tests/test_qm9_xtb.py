@@ -248,3 +248,49 @@ def test_the_study_pretrains_two_arms_that_differ_only_in_the_qm9_xtb_source(tin
     assert row["molecule"] == "ethanol" and row["seeds"] == [1, 2] and len(row["plus_qm9_xtb"]) == 2
     assert row["ratio"] == pytest.approx(np.mean(row["plus_qm9_xtb"]) / np.mean(row["base"]))
     assert "| ethanol | 2 |" in (tmp_path / "results" / "comparison.md").read_text()
+
+
+@pytest.mark.skipif(not HAVE_RMD17, reason="rMD17 reference data not found (the targets' geometries)")
+def test_corpus_refuses_a_set_drawn_from_another_qm9_split_scheme(tiny_set, tmp_path):
+    """A set generated from the train part of an older split scheme holds molecules of today's QM9 test split: the
+    strict protocol refuses it (the scheme is read from the set's recipe)."""
+    import shutil
+    other = tmp_path / "set"
+    shutil.copytree(tiny_set, other)
+    gen = json.loads((other / "generation.json").read_text())
+    gen["recipe"]["split_scheme"] = "seeded-80-10-10"
+    (other / "generation.json").write_text(json.dumps(gen))
+    src = [{"reader": "qm9-xtb", "kind": "off-equilibrium", "path": str(other)}]
+    with pytest.raises(ValueError, match="QM9 split scheme 'seeded-80-10-10'"):
+        build_corpus({"leakage": {"protocol": "strict", "targets": ["ethanol"], "split_indices": [1]},
+                      "sources": src}, log=lambda *_: None)
+    assert load_qm9_xtb(tiny_set).meta["qm9_split_scheme"] == "torchmd-net"
+
+
+def test_a_study_folder_of_other_settings_or_in_use_is_refused(tmp_path):
+    """qm9_xtb_study.py names its backbones and runs by method and cell only: a folder begun with other arguments
+    or another qm9-xtb set is refused (before any labelling, for the arguments), and so is a folder another study
+    process is using; a lock left by a process that is gone is taken over."""
+    import argparse
+    import subprocess
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import qm9_xtb_study as study
+    args = argparse.Namespace(**{k: 1 for k in study.DEFINING})
+    manifest = {"counts": {"frames": 8}, "recipe": {"temperature": 800}}
+    study.claim_study_folder(tmp_path, args, None)                  # nothing there yet: nothing to check
+    assert not (tmp_path / "study.json").exists()
+    study.claim_study_folder(tmp_path, args, manifest)
+    study.claim_study_folder(tmp_path, args, manifest)              # the same study continues
+    with pytest.raises(SystemExit, match="pretrain_steps"):
+        study.claim_study_folder(tmp_path, argparse.Namespace(**{**vars(args), "pretrain_steps": 2}), None)
+    with pytest.raises(SystemExit, match="the qm9-xtb set"):
+        study.claim_study_folder(tmp_path, args, {**manifest, "counts": {"frames": 16}})
+    (tmp_path / "study.lock").write_text("1\n")                     # pid 1 is alive
+    with pytest.raises(SystemExit, match="in use by process 1"):
+        study.lock_study_folder(tmp_path)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (tmp_path / "study.lock").write_text(f"{gone.pid}\n")
+    study.lock_study_folder(tmp_path)
+    assert (tmp_path / "study.lock").read_text().strip() == str(os.getpid())

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..data.conformations import Batch, ConformationSet
+from ..data.qm9 import QM9_SPLIT
 from ..data.paths import resolve_data_dir
 from ..settings import from_mapping
 from .leakage import LeakageConfig, apply_leakage_filter, resolve_targets
@@ -315,6 +316,12 @@ def build_corpus(cfg: Union[CorpusConfig, Dict, List], data_dir=None, log=print)
             raise ValueError(f"corpus source '{spec.name or cset.source}' was generated from QM9 split "
                              f"'{cset.meta['qm9_split']}', which holds QM9 test molecules; generate it from the "
                              f"train split (or use leakage protocol 'none' on purpose)")
+        scheme = cset.meta.get("qm9_split_scheme", QM9_SPLIT) or "unrecorded"
+        if cset.meta.get("qm9_split") and scheme != QM9_SPLIT and cfg.leakage.protocol != "none":
+            raise ValueError(f"corpus source '{spec.name or cset.source}' drew its molecules from the train part of "
+                             f"QM9 split scheme '{scheme}', whose train part holds molecules of today's QM9 test "
+                             f"split ('{QM9_SPLIT}'); generate it anew (another --out), or use leakage protocol "
+                             f"'none' on purpose")
         keep, rep = apply_leakage_filter(cset, cfg.leakage, targets)
         name = spec.name or cset.source
         sets.append(cset.subset(np.flatnonzero(keep)))

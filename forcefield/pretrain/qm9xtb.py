@@ -505,7 +505,8 @@ def load_qm9_xtb(root=None, data_dir=None, energy: str = "total", level: Optiona
         raise DataNotFoundError(str(root / "shards" / shard_name(0)), [root / "shards"],
                                 hint=f"generate the set with: oreo data qm9-xtb --out {root} --molecules N")
     gen = root / "generation.json"
-    split = json.loads(gen.read_text())["recipe"]["split"] if gen.is_file() else None
+    recipe = json.loads(gen.read_text())["recipe"] if gen.is_file() else {}
+    split, scheme = recipe.get("split"), recipe.get("split_scheme")
     parts = [_load_npz(p) for p in files]
     rec = {k: np.concatenate([r[k] for r in parts]) for k in FRAME_KEYS + ATOM_KEYS}
     e = rec["energy"].copy()
@@ -517,6 +518,7 @@ def load_qm9_xtb(root=None, data_dir=None, energy: str = "total", level: Optiona
                            ptr=np.concatenate([[0], np.cumsum(rec["n_atoms"])]), energy=e, forces=rec["forces"],
                            frame_id=rec["frame_id"], equilibrium=np.zeros(len(e), dtype=bool), source="qm9-xtb",
                            meta={"dataset": FORMAT, "path": str(root), "energy": energy, "qm9_split": split,
+                                 "qm9_split_scheme": scheme,
                                  "units": {"positions": "Å", "energy": "eV", "forces": "eV/Å"},
                                  "frame_id": "QM9 index * 1000 + frame number"})
     if level is not None:
