@@ -489,6 +489,19 @@ def last_csv_row(job: Dict) -> Optional[Dict]:
     return rows[-1] if rows else None
 
 
+def grid_progress(job: Dict, log_path: Path) -> str:
+    """A grid job's progress line: the runs its state records, and the run its log says it is on."""
+    st = read_state(job) or {"cells": 0, "cpu_hours": 0.0}
+    now = ""
+    if log_path.is_file():
+        with open(log_path, "rb") as fh:
+            fh.seek(max(0, fh.seek(0, 2) - 20000))
+            tail = fh.read().decode("utf-8", "replace").splitlines()
+        heads = [line for line in tail if line.startswith(("[finetune ", "[md ", "[qm9 ", "[pretrain "))]
+        now = f"; now {heads[-1].split(']')[0]}]" if heads else ""
+    return f"{job['name']}: {st['cells']} runs recorded, {st['cpu_hours']:.2f} CPU-h{now}"
+
+
 def own_cpu_hours(job: Dict, state: Optional[Dict]) -> float:
     """CPU-hours a job has had of its own (not counting the model it started from)."""
     if state is None:
@@ -705,6 +718,8 @@ def _run(running: List[Slot], minutes: float, slots: int, every: float, names: O
                 elif st and st.get("total_steps"):
                     parts.append(f"{s.job['name']}: step {st['step']}/{st['total_steps']}, "
                                  f"{st['cpu_hours']:.2f} CPU-h")
+                elif s.job.get("kind") == "grid":
+                    parts.append(grid_progress(s.job, s.log_path))
                 elif row:
                     parts.append(f"{s.job['name']}: epoch {row['epoch']} val F "
                                  f"{float(row['val_forces_mae_meV_per_A']):.2f} meV/Å, "

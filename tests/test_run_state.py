@@ -781,3 +781,16 @@ def test_a_grid_cell_ships_only_if_it_never_trained_on_the_shipped_models_valida
     assert "fine-tuned in the campaign's grid `grid-x` on 24 rMD17 frames (seed 1)" in (dest / "ethanol.md").read_text()
     campaign.ship_improved([job], dest=dest)                    # the shipped model is now that cell: nothing better
     assert "not below the shipped ethanol.pt" in capsys.readouterr().out
+
+
+def test_a_grid_jobs_progress_line_says_its_runs_and_the_one_it_is_on(tmp_path, monkeypatch):
+    import json
+    campaign = import_campaign()
+    monkeypatch.setattr(campaign, "STATE_DIR", tmp_path)
+    job = {"name": "grid-x", "kind": "grid"}
+    log = tmp_path / "campaign.log"
+    assert campaign.grid_progress(job, log) == "grid-x: 0 runs recorded, 0.00 CPU-h"
+    (tmp_path / "grid-x.json").write_text(json.dumps({"forcefield": [{}, {}], "qm9": [], "cpu_hours": 0.5}))
+    log.write_text("[finetune aspirin n=50 scratch seed 1] starting\nepoch 7 ...\n[md aspirin n=50 scratch] 1 x 10 ps\n"
+                   "step 100\n")
+    assert campaign.grid_progress(job, log) == "grid-x: 2 runs recorded, 0.50 CPU-h; now [md aspirin n=50 scratch]"
