@@ -399,6 +399,47 @@ def finite_mean(values: List[Optional[float]], fmt: str) -> str:
     return format(float(np.mean(vals)), fmt) if vals else "–"
 
 
+#: the issue's goal for a pretrained backbone: its test error at most this share of scratch's, by training frames
+GOAL_RATIO = {50: 0.5, 950: 0.75}
+
+
+def ratio_lines(results: List[Dict], methods: List[str]) -> List[str]:
+    """Tables of test force MAE ratios, seed-paired (a seed is the same training frames in every method): each
+    pretrained method against scratch, and ET-OREO against ET-ORO; a cell is the ratio of the means over the seeds
+    both have, with how many seeds the method won; the last column the geometric mean over molecules."""
+    by: Dict[tuple, float] = {(r["molecule"], r["size"], r["method"], r.get("seed", 1)): r["forces_mae_meV_per_A"]
+                              for r in results if not r.get("failed")}
+    pairs = [(m, "scratch") for m in methods if m not in SCRATCH and "scratch" in methods]
+    if "et-oreo" in methods and "et-oro" in methods:
+        pairs.append(("et-oreo", "et-oro"))
+    mols = sorted({k[0] for k in by})
+    lines: List[str] = []
+    for num, den in pairs:
+        rows = []
+        for size in sorted({k[1] for k in by}):
+            cells, logs = [], []
+            for mol in mols:
+                seeds = sorted(k[3] for k in by if k[:3] == (mol, size, num) and (mol, size, den, k[3]) in by)
+                if not seeds:
+                    cells.append("–")
+                    continue
+                a = np.array([by[(mol, size, num, s)] for s in seeds])
+                b = np.array([by[(mol, size, den, s)] for s in seeds])
+                ratio = float(a.mean() / b.mean())
+                logs.append(math.log(ratio))
+                cells.append(f"{ratio:.2f}" + (f" ({int((a < b).sum())}/{len(seeds)})" if len(seeds) > 1 else ""))
+            if logs:
+                goal = f" (goal ≤ {GOAL_RATIO[size]:g})" if den == "scratch" and size in GOAL_RATIO else ""
+                rows.append(f"| {size} | " + " | ".join(cells) + f" | {math.exp(np.mean(logs)):.2f}{goal} |")
+        if rows:
+            lines += ["", f"## {num} / {den}: test force MAE ratio (below 1: {num} better)", "",
+                      "| train frames | " + " | ".join(mols) + " | geometric mean |",
+                      "|---:|" + "---:|" * (len(mols) + 1), *rows, "",
+                      f"the ratio of the means over the seeds both ran (the same training frames); in brackets, the "
+                      f"seeds {num} won"]
+    return lines
+
+
 def write_report(out: Path, results: List[Dict], qm9: List[Dict], methods: List[str],
                  notes: Optional[List[str]] = None) -> None:
     (out / "results.json").write_text(json.dumps({"forcefield": results, "qm9": qm9}, indent=2, default=str))
@@ -416,6 +457,7 @@ def write_report(out: Path, results: List[Dict], qm9: List[Dict], methods: List[
         lines.append(f"| {mol} | {size} | " + " | ".join(cells) + " |")
     if any(len(v) > 1 for row in table.values() for v in row.values()):
         lines += ["", "mean ± standard deviation over seeds (number of seeds in brackets) where a cell has several"]
+    lines += ratio_lines(results, methods)
     md_rows = [r for r in results if r.get("stability_ps") is not None]
     if md_rows:
         lines += ["", "## MD stability of the fine-tuned models (Nosé–Hoover 500 K; ps stable, mean over replicas; "

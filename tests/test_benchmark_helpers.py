@@ -436,3 +436,22 @@ def test_a_grid_run_ended_before_its_first_checkpoint_starts_again(tmp_path):
     Trainer(tiny_train_config(epochs=1), out, progress=False, log=lambda *a: None).fit()
     pf.set_aside_a_log_without_checkpoint(out, said.append)          # a folder with a checkpoint is left alone
     assert (out / "metrics.csv").is_file() and len(said) == 1
+
+
+def test_the_grid_report_gives_seed_paired_ratios_against_scratch_and_et_oro_with_the_goal():
+    """The question of issue 13 in numbers: each backbone's test error over scratch's (and ET-OREO's over
+    ET-ORO's), the means over the seeds both ran, how many seeds it won, the geometric mean over molecules beside
+    the goal (≤ 0.5 at 50 frames, ≤ 0.75 at 950)."""
+    rows = [{"molecule": mol, "size": 50, "method": m, "seed": s, "forces_mae_meV_per_A": v}
+            for mol, m, s, v in (("ethanol", "scratch", 1, 40.0), ("ethanol", "scratch", 2, 44.0),
+                                 ("ethanol", "et-oro", 1, 30.0), ("ethanol", "et-oro", 2, 46.0),
+                                 ("ethanol", "et-oreo", 1, 20.0), ("aspirin", "scratch", 1, 100.0),
+                                 ("aspirin", "et-oro", 1, 50.0), ("aspirin", "et-oreo", 1, 40.0))]
+    rows.append({"molecule": "aspirin", "size": 950, "method": "et-oro", "seed": 1, "failed": "diverged"})
+    text = "\n".join(pretrain_finetune.ratio_lines(rows, ["scratch", "et-oro", "et-oreo"]))
+    # ethanol et-oro: (30 + 46) / (40 + 44) = 0.90 over 2 seeds, 1 won; aspirin 0.50; geometric mean sqrt(0.45)
+    assert "## et-oro / scratch" in text and "| 50 | 0.50 | 0.90 (1/2) | 0.67 (goal ≤ 0.5) |" in text
+    # et-oreo has seed 1 only: paired with scratch's seed 1 (40), not the mean of both
+    assert "| 50 | 0.40 | 0.50 | 0.45 (goal ≤ 0.5) |" in text
+    assert "## et-oreo / et-oro" in text and "| 50 | 0.80 | 0.67 | 0.73 |" in text
+    assert pretrain_finetune.ratio_lines(rows, ["et-oro"]) == []          # nothing to compare with
