@@ -36,7 +36,7 @@ CARD = """# oreo model card: {molecule} (revised MD17)
 | validation frames | {n_val} (same file, disjoint) |
 | test frames | {n_test} (of `rmd17_{molecule}_test_{split:02d}`, disjoint from training) |
 | elements | {elements} |
-| **test force MAE** | **{f_mae:.1f} meV/Å** (RMSE {f_rmse:.1f}) |
+| **test force MAE** | **{f_mae:.2f} meV/Å** (RMSE {f_rmse:.1f}) |
 | test force MAE by element | {f_by_element} |
 | test force MAE by energy | {f_by_energy} (test frames in fifths by reference energy, lowest first) |
 | test energy MAE | {e_mae:.1f} meV (RMSE {e_rmse:.1f}) |
@@ -72,7 +72,7 @@ POLY24_CARD = """# oreo model card: poly24 (polymer oligomers, GFN2-xTB labels)
 | validation frames | {n_val} (seeded draw from the validation trajectories) |
 | test frames | {n_test} (every frame of the test trajectories: replica 0 of each polymer and temperature, never trained on) |
 | elements | {elements} |
-| **test force MAE** | **{f_mae:.1f} meV/Å** (RMSE {f_rmse:.1f}) |
+| **test force MAE** | **{f_mae:.2f} meV/Å** (RMSE {f_rmse:.1f}) |
 | test force MAE by element | {f_by_element} |
 | test energy MAE | {e_mae:.1f} meV (RMSE {e_rmse:.1f}) |
 | training | {epochs} epochs, {steps} steps, {minutes:.0f} min of wall time, {where} ({stop}) |
