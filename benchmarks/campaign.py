@@ -701,6 +701,12 @@ def _run(running: List[Slot], minutes: float, slots: int, every: float, names: O
                 except (Exception, SystemExit) as exc:      # one job's problem is not every job's
                     tried.add(job["name"])
                     say_once(("failed", job["name"]), f"{job['name']} not started: {exc}")
+            if running and len(running) < slots:
+                # e.g. a job of --jobs reached its learning-rate floor: say it where it shows, once per count
+                say_once(("idle", len(running)),
+                         f"{slots - len(running)} of {slots} slot(s) idle: no other job "
+                         + ("of --jobs " if names else "") + f"can run now ({left:.0f} min left); add jobs to "
+                         f"{CAMPAIGN_YAML.name} or start another runner with --jobs NAME --slots 1")
         if not running:
             break
         if now >= next_commit:

@@ -794,3 +794,25 @@ def test_a_grid_jobs_progress_line_says_its_runs_and_the_one_it_is_on(tmp_path, 
     log.write_text("[finetune aspirin n=50 scratch seed 1] starting\nepoch 7 ...\n[md aspirin n=50 scratch] 1 x 10 ps\n"
                    "step 100\n")
     assert campaign.grid_progress(job, log) == "grid-x: 2 runs recorded, 0.50 CPU-h; now [md aspirin n=50 scratch]"
+
+
+def test_campaign_runner_says_when_a_slot_stays_idle(tmp_path, monkeypatch, capsys):
+    """A job of --jobs that ends early (e.g. its learning rate reached its floor) leaves its slot idle when no
+    other listed job can run: the runner says so once, with what to do."""
+    campaign = import_campaign()
+    job_file = tmp_path / "campaign.yaml"
+    md = "{name: %s, kind: md, molecule: ethanol}"
+    job_file.write_text("jobs:\n  - " + md % "long" + "\n  - " + md % "short" + "\n")
+    monkeypatch.setattr(campaign, "CAMPAIGN_YAML", job_file)
+    monkeypatch.setattr(campaign, "read_state", lambda job: None)
+    monkeypatch.setattr(campaign, "POLL_SECONDS", 0.2)
+    monkeypatch.setattr(campaign, "FILL_EVERY_S", 0.2)
+
+    def launch(job, minutes, nice):
+        proc = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({3 if job['name'] == 'long' else 0})"])
+        return campaign.Slot(job, proc, tmp_path / f"{job['name']}.log", time.time())
+
+    monkeypatch.setattr(campaign, "launch", launch)
+    campaign.run(campaign.read_jobs(job_file), minutes=10, slots=2, every=60, names=["long", "short"])
+    out = capsys.readouterr().out
+    assert out.count("1 of 2 slot(s) idle: no other job of --jobs can run now") == 1
