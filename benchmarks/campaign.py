@@ -955,17 +955,18 @@ def better_on_resamples(forces_new, forces_old, frames, resamples: int = 4000, s
     return float(np.mean(diff[pick].sum(axis=1) / count[pick].sum(axis=1) < 0.0))
 
 
-def ship_if_better(label: str, run_dir: Path, ship_as: str, val, dest: Path, training: str,
+def ship_if_better(label: str, run_dir: Path, candidate, ship_as: str, val, dest: Path, training: str,
                    reproduce: str) -> Optional[Dict]:
-    """Ship ``run_dir``'s best model as ``dest/<ship_as>.pt`` when its force MAE on ``val`` is below the shipped
-    model's beyond the noise of those frames (:func:`better_on_resamples` at least :data:`SHIP_CONFIDENCE`; no
-    shipped model: any). Returns the shipped model's summary (test errors recomputed), or None (said why)."""
+    """Ship ``run_dir``'s best model (``candidate``, loaded) as ``dest/<ship_as>.pt`` when its force MAE on ``val``
+    is below the shipped model's beyond the noise of those frames (:func:`better_on_resamples` at least
+    :data:`SHIP_CONFIDENCE`; no shipped model: any). Returns the shipped model's summary (test errors recomputed),
+    or None (said why)."""
     import torch
     sys.path.insert(0, str(REPO))
     from release.ship_models import ship
     from forcefield.evaluate import evaluate
     from forcefield.io import load_potential
-    cand, cand_pred = evaluate(load_potential(run_dir / "best.pt", dtype=torch.float32), val)
+    cand, cand_pred = evaluate(candidate, val)
     shipped_path = dest / f"{ship_as}.pt"
     old, sure = float("inf"), 1.0
     if shipped_path.is_file():
@@ -1039,19 +1040,21 @@ def ship_grid_cells(job: Dict, dest: Path) -> None:
             continue
         val, meta = shipped
         val_ids = set(int(i) for i in meta["val_frame_ids"])
-        scored = []
+        best, best_mae, best_pot, n_scored = None, float("inf"), None, 0
         for c in cells:
-            cmeta = load_potential(c["run_dir"] / "best.pt", dtype=torch.float32).metadata or {}
+            pot = load_potential(c["run_dir"] / "best.pt", dtype=torch.float32)
+            cmeta = pot.metadata or {}
             seen = val_ids & set(int(i) for i in cmeta.get("train_frame_ids") or [])
             if seen or cmeta.get("split_index") != meta.get("split_index") or cmeta.get("labels") != meta.get("labels"):
                 continue          # trained on (some of) those frames, or on another split: not comparable there
-            scored.append((evaluate(load_potential(c["run_dir"] / "best.pt", dtype=torch.float32), val)[0]
-                           ["forces_mae_meV_per_A"], c))
-        if not scored:
+            n_scored += 1
+            mae = evaluate(pot, val)[0]["forces_mae_meV_per_A"]
+            if mae < best_mae:
+                best, best_mae, best_pot = c, mae, pot
+        if best is None:
             print(f"[campaign] {job['name']}: none of its {len(cells)} {molecule} model(s) here is comparable with "
                   f"the shipped one (each trained on some of its validation frames); not shipped")
             continue
-        _, best = min(scored, key=lambda t: t[0])
         backbone = (job.get("backbones") or {}).get(best["method"])
         tm = json.loads((best["run_dir"] / "test_metrics.json").read_text())
         origin = (f"the {best['method']} backbone of the campaign's pretraining job `{backbone}` "
@@ -1067,8 +1070,8 @@ def ship_grid_cells(job: Dict, dest: Path) -> None:
                      f"python benchmarks/campaign.py --minutes 150 --jobs {job['name']}\n"
                      "python benchmarks/campaign.py --ship          # ships a cell that beats the shipped model\n```")
         ship_if_better(f"{job['name']} {molecule} n={best['size']} {best['method']} seed {best.get('seed', 1)} "
-                       f"(best of {len(scored)} comparable cell(s) here)", best["run_dir"], molecule, val, dest,
-                       training, reproduce)
+                       f"(best of {n_scored} comparable cell(s) here)", best["run_dir"], best_pot, molecule, val,
+                       dest, training, reproduce)
 
 
 def ship_improved(jobs: List[Dict], dest: Optional[Path] = None) -> None:
@@ -1094,7 +1097,8 @@ def ship_improved(jobs: List[Dict], dest: Optional[Path] = None) -> None:
             continue
         cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
         val = build_splits(cfg.data, cfg.optim.seed).val
-        meta = load_potential(run_dir / "best.pt", dtype=torch.float32).metadata
+        candidate = load_potential(run_dir / "best.pt", dtype=torch.float32)
+        meta = candidate.metadata
         recipe = ", ".join(job["set"]) or "the config as it is"
         training = (f"{meta.get('cpu_hours', float('nan')):.2f} cumulative CPU-hours (1 thread each) over "
                     f"{meta.get('epochs', '?')} epochs of this campaign job"
@@ -1109,7 +1113,7 @@ def ship_improved(jobs: List[Dict], dest: Optional[Path] = None) -> None:
                      "export OREO_DATA_DIR=/path/to/data          # holds rmd17/ (oreo data download rmd17)\n"
                      f"python benchmarks/campaign.py --minutes 150 --jobs {job['name']}\n"
                      "python benchmarks/campaign.py --ship          # ships it when it beats the shipped model\n```")
-        ship_if_better(job["name"], run_dir, job["ship"], val, dest, training, reproduce)
+        ship_if_better(job["name"], run_dir, candidate, job["ship"], val, dest, training, reproduce)
     for job in jobs:
         if job.get("kind") == "grid":
             ship_grid_cells(job, dest)

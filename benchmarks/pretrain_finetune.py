@@ -263,9 +263,8 @@ def run_finetune(molecule: str, size: int, method: str, pretrained: Optional[Pat
     claim_cell_folder(out, args, log, along=[Path(args.out) / "md" / cell_dir(molecule, size, method, seed)])
     if _done(out):
         return json.loads((out / "test_metrics.json").read_text())
+    set_aside_a_log_without_checkpoint(out, log)
     resume = (out / "last.pt").is_file()
-    if not resume:
-        set_aside_a_log_without_checkpoint(out, log)
     log(f"[finetune {molecule} n={size} {method} seed {seed}] " + ("resuming" if resume else "starting"))
     if method in SCRATCH:
         model = (smoke["egnn_model"] if SCRATCH[method] == "egnn" else smoke["model"]) if smoke else \
@@ -306,9 +305,8 @@ def run_property(prop: str, method: str, pretrained: Optional[Path], args, smoke
     claim_cell_folder(out, args, log)
     if _done(out):
         return {**json.loads((out / "test_metrics.json").read_text()), "curve": validation_curve(out)}
+    set_aside_a_log_without_checkpoint(out, log)
     resume = (out / "last.pt").is_file()
-    if not resume:
-        set_aside_a_log_without_checkpoint(out, log)
     log(f"[qm9 {prop} {method}] " + ("resuming" if resume else "starting"))
     pc: Dict[str, Any] = {"property": prop, "layer_decay": args.layer_decay}
     if smoke:
