@@ -135,21 +135,6 @@ def claim_cell_folder(out: Path, args, log, stamp: Optional[str] = None, along: 
         f.write_text(stamp + "\n")
 
 
-def set_aside_a_log_without_checkpoint(out: Path, log) -> None:
-    """A run ended after its first log row and before its first checkpoint (pretraining logs every 50 steps and
-    saves every 500) leaves a log and nothing to resume, and the training loop refuses a folder with a log: the log
-    is moved aside (``metrics.no-checkpoint-N.csv``) so that the run starts again instead of failing every time."""
-    csv_path = out / "metrics.csv"
-    if (out / "last.pt").is_file() or not csv_path.is_file():
-        return
-    k = 1
-    while (out / f"metrics.no-checkpoint-{k}.csv").exists():
-        k += 1
-    csv_path.rename(out / f"metrics.no-checkpoint-{k}.csv")
-    log(f"[{out}] a log without a checkpoint (the run ended before its first one): moved to "
-        f"metrics.no-checkpoint-{k}.csv, the run starts again")
-
-
 def pretrain_config(method: str, args, smoke: Optional[Dict]) -> Dict[str, Any]:
     d = yaml.safe_load((CONFIGS / METHOD_CONFIGS[method]).read_text())
     d["corpus"] = yaml.safe_load(Path(args.corpus).read_text()) if not smoke else copy.deepcopy(smoke["corpus"])
@@ -205,9 +190,10 @@ def run_pretrain(method: str, args, smoke, log) -> Path:
         log(f"[pretrain {method}] resuming at step {ck['step']}")
         Pretrainer(cfg, out, progress=not args.no_progress, log=log, data_dir=args.data_dir).fit(resume=True)
     else:
-        set_aside_a_log_without_checkpoint(out, log)
         log(f"[pretrain {method}] starting")
-        Pretrainer(cfg, out, progress=not args.no_progress, log=log, data_dir=args.data_dir).fit()
+        # a log without a checkpoint (killed before the first one): resume=True starts again, the log kept aside
+        Pretrainer(cfg, out, progress=not args.no_progress, log=log,
+                   data_dir=args.data_dir).fit(resume=(out / "metrics.csv").is_file())
     return out / "pretrained.pt"
 
 
@@ -263,9 +249,10 @@ def run_finetune(molecule: str, size: int, method: str, pretrained: Optional[Pat
     claim_cell_folder(out, args, log, along=[Path(args.out) / "md" / cell_dir(molecule, size, method, seed)])
     if _done(out):
         return json.loads((out / "test_metrics.json").read_text())
-    set_aside_a_log_without_checkpoint(out, log)
     resume = (out / "last.pt").is_file()
     log(f"[finetune {molecule} n={size} {method} seed {seed}] " + ("resuming" if resume else "starting"))
+    # a log without a checkpoint (killed before the first one): fit(resume=True) starts again, the log kept aside
+    resume = resume or (out / "metrics.csv").is_file()
     if method in SCRATCH:
         model = (smoke["egnn_model"] if SCRATCH[method] == "egnn" else smoke["model"]) if smoke else \
             resized_model(yaml.safe_load((CONFIGS / (METHOD_CONFIGS["3d-emgp-egnn"] if SCRATCH[method] == "egnn"
@@ -305,7 +292,6 @@ def run_property(prop: str, method: str, pretrained: Optional[Path], args, smoke
     claim_cell_folder(out, args, log)
     if _done(out):
         return {**json.loads((out / "test_metrics.json").read_text()), "curve": validation_curve(out)}
-    set_aside_a_log_without_checkpoint(out, log)
     resume = (out / "last.pt").is_file()
     log(f"[qm9 {prop} {method}] " + ("resuming" if resume else "starting"))
     pc: Dict[str, Any] = {"property": prop, "layer_decay": args.layer_decay}
@@ -332,8 +318,10 @@ def run_property(prop: str, method: str, pretrained: Optional[Path], args, smoke
                                                      else METHOD_CONFIGS["et-oreo"])).read_text())["model"], args)
         pc["model"] = model
         pretrained = None
-    metrics = finetune_property(pretrained, PropertyConfig.from_dict(pc), out, resume=resume,
-                                progress=not args.no_progress, log=log)
+    # a log without a checkpoint (killed before the first one): resume=True starts again, the log kept aside
+    metrics = finetune_property(pretrained, PropertyConfig.from_dict(pc), out,
+                                resume=resume or (out / "metrics.csv").is_file(), progress=not args.no_progress,
+                                log=log)
     if (args.cell_deadline_minutes is not None and args.cell_deadline_minutes < (own_left or math.inf)
             and str(metrics.get("stop_reason", "")).startswith("time budget")):
         (out / "test_metrics.json").unlink(missing_ok=True)      # resumed from its last.pt by a later invocation

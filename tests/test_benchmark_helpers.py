@@ -418,26 +418,6 @@ def test_a_gpu_piece_of_the_grid_starts_its_first_cells(tmp_path, monkeypatch):
     assert len(json.loads((tmp_path / "g.json").read_text())["forcefield"]) == 1
 
 
-def test_a_grid_run_ended_before_its_first_checkpoint_starts_again(tmp_path):
-    """A run killed after its first log row but before its first checkpoint leaves a log and nothing to resume;
-    the training loop refuses such a folder. The grid moves the log aside, so the run starts again instead of
-    failing at every invocation."""
-    from forcefield.train import Trainer
-    from tests.helpers import tiny_train_config
-    pf = pretrain_finetune
-    out = tmp_path / "cell"
-    Trainer(tiny_train_config(epochs=1), out, progress=False, log=lambda *a: None).fit()
-    (out / "last.pt").unlink()                                     # as if killed before it was written
-    with pytest.raises(FileExistsError, match="already holds"):
-        Trainer(tiny_train_config(epochs=1), out, progress=False, log=lambda *a: None).fit()
-    said = []
-    pf.set_aside_a_log_without_checkpoint(out, said.append)
-    assert (out / "metrics.no-checkpoint-1.csv").is_file() and "starts again" in said[0]
-    Trainer(tiny_train_config(epochs=1), out, progress=False, log=lambda *a: None).fit()
-    pf.set_aside_a_log_without_checkpoint(out, said.append)          # a folder with a checkpoint is left alone
-    assert (out / "metrics.csv").is_file() and len(said) == 1
-
-
 def test_the_grid_report_gives_seed_paired_ratios_against_scratch_and_et_oro_with_the_goal():
     """The question of issue 13 in numbers: each backbone's test error over scratch's (and ET-OREO's over
     ET-ORO's), the means over the seeds both ran, how many seeds it won, the geometric mean over molecules beside

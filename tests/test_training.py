@@ -52,6 +52,23 @@ def test_resume_refuses_a_different_split(tmp_path):
         Trainer(_cfg(epochs=1), tmp_path / "r", progress=False, log=lambda s: None).fit()
 
 
+def test_a_run_ended_before_its_first_checkpoint_starts_again_with_resume(tmp_path):
+    """A run killed after its first log row but before its first checkpoint has nothing to continue. Without
+    --resume the folder is refused with an error that says --resume starts it again; with it, the log is moved aside
+    (nothing computed is lost) and the run starts from the beginning. An empty folder is still no run to resume."""
+    out = tmp_path / "cell"
+    Trainer(_cfg(epochs=1), out, progress=False, log=lambda *a: None).fit()
+    (out / "last.pt").unlink()                                     # as if killed before it was written
+    with pytest.raises(FileExistsError, match="no checkpoint.*--resume to start it again"):
+        Trainer(_cfg(epochs=1), out, progress=False, log=lambda *a: None).fit()
+    said = []
+    Trainer(_cfg(epochs=1), out, progress=False, log=said.append).fit(resume=True)
+    assert (out / "metrics.no-checkpoint-1.csv").is_file() and any("starts again" in s for s in said)
+    assert (out / "last.pt").is_file() and len((out / "metrics.csv").read_text().strip().splitlines()) == 2
+    with pytest.raises(FileNotFoundError, match="start without --resume"):
+        Trainer(_cfg(epochs=1), tmp_path / "empty", progress=False, log=lambda *a: None).fit(resume=True)
+
+
 def test_config_numbers_from_yaml_strings():
     cfg = config_from_dict({"optim": {"lr": "3e-4", "epochs": "7"}})  # YAML 1.1 reads 3e-4 as a string
     assert cfg.optim.lr == 3e-4 and cfg.optim.epochs == 7

@@ -266,11 +266,15 @@ class TrainingRun:
 
     def begin(self, resume: bool) -> None:
         """The start of every ``fit``: continue the run in the folder (``resume``; from ``last.pt``, else from the
-        compact state), or refuse a folder that already holds a run."""
+        compact state), or refuse a folder that already holds a run. A run that ended after its first log row and
+        before its first checkpoint left nothing to continue: ``resume`` starts it again, its log kept aside."""
         if resume:
             # each candidate read once: the folder's last.pt, and the compact state when it is further along
             found = {p: torch.load(p, map_location="cpu", weights_only=False)
                      for p in (self.last_path, self.state_file) if p is not None and p.is_file()}
+            if not found and (self.csv_path.exists() or not self.is_main):
+                self.set_aside_the_log()       # other ranks start too: rank 0 moves the log (or refuses an empty folder)
+                return
             if not found:
                 where = f" or run state {self.state_file}" if self.state_file is not None else ""
                 raise FileNotFoundError(f"--resume: no checkpoint {self.last_path}{where}; start without --resume")
@@ -284,9 +288,24 @@ class TrainingRun:
             value = getattr(self, self.csv_key)
             self.write_rows([r for r in self.rows() if int(r[self.csv_key]) <= value])
             self.log(f"resumed from {last} at {self.position()}")
-        elif self.csv_path.exists() or self.last_path.exists():
+        elif self.last_path.exists():
             raise FileExistsError(f"{self.out} already holds a {self.what} run; pass --resume to continue it or "
                                   f"choose another --out")
+        elif self.csv_path.exists():
+            raise FileExistsError(f"{self.out} already holds a {self.what} run's log but no checkpoint (it ended "
+                                  f"before its first one); pass --resume to start it again (the log is kept aside) "
+                                  f"or choose another --out")
+
+    def set_aside_the_log(self) -> None:
+        """Move a log that no checkpoint goes with to ``metrics.no-checkpoint-N.csv``, so the run starts again."""
+        if not self.is_main:
+            return
+        k = 1
+        while (self.out / f"metrics.no-checkpoint-{k}.csv").exists():
+            k += 1
+        self.csv_path.rename(self.out / f"metrics.no-checkpoint-{k}.csv")
+        self.log(f"{self.out} holds a log and no checkpoint (the run ended before its first one): log moved to "
+                 f"metrics.no-checkpoint-{k}.csv, the run starts again")
 
     # ------------------------------------------------------------------ time
     def start_clock(self) -> None:
