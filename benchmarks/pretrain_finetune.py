@@ -135,6 +135,11 @@ def claim_cell_folder(out: Path, args, log, stamp: Optional[str] = None, along: 
         f.write_text(stamp + "\n")
 
 
+#: pretraining methods whose objectives run through the compiled energy + force graph (``optim.compile``); 3D-EMGP
+#: and denoising read the backbone's features, which that graph does not return
+COMPILED_PRETRAINING = ("et-oreo", "et-oro")
+
+
 def pretrain_config(method: str, args, smoke: Optional[Dict]) -> Dict[str, Any]:
     d = yaml.safe_load((CONFIGS / METHOD_CONFIGS[method]).read_text())
     d["corpus"] = yaml.safe_load(Path(args.corpus).read_text()) if not smoke else copy.deepcopy(smoke["corpus"])
@@ -146,6 +151,8 @@ def pretrain_config(method: str, args, smoke: Optional[Dict]) -> Dict[str, Any]:
         d["optim"]["lr"] = args.pretrain_lr or d["optim"].get("lr")
         d["optim"]["warmup_steps"] = min(d["optim"].get("warmup_steps", 1000), max(args.pretrain_steps // 10, 1))
         d["optim"]["threads"] = args.threads
+        if args.compile and method in COMPILED_PRETRAINING:      # the same steps, faster (a speed setting)
+            d["optim"]["compile"] = True
         # equal compute: every method gets the same batch size and the same number of steps (or minutes)
         o = dict(d.get("optim", {}))
         o["batch_size"] = args.pretrain_batch_size
@@ -169,9 +176,10 @@ def resized_model(model: Dict[str, Any], args) -> Dict[str, Any]:
 
 
 def pretrain_stamp(method: str, args, smoke) -> str:
-    """What a method's pretraining here is made of (corpus, model, optimiser; not the threads, a speed setting)."""
+    """What a method's pretraining here is made of (corpus, model, optimiser; not the threads or the compiled
+    path, speed settings)."""
     d = pretrain_config(method, args, smoke)
-    return settings_hash({**d, "optim": {k: v for k, v in d["optim"].items() if k != "threads"}})
+    return settings_hash({**d, "optim": {k: v for k, v in d["optim"].items() if k not in ("threads", "compile")}})
 
 
 def run_pretrain(method: str, args, smoke, log) -> Path:
@@ -671,8 +679,9 @@ def main(argv=None) -> int:
                    help="optimiser steps per fine-tuning run, as whole epochs of ceil(frames / batch) steps: equal "
                         "compute on any device (a CPU piece and a GPU piece of one grid add up)")
     p.add_argument("--compile", action="store_true",
-                   help="fine-tune ET models with the compiled training step (optim.compile): the same steps, "
-                        "faster on a CPU (benchmarks/compiled_step_speed.py); EGNN runs stay eager")
+                   help="fine-tune ET models with the compiled training step (optim.compile), and pretrain "
+                        "ET-OREO/ET-ORO with their compiled objectives: the same steps, faster on a CPU "
+                        "(benchmarks/compiled_step_speed.py, benchmarks/pretrain_paths.py); EGNN runs stay eager")
     p.add_argument("--finetune-minutes", type=float, help="wall-clock cap per fine-tuning run")
     p.add_argument("--finetune-cpu-minutes", type=float,
                    help="CPU-time cap per fine-tuning run (equal compute on a shared machine)")

@@ -435,3 +435,21 @@ def test_the_grid_report_gives_seed_paired_ratios_against_scratch_and_et_oro_wit
     assert "| 50 | 0.40 | 0.50 | 0.45 (goal ≤ 0.5) |" in text
     assert "## et-oreo / et-oro" in text and "| 50 | 0.80 | 0.67 | 0.73 |" in text
     assert pretrain_finetune.ratio_lines(rows, ["et-oro"]) == []          # nothing to compare with
+
+
+def test_compile_pretrains_et_oreo_and_et_oro_through_the_compiled_graph_and_is_no_setting_of_the_cell():
+    """--compile takes the pretraining steps of ET-OREO/ET-ORO with their compiled objectives (the same math), so a
+    folder pretrained eagerly keeps its stamp and resumes compiled; 3D-EMGP reads the backbone's features, which
+    the compiled graph does not return, so it stays eager."""
+    import types
+    args = types.SimpleNamespace(corpus=str(pretrain_finetune.CONFIGS / "pretrain_corpus.yaml"), hidden=32, layers=2,
+                                 heads=None, pretrain_lr=None, pretrain_steps=100, threads=1, compile=True,
+                                 pretrain_batch_size=8, budget="steps", pretrain_minutes=None)
+    for method in ("et-oreo", "et-oro"):
+        d = pretrain_finetune.pretrain_config(method, args, None)
+        assert d["optim"]["compile"] is True
+        assert pretrain_finetune.pretrain_config_from_dict(d).optim.compile
+        stamp = pretrain_finetune.pretrain_stamp(method, args, None)
+        assert stamp == pretrain_finetune.pretrain_stamp(method, types.SimpleNamespace(**{**vars(args),
+                                                                                          "compile": False}), None)
+    assert "compile" not in pretrain_finetune.pretrain_config("3d-emgp", args, None)["optim"]
