@@ -496,25 +496,32 @@ def write_report(out: Path, results: List[Dict], qm9: List[Dict], methods: List[
     mols = sorted({r["molecule"] for r in results})
     fig, axes = plt.subplots(1, len(mols), figsize=(4.2 * len(mols), 3.8), squeeze=False)
     for ax, mol in zip(axes[0], mols):
-        for m in methods:
+        # log axes set before anything is drawn (autoscaling a lone size on a linear axis first left it empty); the
+        # methods drawn side by side around each size (a small factor apart) so that their error bars do not hide
+        # one another
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        for k, m in enumerate(methods):
             by_size: Dict[int, List[float]] = {}
             for r in results:
-                if r["molecule"] == mol and r["method"] == m:
+                if r["molecule"] == mol and r["method"] == m and not r.get("failed"):
                     by_size.setdefault(r["size"], []).append(r["forces_mae_meV_per_A"])
             if by_size:
                 xs = sorted(by_size)
-                ax.errorbar(xs, [np.mean(by_size[x]) for x in xs],
-                            yerr=[np.std(by_size[x], ddof=1) if len(by_size[x]) > 1 else 0.0 for x in xs],
+                mean = np.array([np.mean(by_size[x]) for x in xs])
+                std = np.array([np.std(by_size[x], ddof=1) if len(by_size[x]) > 1 else 0.0 for x in xs])
+                dodge = 1.0 + 0.05 * (k - (len(methods) - 1) / 2)
+                ax.errorbar(np.array(xs, dtype=float) * dodge, mean, yerr=[np.minimum(std, 0.9 * mean), std],
                             fmt="o-", capsize=3, label=m)
-                ax.set_xscale("log")
-                ax.set_yscale("log")
         sizes = sorted({r["size"] for r in results if r["molecule"] == mol})
+        ax.set_xlim(min(sizes) / 1.6, max(sizes) * 1.6)
         ax.set_xticks(sizes)
         ax.set_xticks([], minor=True)
         ax.set_xticklabels([str(n) for n in sizes])
         ax.set_title(mol)
         ax.set_xlabel("training frames")
         ax.set_ylabel("test force MAE (meV/Å)")
+        ax.grid(alpha=0.3, which="both")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "learning_curves.png", dpi=110)
