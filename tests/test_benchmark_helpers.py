@@ -385,10 +385,11 @@ def test_a_pretraining_folder_of_other_settings_is_not_taken_as_done(tmp_path, m
     args = p.argparse.Namespace(out=str(tmp_path), corpus=str(p.CONFIGS / "pretrain_corpus.yaml"), hidden=16,
                                 layers=2, heads=None, pretrain_lr=None, pretrain_steps=100, threads=1,
                                 pretrain_batch_size=8, budget="steps", pretrain_minutes=1.0, no_progress=True,
-                                data_dir=None)
+                                data_dir=None, compile=False)
     p.run_pretrain("et-oro", args, None, log=lambda s: None)
-    p.run_pretrain("et-oro", p.argparse.Namespace(**{**vars(args), "threads": 2}), None, log=lambda s: None)
-    assert started == [(100, False)]                          # done; threads are a speed setting
+    p.run_pretrain("et-oro", p.argparse.Namespace(**{**vars(args), "threads": 2, "compile": True}), None,
+                   log=lambda s: None)
+    assert started == [(100, False)]                          # done; threads and the compiled path are speed settings
     p.run_pretrain("et-oro", p.argparse.Namespace(**{**vars(args), "pretrain_steps": 500}), None, log=lambda s: None)
     assert started == [(100, False), (500, False)]
     assert (tmp_path / "pretrain" / "et-oro.other-settings-1" / "last.pt").is_file()
