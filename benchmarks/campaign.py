@@ -497,6 +497,9 @@ def grid_progress(job: Dict, log_path: Path) -> str:
         with open(log_path, "rb") as fh:
             fh.seek(max(0, fh.seek(0, 2) - 20000))
             tail = fh.read().decode("utf-8", "replace").splitlines()
+        # this invocation's lines only: the log keeps earlier pieces' (each begins with a "# <date> <command>" line)
+        starts = [k for k, line in enumerate(tail) if line.startswith("# ")]
+        tail = tail[starts[-1] + 1:] if starts else tail
         heads = [line for line in tail if line.startswith(("[finetune ", "[md ", "[qm9 ", "[pretrain "))]
         now = f"; now {heads[-1].split(']')[0]}]" if heads else ""
     return f"{job['name']}: {st['cells']} runs recorded, {st['cpu_hours']:.2f} CPU-h{now}"

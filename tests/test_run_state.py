@@ -795,6 +795,10 @@ def test_a_grid_jobs_progress_line_says_its_runs_and_the_one_it_is_on(tmp_path, 
     log.write_text("[finetune aspirin n=50 scratch seed 1] starting\nepoch 7 ...\n[md aspirin n=50 scratch] 1 x 10 ps\n"
                    "step 100\n")
     assert campaign.grid_progress(job, log) == "grid-x: 2 runs recorded, 0.50 CPU-h; now [md aspirin n=50 scratch]"
+    # a new piece appends to the log: until it names a run, it is on none of the earlier piece's
+    with open(log, "a") as fh:
+        fh.write("\n# 2026-12-05 06:40:52 python benchmarks/pretrain_finetune.py ...\n")
+    assert campaign.grid_progress(job, log) == "grid-x: 2 runs recorded, 0.50 CPU-h"
 
 
 def test_campaign_runner_says_when_a_slot_stays_idle(tmp_path, monkeypatch, capsys):
