@@ -233,8 +233,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=50, help="fine-tuning training frames")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--finetune-steps", type=int, default=2000)
-    p.add_argument("--compile", action="store_true", help="pretrain and fine-tune through the compiled graphs (the same steps, faster on "
-                                                       "a CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="pretrain and fine-tune through the compiled graphs (the same steps, faster on a CPU)")
     p.add_argument("--parallel", type=int, default=2, help="arms run side by side (one thread each)")
     p.add_argument("--data-dir", default=os.environ.get("OREO_DATA_DIR"))
     args = p.parse_args(argv)
