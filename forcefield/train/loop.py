@@ -273,7 +273,8 @@ class TrainingRun:
             found = {p: torch.load(p, map_location="cpu", weights_only=False)
                      for p in (self.last_path, self.state_file) if p is not None and p.is_file()}
             if not found and (self.csv_path.exists() or not self.is_main):
-                self.set_aside_the_log()       # other ranks start too: rank 0 moves the log (or refuses an empty folder)
+                # other ranks start too: rank 0 moves the log aside, or refuses an empty folder (below) and ends them
+                self.set_aside_the_log()
                 return
             if not found:
                 where = f" or run state {self.state_file}" if self.state_file is not None else ""
