@@ -55,6 +55,9 @@ from forcefield.train import Trainer, config_from_dict  # noqa: E402
 
 CONFIGS = ROOT / "examples" / "configs"
 QM9_TEST_MINUTES = 5.0        # wall minutes kept after a QM9 run's budget for its test (10,831 molecules)
+QM9_EPOCH_STEPS = 1000        # --qm9-steps: validation, schedule and checkpoint every so many steps (a pass is 3,438)
+QM9_FIRST_RUN_MINUTES = 75.0  # --qm9-steps: the wall minutes a QM9 run is assumed to need before one is recorded
+QM9_MIN_PIECE_MINUTES = 15.0  # --qm9-steps with --state: a QM9 run starts (or goes on) in a piece with this much time
 METHOD_CONFIGS = {
     "et-oro": "pretrain_et_oro.yaml",
     "et-oreo": "pretrain_et_oreo.yaml",
@@ -300,11 +303,16 @@ def run_property(prop: str, method: str, pretrained: Optional[Path], args, smoke
     claim_cell_folder(out, args, log)
     if _done(out):
         return {**json.loads((out / "test_metrics.json").read_text()), "curve": validation_curve(out)}
-    resume = (out / "last.pt").is_file()
+    state_file = qm9_run_state(args, prop, method)
+    resume = (out / "last.pt").is_file() or (state_file is not None and state_file.is_file())
     log(f"[qm9 {prop} {method}] " + ("resuming" if resume else "starting"))
     pc: Dict[str, Any] = {"property": prop, "layer_decay": args.layer_decay}
     if smoke:
         pc.update(smoke["property"])
+    elif getattr(args, "qm9_steps", None):   # equal optimiser steps: epochs of QM9_EPOCH_STEPS, all of them taken (no early stop)
+        epochs = -(-args.qm9_steps // args.qm9_epoch_steps)       # whole epochs
+        pc.update(epochs=epochs, epoch_steps=args.qm9_epoch_steps, early_stop_patience=epochs + 1,
+                  data_dir=args.data_dir, threads=args.threads)
     else:
         pc.update(epochs=args.qm9_epochs, max_minutes=args.qm9_minutes or args.finetune_minutes,
                   max_cpu_minutes=args.qm9_cpu_minutes or args.finetune_cpu_minutes,
@@ -329,12 +337,31 @@ def run_property(prop: str, method: str, pretrained: Optional[Path], args, smoke
     # a log without a checkpoint (killed before the first one): resume=True starts again, the log kept aside
     metrics = finetune_property(pretrained, PropertyConfig.from_dict(pc), out,
                                 resume=resume or (out / "metrics.csv").is_file(), progress=not args.no_progress,
-                                log=log)
+                                log=log, state_file=state_file)
     if (args.cell_deadline_minutes is not None and args.cell_deadline_minutes < (own_left or math.inf)
             and str(metrics.get("stop_reason", "")).startswith("time budget")):
         (out / "test_metrics.json").unlink(missing_ok=True)      # resumed from its last.pt by a later invocation
         raise CutShort(f"stopped at this invocation's end before its budget ({metrics['stop_reason'].split(' (')[0]})")
     return {**metrics, "curve": validation_curve(out)}
+
+
+def qm9_run_state(args, prop: str, method: str) -> Optional[Path]:
+    """With ``--state`` and ``--qm9-steps``: the compact run state of an unfinished QM9 run, beside the grid's JSON
+    (``<state>.runs/qm9-<property>-<method>.pt``, committed with it), so that the run goes on in a later piece on a
+    fresh clone; removed once the run is recorded."""
+    if not getattr(args, "state", None) or not getattr(args, "qm9_steps", None):
+        return None
+    state = Path(args.state)
+    return state.with_name(state.stem + ".runs") / f"qm9-{prop}-{method}.pt"
+
+
+def qm9_steps_done(out: Path, state_file: Optional[Path]) -> int:
+    """Optimiser steps a QM9 run has taken: its ``last.pt`` here or its committed run state, the further along."""
+    steps = [0]
+    for path in (out / "last.pt", state_file):
+        if path is not None and path.is_file():
+            steps.append(int(torch.load(path, map_location="cpu", weights_only=False).get("step", 0)))
+    return max(steps)
 
 
 def budget_used_minutes(out: Path) -> Dict[str, float]:
@@ -589,7 +616,9 @@ def grid_settings(args, backbones: Dict[str, Path]) -> Dict[str, Any]:
                          "epochs": args.finetune_epochs, "layer_decay": args.layer_decay, "optim": FINETUNE_OPTIM,
                          **({"steps": args.finetune_steps, "step_schedule": STEP_SCHEDULE}
                             if args.finetune_steps else {})},
-            "qm9": {"epochs": args.qm9_epochs, "cpu_minutes": args.qm9_cpu_minutes, "train_size": args.qm9_train_size},
+            "qm9": {"train_size": args.qm9_train_size,
+                    **({"steps": args.qm9_steps, "epoch_steps": args.qm9_epoch_steps} if args.qm9_steps else
+                       {"epochs": args.qm9_epochs, "cpu_minutes": args.qm9_cpu_minutes})},
             "md": {"ps": args.md_ps, "replicas": args.md_replicas}}
 
 
@@ -701,6 +730,13 @@ def main(argv=None) -> int:
     p.add_argument("--max-minutes", type=float,
                    help="start no run after this many minutes minus one run's budget (campaign pieces)")
     p.add_argument("--qm9-epochs", type=int, default=300)
+    p.add_argument("--qm9-steps", type=int,
+                   help="equal compute for QM9 runs as optimiser steps (each run takes all of them; replaces the "
+                        "epoch and time budgets); validation, learning-rate schedule and checkpoint every "
+                        "--qm9-epoch-steps")
+    p.add_argument("--qm9-epoch-steps", type=int, default=QM9_EPOCH_STEPS,
+                   help="steps between validations of a QM9 run with --qm9-steps (a pass of the 110,000 training "
+                        "molecules is 3,438 steps of 32)")
     p.add_argument("--qm9-minutes", type=float, help="wall-clock cap per QM9 run (default: --finetune-minutes)")
     p.add_argument("--qm9-train-size", type=int, help="default: the whole QM9 train split")
     p.add_argument("--md-ps", type=float, default=0.0,
@@ -762,6 +798,19 @@ def main(argv=None) -> int:
         """Wall minutes the cell needs to finish. A step budget's: the longest any recorded run of the molecule took
         on this device (the state's rows and this invocation's), else a first guess; a time budget's: what is left
         of it (a resumed QM9 run has used some)."""
+        if table == "qm9" and args.qm9_steps:
+            # the longest recorded QM9 run on this device (else a first guess), for the steps it has left; with a
+            # committed run state a run also starts in a shorter piece and goes on in the next one
+            rows = (grid.data["qm9"] if grid else []) + qm9
+            # (its training minutes, summed over the pieces it ran in, and its test)
+            took = [float(r.get("train_minutes") or r["wall_minutes"]) for r in rows
+                    if r.get("device") == args.device and r.get("wall_minutes") and not r.get("failed")]
+            folder = Path(args.out) / "qm9" / key["property"] / key["method"]
+            done = qm9_steps_done(folder, qm9_run_state(args, key["property"], key["method"]))
+            need = (max(took) if took else QM9_FIRST_RUN_MINUTES) * max(0.0, 1.0 - done / args.qm9_steps)
+            if qm9_run_state(args, key["property"], key["method"]) is not None:
+                need = min(need, QM9_MIN_PIECE_MINUTES)
+            return need + QM9_TEST_MINUTES
         if table == "qm9":
             used = budget_used_minutes(Path(args.out) / "qm9" / key["property"] / key["method"])["max_cpu_minutes"]
             return max(run_minutes["qm9"] - used, 0.0) + QM9_TEST_MINUTES
@@ -834,6 +883,9 @@ def main(argv=None) -> int:
                        lambda: run_property(prop, m, pretrained.get(m), args, smoke, log))
             if row is not None:
                 qm9.append(row)
+                run_state = qm9_run_state(args, prop, m)
+                if grid and run_state is not None and grid.row("qm9", {"property": prop, "method": m}):
+                    run_state.unlink(missing_ok=True)          # recorded: nothing left to go on from
     if grid:
         grid.finish(left == 0 and not shard)      # a shard knows only its own cells
     if left:

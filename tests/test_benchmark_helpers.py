@@ -172,7 +172,7 @@ def test_the_grids_compile_flag_compiles_et_runs_only_and_leaves_the_cells_compa
     args = {c: p.argparse.Namespace(compile=c, finetune_minutes=None, finetune_cpu_minutes=None, finetune_epochs=None,
                                     finetune_steps=100, cell_deadline_minutes=None, device="cpu", data_dir=None,
                                     threads=1, hidden=16, layers=2, heads=None, layer_decay=None, qm9_epochs=300,
-                                    qm9_cpu_minutes=None, qm9_train_size=None, md_ps=0.0, md_replicas=1)
+                                    qm9_cpu_minutes=None, qm9_train_size=None, qm9_steps=None, md_ps=0.0, md_replicas=1)
             for c in (False, True)}
     methods = ("scratch", "et-oro", "et-oreo", "3d-emgp", "denoise", "scratch-egnn", "3d-emgp-egnn")
     compiled = {m: p.finetune_config("ethanol", 50, args[True], None, {}, 1, m)["optim"].get("compile", False)
@@ -365,6 +365,45 @@ def test_a_resumed_qm9_run_that_spends_its_own_wall_budget_is_recorded(tmp_path,
                                 cell_deadline_minutes=25.0)
     assert p.run_property("gap", "scratch", None, args, None, lambda *a: None)["test_mae"] == 3.0
     assert seen["max_minutes"] == pytest.approx(10.0)
+
+
+def test_qm9_runs_with_a_step_budget_go_on_from_their_committed_state_in_later_pieces(tmp_path, monkeypatch):
+    """--qm9-steps: every run takes all its steps (whole epochs of --qm9-epoch-steps, no early stop). With --state its
+    compact run state lives beside the grid's JSON: a piece shorter than a whole run still starts it, a run the
+    piece's end cuts is not recorded and its state stays (committed) for the next piece, which resumes from it;
+    once recorded, the state is removed."""
+    p = pretrain_finetune
+    calls = []
+    monkeypatch.setattr(p, "validation_curve", lambda out: [[1.0, 5.0]])
+
+    def train(pretrained, cfg, out, resume=False, state_file=None, **k):
+        calls.append({"epochs": cfg.epochs, "epoch_steps": cfg.epoch_steps, "patience": cfg.early_stop_patience,
+                      "resume": resume, "state_file": state_file, "max_minutes": cfg.max_minutes,
+                      "cpu": cfg.max_cpu_minutes})
+        Path(state_file).parent.mkdir(parents=True, exist_ok=True)
+        if len(calls) == 1:                                   # the first piece ends at step 1,000 of 2,500
+            torch.save({"step": 1000}, state_file)
+            return {"test_mae": 9.0, "stop_reason": "time budget of 14 min reached (continue with --resume)"}
+        return {"test_mae": 4.0, "stop_reason": "all 3 epochs done", "train_minutes": 50.0}
+    monkeypatch.setattr(p, "finetune_property", train)
+    state = tmp_path / "q.json"
+    common = ["--methods", "scratch", "--molecules", "--properties", "gap", "--no-progress", "--hidden", "16",
+              "--layers", "2", "--qm9-steps", "2500", "--qm9-epoch-steps", "1000", "--state", str(state),
+              "--out", str(tmp_path / "runs")]
+    # 21 minutes: less than a whole run's first guess, enough for a piece of one
+    assert p.QM9_MIN_PIECE_MINUTES + p.QM9_TEST_MINUTES < 21 < p.QM9_FIRST_RUN_MINUTES
+    assert p.main(common + ["--max-minutes", "21"]) == 0
+    run_state = tmp_path / "q.runs" / "qm9-gap-scratch.pt"
+    assert calls[0]["state_file"] == run_state and run_state.is_file()
+    assert calls[0]["epochs"] == 3 and calls[0]["epoch_steps"] == 1000 and calls[0]["patience"] == 4
+    assert calls[0]["cpu"] is None and calls[0]["max_minutes"] <= 21 - p.QM9_TEST_MINUTES
+    assert json.loads(state.read_text())["qm9"] == []                       # cut: not recorded
+    assert json.loads(state.read_text())["settings"]["qm9"] == {"train_size": None, "steps": 2500,
+                                                                "epoch_steps": 1000}
+    assert p.qm9_steps_done(tmp_path / "runs" / "qm9" / "gap" / "scratch", run_state) == 1000
+    assert p.main(common + ["--max-minutes", "21"]) == 0                   # a fresh clone: only the state is there
+    assert calls[1]["resume"] and calls[1]["state_file"] == run_state
+    assert json.loads(state.read_text())["qm9"][0]["test_mae"] == 4.0 and not run_state.exists()
 
 
 def test_a_pretraining_folder_of_other_settings_is_not_taken_as_done(tmp_path, monkeypatch):

@@ -278,6 +278,46 @@ def test_property_training_keeps_a_compact_run_state(tmp_path):
     _resumes_from_its_compact_state(make, tmp_path, "epoch", 1, 2)
 
 
+def test_epochs_of_a_fixed_number_of_steps_walk_a_stream_of_seeded_passes():
+    """``epoch_steps``: epoch e takes batches e*S .. e*S+S-1 of the stream of passes (pass p in the order of
+    default_rng([seed, p])), so every molecule is seen once a pass whatever S, and a resumed epoch draws the same
+    batches; without it an epoch is one pass, as before."""
+    import types
+    from forcefield.train.loop import EpochTrainer
+    n, bs = 10, 4                                        # passes of 3 batches (4, 4, 2)
+
+    def batches(epoch, epoch_steps):
+        run = types.SimpleNamespace(opts=types.SimpleNamespace(seed=7, batch_size=bs, epoch_steps=epoch_steps),
+                                    epoch=epoch, n_train=lambda: n)
+        return EpochTrainer.epoch_batches(run)
+    whole = [b for e in range(2) for b in batches(e, None)]
+    assert [len(b) for b in whole] == [4, 4, 2, 4, 4, 2]
+    assert all(sorted(np.concatenate(whole[3 * p:3 * p + 3])) == list(range(n)) for p in range(2))
+    stream = [b for e in range(3) for b in batches(e, 2)]          # epochs of 2 steps cross the passes' ends
+    assert len(stream) == 6 and all(np.array_equal(a, b) for a, b in zip(stream, whole))
+    assert all(np.array_equal(a, b) for a, b in zip(batches(2, 2), whole[4:6]))
+
+
+@pytest.mark.skipif(not QM9_DB.is_file(), reason="SchNetPack QM9 test database not found")
+def test_property_training_in_epochs_of_steps_resumes_exactly_and_refuses_other_epoch_steps(tmp_path):
+    def make(out, epochs, epoch_steps=3):
+        cfg = PropertyConfig(property="gap", source=str(QM9_DB), split="random", train_size=8, val_size=4,
+                             test_size=4, epochs=epochs, epoch_steps=epoch_steps, batch_size=4, lr_warmup_steps=1,
+                             dtype="float64", model={"name": "et", "hidden": 16, "num_layers": 1, "num_heads": 2,
+                                                     "num_rbf": 8, "cutoff": 4.0})
+        return PropertyTrainer(cfg, out, progress=False, log=lambda s: None)
+    straight = make(tmp_path / "a", 2)
+    straight.fit()
+    assert straight.step == 6                             # 2 epochs of 3 steps: passes of 2 steps, crossed
+    make(tmp_path / "b", 1).fit()
+    resumed = make(tmp_path / "b", 2)
+    resumed.fit(resume=True)
+    assert resumed.step == 6
+    assert all(torch.equal(v, straight.model.state_dict()[k]) for k, v in resumed.model.state_dict().items())
+    with pytest.raises(ValueError, match="epoch_steps"):
+        make(tmp_path / "b", 3, epoch_steps=2).fit(resume=True)
+
+
 def test_campaign_reads_a_pretraining_state_and_builds_its_command(tmp_path, monkeypatch):
     from tests.helpers import import_campaign
     campaign = import_campaign()

@@ -49,6 +49,9 @@ class PropertyConfig:
     reduce: str = "mean"                    # mean (intensive: HOMO/LUMO/gap) | sum
     loss: str = "l1"                        # l1 | mse (on standardised targets)
     epochs: int = 300
+    epoch_steps: Optional[int] = None       # an epoch of this many steps (a stream of seeded passes) instead of one
+                                            # pass: validation, schedule, checkpoints and budgets every so many
+                                            # steps (a pass of QM9's 110,000 molecules is 3,438 steps of 32)
     batch_size: int = 32
     lr: float = 5e-4
     lr_warmup_steps: int = 1000
@@ -289,6 +292,9 @@ class PropertyTrainer(EpochTrainer):
     def load_state(self, ck: Dict[str, Any]) -> None:
         if ck["index"] != self._index():
             raise ValueError(f"cannot resume the run in {self.out}: its molecules differ from this config's")
+        if (ck.get("config") or {}).get("epoch_steps") != self.cfg.epoch_steps:
+            raise ValueError(f"cannot resume the run in {self.out} with epoch_steps {self.cfg.epoch_steps}: it ran "
+                             f"with {(ck.get('config') or {}).get('epoch_steps')} (its epochs would be other batches)")
         self.model.load_weights(ck["model"]["state_dict"])
         load_optimizer_state(self.optimizer, ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])

@@ -370,12 +370,35 @@ class EpochTrainer(TrainingRun):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ the loop
+    def epoch_batches(self) -> List[np.ndarray]:
+        """The batches of the epoch about to run: one pass over the training set in a seeded order (the same on
+        resume), or, with ``opts.epoch_steps`` (a large set such as QM9, whose pass would leave validation, the
+        plateau schedule, checkpoints and time budgets hours apart), the next ``epoch_steps`` batches of a stream of
+        such passes: epoch ``e`` takes the stream's batches ``e * epoch_steps`` onwards, pass ``p`` being the
+        training set in the order of ``default_rng([seed, p])``."""
+        o = self.opts
+        n = self.n_train()
+
+        def one_pass(p: int) -> List[np.ndarray]:
+            order = np.random.default_rng([o.seed, p]).permutation(n)
+            return [order[s:s + o.batch_size] for s in range(0, n, o.batch_size)]
+        size = int(getattr(o, "epoch_steps", None) or 0)
+        if size <= 0:
+            return one_pass(self.epoch)
+        per_pass = -(-n // o.batch_size)
+        first, out, passes = self.epoch * size, [], {}
+        for g in range(first, first + size):
+            p, k = divmod(g, per_pass)
+            if p not in passes:
+                passes = {p: one_pass(p)}
+            out.append(passes[p][k])
+        return out
+
     def train_epoch(self) -> float:
-        """One pass over the training set in a seeded order (same on resume); the mean training loss."""
+        """One epoch of :meth:`epoch_batches`; the mean training loss."""
         o = self.opts
         self.model.train()
-        order = np.random.default_rng([o.seed, self.epoch]).permutation(self.n_train())
-        batches = [order[s:s + o.batch_size] for s in range(0, len(order), o.batch_size)]
+        batches = self.epoch_batches()
         it = batches
         if self.progress:
             from tqdm.auto import tqdm
