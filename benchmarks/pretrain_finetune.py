@@ -821,6 +821,17 @@ def main(argv=None) -> int:
                 and r.get("device") == args.device and r.get("wall_minutes")]
         return max(took) if took else args.first_cell_minutes + md_minutes
 
+    def after_training(key: Dict[str, Any]) -> float:
+        """Wall minutes a fine-tuning run of the molecule needs after its training (test and MD): what the recorded
+        runs on this device took besides training, else the MD guess. The start rule counts whole runs (the same
+        records), so the training's deadline leaves it what it needs (a guess of 20 minutes of MD beside a recorded
+        10-minute run started runs with a negative deadline, each cut after one epoch)."""
+        rows = (grid.data["forcefield"] if grid else []) + results
+        rest = [float(r["wall_minutes"]) - float(r["train_minutes"]) for r in rows
+                if r.get("molecule") == key["molecule"] and r.get("device") == args.device
+                and r.get("wall_minutes") and r.get("train_minutes")]
+        return max(rest) if rest else md_minutes
+
     def cell(table: str, key: Dict[str, Any], compute) -> Optional[Dict]:
         """The row of one run: from the grid's state when it is there, else computed (and recorded) when this
         invocation has time for it, else None (counted as left); another shard's cells are not this one's."""
@@ -836,7 +847,8 @@ def main(argv=None) -> int:
             return None
         args.cell_deadline_minutes = None
         if args.max_minutes is not None and (args.finetune_steps or table == "qm9"):   # the time left caps the run
-            args.cell_deadline_minutes = minutes_left() - (md_minutes if table == "forcefield" else QM9_TEST_MINUTES)
+            args.cell_deadline_minutes = minutes_left() - (after_training(key) if table == "forcefield"
+                                                           else QM9_TEST_MINUTES)
         cpu0, wall0 = time.process_time(), time.time()
         args.md_deadline_minutes = None
         name = " ".join(str(v) for v in key.values())

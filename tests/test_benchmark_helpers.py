@@ -458,6 +458,31 @@ def test_a_gpu_piece_of_the_grid_starts_its_first_cells(tmp_path, monkeypatch):
     assert len(json.loads((tmp_path / "g.json").read_text())["forcefield"]) == 1
 
 
+def test_a_grid_run_started_near_the_pieces_end_gets_the_training_time_its_records_promise(tmp_path, monkeypatch):
+    """A piece with 12 minutes left starts an ethanol run that took 9.8 (5 of training, the rest test and MD). Its
+    training's deadline keeps back what recorded runs needed after training, not the MD guess (2 min a ps x 10 ps):
+    that left a negative deadline, and every run left in the piece was started and cut after one epoch."""
+    p = pretrain_finetune
+    deadlines = []
+
+    def finetune(*a, **k):
+        deadlines.append(a[4].cell_deadline_minutes)
+        return {"forces_mae_meV_per_A": 1.0, "stop_reason": "all done", "train_minutes": 5.0}
+    monkeypatch.setattr(p, "run_finetune", finetune)
+    import md17_simulation
+    monkeypatch.setattr(md17_simulation, "run_one", lambda mol, model, a: {"stability_ps": {"mean": 10.0},
+                                                                            "hr_mae": {"mean": 0.1}})
+    argv = ["--methods", "scratch", "--molecules", "ethanol", "--sizes", "50", "--seeds", "50:2", "--properties",
+            "--no-progress", "--finetune-steps", "5000", "--hidden", "16", "--layers", "2", "--md-ps", "10",
+            "--md-replicas", "1", "--state", str(tmp_path / "g.json"), "--out", str(tmp_path)]
+    assert p.main(argv + ["--max-minutes", "100"]) == 0 and len(deadlines) == 2
+    state = json.loads((tmp_path / "g.json").read_text())
+    state["forcefield"] = [{**state["forcefield"][0], "wall_minutes": 9.8, "train_minutes": 5.0}]   # seed 2 to do
+    (tmp_path / "g.json").write_text(json.dumps(state))
+    assert p.main(argv + ["--max-minutes", "12"]) == 0
+    assert deadlines[2] == pytest.approx(12 - 4.8, abs=0.1)
+
+
 def test_the_grid_report_gives_seed_paired_ratios_against_scratch_and_et_oro_with_the_goal():
     """The question of issue 13 in numbers: each backbone's test error over scratch's (and ET-OREO's over
     ET-ORO's), the means over the seeds both ran, how many seeds it won, the geometric mean over molecules beside
