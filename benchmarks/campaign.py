@@ -184,6 +184,17 @@ def grid_summary(g: Dict) -> Dict:
             "cells": len(g.get("forcefield") or []) + len(g.get("qm9") or [])}
 
 
+def runs_in_progress(job: Dict) -> List[str]:
+    """A grid's unfinished runs that carry on from a committed run state (``<state>.runs/<run>.pt``, e.g. a QM9 run
+    with a step budget), as "<run> (step S of its run)"."""
+    folder = state_path(job).with_name(state_path(job).stem + ".runs")
+    if not folder.is_dir():
+        return []
+    import torch
+    return [f"{f.stem} (step {int(torch.load(f, map_location='cpu', weights_only=False).get('step', 0)):,})"
+            for f in sorted(folder.glob("*.pt"))]
+
+
 def dft_report(job: Dict) -> Optional[Dict]:
     """The DFT check along an MD job's trajectory (``oreo-md dft-check STATE``), when it has run."""
     path = state_path(job).with_suffix(".dft_check.json")
@@ -815,7 +826,10 @@ def grid_tables(jobs: List[Dict]) -> List[str]:
     for job in jobs:
         g = json.loads(state_path(job).read_text()) if state_path(job).is_file() else None
         st = None if g is None else grid_summary(g)
-        status = finished(job, st) or ("running" if st else "not started")
+        going = runs_in_progress(job)
+        status = finished(job, st) or ("running" if st or going else "not started")
+        if going:
+            status += f"; carrying on: {', '.join(going)}"
         where = ""
         if g is not None:
             ff, qm9 = g.get("forcefield") or [], g.get("qm9") or []

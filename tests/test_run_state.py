@@ -799,6 +799,12 @@ def test_a_grid_jobs_progress_line_says_its_runs_and_the_one_it_is_on(tmp_path, 
     with open(log, "a") as fh:
         fh.write("\n# 2026-12-05 06:40:52 python benchmarks/pretrain_finetune.py ...\n")
     assert campaign.grid_progress(job, log) == "grid-x: 2 runs recorded, 0.50 CPU-h"
+    # a run that carries on from its committed run state is listed in campaign.md's grid table
+    assert campaign.runs_in_progress(job) == []
+    (tmp_path / "grid-x.runs").mkdir()
+    import torch
+    torch.save({"step": 12000}, tmp_path / "grid-x.runs" / "qm9-homo-scratch.pt")
+    assert campaign.runs_in_progress(job) == ["qm9-homo-scratch (step 12,000)"]
 
 
 def test_campaign_runner_says_when_a_slot_stays_idle(tmp_path, monkeypatch, capsys):
