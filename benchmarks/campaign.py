@@ -816,6 +816,19 @@ def report(jobs: List[Dict]) -> Dict:
     return {"rows": rows, "md": md_rows}
 
 
+def grid_methods(job: Dict) -> List[str]:
+    """The methods a grid job compares (its ``--methods``), in that order."""
+    args = [str(a) for a in job.get("args") or []]
+    if "--methods" not in args:
+        return []
+    out = []
+    for a in args[args.index("--methods") + 1:]:
+        if a.startswith("--"):
+            break
+        out.append(a)
+    return out
+
+
 def grid_tables(jobs: List[Dict]) -> List[str]:
     """Each fine-tune grid's tables (``benchmarks/results/campaign/<job>/results.md`` and its plot, regenerated from
     the state file) and one status line per grid for ``campaign.md``."""
@@ -835,7 +848,8 @@ def grid_tables(jobs: List[Dict]) -> List[str]:
             ff, qm9 = g.get("forcefield") or [], g.get("qm9") or []
             out = RESULTS_DIR / job["name"]
             out.mkdir(parents=True, exist_ok=True)
-            pretrain_finetune.write_report(out, ff, qm9, list(dict.fromkeys(r["method"] for r in ff + qm9)))
+            pretrain_finetune.write_report(out, ff, qm9, grid_methods(job) or
+                                           list(dict.fromkeys(r["method"] for r in ff + qm9)))
             where = f"`{shown(out / 'results.md')}`"
         lines.append(f"| {job['name']} | {0 if st is None else st['cells']} | "
                      f"{0.0 if st is None else st['cpu_hours']:.2f} | {status} | {where} |")

@@ -464,9 +464,13 @@ def ratio_lines(results: List[Dict], methods: List[str]) -> List[str]:
 def write_report(out: Path, results: List[Dict], qm9: List[Dict], methods: List[str],
                  notes: Optional[List[str]] = None) -> None:
     (out / "results.json").write_text(json.dumps({"forcefield": results, "qm9": qm9}, indent=2, default=str))
-    lines = ["# Pretraining benchmark", "", "## Force MAE on the rMD17 test frames (meV/Å)", "",
-             "| molecule | train frames | " + " | ".join(methods) + " |",
-             "|---|---:|" + "---:|" * len(methods)]
+    lines = ["# Pretraining benchmark"]
+    if results:                 # a QM9-only grid has no force table
+        lines += ["", "## Force MAE on the rMD17 test frames (meV/Å)", "",
+                  "| molecule | train frames | " + " | ".join(methods) + " |",
+                  "|---|---:|" + "---:|" * len(methods)]
+    if not results and not qm9:
+        lines += ["", "No run recorded yet."]
     failed = [r for r in results if r.get("failed")]
     results = [r for r in results if not r.get("failed")]
     table: Dict[tuple, Dict[str, List[float]]] = {}

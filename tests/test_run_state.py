@@ -805,6 +805,16 @@ def test_a_grid_jobs_progress_line_says_its_runs_and_the_one_it_is_on(tmp_path, 
     import torch
     torch.save({"step": 12000}, tmp_path / "grid-x.runs" / "qm9-homo-scratch.pt")
     assert campaign.runs_in_progress(job) == ["qm9-homo-scratch (step 12,000)"]
+    # a QM9 grid's tables: its own methods' columns, and no empty force table before a run is recorded
+    assert campaign.grid_methods({"args": ["--methods", "scratch", "et-oro", "--hidden", 96]}) == ["scratch", "et-oro"]
+    assert campaign.grid_methods({"args": ["--hidden", 96]}) == []
+    import pretrain_finetune
+    pretrain_finetune.write_report(tmp_path, [], [], ["scratch", "et-oro"])
+    assert "No run recorded yet" in (tmp_path / "results.md").read_text()
+    pretrain_finetune.write_report(tmp_path, [], [{"property": "homo", "method": "et-oro", "test_mae": 70.0}],
+                                   ["scratch", "et-oro"])
+    text = (tmp_path / "results.md").read_text()
+    assert "Force MAE" not in text and "| homo | – | 70.0 |" in text
 
 
 def test_campaign_runner_says_when_a_slot_stays_idle(tmp_path, monkeypatch, capsys):
