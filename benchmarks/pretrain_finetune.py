@@ -309,8 +309,9 @@ def run_property(prop: str, method: str, pretrained: Optional[Path], args, smoke
     pc: Dict[str, Any] = {"property": prop, "layer_decay": args.layer_decay}
     if smoke:
         pc.update(smoke["property"])
-    elif getattr(args, "qm9_steps", None):   # equal optimiser steps: epochs of QM9_EPOCH_STEPS, all of them taken (no early stop)
-        epochs = -(-args.qm9_steps // args.qm9_epoch_steps)       # whole epochs
+    elif getattr(args, "qm9_steps", None):
+        # equal optimiser steps: whole epochs of --qm9-epoch-steps, all of them taken (no early stop)
+        epochs = -(-args.qm9_steps // args.qm9_epoch_steps)
         pc.update(epochs=epochs, epoch_steps=args.qm9_epoch_steps, early_stop_patience=epochs + 1,
                   data_dir=args.data_dir, threads=args.threads)
     else:
