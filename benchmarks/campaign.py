@@ -187,7 +187,8 @@ def grid_summary(g: Dict) -> Dict:
 def runs_in_progress(job: Dict) -> List[str]:
     """A grid's unfinished runs that carry on from a committed run state (``<state>.runs/<run>.pt``, e.g. a QM9 run
     with a step budget), as "<run> (step S of its run)"."""
-    folder = state_path(job).with_name(state_path(job).stem + ".runs")
+    import pretrain_finetune
+    folder = pretrain_finetune.run_states_folder(state_path(job))
     if not folder.is_dir():
         return []
     import torch

@@ -143,6 +143,13 @@ def claim_cell_folder(out: Path, args, log, stamp: Optional[str] = None, along: 
 COMPILED_PRETRAINING = ("et-oreo", "et-oro")
 
 
+def has_run(out: Path, state_file: Optional[Path] = None) -> bool:
+    """Whether ``out`` (or the committed ``state_file``) holds a run to go on with: a checkpoint, or a log whose run
+    ended before its first one (which ``fit(resume=True)`` starts again, the log kept aside)."""
+    return (out / "last.pt").is_file() or (out / "metrics.csv").is_file() or \
+        (state_file is not None and state_file.is_file())
+
+
 def pretrain_config(method: str, args, smoke: Optional[Dict]) -> Dict[str, Any]:
     d = yaml.safe_load((CONFIGS / METHOD_CONFIGS[method]).read_text())
     d["corpus"] = yaml.safe_load(Path(args.corpus).read_text()) if not smoke else copy.deepcopy(smoke["corpus"])
@@ -202,9 +209,7 @@ def run_pretrain(method: str, args, smoke, log) -> Path:
         Pretrainer(cfg, out, progress=not args.no_progress, log=log, data_dir=args.data_dir).fit(resume=True)
     else:
         log(f"[pretrain {method}] starting")
-        # a log without a checkpoint (killed before the first one): resume=True starts again, the log kept aside
-        Pretrainer(cfg, out, progress=not args.no_progress, log=log,
-                   data_dir=args.data_dir).fit(resume=(out / "metrics.csv").is_file())
+        Pretrainer(cfg, out, progress=not args.no_progress, log=log, data_dir=args.data_dir).fit(resume=has_run(out))
     return out / "pretrained.pt"
 
 
@@ -260,10 +265,9 @@ def run_finetune(molecule: str, size: int, method: str, pretrained: Optional[Pat
     claim_cell_folder(out, args, log, along=[Path(args.out) / "md" / cell_dir(molecule, size, method, seed)])
     if _done(out):
         return json.loads((out / "test_metrics.json").read_text())
-    resume = (out / "last.pt").is_file()
-    log(f"[finetune {molecule} n={size} {method} seed {seed}] " + ("resuming" if resume else "starting"))
-    # a log without a checkpoint (killed before the first one): fit(resume=True) starts again, the log kept aside
-    resume = resume or (out / "metrics.csv").is_file()
+    log(f"[finetune {molecule} n={size} {method} seed {seed}] " +
+        ("resuming" if (out / "last.pt").is_file() else "starting"))
+    resume = has_run(out)
     if method in SCRATCH:
         model = (smoke["egnn_model"] if SCRATCH[method] == "egnn" else smoke["model"]) if smoke else \
             resized_model(yaml.safe_load((CONFIGS / (METHOD_CONFIGS["3d-emgp-egnn"] if SCRATCH[method] == "egnn"
@@ -335,15 +339,18 @@ def run_property(prop: str, method: str, pretrained: Optional[Path], args, smoke
                                                      else METHOD_CONFIGS["et-oreo"])).read_text())["model"], args)
         pc["model"] = model
         pretrained = None
-    # a log without a checkpoint (killed before the first one): resume=True starts again, the log kept aside
-    metrics = finetune_property(pretrained, PropertyConfig.from_dict(pc), out,
-                                resume=resume or (out / "metrics.csv").is_file(), progress=not args.no_progress,
-                                log=log, state_file=state_file)
+    metrics = finetune_property(pretrained, PropertyConfig.from_dict(pc), out, resume=has_run(out, state_file),
+                                progress=not args.no_progress, log=log, state_file=state_file)
     if (args.cell_deadline_minutes is not None and args.cell_deadline_minutes < (own_left or math.inf)
             and str(metrics.get("stop_reason", "")).startswith("time budget")):
         (out / "test_metrics.json").unlink(missing_ok=True)      # resumed from its last.pt by a later invocation
         raise CutShort(f"stopped at this invocation's end before its budget ({metrics['stop_reason'].split(' (')[0]})")
     return {**metrics, "curve": validation_curve(out)}
+
+
+def run_states_folder(state: Path) -> Path:
+    """Where a grid (its ``--state`` JSON) keeps the compact run states of its unfinished runs: ``<state>.runs/``."""
+    return state.with_name(state.stem + ".runs")
 
 
 def qm9_run_state(args, prop: str, method: str) -> Optional[Path]:
@@ -352,8 +359,7 @@ def qm9_run_state(args, prop: str, method: str) -> Optional[Path]:
     fresh clone; removed once the run is recorded."""
     if not getattr(args, "state", None) or not getattr(args, "qm9_steps", None):
         return None
-    state = Path(args.state)
-    return state.with_name(state.stem + ".runs") / f"qm9-{prop}-{method}.pt"
+    return run_states_folder(Path(args.state)) / f"qm9-{prop}-{method}.pt"
 
 
 def qm9_steps_done(out: Path, state_file: Optional[Path]) -> int:
@@ -536,7 +542,7 @@ def write_report(out: Path, results: List[Dict], qm9: List[Dict], methods: List[
         for k, m in enumerate(methods):
             by_size: Dict[int, List[float]] = {}
             for r in results:
-                if r["molecule"] == mol and r["method"] == m and not r.get("failed"):
+                if r["molecule"] == mol and r["method"] == m:
                     by_size.setdefault(r["size"], []).append(r["forces_mae_meV_per_A"])
             if by_size:
                 xs = sorted(by_size)
@@ -810,10 +816,10 @@ def main(argv=None) -> int:
             # (its training minutes, summed over the pieces it ran in, and its test)
             took = [float(r.get("train_minutes") or r["wall_minutes"]) for r in rows
                     if r.get("device") == args.device and r.get("wall_minutes") and not r.get("failed")]
-            folder = Path(args.out) / "qm9" / key["property"] / key["method"]
-            done = qm9_steps_done(folder, qm9_run_state(args, key["property"], key["method"]))
+            run_state = qm9_run_state(args, key["property"], key["method"])
+            done = qm9_steps_done(Path(args.out) / "qm9" / key["property"] / key["method"], run_state)
             need = (max(took) if took else QM9_FIRST_RUN_MINUTES) * max(0.0, 1.0 - done / args.qm9_steps)
-            if qm9_run_state(args, key["property"], key["method"]) is not None:
+            if run_state is not None:
                 need = min(need, QM9_MIN_PIECE_MINUTES)
             return need + QM9_TEST_MINUTES
         if table == "qm9":
@@ -900,9 +906,9 @@ def main(argv=None) -> int:
                        lambda: run_property(prop, m, pretrained.get(m), args, smoke, log))
             if row is not None:
                 qm9.append(row)
-                run_state = qm9_run_state(args, prop, m)
-                if grid and run_state is not None and grid.row("qm9", {"property": prop, "method": m}):
-                    run_state.unlink(missing_ok=True)          # recorded: nothing left to go on from
+                run_state = qm9_run_state(args, prop, m)       # set with --state only: the row is recorded
+                if run_state is not None:
+                    run_state.unlink(missing_ok=True)          # nothing left to go on from
     if grid:
         grid.finish(left == 0 and not shard)      # a shard knows only its own cells
     if left:
