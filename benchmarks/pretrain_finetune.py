@@ -637,6 +637,24 @@ class CutShort(Exception):
     """A run this invocation had to end before its budget (the --max-minutes deadline): not a finished cell."""
 
 
+def finetune_runs(molecules: Sequence[str], sizes: Sequence[int], methods: Sequence[str], seeds: Dict[int, int],
+                  order: str = "molecules") -> List[Dict[str, Any]]:
+    """The fine-tuning runs of a grid, in the order they are run. ``molecules``: molecule by molecule (each size, method
+    and seed of one before the next). ``seeds``: seed by seed, and within a seed size by size in the order given,
+    every molecule and method, so that each molecule's cells have a first seed (and the sizes listed first have all
+    their molecules) before any cell gets another one: a grid that takes many pieces answers across molecules early.
+    The runs are the same either way; only when each runs changes."""
+    seeds_of = {size: range(1, seeds.get(size, 1) + 1) for size in sizes}
+    if order == "molecules":
+        return [{"molecule": mol, "size": size, "method": m, "seed": seed}
+                for mol in molecules for size in sizes for m in methods for seed in seeds_of[size]]
+    if order == "seeds":
+        return [{"molecule": mol, "size": size, "method": m, "seed": seed}
+                for seed in range(1, max(seeds_of[s].stop for s in sizes) if sizes else 1)
+                for size in sizes if seed in seeds_of[size] for mol in molecules for m in methods]
+    raise ValueError(f"unknown run order {order!r}: 'molecules' or 'seeds'")
+
+
 def parse_shard(spec: Optional[str], parser) -> Optional[tuple]:
     if not spec:
         return None
@@ -737,6 +755,10 @@ def main(argv=None) -> int:
                    help="use this pretrained backbone for METHOD instead of pretraining it (repeatable)")
     p.add_argument("--seeds", nargs="*", default=[], metavar="SIZE:N",
                    help="N seeds (1..N: data draw and initialisation) for a training-set size (default 1 each)")
+    p.add_argument("--order", choices=["molecules", "seeds"], default="molecules",
+                   help="the fine-tuning runs' order: molecule by molecule, or seed by seed (within a seed, the sizes in "
+                        "the order --sizes gives them, every molecule and method: a grid run in pieces answers across "
+                        "molecules early)")
     p.add_argument("--state", help="JSON of the finished cells (commit it): they are skipped, new ones added")
     p.add_argument("--max-minutes", type=float,
                    help="start no run after this many minutes minus one run's budget (campaign pieces)")
@@ -891,15 +913,11 @@ def main(argv=None) -> int:
         return {**r, **run_md(mol, size, m, args, log, seed)} if args.md_ps else r
 
     results, qm9 = [], []
-    for mol in args.molecules:
-        for size in args.sizes:
-            for m in args.methods:
-                for seed in range(1, seeds.get(size, 1) + 1):
-                    row = cell("forcefield", {"molecule": mol, "size": size, "method": m, "seed": seed},
-                               lambda: finetune_row(mol, size, m, seed))
-                    if row is not None:
-                        results.append(row)
-                        write_report(out, results, [], args.methods)
+    for key in finetune_runs(args.molecules, args.sizes, args.methods, seeds, args.order):
+        row = cell("forcefield", key, lambda: finetune_row(key["molecule"], key["size"], key["method"], key["seed"]))
+        if row is not None:
+            results.append(row)
+            write_report(out, results, [], args.methods)
     for prop in args.properties:
         for m in args.methods:
             row = cell("qm9", {"property": prop, "method": m},

@@ -95,6 +95,26 @@ def test_the_fine_tune_grid_adds_up_across_invocations(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "grid.json").read_text())["forcefield"] == first["forcefield"]
 
 
+def test_the_grid_runs_seed_by_seed_when_asked_and_the_runs_are_the_same_either_way():
+    """--order seeds: every molecule's first seed, sizes in the order given, before any second seed; the same runs
+    as molecule by molecule (so a state recorded in one order is complete in the other)."""
+    mols, sizes, methods, seeds = ["aspirin", "ethanol"], [50, 950, 200], ["scratch", "et-oro"], {50: 3, 200: 2}
+    by_mol = pretrain_finetune.finetune_runs(mols, sizes, methods, seeds, "molecules")
+    by_seed = pretrain_finetune.finetune_runs(mols, sizes, methods, seeds, "seeds")
+    def key(r):
+        return r["molecule"], r["size"], r["method"], r["seed"]
+    assert len(by_seed) == len(by_mol) == 2 * 2 * (3 + 1 + 2)
+    assert sorted(map(key, by_seed)) == sorted(map(key, by_mol))
+    assert [key(r) for r in by_mol[:4]] == [("aspirin", 50, "scratch", 1), ("aspirin", 50, "scratch", 2),
+                                            ("aspirin", 50, "scratch", 3), ("aspirin", 50, "et-oro", 1)]
+    assert [(r["seed"], r["size"]) for r in by_seed[:12]] == [(1, 50)] * 4 + [(1, 950)] * 4 + [(1, 200)] * 4
+    assert [key(r) for r in by_seed[:4]] == [("aspirin", 50, "scratch", 1), ("aspirin", 50, "et-oro", 1),
+                                             ("ethanol", 50, "scratch", 1), ("ethanol", 50, "et-oro", 1)]
+    assert [(r["seed"], r["size"]) for r in by_seed[12:]] == [(2, 50)] * 4 + [(2, 200)] * 4 + [(3, 50)] * 4
+    with pytest.raises(ValueError, match="run order"):
+        pretrain_finetune.finetune_runs(mols, sizes, methods, seeds, "sizes")
+
+
 def test_grid_shards_merge_into_one_state_and_a_run_cut_by_the_deadline_is_not_a_cell(tmp_path, monkeypatch):
     """--shard I/K runs every K-th cell (K processes side by side on one GPU); their states merge into the grid's
     with each cell once and each shard's CPU-hours; with a step budget, a run the invocation's end cut short is not
