@@ -63,7 +63,7 @@ def run_one(molecule: str, spec: str, args) -> Optional[dict]:
     cfg = SimulationConfig(molecule=molecule, model=spec, ps=args.ps, replicas=args.replicas,
                            temperature=args.temperature, timestep=args.timestep, seed=args.seed,
                            data_dir=args.data_dir, device=args.device, force_frames=args.force_frames,
-                           log_every=args.log_every).validate()
+                           log_every=args.log_every, compile=bool(getattr(args, "compile", False))).validate()
     summary = finished_summary(run_dir, cfg)
     if summary is not None:
         print(f"[{molecule} / {spec}] reusing finished run in {run_dir}")

@@ -184,6 +184,33 @@ def test_grid_shards_merge_into_one_state_and_a_run_cut_by_the_deadline_is_not_a
     assert len(rows) == 6 and all(r["stability_ps"] == 1.0 for r in rows)
 
 
+def test_the_grids_compile_flag_runs_md_through_the_export_and_falls_back_to_eager(tmp_path, monkeypatch):
+    """--compile on a CPU: each fine-tuned model's MD asks for its AOTInductor export; when that build fails (an
+    MDInputError that names --compile), the same MD runs on the eager model and the run is recorded, not lost."""
+    import md17_simulation
+    from md.errors import MDInputError
+    monkeypatch.setattr(pretrain_finetune, "run_finetune", lambda *a, **k: {"forces_mae_meV_per_A": 1.0,
+                                                                            "stop_reason": "all epochs done"})
+    asked = []
+
+    def run_one(mol, model, a):
+        asked.append(a.compile)
+        if a.compile and mol == "ethanol":
+            raise MDInputError("--compile: could not build the export of 'best.pt' (x); drop --compile to run eager")
+        return {"stability_ps": {"mean": 1.0}, "hr_mae": {"mean": 0.1}}
+    monkeypatch.setattr(md17_simulation, "run_one", run_one)
+    common = ["--methods", "scratch", "--sizes", "50", "--properties", "--no-progress", "--finetune-steps", "100",
+              "--hidden", "16", "--layers", "2", "--md-ps", "1"]
+    for compile_flag, mols, expect in [(["--compile"], ["aspirin", "ethanol"], [True, True, False]),
+                                       ([], ["aspirin"], [False])]:
+        asked.clear()
+        state = tmp_path / f"grid{len(compile_flag)}.json"
+        assert pretrain_finetune.main(common + compile_flag + ["--molecules", *mols, "--out", str(tmp_path / "o"),
+                                                               "--state", str(state)]) == 0
+        assert asked == expect
+        assert [r["stability_ps"] for r in json.loads(state.read_text())["forcefield"]] == [1.0] * len(mols)
+
+
 def test_the_grids_compile_flag_compiles_et_runs_only_and_leaves_the_cells_comparable():
     """--compile is a speed setting: ET fine-tunes (scratch and ET backbones) get optim.compile, EGNN ones stay eager,
     and the grid's settings (what decides whether cells of two invocations compare) do not change, so CPU pieces
