@@ -382,8 +382,9 @@ def budget_used_minutes(out: Path) -> Dict[str, float]:
 
 def run_md(molecule: str, size: int, method: str, args, log, seed: int = 1) -> Dict:
     """MDsim-protocol stability of one fine-tuned model (benchmarks/md17_simulation.py, same settings). With
-    ``--compile`` on a CPU it runs through the model's AOTInductor export (the same function; built in about 45 s,
-    then 1.77x the eager steps on aspirin), and on the eager model when that build fails."""
+    ``--compile`` on a CPU it runs through the model's AOTInductor export (the same function, 1.66x the eager steps
+    on naphthalene: benchmarks/md_paths.py; built once per model, under a minute here), and on the eager model when
+    that build fails."""
     import argparse as _argparse
     from md.errors import MDInputError
     from md17_simulation import run_one
