@@ -481,6 +481,32 @@ def ratio_lines(results: List[Dict], methods: List[str]) -> List[str]:
     return lines
 
 
+def qm9_ratio_lines(qm9: List[Dict], methods: List[str]) -> List[str]:
+    """A table of QM9 test MAE ratios: each pretrained method over scratch, and ET-OREO over ET-ORO, per property
+    (one run each), with the geometric mean over the properties both have; nothing before a pair has a property."""
+    mae = {(r["property"], r["method"]): float(r["test_mae"]) for r in qm9 if not r.get("failed")}
+    pairs = [(m, "scratch") for m in methods if m not in SCRATCH and "scratch" in methods]
+    if "et-oreo" in methods and "et-oro" in methods:
+        pairs.append(("et-oreo", "et-oro"))
+    props = list(dict.fromkeys(p for p, _ in mae))
+    cols = [(num, den) for num, den in pairs if any((p, num) in mae and (p, den) in mae for p in props)]
+    if not cols:
+        return []
+    lines = ["", "Test MAE ratios (below 1: the first method is better; one run each):", "",
+             "| property | " + " | ".join(f"{n} / {d}" for n, d in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for prop in props:
+        lines.append(f"| {prop} | " + " | ".join(f"{mae[(prop, n)] / mae[(prop, d)]:.2f}"
+                                                 if (prop, n) in mae and (prop, d) in mae else "–"
+                                                 for n, d in cols) + " |")
+    if len(props) > 1:
+        geo = []
+        for n, d in cols:
+            logs = [math.log(mae[(p, n)] / mae[(p, d)]) for p in props if (p, n) in mae and (p, d) in mae]
+            geo.append(f"{math.exp(float(np.mean(logs))):.2f} ({len(logs)})")
+        lines.append("| geometric mean (properties) | " + " | ".join(geo) + " |")
+    return lines
+
+
 def write_report(out: Path, results: List[Dict], qm9: List[Dict], methods: List[str],
                  notes: Optional[List[str]] = None) -> None:
     (out / "results.json").write_text(json.dumps({"forcefield": results, "qm9": qm9}, indent=2, default=str))
@@ -536,6 +562,7 @@ def write_report(out: Path, results: List[Dict], qm9: List[Dict], methods: List[
             qt.setdefault(r["property"], {})[r["method"]] = r["test_mae"]
         for prop, row in qt.items():
             lines.append(f"| {prop} | " + " | ".join("%.1f" % row[m] if m in row else "–" for m in methods) + " |")
+        lines += qm9_ratio_lines(qm9, methods)
     lines += [""] + [f"- {n}" for n in notes or []]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot_qm9_curves(out, qm9, methods)

@@ -95,6 +95,25 @@ def test_the_fine_tune_grid_adds_up_across_invocations(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "grid.json").read_text())["forcefield"] == first["forcefield"]
 
 
+def test_the_qm9_report_gives_each_backbone_over_scratch_per_property(tmp_path):
+    """The QM9 table is followed by test MAE ratios (pretrained over scratch, ET-OREO over ET-ORO) once a pair has a
+    property, with the geometric mean over properties; no ratio table before that."""
+    q = [{"property": "homo", "method": "scratch", "test_mae": 70.0},
+         {"property": "homo", "method": "et-oro", "test_mae": 56.0},
+         {"property": "lumo", "method": "scratch", "test_mae": 80.0},
+         {"property": "lumo", "method": "et-oro", "test_mae": 60.0},
+         {"property": "lumo", "method": "et-oreo", "test_mae": 40.0},
+         {"property": "gap", "method": "scratch", "failed": "diverged"}]
+    methods = ["scratch", "et-oro", "et-oreo"]
+    pretrain_finetune.write_report(tmp_path, [], q, methods)
+    text = (tmp_path / "results.md").read_text()
+    assert "| homo | 0.80 | – | – |" in text and "| lumo | 0.75 | 0.50 | 0.67 |" in text
+    assert "| geometric mean (properties) | 0.77 (2) | 0.50 (1) | 0.67 (1) |" in text
+    assert "gap scratch: diverged" in text
+    pretrain_finetune.write_report(tmp_path, [], q[:1], methods)
+    assert "ratios" not in (tmp_path / "results.md").read_text()
+
+
 def test_the_grid_runs_seed_by_seed_when_asked_and_the_runs_are_the_same_either_way():
     """--order seeds: every molecule's first seed, sizes in the order given, before any second seed; the same runs
     as molecule by molecule (so a state recorded in one order is complete in the other)."""
