@@ -444,15 +444,22 @@ def finite_mean(values: List[Optional[float]], fmt: str) -> str:
 GOAL_RATIO = {50: 0.5, 950: 0.75}
 
 
+def ratio_pairs(methods: List[str]) -> List[tuple]:
+    """The (numerator, denominator) methods the reports compare: each pretrained method against scratch, and
+    ET-OREO against ET-ORO."""
+    pairs = [(m, "scratch") for m in methods if m not in SCRATCH and "scratch" in methods]
+    if "et-oreo" in methods and "et-oro" in methods:
+        pairs.append(("et-oreo", "et-oro"))
+    return pairs
+
+
 def ratio_lines(results: List[Dict], methods: List[str]) -> List[str]:
     """Tables of test force MAE ratios, seed-paired (a seed is the same training frames in every method): each
     pretrained method against scratch, and ET-OREO against ET-ORO; a cell is the ratio of the means over the seeds
     both have, with how many seeds the method won; the last column the geometric mean over molecules."""
     by: Dict[tuple, float] = {(r["molecule"], r["size"], r["method"], r.get("seed", 1)): r["forces_mae_meV_per_A"]
                               for r in results if not r.get("failed")}
-    pairs = [(m, "scratch") for m in methods if m not in SCRATCH and "scratch" in methods]
-    if "et-oreo" in methods and "et-oro" in methods:
-        pairs.append(("et-oreo", "et-oro"))
+    pairs = ratio_pairs(methods)
     mols = sorted({k[0] for k in by})
     lines: List[str] = []
     for num, den in pairs:
@@ -485,9 +492,7 @@ def qm9_ratio_lines(qm9: List[Dict], methods: List[str]) -> List[str]:
     """A table of QM9 test MAE ratios: each pretrained method over scratch, and ET-OREO over ET-ORO, per property
     (one run each), with the geometric mean over the properties both have; nothing before a pair has a property."""
     mae = {(r["property"], r["method"]): float(r["test_mae"]) for r in qm9 if not r.get("failed")}
-    pairs = [(m, "scratch") for m in methods if m not in SCRATCH and "scratch" in methods]
-    if "et-oreo" in methods and "et-oro" in methods:
-        pairs.append(("et-oreo", "et-oro"))
+    pairs = ratio_pairs(methods)
     props = list(dict.fromkeys(p for p, _ in mae))
     cols = [(num, den) for num, den in pairs if any((p, num) in mae and (p, den) in mae for p in props)]
     if not cols:
@@ -955,7 +960,7 @@ def main(argv=None) -> int:
 
     results, qm9 = [], []
     for key in finetune_runs(args.molecules, args.sizes, args.methods, seeds, args.order):
-        row = cell("forcefield", key, lambda: finetune_row(key["molecule"], key["size"], key["method"], key["seed"]))
+        row = cell("forcefield", key, lambda k=key: finetune_row(k["molecule"], k["size"], k["method"], k["seed"]))
         if row is not None:
             results.append(row)
             write_report(out, results, [], args.methods)
