@@ -42,6 +42,7 @@ STATE_DIR = REPO / "benchmarks" / "campaign" / "state"
 MODELS_DIR = REPO / "benchmarks" / "campaign" / "models"   # MD jobs' pinned models, pretraining jobs' backbones
 RUNS_DIR = REPO / "runs" / "campaign"
 RESULTS_DIR = REPO / "benchmarks" / "results" / "campaign"
+README = REPO / "README.md"
 JOB_KEYS = {"name", "group", "config", "set", "init_from", "init_cpu_hours", "budget_cpu_hours", "threads",
             "target_meV_per_A", "ship", "note", "stopped", "kind", "molecule", "model", "ps", "replicas", "dft_frames",
             "corpus", "method", "compile", "priority", "args", "backbones", "after", "finetune_from"}
@@ -852,9 +853,30 @@ def grid_tables(jobs: List[Dict]) -> List[str]:
             pretrain_finetune.write_report(out, ff, qm9, grid_methods(job) or
                                            list(dict.fromkeys(r["method"] for r in ff + qm9)))
             where = f"`{shown(out / 'results.md')}`"
+            embed_in_readme(README, job["name"], (out / "results.md").read_text())
         lines.append(f"| {job['name']} | {0 if st is None else st['cells']} | "
                      f"{0.0 if st is None else st['cpu_hours']:.2f} | {status} | {where} |")
     return lines + [""]
+
+
+def embed_in_readme(readme: Path, name: str, report_md: str) -> bool:
+    """Put a grid's tables (its ``results.md``, without the title; its sections as level-5 headings, inside the
+    README's pretraining section) between the README's ``<!-- report:NAME -->`` and ``<!-- /report:NAME -->``
+    lines, so that ``--report`` keeps the README's tables the state's. False (nothing written) where the README has
+    no such pair."""
+    start, end = f"<!-- report:{name} -->", f"<!-- /report:{name} -->"
+    text = readme.read_text() if readme.is_file() else ""
+    i, j = text.find(start), text.find(end)
+    if i < 0 or j < i:
+        return False
+    body = [("#####" + ln[2:]) if ln.startswith("## ") else ln for ln in report_md.strip().splitlines()
+            if not ln.startswith("# ")]
+    while body and not body[0].strip():
+        body.pop(0)
+    new = text[:i] + start + "\n\n" + "\n".join(body) + "\n\n" + text[j:]
+    if new != text:
+        readme.write_text(new)
+    return True
 
 
 def md_summaries(jobs: List[Dict]) -> List[Dict]:

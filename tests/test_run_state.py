@@ -837,3 +837,19 @@ def test_campaign_runner_says_when_a_slot_stays_idle(tmp_path, monkeypatch, caps
     campaign.run(campaign.read_jobs(job_file), minutes=10, slots=2, every=60, names=["long", "short"])
     out = capsys.readouterr().out
     assert out.count("1 of 2 slot(s) idle: no other job of --jobs can run now") == 1
+
+
+def test_the_report_puts_a_grids_tables_into_the_readme_between_its_markers(tmp_path):
+    """--report keeps the README's grid tables the state's: a grid's results.md (no title; its sections demoted to
+    the README's level) replaces what lies between <!-- report:NAME --> and <!-- /report:NAME -->, and nothing else;
+    a README without the pair is left as it is."""
+    campaign = import_campaign()
+    readme = tmp_path / "README.md"
+    readme.write_text("# oreo\n\ntext before\n<!-- report:grid-x -->\nold table\n<!-- /report:grid-x -->\ntext after\n")
+    report_md = "# Pretraining benchmark\n\n## Force MAE (meV/Å)\n\n| a | b |\n|---|---|\n| 1 | 2 |\n"
+    assert campaign.embed_in_readme(readme, "grid-x", report_md)
+    text = readme.read_text()
+    assert text == ("# oreo\n\ntext before\n<!-- report:grid-x -->\n\n##### Force MAE (meV/Å)\n\n| a | b |\n|---|---|\n"
+                    "| 1 | 2 |\n\n<!-- /report:grid-x -->\ntext after\n")
+    assert campaign.embed_in_readme(readme, "grid-x", report_md) and readme.read_text() == text     # idempotent
+    assert not campaign.embed_in_readme(readme, "grid-y", report_md) and readme.read_text() == text
