@@ -192,9 +192,7 @@ def runs_in_progress(job: Dict) -> List[str]:
     folder = pretrain_finetune.run_states_folder(state_path(job))
     if not folder.is_dir():
         return []
-    import torch
-    return [f"{f.stem} (step {int(torch.load(f, map_location='cpu', weights_only=False).get('step', 0)):,})"
-            for f in sorted(folder.glob("*.pt"))]
+    return [f"{f.stem} (step {pretrain_finetune.steps_in(f):,})" for f in sorted(folder.glob("*.pt"))]
 
 
 def dft_report(job: Dict) -> Optional[Dict]:

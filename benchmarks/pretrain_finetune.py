@@ -362,13 +362,14 @@ def qm9_run_state(args, prop: str, method: str) -> Optional[Path]:
     return run_states_folder(Path(args.state)) / f"qm9-{prop}-{method}.pt"
 
 
+def steps_in(path: Path) -> int:
+    """Optimiser steps of the run a checkpoint (``last.pt``) or compact run state holds."""
+    return int(torch.load(path, map_location="cpu", weights_only=False).get("step", 0))
+
+
 def qm9_steps_done(out: Path, state_file: Optional[Path]) -> int:
     """Optimiser steps a QM9 run has taken: its ``last.pt`` here or its committed run state, the further along."""
-    steps = [0]
-    for path in (out / "last.pt", state_file):
-        if path is not None and path.is_file():
-            steps.append(int(torch.load(path, map_location="cpu", weights_only=False).get("step", 0)))
-    return max(steps)
+    return max([0] + [steps_in(path) for path in (out / "last.pt", state_file) if path is not None and path.is_file()])
 
 
 def budget_used_minutes(out: Path) -> Dict[str, float]:
@@ -689,14 +690,14 @@ def finetune_runs(molecules: Sequence[str], sizes: Sequence[int], methods: Seque
     every molecule and method, so that each molecule's cells have a first seed (and the sizes listed first have all
     their molecules) before any cell gets another one: a grid that takes many pieces answers across molecules early.
     The runs are the same either way; only when each runs changes."""
-    seeds_of = {size: range(1, seeds.get(size, 1) + 1) for size in sizes}
+    n_seeds = {size: seeds.get(size, 1) for size in sizes}
     if order == "molecules":
         return [{"molecule": mol, "size": size, "method": m, "seed": seed}
-                for mol in molecules for size in sizes for m in methods for seed in seeds_of[size]]
+                for mol in molecules for size in sizes for m in methods for seed in range(1, n_seeds[size] + 1)]
     if order == "seeds":
         return [{"molecule": mol, "size": size, "method": m, "seed": seed}
-                for seed in range(1, max(seeds_of[s].stop for s in sizes) if sizes else 1)
-                for size in sizes if seed in seeds_of[size] for mol in molecules for m in methods]
+                for seed in range(1, max(n_seeds.values(), default=0) + 1)
+                for size in sizes if seed <= n_seeds[size] for mol in molecules for m in methods]
     raise ValueError(f"unknown run order {order!r}: 'molecules' or 'seeds'")
 
 
