@@ -92,6 +92,36 @@ def test_trainer_with_compile_follows_the_eager_run(tmp_path, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=k)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_the_graph_without_forces_gives_the_eager_per_atom_output_and_gradients(backend):
+    """with_forces=False (a property head's training, QM9): per-atom learned outputs and their parameter gradients
+    equal eager's, over batches of other sizes from one trace; no forces are returned."""
+    pot = tiny_potential(num_layers=1 if backend == "inductor" else 2).train()
+    params = list(pot.parameters())
+    fn = CompiledEnergyForces(pot, backend=backend, learned_only=True, with_forces=False)
+    for seed in (0, 1, 2):
+        numbers, pos, batch, _, _, e, _ = _batch(seed)
+        keep = 18 - 3 * seed                      # batches of other atom counts
+        numbers, pos, batch = numbers[:keep], pos[:keep], batch[:keep]
+        out = fn(numbers, pos, batch)
+        assert "forces" not in out
+        ref, _, _ = pot.atomic_energies_and_features(numbers, pos, batch, learned_only=True)
+        torch.testing.assert_close(out["atomic_energies"], ref, rtol=1e-10, atol=1e-10)
+        w = torch.linspace(-1.0, 1.0, keep, dtype=ref.dtype)
+        gc = torch.autograd.grad((out["atomic_energies"] * w).sum(), params, allow_unused=True)
+        ge = torch.autograd.grad((ref * w).sum(), params, allow_unused=True)
+        for name, a, b in zip(pot.state_dict(), gc, ge):
+            if b is not None:
+                torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=f"gradient of {name}")
+    assert fn.compiles == 1 and fn.failure is None
+
+
+def test_a_graph_without_forces_needs_the_learned_part_alone():
+    with pytest.raises(ValueError, match="with_forces=False needs learned_only=True"):
+        CompiledEnergyForces(tiny_potential(), with_forces=False)
+
+
 def test_compile_refuses_other_backbones():
     from forcefield.potential import Potential
     pot = Potential({"name": "egnn", "hidden": 8, "num_layers": 1, "cutoff": 4.0}, elements=[1, 6])
