@@ -327,8 +327,8 @@ def run_property(prop: str, method: str, pretrained: Optional[Path], args, smoke
             for key in ("max_minutes", "max_cpu_minutes"):
                 if pc.get(key):
                     pc[key] = max(pc[key] - used[key], 1e-3)
-    if args.compile and backbone_name(method) == "et":  # the same steps, faster: a speed setting, as in fine-tuning
-        pc["compile"] = True
+    if getattr(args, "compile", False) and backbone_name(method) == "et":
+        pc["compile"] = True                            # the same steps, faster: a speed setting, as in fine-tuning
     own_left = pc.get("max_minutes")                    # the run's own wall budget, what is left of it
     if not smoke:
         if args.cell_deadline_minutes is not None:      # this invocation's time left, not a budget

@@ -300,6 +300,22 @@ def test_a_resumed_qm9_run_gets_what_is_left_of_its_budget(tmp_path, monkeypatch
     assert seen["cpu"] == pytest.approx(40.0)
 
 
+def test_compile_reaches_the_et_property_runs_only(tmp_path, monkeypatch):
+    """--compile trains ET QM9 property models with the compiled step (a speed setting); EGNN ones stay eager."""
+    seen = {}
+    monkeypatch.setattr(pretrain_finetune, "finetune_property",
+                        lambda pre, cfg, out, **k: seen.update({out.name: cfg.compile}) or {"test_mae": 1.0})
+    monkeypatch.setattr(pretrain_finetune, "validation_curve", lambda out: [])
+    for flag in (True, False):
+        args = pretrain_finetune.argparse.Namespace(
+            out=str(tmp_path / str(flag)), layer_decay=None, qm9_epochs=10, qm9_minutes=None, finetune_minutes=None,
+            qm9_cpu_minutes=60.0, finetune_cpu_minutes=None, data_dir=None, threads=1, qm9_train_size=None, hidden=16,
+            layers=2, heads=None, no_progress=True, cell_deadline_minutes=None, compile=flag)
+        for method in ("scratch", "scratch-egnn"):
+            pretrain_finetune.run_property("gap", method, None, args, None, lambda *a: None)
+        assert seen == {"scratch": flag, "scratch-egnn": False}
+
+
 def test_a_step_budget_gives_every_training_set_size_one_schedule_in_steps():
     """--finetune-steps is equal compute: each run takes all its steps (whole epochs, no early stop, a learning-rate
     floor it cannot reach), with the plateau patience counted in steps, whatever the epoch length."""
