@@ -10,8 +10,12 @@ is not trimmed below 1 GB of free top (``M_TRIM_THRESHOLD``), so the buffers of 
 1.47x the replica-steps per second. Measured with
 ``benchmarks/md_allocator.py`` (``oreo-md simulate --compile`` of salicylic acid, runs alternating in fresh
 processes; ``benchmarks/results/md_allocator/``). Either tunable alone does not help (the mmap threshold alone
-turns off glibc's dynamic trim threshold too and is slower); the compiled *training* step (``torch.compile``)
-measured the same with and without, so only the ``.pt2`` loader applies it.
+turns off glibc's dynamic trim threshold too and is slower). The compiled force-field *training* step
+(``torch.compile``) measured the same with and without. QM9 property training does not: its batches of 32
+molecules of every size made the QM9 grid's long-running process spend 30 % of its CPU time in the kernel (4.7 M
+minor page faults in 30 s, against 0.3 M for the fine-tune grid beside it), so :class:`PropertyTrainer
+<forcefield.pretrain.property.PropertyTrainer>` applies it too (``benchmarks/md_allocator.py --workload qm9``,
+``benchmarks/results/qm9_allocator/``). So do the ``.pt2`` loader and that trainer, nothing else.
 
 Cost: the process keeps the memory it freed (its resident size stays near its peak), which is what a long MD
 run wants. ``OREO_MALLOC=default`` leaves glibc's policy alone. On a C library other than glibc nothing changes.

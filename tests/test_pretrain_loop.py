@@ -321,8 +321,12 @@ def test_property_training_in_epochs_of_steps_resumes_exactly_and_refuses_other_
 @pytest.mark.skipif(not QM9_DB.is_file(), reason="SchNetPack QM9 test database not found")
 def test_a_compiled_property_step_equals_the_eager_one(tmp_path, monkeypatch):
     """compile: a QM9 property model's training step through the traced + compiled per-atom graph (no forces) gives
-    the eager loss and parameter gradients (aot_eager: the same traced graph, built in seconds), and trains."""
+    the eager loss and parameter gradients (aot_eager: the same traced graph, built in seconds), and trains. The
+    trainer asks for the malloc policy that keeps freed memory (forcefield.allocator: its batches page-faulted)."""
     monkeypatch.setenv("OREO_COMPILE_BACKEND", "aot_eager")
+    import forcefield.pretrain.property as property_module
+    asked = []
+    monkeypatch.setattr(property_module, "keep_freed_memory", lambda: asked.append(1) or True)
 
     def make(out, compile_):
         cfg = PropertyConfig(property="gap", source=str(QM9_DB), split="random", train_size=8, val_size=4,
@@ -331,7 +335,7 @@ def test_a_compiled_property_step_equals_the_eager_one(tmp_path, monkeypatch):
                                                       "num_rbf": 8, "cutoff": 4.0})
         return PropertyTrainer(cfg, out, progress=False, log=lambda s: None)
     eager, compiled = make(tmp_path / "e", False), make(tmp_path / "c", True)
-    assert eager._compiled is None and compiled._compiled is not None
+    assert eager._compiled is None and compiled._compiled is not None and len(asked) == 2
     compiled.model.load_state_dict(eager.model.state_dict())
     results = []
     for tr in (eager, compiled):

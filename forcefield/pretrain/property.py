@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..allocator import keep_freed_memory
 from ..version import __version__
 from ..files import atomic_torch_save, write_json
 from ..io import ModelFileError, RecordFormat, cast_potential, open_model_file, register_record_format
@@ -198,6 +199,7 @@ class PropertyTrainer(EpochTrainer):
             raise ValueError(f"unknown QM9 property '{cfg.property}'; known: {', '.join(QM9_PROPERTIES)}")
         super().__init__(out, cfg, log=log, progress=progress, state_file=state_file)
         self.cfg = cfg
+        keep_freed_memory()        # per-batch buffers reused, not page-faulted anew each step (forcefield.allocator)
         self.dtype = {"float32": torch.float32, "float64": torch.float64}[cfg.dtype]
         if cfg.threads:
             torch.set_num_threads(int(cfg.threads))
