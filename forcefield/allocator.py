@@ -11,11 +11,13 @@ is not trimmed below 1 GB of free top (``M_TRIM_THRESHOLD``), so the buffers of 
 ``benchmarks/md_allocator.py`` (``oreo-md simulate --compile`` of salicylic acid, runs alternating in fresh
 processes; ``benchmarks/results/md_allocator/``). Either tunable alone does not help (the mmap threshold alone
 turns off glibc's dynamic trim threshold too and is slower). The compiled force-field *training* step
-(``torch.compile``) measured the same with and without. QM9 property training does not: its batches of 32
-molecules of every size made the QM9 grid's long-running process spend 30 % of its CPU time in the kernel (4.7 M
-minor page faults in 30 s, against 0.3 M for the fine-tune grid beside it), so :class:`PropertyTrainer
-<forcefield.pretrain.property.PropertyTrainer>` applies it too (``benchmarks/md_allocator.py --workload qm9``,
-``benchmarks/results/qm9_allocator/``). So do the ``.pt2`` loader and that trainer, nothing else.
+(``torch.compile``) measured the same with and without. QM9 property training (batches of 32 molecules of every
+size) does not: after an hour, the QM9 grid's process spent 30 % of its CPU time in the kernel (4.7 M minor page
+faults in 30 s); restarted with the policy, 214 faults in 30 s and 0.1 % in the kernel, and its epochs took 174-178
+CPU-seconds against 215-322 before. In fresh processes of 300 steps it changes nothing (0.99x:
+``benchmarks/md_allocator.py --workload qm9``, ``benchmarks/results/qm9_allocator/``): the cost grows with the
+process's age. So :class:`PropertyTrainer <forcefield.pretrain.property.PropertyTrainer>` applies it too; only the
+``.pt2`` loader and that trainer do.
 
 Cost: the process keeps the memory it freed (its resident size stays near its peak), which is what a long MD
 run wants. ``OREO_MALLOC=default`` leaves glibc's policy alone. On a C library other than glibc nothing changes.
