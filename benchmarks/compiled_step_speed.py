@@ -39,12 +39,16 @@ def trainer(molecule: str, compiled: bool, batch_size: int, train_size: int) -> 
     return Trainer(config_from_dict(cfg), tempfile.mkdtemp(prefix="oreo-step-"), progress=False, log=print)
 
 
+def qm9_grid_model() -> dict:
+    """The QM9 grid's scratch model: the ET-OREO config's backbone at 4x96 (``grid-qm9-4x96``)."""
+    model = yaml.safe_load((REPO / "examples" / "configs" / "pretrain_et_oreo.yaml").read_text())["model"]
+    return {**model, "hidden": 96, "num_layers": 4}
+
+
 def property_trainer(prop: str, compiled: bool, batch_size: int, train_size: int) -> PropertyTrainer:
     """The QM9 grid's property run (ET 4x96 from scratch, TorchMD-Net's split) on ``train_size`` molecules."""
-    model = yaml.safe_load((REPO / "examples" / "configs" / "pretrain_et_oreo.yaml").read_text())["model"]
-    model.update(hidden=96, num_layers=4)
     cfg = PropertyConfig(property=prop, train_size=train_size, val_size=100, test_size=100, batch_size=batch_size,
-                         lr=1e-5, lr_warmup_steps=0, compile=compiled, model=model)
+                         lr=1e-5, lr_warmup_steps=0, compile=compiled, model=qm9_grid_model())
     return PropertyTrainer(cfg, tempfile.mkdtemp(prefix="oreo-step-"), progress=False, log=print)
 
 

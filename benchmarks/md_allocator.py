@@ -53,12 +53,10 @@ def qm9_epoch_rate(args) -> float:
     """One compiled QM9 property-training epoch (the grid's model and batch) in this process: steps per CPU-second,
     validation included (the compile, the first step, is left out)."""
     import time
-    import yaml
+    from compiled_step_speed import qm9_grid_model
     from forcefield.pretrain.property import PropertyConfig, PropertyTrainer
-    model = yaml.safe_load((HERE.parent / "examples" / "configs" / "pretrain_et_oreo.yaml").read_text())["model"]
-    model.update(hidden=96, num_layers=4)
     cfg = PropertyConfig(property="lumo", val_size=args.qm9_val, test_size=10, epochs=1, epoch_steps=args.qm9_steps,
-                         compile=True, model=model, threads=args.threads)
+                         compile=True, model=qm9_grid_model(), threads=args.threads)
     tr = PropertyTrainer(cfg, tempfile.mkdtemp(prefix="oreo-alloc-"), progress=False, log=lambda s: None)
     tr.batch_loss(np.arange(cfg.batch_size)).backward()          # compiles (forward and backward), not timed
     tr.model.zero_grad()
