@@ -1,7 +1,7 @@
 """Eager against compiled training step, side by side in one process, at the fine-tune grid's batch size.
 
     python benchmarks/compiled_step_speed.py --molecules aspirin ethanol --batch-size 8 --rounds 4 --steps 40
-    python benchmarks/compiled_step_speed.py --molecules --qm9 homo --qm9-batch-size 32 --out benchmarks/results/train_step_qm9
+    python benchmarks/compiled_step_speed.py --molecules --qm9 homo --qm9-batch-size 32 --steps 30 --out benchmarks/results/train_step_qm9
 
 For each molecule, two trainers of the same config (ET 4x96, rMD17 split 01, ``--train-size`` frames), one eager
 and one with ``optim.compile``, take the same optimiser steps (batches in a fixed order, lr 1e-5), interleaved
@@ -103,7 +103,8 @@ def main(argv=None) -> int:
                      "rounds_ms": {k: [round(x, 1) for x in v] for k, v in times.items()}})
     command = " ".join(["python benchmarks/compiled_step_speed.py --molecules", *args.molecules]
                        + ([f"--batch-size {args.batch_size}"] if args.molecules else [])
-                       + (["--qm9", *args.qm9, f"--qm9-batch-size {args.qm9_batch_size}"] if args.qm9 else []))
+                       + (["--qm9", *args.qm9, f"--qm9-batch-size {args.qm9_batch_size}"] if args.qm9 else [])
+                       + [f"--rounds {args.rounds} --steps {args.steps}"])
     lines = [f"ET 4x96, {args.threads} thread(s); medians of {args.rounds} interleaved rounds of {args.steps} steps "
              f"(`{command}`)", "",
              "| model | batch | eager ms/step | compiled ms/step | speed-up | first compiled call (s; compile or "
