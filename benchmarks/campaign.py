@@ -17,7 +17,8 @@ those files: the next piece, on a fresh clone, continues from them (``--commit-e
 them, every 45 minutes and when the runner ends, so that a piece cut short loses at most that much). Full
 checkpoints, trajectories and logs stay in ``runs/campaign/<job>/``.
 
-The runner keeps ``--slots`` jobs running (default: cores / threads per job), each pinned to its threads and
+The runner keeps ``--slots`` jobs running (default: cores / threads per job; a grid job with ``workers: K`` may
+fill up to K of them, its further processes only on slots every job's first process has left free), each pinned to its threads and
 started with ``nice`` so that interactive work goes first, prints a progress line every ``--every`` seconds,
 and at the end writes ``benchmarks/results/campaign/``: ``campaign.md`` (a table per group of jobs),
 ``campaign.json``, and ``learning_curves.png`` (validation force MAE against cumulative CPU-hours).
@@ -45,8 +46,9 @@ RESULTS_DIR = REPO / "benchmarks" / "results" / "campaign"
 README = REPO / "README.md"
 JOB_KEYS = {"name", "group", "config", "set", "init_from", "init_cpu_hours", "budget_cpu_hours", "threads",
             "target_meV_per_A", "ship", "note", "stopped", "kind", "molecule", "model", "ps", "replicas", "dft_frames",
-            "corpus", "method", "compile", "priority", "args", "backbones", "after", "finetune_from"}
-GRID_KEYS = {"name", "group", "kind", "args", "backbones", "threads", "note", "stopped", "priority", "after"}
+            "corpus", "method", "compile", "priority", "args", "backbones", "after", "finetune_from", "workers"}
+GRID_KEYS = {"name", "group", "kind", "args", "backbones", "threads", "note", "stopped", "priority", "after",
+             "workers"}
 MD_KEYS = {"name", "group", "kind", "molecule", "model", "ps", "replicas", "threads", "note", "stopped", "dft_frames",
            "compile", "priority", "after"}
 
@@ -80,12 +82,19 @@ def read_jobs(path: Path) -> List[Dict]:
             if extra or "name" not in job or not isinstance(job.get("args"), list):
                 raise SystemExit(f"{path}: grid job {i + 1} needs 'name' and 'args' (a list: the arguments of "
                                  f"benchmarks/pretrain_finetune.py); optional: backbones (method: pretraining "
-                                 f"job), threads, note, stopped, priority; not {extra}")
+                                 f"job), threads, workers, note, stopped, priority; not {extra}")
+            workers = job.setdefault("workers", 1)
+            if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+                raise SystemExit(f"{path}: grid job {job['name']}: workers must be a whole number of processes "
+                                 f"(1 or more), got {workers!r}")
         elif job["kind"] == "md":
             extra = sorted(set(job) - MD_KEYS)
             if extra or "name" not in job or "molecule" not in job:
                 raise SystemExit(f"{path}: MD job {i + 1} needs 'name' and 'molecule' (optional: model, ps, "
                                  f"replicas, threads, note, stopped); not {extra}")
+        elif "workers" in job:
+            raise SystemExit(f"{path}: job {i + 1}: 'workers' belongs to a grid job (kind: grid), whose runs "
+                             f"several processes can share")
         elif "name" not in job or "config" not in job:
             raise SystemExit(f"{path}: job {i + 1} needs a 'name' and a 'config'")
         if job["name"] in seen:
@@ -430,9 +439,14 @@ def job_command(job: Dict, minutes: float, fresh: bool, nice: int = 10) -> List[
 
 # ---------------------------------------------------------------------------- running
 class Slot:
-    def __init__(self, job: Dict, proc: subprocess.Popen, log_path: Path, started: float):
+    def __init__(self, job: Dict, proc: subprocess.Popen, log_path: Path, started: float, worker: int = 1):
         self.job, self.proc, self.log_path, self.started = job, proc, log_path, started
+        self.worker = worker  # which of a grid job's workers (1: the job's first process)
         self.stopping = ""   # why the runner ended the job (campaign.yaml marked it stopped while it ran)
+
+    @property
+    def label(self) -> str:
+        return self.job["name"] + (f" (worker {self.worker})" if self.worker > 1 else "")
 
 
 def stop_marked_jobs(running: List["Slot"], jobs: List[Dict]) -> List["Slot"]:
@@ -448,18 +462,25 @@ def stop_marked_jobs(running: List["Slot"], jobs: List[Dict]) -> List["Slot"]:
         if reason and reason != s.job.get("stopped") and not s.stopping and s.proc.poll() is None:
             s.stopping = str(reason)
             s.proc.terminate()
-            print(f"[campaign] {s.job['name']}: marked stopped in {CAMPAIGN_YAML.name} ({s.stopping}); ending it",
+            print(f"[campaign] {s.label}: marked stopped in {CAMPAIGN_YAML.name} ({s.stopping}); ending it",
                   flush=True)
             ended.append(s)
     return ended
 
 
-def launch(job: Dict, minutes: float, nice: int) -> Slot:
+def worker_file(job: Dict, worker: int, name: str) -> Path:
+    """A runner's file of one of a job's processes: ``runs/campaign/<job>/<name>`` for its first, ``<stem>.w<k><suffix>``
+    for a grid job's further workers (``campaign.w2.log``, ``running.w2.pid``)."""
+    path = RUNS_DIR / job["name"] / name
+    return path if worker == 1 else path.with_name(f"{path.stem}.w{worker}{path.suffix}")
+
+
+def launch(job: Dict, minutes: float, nice: int, worker: int = 1) -> Slot:
     out = RUNS_DIR / job["name"]
     out.mkdir(parents=True, exist_ok=True)
     fresh = not (out / "last.pt").is_file() and not state_path(job).is_file()
     cmd = job_command(job, minutes, fresh, nice)
-    log_path = out / "campaign.log"
+    log_path = worker_file(job, worker, "campaign.log")
     # each job compiles into its own Inductor cache: after ethanol's compiled step failed (torch 2.13 Inductor,
     # UnboundLocalError in the generated backward), a naphthalene export reading the shared cache failed the same
     # way and built fine in a fresh one
@@ -472,23 +493,29 @@ def launch(job: Dict, minutes: float, nice: int) -> Slot:
     with open(log_path, "a") as fh:
         fh.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(shlex.quote(c) for c in cmd)}\n")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log_path, "a"), stderr=subprocess.STDOUT)
-    (out / "running.pid").write_text(str(proc.pid))     # while it runs, a GPU piece is not adopted over it
-    print(f"[campaign] start {job['name']} ({'new' if fresh else 'resumed'}, {minutes:.0f} min); log {log_path}",
+    worker_file(job, worker, "running.pid").write_text(str(proc.pid))   # while it runs, no GPU piece is adopted over it
+    slot = Slot(job, proc, log_path, time.time(), worker)
+    print(f"[campaign] start {slot.label} ({'new' if fresh else 'resumed'}, {minutes:.0f} min); log {log_path}",
           flush=True)
-    return Slot(job, proc, log_path, time.time())
+    return slot
 
 
 def running_here(job: Dict) -> Optional[int]:
-    """The pid of a runner's process that is working on ``job`` on this machine now, else None."""
-    try:
-        pid = int((RUNS_DIR / job["name"] / "running.pid").read_text())
-        os.kill(pid, 0)
-    except (OSError, ValueError):
-        return None
-    try:                                                 # a zombie (exited, not yet collected) is not working
-        return None if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z" else pid
-    except (OSError, IndexError):
+    """The pid of a runner's process (any of a grid job's workers) that is working on ``job`` on this machine now,
+    else None."""
+    for path in sorted((RUNS_DIR / job["name"]).glob("running*.pid")):
+        try:
+            pid = int(path.read_text())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            continue
+        try:                                             # a zombie (exited, not yet collected) is not working
+            if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+                continue
+        except (OSError, IndexError):
+            pass
         return pid
+    return None
 
 
 def last_csv_row(job: Dict) -> Optional[Dict]:
@@ -500,7 +527,7 @@ def last_csv_row(job: Dict) -> Optional[Dict]:
     return rows[-1] if rows else None
 
 
-def grid_progress(job: Dict, log_path: Path) -> str:
+def grid_progress(job: Dict, log_path: Path, label: Optional[str] = None) -> str:
     """A grid job's progress line: the runs its state records, and the run its log says it is on."""
     st = read_state(job) or {"cells": 0, "cpu_hours": 0.0}
     now = ""
@@ -513,7 +540,7 @@ def grid_progress(job: Dict, log_path: Path) -> str:
         tail = tail[starts[-1] + 1:] if starts else tail
         heads = [line for line in tail if line.startswith(("[finetune ", "[md ", "[qm9 ", "[pretrain "))]
         now = f"; now {heads[-1].split(']')[0]}]" if heads else ""
-    return f"{job['name']}: {st['cells']} runs recorded, {st['cpu_hours']:.2f} CPU-h{now}"
+    return f"{label or job['name']}: {st['cells']} runs recorded, {st['cpu_hours']:.2f} CPU-h{now}"
 
 
 def own_cpu_hours(job: Dict, state: Optional[Dict]) -> float:
@@ -659,10 +686,10 @@ def _run(running: List[Slot], minutes: float, slots: int, every: float, names: O
         for s in list(running):
             if s.proc.poll() is not None:
                 running.remove(s)
-                (RUNS_DIR / s.job["name"] / "running.pid").unlink(missing_ok=True)
+                worker_file(s.job, s.worker, "running.pid").unlink(missing_ok=True)
                 fill = True
                 rc = s.proc.returncode
-                print(f"[campaign] {s.job['name']} stopped (exit {rc}) after {(now - s.started) / 60:.1f} min"
+                print(f"[campaign] {s.label} stopped (exit {rc}) after {(now - s.started) / 60:.1f} min"
                       + (f": {s.stopping}" if s.stopping else ""), flush=True)
                 if rc != 0 and not s.stopping:
                     tail = s.log_path.read_text().splitlines()[-5:]
@@ -676,7 +703,7 @@ def _run(running: List[Slot], minutes: float, slots: int, every: float, names: O
                     relaunched.add(s.job["name"])
         left = (deadline - now) / 60
         if left < -GRACE_MINUTES and running:
-            print(f"[campaign] {', '.join(s.job['name'] for s in running)} still running {GRACE_MINUTES:g} min after "
+            print(f"[campaign] {', '.join(s.label for s in running)} still running {GRACE_MINUTES:g} min after "
                   f"the deadline: ending them", flush=True)
             end_jobs(running)
             continue
@@ -688,11 +715,16 @@ def _run(running: List[Slot], minutes: float, slots: int, every: float, names: O
             known = {j["name"] for j in listed}
             for gone in [n for n in names or [] if n not in known]:
                 say_once(("gone", gone), f"--jobs names {gone}, which {CAMPAIGN_YAML.name} no longer lists")
-            busy = {s.job["name"] for s in running}
-            for job in schedule(listed, [n for n in names if n in known] if names else None):
+            busy = {(s.job["name"], s.worker) for s in running}
+            order = schedule(listed, [n for n in names if n in known] if names else None)
+            # every job's first process before any grid job's further workers (slots no other job can use)
+            candidates = [(job, 1) for job in order] + [(job, k) for k in range(2, 1 + max(
+                [int(j.get("workers") or 1) for j in order] or [1])) for job in order if int(job.get("workers") or 1) >= k]
+            for job, worker in candidates:
                 if len(running) >= slots:
                     break
-                if job["name"] in busy or job["name"] in tried:
+                key = job["name"] if worker == 1 else (job["name"], worker)
+                if (job["name"], worker) in busy or key in tried:
                     continue
                 try:
                     state = read_state(job)
@@ -709,12 +741,12 @@ def _run(running: List[Slot], minutes: float, slots: int, every: float, names: O
                     if budget is not None:
                         spent = 0.0 if state is None else state["cpu_hours"] - float(job.get("init_cpu_hours") or 0)
                         job_left = min(left, 60 * (budget - spent))
-                    tried.add(job["name"])   # once per invocation: a job that stops early is not restarted in a loop
-                    running.append(launch(job, job_left, nice))
-                    busy.add(job["name"])
+                    tried.add(key)   # once per invocation: a job that stops early is not restarted in a loop
+                    running.append(launch(job, job_left, nice, worker))
+                    busy.add((job["name"], worker))
                 except (Exception, SystemExit) as exc:      # one job's problem is not every job's
-                    tried.add(job["name"])
-                    say_once(("failed", job["name"]), f"{job['name']} not started: {exc}")
+                    tried.add(key)
+                    say_once(("failed", key), f"{job['name']} not started: {exc}")
             if running and len(running) < slots:
                 # e.g. a job of --jobs reached its learning-rate floor: say it where it shows, once per count
                 say_once(("idle", len(running)),
@@ -739,7 +771,7 @@ def _run(running: List[Slot], minutes: float, slots: int, every: float, names: O
                     parts.append(f"{s.job['name']}: step {st['step']}/{st['total_steps']}, "
                                  f"{st['cpu_hours']:.2f} CPU-h")
                 elif s.job.get("kind") == "grid":
-                    parts.append(grid_progress(s.job, s.log_path))
+                    parts.append(grid_progress(s.job, s.log_path, s.label))
                 elif row:
                     parts.append(f"{s.job['name']}: epoch {row['epoch']} val F "
                                  f"{float(row['val_forces_mae_meV_per_A']):.2f} meV/Å, "

@@ -732,33 +732,124 @@ def merge_grid_states(into: Dict[str, Any], shards: List[Dict[str, Any]], base_c
     return out
 
 
-class GridState:
-    """The finished cells of a grid in one small JSON (committed), rewritten atomically after each cell."""
+def process_tag(pid: int) -> Optional[str]:
+    """``"<pid> <start time>"`` of a live process (its start time tells a reused pid apart), None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return None if fields[0] == "Z" else f"{pid} {fields[19]}"       # a zombie has ended
+    except OSError:
+        pass
+    try:                                                 # no /proc (not Linux): the pid alone
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return str(pid)
 
-    def __init__(self, path: Path, settings: Dict[str, Any]):
+
+class GridState:
+    """The finished cells of a grid in one small JSON (committed), rewritten atomically after each cell.
+
+    Several processes may advance one grid side by side (a campaign grid job's ``workers``: one per core that is
+    free), given the same ``--state`` and ``--out``: each re-reads the file under a lock (``workers/grid.lock`` in
+    ``workers``, the --out folder's) before it records a cell, and claims a run before it starts it
+    (``workers/<run>.claim``, holding its pid and start time), so that no run is done twice and no recorded
+    cell is lost. A claim whose process has ended is stale and taken over."""
+
+    def __init__(self, path: Path, settings: Dict[str, Any], workers: Optional[Path] = None):
         self.path = path
+        self.settings = json.loads(json.dumps(settings))
+        self.workers = workers
         self.data = {"settings": settings, "forcefield": [], "qm9": [], "complete": False, "cpu_hours": 0.0}
-        if path.is_file():
-            old = json.loads(path.read_text())
-            if old.get("settings") != json.loads(json.dumps(settings)):
-                raise SystemExit(f"--state {path}: its cells were run with other settings ({old.get('settings')}); "
-                                 f"use the same backbones and budgets, or another --state file")
+        with self._locked():
+            self._refresh()
+
+    def _locked(self):
+        """An exclusive lock on the grid among the processes that share ``workers`` (none without it)."""
+        import contextlib
+        import fcntl
+        if self.workers is None:
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def held():
+            self.workers.mkdir(parents=True, exist_ok=True)
+            with open(self.workers / "grid.lock", "a") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+        return held()
+
+    def _refresh(self) -> None:
+        """The file as it is now (other workers' cells too)."""
+        if self.path.is_file():
+            old = json.loads(self.path.read_text())
+            if old.get("settings") != self.settings:
+                raise SystemExit(f"--state {self.path}: its cells were run with other settings "
+                                 f"({old.get('settings')}); use the same backbones and budgets, or another --state file")
             self.data = old
 
-    def row(self, table: str, key: Dict[str, Any]) -> Optional[Dict]:
+    def _find(self, table: str, key: Dict[str, Any]) -> Optional[Dict]:
         for r in self.data[table]:
             if all(r.get(k) == v for k, v in key.items()):
                 return r
         return None
 
-    def add(self, table: str, row: Dict[str, Any], cpu_seconds: float = 0.0) -> None:
-        self.data[table].append(json.loads(json.dumps(row, default=str)))
-        self.data["cpu_hours"] = float(self.data.get("cpu_hours") or 0.0) + cpu_seconds / 3600.0
-        self._write()
+    def row(self, table: str, key: Dict[str, Any]) -> Optional[Dict]:
+        """The recorded row of a run (by any worker), else None."""
+        with self._locked():
+            self._refresh()
+        return self._find(table, key)
 
-    def finish(self, complete: bool) -> None:
-        self.data["complete"] = complete
-        self._write()
+    def _claim_path(self, table: str, key: Dict[str, Any]) -> Path:
+        return self.workers / (f"{table}-" + "-".join(str(v) for v in key.values()) + ".claim")
+
+    def claim(self, table: str, key: Dict[str, Any]) -> str:
+        """Take a run for this process: ``"mine"``; ``"done"`` if another worker has recorded it meanwhile;
+        ``"taken"`` while another live process works on it."""
+        if self.workers is None:
+            return "mine"
+        with self._locked():
+            self._refresh()
+            if self._find(table, key) is not None:
+                return "done"
+            path = self._claim_path(table, key)
+            holder = path.read_text().strip() if path.is_file() else ""
+            if holder and holder != process_tag(os.getpid()):
+                pid = holder.split()[0]
+                if pid.isdigit() and process_tag(int(pid)) == holder:
+                    return "taken"
+            path.write_text(process_tag(os.getpid()) + "\n")
+            return "mine"
+
+    def release(self, table: str, key: Dict[str, Any]) -> None:
+        """Give up this process's claim on a run (recorded, cut short or failed)."""
+        if self.workers is None:
+            return
+        with self._locked():
+            path = self._claim_path(table, key)
+            if path.is_file() and path.read_text().strip() == process_tag(os.getpid()):
+                path.unlink()
+
+    def add(self, table: str, row: Dict[str, Any], cpu_seconds: float = 0.0) -> None:
+        with self._locked():
+            self._refresh()
+            self.data[table].append(json.loads(json.dumps(row, default=str)))
+            self.data["cpu_hours"] = float(self.data.get("cpu_hours") or 0.0) + cpu_seconds / 3600.0
+            self._write()
+
+    def finish(self, runs: Optional[Dict[str, List[Dict[str, Any]]]]) -> bool:
+        """Mark the grid complete when every run of ``runs`` (per table, their keys) is recorded, by whichever
+        worker (None: never, as for a shard, whose state holds its own runs only); returns whether it is."""
+        with self._locked():
+            self._refresh()
+            self.data["complete"] = runs is not None and all(self._find(t, k) is not None
+                                                             for t, keys in runs.items() for k in keys)
+            self._write()
+        return self.data["complete"]
 
     def _write(self) -> None:
         from forcefield.files import write_json
@@ -809,7 +900,8 @@ def main(argv=None) -> int:
                    help="the fine-tuning runs' order: molecule by molecule, or seed by seed (within a seed, the sizes in "
                         "the order --sizes gives them, every molecule and method: a grid run in pieces answers across "
                         "molecules early)")
-    p.add_argument("--state", help="JSON of the finished cells (commit it): they are skipped, new ones added")
+    p.add_argument("--state", help="JSON of the finished cells (commit it): they are skipped, new ones added; "
+                                    "processes given the same --state and --out share the grid's runs (workers)")
     p.add_argument("--max-minutes", type=float,
                    help="start no run after this many minutes minus one run's budget (campaign pieces)")
     p.add_argument("--qm9-epochs", type=int, default=300)
@@ -862,7 +954,7 @@ def main(argv=None) -> int:
     made_here = {m: pretrain_stamp(m, args, smoke) for m in pretrained if m not in backbones}
     if made_here:        # backbones pretrained here: other pretraining settings make other cells
         settings["pretraining"] = made_here
-    grid = GridState(Path(args.state), settings) if args.state else None
+    grid = GridState(Path(args.state), settings, workers=out / "workers") if args.state else None
     args.settings_stamp = settings_hash(settings)
     started = time.time()
     md_minutes = args.md_minutes_per_ps * args.md_ps if args.md_ps else 0.0
@@ -871,8 +963,9 @@ def main(argv=None) -> int:
                    "qm9": min([m for m in (args.qm9_cpu_minutes or args.finetune_cpu_minutes,
                                            args.qm9_minutes or args.finetune_minutes) if m] or [0.0])}
 
-    left = 0
+    left = elsewhere = 0
     index = -1
+    mine: Dict[str, List[Dict[str, Any]]] = {"forcefield": [], "qm9": []}    # every run of the grid, by table
 
     def minutes_left() -> float:
         return args.max_minutes - (time.time() - started) / 60
@@ -917,17 +1010,33 @@ def main(argv=None) -> int:
 
     def cell(table: str, key: Dict[str, Any], compute) -> Optional[Dict]:
         """The row of one run: from the grid's state when it is there, else computed (and recorded) when this
-        invocation has time for it, else None (counted as left); another shard's cells are not this one's."""
-        nonlocal left, index
+        invocation has time for it and no other worker of the grid has claimed it, else None (counted as left, or
+        as elsewhere); another shard's cells are not this one's."""
+        nonlocal left, elsewhere, index
         index += 1
         if shard and index % shard[1] != shard[0]:
             return None
+        mine[table].append(key)
         row = grid.row(table, key) if grid else None
         if row is not None:
             return row
         if args.max_minutes is not None and minutes_left() < minutes_needed(table, key):
             left += 1
             return None
+        claim = grid.claim(table, key) if grid else "mine"
+        if claim == "done":                      # another worker recorded it since
+            return grid.row(table, key)
+        if claim == "taken":                     # another worker is on it
+            elsewhere += 1
+            return None
+        try:
+            return run_cell(table, key, compute)
+        finally:
+            if grid:
+                grid.release(table, key)
+
+    def run_cell(table: str, key: Dict[str, Any], compute) -> Optional[Dict]:
+        nonlocal left
         args.cell_deadline_minutes = None
         if args.max_minutes is not None and (args.finetune_steps or table == "qm9"):   # the time left caps the run
             args.cell_deadline_minutes = minutes_left() - (after_training(key) if table == "forcefield"
@@ -978,9 +1087,13 @@ def main(argv=None) -> int:
                 if run_state is not None:
                     run_state.unlink(missing_ok=True)          # nothing left to go on from
     if grid:
-        grid.finish(left == 0 and not shard)      # a shard knows only its own cells
+        # complete when every run is recorded, by this process or another worker; a shard's state holds only its
+        # own runs (merged afterwards), so it never is
+        grid.finish(None if shard else mine)
     if left:
         log(f"{left} run(s) left for a later invocation (--max-minutes {args.max_minutes:g})")
+    if elsewhere:
+        log(f"{elsewhere} run(s) in progress in another worker of this grid (same --out and --state)")
     notes = []
     if args.merge:
         n_before = len(results) + len(qm9)

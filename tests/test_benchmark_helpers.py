@@ -1,5 +1,6 @@
 """Small pieces of the benchmark scripts that decide what gets reported."""
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -93,6 +94,77 @@ def test_the_fine_tune_grid_adds_up_across_invocations(tmp_path, monkeypatch):
     assert pretrain_finetune.main(common + ["--out", str(tmp_path / "b")]) == 0
     assert "± " in (tmp_path / "b" / "results.md").read_text()
     assert json.loads((tmp_path / "grid.json").read_text())["forcefield"] == first["forcefield"]
+
+
+def test_workers_share_one_grid_state_and_a_claimed_run_is_left_to_its_worker(tmp_path, monkeypatch, capsys):
+    """Processes with the same --state and --out share a grid (a campaign job's workers): a run another live
+    process has claimed is skipped (and the grid is not complete), its claim is taken over once that process has
+    ended, and rows two processes record both land in the state with both CPU times."""
+    ran = []
+
+    def fake_finetune(mol, size, method, pretrained, args, smoke, log, seed=1):
+        ran.append((size, method))
+        return {"forces_mae_meV_per_A": float(size), "stop_reason": "all epochs done"}
+    monkeypatch.setattr(pretrain_finetune, "run_finetune", fake_finetune)
+    common = ["--methods", "scratch", "--molecules", "ethanol", "--sizes", "50", "950", "--properties",
+              "--no-progress", "--finetune-steps", "100", "--hidden", "16", "--layers", "2",
+              "--out", str(tmp_path / "out"), "--state", str(tmp_path / "grid.json")]
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        claim = tmp_path / "out" / "workers" / "forcefield-ethanol-50-scratch-1.claim"
+        claim.parent.mkdir(parents=True)
+        claim.write_text(pretrain_finetune.process_tag(other.pid) + "\n")
+        assert pretrain_finetune.main(common) == 0
+        assert ran == [(950, "scratch")] and "1 run(s) in progress in another worker" in capsys.readouterr().out
+        assert not json.loads((tmp_path / "grid.json").read_text())["complete"]
+    finally:
+        other.kill()
+        other.wait()
+    assert pretrain_finetune.process_tag(other.pid) is None
+    assert pretrain_finetune.main(common) == 0                       # the stale claim is taken over
+    state = json.loads((tmp_path / "grid.json").read_text())
+    assert ran == [(950, "scratch"), (50, "scratch")] and state["complete"] and not list(claim.parent.glob("*.claim"))
+
+    # two GridStates on one file (two processes): each records its row into what the other wrote
+    settings = {"s": 1}
+    a, b = (pretrain_finetune.GridState(tmp_path / "two.json", settings, workers=tmp_path / "w") for _ in range(2))
+    a.add("forcefield", {"molecule": "x", "seed": 1}, cpu_seconds=3600)
+    assert b.claim("forcefield", {"molecule": "x", "seed": 1}) == "done"
+    assert b.claim("forcefield", {"molecule": "x", "seed": 2}) == "mine"
+    assert a.claim("forcefield", {"molecule": "x", "seed": 2}) == "mine"          # the same process: its own claim
+    b.add("forcefield", {"molecule": "x", "seed": 2}, cpu_seconds=1800)
+    both = json.loads((tmp_path / "two.json").read_text())
+    assert [r["seed"] for r in both["forcefield"]] == [1, 2] and both["cpu_hours"] == pytest.approx(1.5)
+    assert a.row("forcefield", {"molecule": "x", "seed": 2}) is not None
+    assert a.finish({"forcefield": [{"molecule": "x", "seed": 1}, {"molecule": "x", "seed": 2}]})
+    assert not a.finish(None) and not a.finish({"forcefield": [{"molecule": "x", "seed": 3}]})
+
+
+def test_two_worker_processes_side_by_side_do_each_run_once(tmp_path):
+    """Two processes of one grid at once (a campaign job's workers): every run is recorded once, by one of them,
+    and the state holds all of them (runs faked: each sleeps a little, so the two overlap)."""
+    script = tmp_path / "worker.py"
+    script.write_text(f"""
+import os, sys, time
+sys.path.insert(0, {str(Path(pretrain_finetune.__file__).parent)!r})
+import pretrain_finetune
+def fake(mol, size, method, pretrained, args, smoke, log, seed=1):
+    time.sleep(0.3)
+    return {{"forces_mae_meV_per_A": 1.0, "stop_reason": "all epochs done", "worker": os.getpid()}}
+pretrain_finetune.run_finetune = fake
+sys.exit(pretrain_finetune.main(sys.argv[1:]))
+""")
+    args = ["--methods", "scratch", "--molecules", "ethanol", "aspirin", "--sizes", "50", "200", "--seeds", "50:3",
+            "--properties", "--no-progress", "--finetune-steps", "100", "--hidden", "16", "--layers", "2",
+            "--out", str(tmp_path / "out"), "--state", str(tmp_path / "grid.json")]
+    procs = [subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=120)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    state = json.loads((tmp_path / "grid.json").read_text())
+    keys = [(r["molecule"], r["size"], r["seed"]) for r in state["forcefield"]]
+    assert len(keys) == len(set(keys)) == 8 and state["complete"]
+    assert len({r["worker"] for r in state["forcefield"]}) == 2          # both did some
 
 
 def test_the_qm9_report_gives_each_backbone_over_scratch_per_property(tmp_path):

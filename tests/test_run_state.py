@@ -424,7 +424,7 @@ def test_campaign_runner_gives_the_slot_of_a_job_marked_stopped_to_the_next_one(
     monkeypatch.setattr(campaign, "POLL_SECONDS", 0.2)
     started = []
 
-    def launch(job, minutes, nice):
+    def launch(job, minutes, nice, worker=1):
         started.append(job["name"])          # "first" sleeps until it is ended; "second" ends by itself
         seconds = 60 if job["name"] == "first" else 0
         proc = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"])
@@ -444,6 +444,41 @@ def test_campaign_runner_gives_the_slot_of_a_job_marked_stopped_to_the_next_one(
     assert started == ["first", "second"] and time.time() - t0 < 30      # ended early, not after its 60 s
 
 
+def test_a_grid_job_with_workers_takes_the_slots_no_other_job_can_use(tmp_path, monkeypatch):
+    """workers: 2 on a grid job: its second process starts only when a slot is left after every job's first
+    process (here when the other job ends), once per invocation; the first worker's files keep their names."""
+    import threading
+    campaign = import_campaign()
+    job_file = tmp_path / "campaign.yaml"
+    job_file.write_text("jobs:\n  - {name: grid, kind: grid, args: [], workers: 2}\n"
+                        "  - {name: short, kind: md, molecule: ethanol}\n")
+    monkeypatch.setattr(campaign, "CAMPAIGN_YAML", job_file)
+    monkeypatch.setattr(campaign, "read_state", lambda job: None)
+    monkeypatch.setattr(campaign, "POLL_SECONDS", 0.2)
+    monkeypatch.setattr(campaign, "FILL_EVERY_S", 0.2)
+    started, procs = [], []
+
+    def launch(job, minutes, nice, worker=1):
+        started.append((job["name"], worker))
+        seconds = 1 if job["name"] == "short" else 3
+        procs.append(subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"]))
+        return campaign.Slot(job, procs[-1], tmp_path / f"{job['name']}.{worker}.log", time.time(), worker)
+    monkeypatch.setattr(campaign, "launch", launch)
+    t0 = time.time()
+    campaign.run(campaign.read_jobs(job_file), minutes=10, slots=2, every=60, names=["grid", "short"])
+    assert started == [("grid", 1), ("short", 1), ("grid", 2)] and time.time() - t0 < 30
+    assert all(p.poll() is not None for p in procs)
+    assert campaign.worker_file({"name": "g"}, 1, "running.pid") == campaign.RUNS_DIR / "g" / "running.pid"
+    assert campaign.worker_file({"name": "g"}, 2, "campaign.log").name == "campaign.w2.log"
+    for bad in ("0", "two"):
+        job_file.write_text(f"jobs:\n  - {{name: grid, kind: grid, args: [], workers: {bad}}}\n")
+        with pytest.raises(SystemExit, match="workers must be a whole number"):
+            campaign.read_jobs(job_file)
+    job_file.write_text("jobs:\n  - {name: m, kind: md, molecule: ethanol, workers: 2}\n")
+    with pytest.raises(SystemExit, match="unknown|belongs to a grid job|not \\['workers'\\]"):
+        campaign.read_jobs(job_file)
+
+
 def test_campaign_runner_survives_a_job_that_cannot_start_and_commits_when_killed(tmp_path, monkeypatch):
     """One job that cannot start (e.g. its pinned model is missing) costs that job, not the others; a SIGTERM to
     the runner ends its jobs and commits what they saved, instead of leaving them orphaned and the state
@@ -459,7 +494,7 @@ def test_campaign_runner_survives_a_job_that_cannot_start_and_commits_when_kille
     monkeypatch.setattr(campaign, "POLL_SECONDS", 0.2)
     procs, commits = [], []
 
-    def launch(job, minutes, nice):
+    def launch(job, minutes, nice, worker=1):
         if job["name"] == "broken":
             raise SystemExit("MD job broken: its state exists but its model does not")
         procs.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
@@ -721,7 +756,7 @@ def test_an_md_job_whose_trajectory_ends_gets_its_dft_check_in_the_same_invocati
     simulated = {**running_md, "step": 10, "ps_done": 300.0}
     monkeypatch.setattr(campaign, "read_state", lambda job: simulated if launches else running_md)
 
-    def launch(job, minutes, nice):
+    def launch(job, minutes, nice, worker=1):
         launches.append(job["name"])
         return campaign.Slot(job, subprocess.Popen([sys.executable, "-c", "pass"]), tmp_path / "log", time.time())
     monkeypatch.setattr(campaign, "launch", launch)
@@ -829,7 +864,7 @@ def test_campaign_runner_says_when_a_slot_stays_idle(tmp_path, monkeypatch, caps
     monkeypatch.setattr(campaign, "POLL_SECONDS", 0.2)
     monkeypatch.setattr(campaign, "FILL_EVERY_S", 0.2)
 
-    def launch(job, minutes, nice):
+    def launch(job, minutes, nice, worker=1):
         proc = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({3 if job['name'] == 'long' else 0})"])
         return campaign.Slot(job, proc, tmp_path / f"{job['name']}.log", time.time())
 
