@@ -457,6 +457,7 @@ def test_a_grid_job_with_workers_takes_the_slots_no_other_job_can_use(tmp_path, 
     monkeypatch.setattr(campaign, "POLL_SECONDS", 0.2)
     monkeypatch.setattr(campaign, "FILL_EVERY_S", 0.2)
     started, procs = [], []
+    real_launch = campaign.launch
 
     def launch(job, minutes, nice, worker=1):
         started.append((job["name"], worker))
@@ -468,8 +469,17 @@ def test_a_grid_job_with_workers_takes_the_slots_no_other_job_can_use(tmp_path, 
     campaign.run(campaign.read_jobs(job_file), minutes=10, slots=2, every=60, names=["grid", "short"])
     assert started == [("grid", 1), ("short", 1), ("grid", 2)] and time.time() - t0 < 30
     assert all(p.poll() is not None for p in procs)
-    assert campaign.worker_file({"name": "g"}, 1, "running.pid") == campaign.RUNS_DIR / "g" / "running.pid"
-    assert campaign.worker_file({"name": "g"}, 2, "campaign.log").name == "campaign.w2.log"
+    # a real second worker: its own log and pid file, seen as the job running here while it runs
+    monkeypatch.setattr(campaign, "RUNS_DIR", tmp_path / "runs")
+    monkeypatch.setattr(campaign, "STATE_DIR", tmp_path / "state")
+    job = {"name": "g", "kind": "grid", "threads": 1, "backbones": {},
+           "args": ["--methods", "scratch", "--molecules", "--properties", "--sizes", "50"]}
+    slot = real_launch(job, 5.0, 0, worker=2)
+    assert slot.label == "g (worker 2)" and slot.log_path == tmp_path / "runs" / "g" / "campaign.w2.log"
+    assert (tmp_path / "runs" / "g" / "running.w2.pid").read_text() == str(slot.proc.pid)
+    assert campaign.running_here(job) in (slot.proc.pid, None)           # None once it has ended (nothing to run)
+    assert slot.proc.wait(timeout=120) == 0 and campaign.running_here(job) is None
+    assert "--state" in slot.log_path.read_text() and not (tmp_path / "runs" / "g" / "campaign.log").exists()
     for bad in ("0", "two"):
         job_file.write_text(f"jobs:\n  - {{name: grid, kind: grid, args: [], workers: {bad}}}\n")
         with pytest.raises(SystemExit, match="workers must be a whole number"):
