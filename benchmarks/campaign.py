@@ -502,19 +502,15 @@ def launch(job: Dict, minutes: float, nice: int, worker: int = 1) -> Slot:
 
 def running_here(job: Dict) -> Optional[int]:
     """The pid of a runner's process (any of a grid job's workers) that is working on ``job`` on this machine now,
-    else None."""
+    else None (a zombie, exited but not yet collected, is not working)."""
+    from pretrain_finetune import process_tag
     for path in sorted((RUNS_DIR / job["name"]).glob("running*.pid")):
         try:
             pid = int(path.read_text())
-            os.kill(pid, 0)
         except (OSError, ValueError):
             continue
-        try:                                             # a zombie (exited, not yet collected) is not working
-            if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
-                continue
-        except (OSError, IndexError):
-            pass
-        return pid
+        if process_tag(pid) is not None:
+            return pid
     return None
 
 
@@ -718,8 +714,8 @@ def _run(running: List[Slot], minutes: float, slots: int, every: float, names: O
             busy = {(s.job["name"], s.worker) for s in running}
             order = schedule(listed, [n for n in names if n in known] if names else None)
             # every job's first process before any grid job's further workers (slots no other job can use)
-            candidates = [(job, 1) for job in order] + [(job, k) for k in range(2, 1 + max(
-                [int(j.get("workers") or 1) for j in order] or [1])) for job in order if int(job.get("workers") or 1) >= k]
+            most = max((j.get("workers", 1) for j in order), default=1)
+            candidates = [(job, k) for k in range(1, most + 1) for job in order if k <= job.get("workers", 1)]
             for job, worker in candidates:
                 if len(running) >= slots:
                     break

@@ -752,10 +752,10 @@ class GridState:
     """The finished cells of a grid in one small JSON (committed), rewritten atomically after each cell.
 
     Several processes may advance one grid side by side (a campaign grid job's ``workers``: one per core that is
-    free), given the same ``--state`` and ``--out``: each re-reads the file under a lock (``workers/grid.lock`` in
-    ``workers``, the --out folder's) before it records a cell, and claims a run before it starts it
-    (``workers/<run>.claim``, holding its pid and start time), so that no run is done twice and no recorded
-    cell is lost. A claim whose process has ended is stale and taken over."""
+    free), given the same ``--state`` and ``--out``: each re-reads the file under a lock (``<out>/workers/grid.lock``)
+    before it records a cell, and claims a run before it starts it (``<out>/workers/<run>.claim``, holding its pid
+    and start time), so that no run is done twice and no recorded cell is lost. A claim whose process has ended is
+    stale and taken over."""
 
     def __init__(self, path: Path, settings: Dict[str, Any], workers: Optional[Path] = None):
         self.path = path
@@ -965,7 +965,7 @@ def main(argv=None) -> int:
 
     left = elsewhere = 0
     index = -1
-    mine: Dict[str, List[Dict[str, Any]]] = {"forcefield": [], "qm9": []}    # every run of the grid, by table
+    grid_runs: Dict[str, List[Dict[str, Any]]] = {"forcefield": [], "qm9": []}   # the keys of every run, by table
 
     def minutes_left() -> float:
         return args.max_minutes - (time.time() - started) / 60
@@ -1016,7 +1016,7 @@ def main(argv=None) -> int:
         index += 1
         if shard and index % shard[1] != shard[0]:
             return None
-        mine[table].append(key)
+        grid_runs[table].append(key)
         row = grid.row(table, key) if grid else None
         if row is not None:
             return row
@@ -1089,7 +1089,7 @@ def main(argv=None) -> int:
     if grid:
         # complete when every run is recorded, by this process or another worker; a shard's state holds only its
         # own runs (merged afterwards), so it never is
-        grid.finish(None if shard else mine)
+        grid.finish(None if shard else grid_runs)
     if left:
         log(f"{left} run(s) left for a later invocation (--max-minutes {args.max_minutes:g})")
     if elsewhere:

@@ -477,9 +477,16 @@ def test_a_grid_job_with_workers_takes_the_slots_no_other_job_can_use(tmp_path, 
     slot = real_launch(job, 5.0, 0, worker=2)
     assert slot.label == "g (worker 2)" and slot.log_path == tmp_path / "runs" / "g" / "campaign.w2.log"
     assert (tmp_path / "runs" / "g" / "running.w2.pid").read_text() == str(slot.proc.pid)
-    assert campaign.running_here(job) in (slot.proc.pid, None)           # None once it has ended (nothing to run)
-    assert slot.proc.wait(timeout=120) == 0 and campaign.running_here(job) is None
+    assert slot.proc.wait(timeout=120) == 0 and campaign.running_here(job) is None      # nothing to run: ended
     assert "--state" in slot.log_path.read_text() and not (tmp_path / "runs" / "g" / "campaign.log").exists()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:                                                  # any worker's live process counts as the job running here
+        campaign.worker_file(job, 3, "running.pid").write_text(str(sleeper.pid))
+        assert campaign.running_here(job) == sleeper.pid
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert campaign.running_here(job) is None
     for bad in ("0", "two"):
         job_file.write_text(f"jobs:\n  - {{name: grid, kind: grid, args: [], workers: {bad}}}\n")
         with pytest.raises(SystemExit, match="workers must be a whole number"):
