@@ -53,6 +53,15 @@ MD_KEYS = {"name", "group", "kind", "molecule", "model", "ps", "replicas", "thre
            "compile", "priority", "after"}
 
 
+def sibling(name: str):
+    """A script of ``benchmarks/`` as a module (``pretrain_finetune``): they are not a package, and this file is also
+    imported from elsewhere (tests, ``campaign_gpu.py``), where ``benchmarks/`` need not be on the path."""
+    import importlib
+    if str(REPO / "benchmarks") not in sys.path:
+        sys.path.append(str(REPO / "benchmarks"))
+    return importlib.import_module(name)
+
+
 # ---------------------------------------------------------------------------- jobs
 POLL_SECONDS = 5.0        # the runner's tick: finished jobs collected, job file edits seen
 FILL_EVERY_S = 60.0       # a free slot is re-checked this often, and whenever a job ends or the job file changes
@@ -197,7 +206,7 @@ def grid_summary(g: Dict) -> Dict:
 def runs_in_progress(job: Dict) -> List[str]:
     """A grid's unfinished runs that carry on from a committed run state (``<state>.runs/<run>.pt``, e.g. a QM9 run
     with a step budget), as "<run> (step S of its run)"."""
-    import pretrain_finetune
+    pretrain_finetune = sibling("pretrain_finetune")
     folder = pretrain_finetune.run_states_folder(state_path(job))
     if not folder.is_dir():
         return []
@@ -503,7 +512,7 @@ def launch(job: Dict, minutes: float, nice: int, worker: int = 1) -> Slot:
 def running_here(job: Dict) -> Optional[int]:
     """The pid of a runner's process (any of a grid job's workers) that is working on ``job`` on this machine now,
     else None (a zombie, exited but not yet collected, is not working)."""
-    from pretrain_finetune import process_tag
+    process_tag = sibling("pretrain_finetune").process_tag
     for path in sorted((RUNS_DIR / job["name"]).glob("running*.pid")):
         try:
             pid = int(path.read_text())
@@ -862,7 +871,7 @@ def grid_tables(jobs: List[Dict]) -> List[str]:
     the state file) and one status line per grid for ``campaign.md``."""
     if not jobs:
         return []
-    import pretrain_finetune
+    pretrain_finetune = sibling("pretrain_finetune")
     lines = ["## Fine-tune grids", "", "| job | runs done | CPU-h | status | tables |", "|---|---:|---:|---|---|"]
     for job in jobs:
         g = json.loads(state_path(job).read_text()) if state_path(job).is_file() else None
@@ -1075,7 +1084,7 @@ def grid_cells_here(job: Dict) -> Dict[str, List[Dict]]:
     runs over many clones; the models of earlier pieces are gone, their rows stay). Each: the state's row plus
     ``run_dir``."""
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from pretrain_finetune import cell_dir
+    cell_dir = sibling("pretrain_finetune").cell_dir
     path = state_path(job)
     cells: Dict[str, List[Dict]] = {}
     for row in (json.loads(path.read_text()) if path.is_file() else {}).get("forcefield") or []:
