@@ -444,17 +444,22 @@ def test_campaign_runner_gives_the_slot_of_a_job_marked_stopped_to_the_next_one(
     assert started == ["first", "second"] and time.time() - t0 < 30      # ended early, not after its 60 s
 
 
-def test_a_grid_job_with_workers_takes_the_slots_no_other_job_can_use(tmp_path, monkeypatch):
-    """workers: 2 on a grid job: its second process starts only when a slot is left after every job's first
-    process (here when the other job ends), once per invocation; the first worker's files keep their names."""
-    import threading
+def runner_on_jobs(tmp_path, monkeypatch, jobs: str):
+    """The campaign module, its job file replaced by ``jobs:`` + ``jobs`` (YAML lines), no job state, a fast tick."""
     campaign = import_campaign()
     job_file = tmp_path / "campaign.yaml"
-    job_file.write_text("jobs:\n  - {name: grid, kind: grid, args: [], workers: 2}\n"
-                        "  - {name: short, kind: md, molecule: ethanol}\n")
+    job_file.write_text("jobs:\n" + jobs)
     monkeypatch.setattr(campaign, "CAMPAIGN_YAML", job_file)
     monkeypatch.setattr(campaign, "read_state", lambda job: None)
     monkeypatch.setattr(campaign, "POLL_SECONDS", 0.2)
+    return campaign, job_file
+
+
+def test_a_grid_job_with_workers_takes_the_slots_no_other_job_can_use(tmp_path, monkeypatch):
+    """workers: 2 on a grid job: its second process starts only when a slot is left after every job's first
+    process (here when the other job ends), once per invocation; the first worker's files keep their names."""
+    campaign, job_file = runner_on_jobs(tmp_path, monkeypatch, "  - {name: grid, kind: grid, args: [], workers: 2}\n"
+                                                               "  - {name: short, kind: md, molecule: ethanol}\n")
     monkeypatch.setattr(campaign, "FILL_EVERY_S", 0.2)
     started, procs = [], []
     real_launch = campaign.launch
@@ -502,13 +507,8 @@ def test_campaign_runner_survives_a_job_that_cannot_start_and_commits_when_kille
     uncommitted; no job starts with less than a few minutes left."""
     import signal
     import threading
-    campaign = import_campaign()
-    job_file = tmp_path / "campaign.yaml"
-    job_file.write_text("jobs:\n  - {name: broken, kind: md, molecule: ethanol}\n"
-                        "  - {name: sleeper, kind: md, molecule: ethanol}\n")
-    monkeypatch.setattr(campaign, "CAMPAIGN_YAML", job_file)
-    monkeypatch.setattr(campaign, "read_state", lambda job: None)
-    monkeypatch.setattr(campaign, "POLL_SECONDS", 0.2)
+    campaign, job_file = runner_on_jobs(tmp_path, monkeypatch, "  - {name: broken, kind: md, molecule: ethanol}\n"
+                                                               "  - {name: sleeper, kind: md, molecule: ethanol}\n")
     procs, commits = [], []
 
     def launch(job, minutes, nice, worker=1):
