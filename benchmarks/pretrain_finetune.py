@@ -31,6 +31,7 @@ in a small JSON that is committed (cells in it are never run again; an interrupt
 Leakage: the corpus drops the fine-tuning molecules (strict protocol) unless the corpus file says otherwise.
 """
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -765,23 +766,20 @@ class GridState:
         with self._locked():
             self._refresh()
 
+    @contextlib.contextmanager
     def _locked(self):
         """An exclusive lock on the grid among the processes that share ``workers`` (none without it)."""
-        import contextlib
-        import fcntl
         if self.workers is None:
-            return contextlib.nullcontext()
-
-        @contextlib.contextmanager
-        def held():
-            self.workers.mkdir(parents=True, exist_ok=True)
-            with open(self.workers / "grid.lock", "a") as fh:
-                fcntl.flock(fh, fcntl.LOCK_EX)
-                try:
-                    yield
-                finally:
-                    fcntl.flock(fh, fcntl.LOCK_UN)
-        return held()
+            yield
+            return
+        import fcntl
+        self.workers.mkdir(parents=True, exist_ok=True)
+        with open(self.workers / "grid.lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def _refresh(self) -> None:
         """The file as it is now (other workers' cells too)."""
