@@ -318,11 +318,11 @@ def run_property(prop: str, method: str, pretrained: Optional[Path], args, smoke
         # equal optimiser steps: whole epochs of --qm9-epoch-steps, all of them taken (no early stop)
         epochs = -(-args.qm9_steps // args.qm9_epoch_steps)
         pc.update(epochs=epochs, epoch_steps=args.qm9_epoch_steps, early_stop_patience=epochs + 1,
-                  data_dir=args.data_dir, threads=args.threads)
+                  data_dir=args.data_dir, threads=args.threads, lr_schedule=getattr(args, "qm9_schedule", "plateau"))
     else:
         pc.update(epochs=args.qm9_epochs, max_minutes=args.qm9_minutes or args.finetune_minutes,
                   max_cpu_minutes=args.qm9_cpu_minutes or args.finetune_cpu_minutes,
-                  data_dir=args.data_dir, threads=args.threads)
+                  data_dir=args.data_dir, threads=args.threads, lr_schedule=getattr(args, "qm9_schedule", "plateau"))
         if resume:         # the budgets are the run's, not each invocation's: what a killed invocation used counts
             used = budget_used_minutes(out)
             for key in ("max_minutes", "max_cpu_minutes"):
@@ -678,7 +678,10 @@ def grid_settings(args, backbones: Dict[str, Path]) -> Dict[str, Any]:
                             if args.finetune_steps else {})},
             "qm9": {"train_size": args.qm9_train_size,
                     **({"steps": args.qm9_steps, "epoch_steps": args.qm9_epoch_steps} if args.qm9_steps else
-                       {"epochs": args.qm9_epochs, "cpu_minutes": args.qm9_cpu_minutes})},
+                       {"epochs": args.qm9_epochs, "cpu_minutes": args.qm9_cpu_minutes}),
+                    # recorded only when not the default, so that grids from before the option keep their settings
+                    **({"schedule": args.qm9_schedule} if getattr(args, "qm9_schedule", "plateau") != "plateau"
+                       else {})},
             "md": {"ps": args.md_ps, "replicas": args.md_replicas}}
 
 
@@ -910,6 +913,9 @@ def main(argv=None) -> int:
     p.add_argument("--qm9-epoch-steps", type=int, default=QM9_EPOCH_STEPS,
                    help="steps between validations of a QM9 run with --qm9-steps (a pass of the 110,000 training "
                         "molecules is 3,438 steps of 32)")
+    p.add_argument("--qm9-schedule", choices=["plateau", "cosine"], default="plateau",
+                   help="learning-rate schedule of QM9 runs: plateau (cut after stalled validations) or cosine "
+                        "(down to the floor over the run's steps, so that equal budgets end on settled models)")
     p.add_argument("--qm9-minutes", type=float, help="wall-clock cap per QM9 run (default: --finetune-minutes)")
     p.add_argument("--qm9-train-size", type=int, help="default: the whole QM9 train split")
     p.add_argument("--md-ps", type=float, default=0.0,

@@ -388,6 +388,28 @@ def test_compile_reaches_the_et_property_runs_only(tmp_path, monkeypatch):
         assert seen == {"scratch": flag, "scratch-egnn": False}
 
 
+def test_the_qm9_schedule_reaches_the_runs_and_the_grid_settings_name_it_only_when_cosine(tmp_path, monkeypatch):
+    """--qm9-schedule cosine trains every QM9 run with the cosine schedule and is part of the grid's settings (a
+    grid of plateau runs is another grid); the default adds nothing, so grids from before the option match."""
+    p = pretrain_finetune
+    seen = {}
+    monkeypatch.setattr(p, "finetune_property",
+                        lambda pre, cfg, out, **k: seen.update({out.parents[2].name: cfg.lr_schedule})
+                        or {"test_mae": 1.0})
+    monkeypatch.setattr(p, "validation_curve", lambda out: [])
+    settings = {}
+    for schedule in ("plateau", "cosine"):
+        args = p.argparse.Namespace(
+            out=str(tmp_path / schedule), layer_decay=None, qm9_steps=3000, qm9_epoch_steps=1000,
+            qm9_schedule=schedule, qm9_train_size=None, data_dir=None, threads=1, hidden=16, layers=2, heads=None,
+            no_progress=True, cell_deadline_minutes=None, finetune_minutes=None, finetune_cpu_minutes=None,
+            finetune_epochs=None, finetune_steps=None, md_ps=0.0, md_replicas=1)
+        p.run_property("gap", "scratch", None, args, None, lambda *a: None)
+        settings[schedule] = p.grid_settings(args, {})
+    assert seen == {"plateau": "plateau", "cosine": "cosine"}
+    assert "schedule" not in settings["plateau"]["qm9"] and settings["cosine"]["qm9"]["schedule"] == "cosine"
+
+
 def test_a_step_budget_gives_every_training_set_size_one_schedule_in_steps():
     """--finetune-steps is equal compute: each run takes all its steps (whole epochs, no early stop, a learning-rate
     floor it cannot reach), with the plateau patience counted in steps, whatever the epoch length."""

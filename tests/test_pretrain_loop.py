@@ -18,6 +18,7 @@ from forcefield.pretrain.finetune import (
 from forcefield.pretrain.property import PropertyConfig, PropertyTrainer
 from forcefield.pretrain.trainer import Pretrainer, pretrain_config_from_dict
 from forcefield.train.config import config_from_dict
+from forcefield.train.loop import cosine_lr_factor
 from tests.helpers import ETHANOL_R, ETHANOL_Z
 
 DATA = Path(os.environ["OREO_DATA_DIR"])
@@ -316,6 +317,44 @@ def test_property_training_in_epochs_of_steps_resumes_exactly_and_refuses_other_
     assert all(torch.equal(v, straight.model.state_dict()[k]) for k, v in resumed.model.state_dict().items())
     with pytest.raises(ValueError, match="epoch_steps"):
         make(tmp_path / "b", 3, epoch_steps=2).fit(resume=True)
+
+
+def test_the_cosine_factor_rises_over_the_warmup_then_falls_to_its_floor_at_the_last_step():
+    f = [cosine_lr_factor(s, 4, 20, floor=0.01) for s in range(25)]
+    assert f[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])                  # linear warm-up
+    assert f[4] == pytest.approx(1.0) and f[12] == pytest.approx(0.505)   # half-way down: (1 + floor) / 2
+    assert all(a > b for a, b in zip(f[4:20], f[5:21]))                   # falls every step after it
+    assert f[20:] == pytest.approx([0.01] * 5)                             # the floor, and after the last step
+
+
+@pytest.mark.skipif(not QM9_DB.is_file(), reason="SchNetPack QM9 test database not found")
+def test_property_training_with_the_cosine_schedule_follows_it_and_resumes_exactly(tmp_path):
+    """lr_schedule cosine: each step's rate is lr * cosine_lr_factor(step) over the run's epochs x epoch_steps (no
+    plateau cuts), the lr floor does not end the run early, and a run cut by its time budget and resumed takes the
+    same steps as one that was not (the rate depends on the step alone)."""
+    def make(out, max_minutes=None, schedule="cosine"):
+        cfg = PropertyConfig(property="gap", source=str(QM9_DB), split="random", train_size=8, val_size=4,
+                             test_size=4, epochs=3, epoch_steps=3, batch_size=4, lr=1e-3, lr_min=1e-5,
+                             lr_warmup_steps=1, lr_schedule=schedule, lr_patience=0, lr_factor=0.1,
+                             max_minutes=max_minutes, dtype="float64",
+                             model={"name": "et", "hidden": 16, "num_layers": 1, "num_heads": 2, "num_rbf": 8,
+                                    "cutoff": 4.0})
+        return PropertyTrainer(cfg, out, progress=False, log=lambda s: None)
+    straight = make(tmp_path / "a")
+    metrics = straight.fit()
+    assert straight.step == 9 and metrics["stop_reason"] == "all 3 epochs done"
+    with open(tmp_path / "a" / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    # each epoch's row has the rate of its last step (patience 0 would have cut a plateau schedule every epoch)
+    assert [float(r["lr"]) for r in rows] == pytest.approx([1e-3 * cosine_lr_factor(s, 1, 9, 1e-2)
+                                                            for s in (2, 5, 8)])
+    make(tmp_path / "b", max_minutes=1e-9).fit()                  # stops after its first epoch (time budget)
+    resumed = make(tmp_path / "b")
+    resumed.fit(resume=True)
+    assert resumed.step == 9
+    assert all(torch.equal(v, straight.model.state_dict()[k]) for k, v in resumed.model.state_dict().items())
+    with pytest.raises(ValueError, match=r"unknown learning-rate schedule lr_schedule: 'linear'; use plateau"):
+        make(tmp_path / "c", schedule="linear")
 
 
 @pytest.mark.skipif(not QM9_DB.is_file(), reason="SchNetPack QM9 test database not found")

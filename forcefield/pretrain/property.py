@@ -56,6 +56,8 @@ class PropertyConfig:
     batch_size: int = 32
     lr: float = 5e-4
     lr_warmup_steps: int = 1000
+    lr_schedule: str = "plateau"            # plateau (cut by lr_factor after lr_patience stalled validations) |
+                                            # cosine (down to lr_min over the epochs: a fixed budget's steady end)
     lr_factor: float = 0.8
     lr_patience: int = 10
     lr_min: float = 1e-6
@@ -183,7 +185,7 @@ def _property_splits(cfg: PropertyConfig):
 
 
 class PropertyTrainer(EpochTrainer):
-    """QM9 property regression: AdamW (layer-wise rates optional), warm-up, reduce-on-plateau, early stopping;
+    """QM9 property regression: AdamW (layer-wise rates optional), warm-up, reduce-on-plateau or cosine, early stopping;
     ``last.pt`` every epoch (resumable), ``best.pt`` (best validation MAE), ``metrics.csv``,
     ``learning_curve.png``, ``test_metrics.json``."""
     checkpoint_format = PROPERTY_CHECKPOINT_FORMAT

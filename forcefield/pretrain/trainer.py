@@ -12,7 +12,6 @@ rank ``r`` only on (seed, s, r), and the optimiser and scheduler states are rest
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from ..files import atomic_torch_save, atomic_write_text, write_json
 from ..io import model_record
 from ..potential import Potential
 from ..settings import from_mapping, read_yaml
-from ..train.loop import Panel, TrainingRun, adamw, load_optimizer_state, optimizer_step
+from ..train.loop import Panel, TrainingRun, adamw, cosine_lr_factor, load_optimizer_state, optimizer_step
 from .corpus import Corpus, CorpusConfig, EpochSampler, corpus_config_from_obj
 from .corpus_pack import open_corpus
 from .distributed import DistInfo, all_reduce_mean, barrier
@@ -181,12 +180,7 @@ class Pretrainer(TrainingRun):
     # ------------------------------------------------------------------ schedule
     def _lr_factor(self, step: int) -> float:
         o = self.cfg.optim
-        if o.warmup_steps > 0 and step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        span = max(self.total_steps - o.warmup_steps, 1)
-        progress = min(max(step - o.warmup_steps, 0) / span, 1.0)
-        floor = o.min_lr / o.lr if o.lr > 0 else 0.0
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return cosine_lr_factor(step, o.warmup_steps, self.total_steps, o.min_lr / o.lr if o.lr > 0 else 0.0)
 
     # ------------------------------------------------------------------ one step
     def train_step(self, frames: np.ndarray) -> Dict[str, float]:

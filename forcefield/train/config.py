@@ -41,6 +41,7 @@ class OptimConfig:
     batch_size: int = 8
     lr: float = 4e-4
     lr_warmup_steps: int = 1000
+    lr_schedule: str = "plateau"     # plateau | cosine (to lr_min over the epochs: for a run of fixed length)
     lr_factor: float = 0.8           # reduce-on-plateau factor
     lr_patience: int = 15            # validations (epochs, with val_every 1) without improvement before the lr drops
     lr_min: float = 1e-7

@@ -11,8 +11,9 @@
 - the refusal to overwrite another run, and the errors that say how to resume.
 
 :class:`EpochTrainer` adds the epoch loop of supervised training (shuffled mini-batches, validation,
-reduce-on-plateau, best model, early stopping). Users: :class:`~forcefield.train.trainer.Trainer` (energies and
-forces; fine-tuning subclasses it), :class:`~forcefield.pretrain.property.PropertyTrainer` (QM9 properties) and
+reduce-on-plateau or a cosine schedule, best model, early stopping). Users:
+:class:`~forcefield.train.trainer.Trainer` (energies and forces; fine-tuning subclasses it),
+:class:`~forcefield.pretrain.property.PropertyTrainer` (QM9 properties) and
 :class:`~forcefield.pretrain.trainer.Pretrainer` (its own step loop, on :class:`TrainingRun`).
 """
 import csv
@@ -30,7 +31,14 @@ from ..files import atomic_torch_save, atomic_write_text, on_cpu
 from .runstate import is_runstate, pack_checkpoint, unpack_runstate
 
 __all__ = ["Panel", "TrainingRun", "EpochTrainer", "adamw", "load_optimizer_state", "adamw_with_plateau", "warmup_lr",
-           "optimizer_step", "early_stop_reason"]
+           "cosine_lr_factor", "LR_SCHEDULES", "optimizer_step", "early_stop_reason"]
+
+# the learning-rate schedules of an epoch loop (``lr_schedule`` of its options): ``plateau`` cuts the rate by
+# ``lr_factor`` after ``lr_patience`` validations without improvement (a run of unknown length: it ends by early
+# stopping); ``cosine`` takes it from the warm-up's rate to ``lr_min`` along half a cosine over the run's known
+# number of steps (``epochs`` of ``epoch_steps``), so that a fixed-budget run ends on a settled model rather than
+# wherever a constant rate's noise left it
+LR_SCHEDULES = ("plateau", "cosine")
 
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters, grad_clip: float, step: int,
@@ -122,6 +130,15 @@ def warmup_lr(optimizer: torch.optim.Optimizer, step: int, warmup_steps: int) ->
         w = min(1.0, (step + 1) / warmup_steps)
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * w
+
+
+def cosine_lr_factor(step: int, warmup_steps: int, total_steps: int, floor: float = 0.0) -> float:
+    """The rate at optimiser step ``step`` as a fraction of the peak: a linear rise over ``warmup_steps``, then half a
+    cosine from 1 down to ``floor`` at ``total_steps`` (and ``floor`` after it)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(max(step - warmup_steps, 0) / max(total_steps - warmup_steps, 1), 1.0)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class TrainingRun:
@@ -334,8 +351,13 @@ class EpochTrainer(TrainingRun):
     is lower for better models), :meth:`save_best`, :meth:`epoch_row`, :meth:`epoch_line`, :meth:`test`."""
 
     def __init__(self, out, opts, **kwargs):
+        schedule = getattr(opts, "lr_schedule", "plateau")
+        if schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown learning-rate schedule lr_schedule: '{schedule}'; use plateau (cut the rate "
+                             f"when validation stalls) or cosine (down to lr_min over the run's epochs)")
         super().__init__(out, **kwargs)
         self.opts = opts
+        self.lr_schedule = schedule
         self.epoch = 0
         self.step = 0
         self.best_val = math.inf
@@ -370,6 +392,22 @@ class EpochTrainer(TrainingRun):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ the loop
+    def steps_per_epoch(self) -> int:
+        o = self.opts
+        return int(getattr(o, "epoch_steps", None) or 0) or -(-self.n_train() // o.batch_size)
+
+    def set_step_lr(self) -> None:
+        """Each group's rate for the step about to be taken: the warm-up (then the plateau schedule's cuts), or the
+        cosine schedule's rate, which depends on the step alone (the same after a resume)."""
+        o = self.opts
+        if self.lr_schedule == "plateau":
+            warmup_lr(self.optimizer, self.step, o.lr_warmup_steps)
+            return
+        f = cosine_lr_factor(self.step, o.lr_warmup_steps, int(o.epochs) * self.steps_per_epoch(),
+                             o.lr_min / o.lr if o.lr > 0 else 0.0)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * f
+
     def epoch_batches(self) -> List[np.ndarray]:
         """The batches of the epoch about to run: one pass over the training set in a seeded order (the same on
         resume), or, with ``opts.epoch_steps`` (a large set such as QM9, whose pass would leave validation, the
@@ -406,7 +444,7 @@ class EpochTrainer(TrainingRun):
         total, count = 0.0, 0
         params = list(self.model.parameters())   # once an epoch, not a walk of the module tree every step
         for idx in it:
-            warmup_lr(self.optimizer, self.step, o.lr_warmup_steps)
+            self.set_step_lr()
             loss = self.batch_loss(idx)
             optimizer_step(loss, self.optimizer, params, o.grad_clip, self.step, self.last_path,
                            what=self.what)
@@ -426,7 +464,7 @@ class EpochTrainer(TrainingRun):
             raise FloatingPointError(f"validation loss is {val['score']} after epoch {self.epoch}: the model "
                                      f"diverged; lower the learning rate and start again (or resume from an "
                                      f"earlier run)")
-        if self.step > o.lr_warmup_steps:
+        if self.step > o.lr_warmup_steps and self.lr_schedule == "plateau":
             self.scheduler.step(val["score"])
         self.tick()
         improved = val["score"] < self.best_val
@@ -443,7 +481,8 @@ class EpochTrainer(TrainingRun):
     def why_stop(self) -> str:
         o = self.opts
         return early_stop_reason(self.epochs_since_best, o.early_stop_patience, self.optimizer.param_groups[0]["lr"],
-                                 o.lr_min, self.step, o.lr_warmup_steps, self.seconds_this_invocation(),
+                                 o.lr_min if self.lr_schedule == "plateau" else 0.0,   # cosine: the epochs end it
+                                 self.step, o.lr_warmup_steps, self.seconds_this_invocation(),
                                  o.max_minutes, self.cpu_seconds_this_invocation(), o.max_cpu_minutes)
 
     def fit(self, resume: bool = False) -> Dict[str, Any]:
