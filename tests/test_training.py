@@ -1,4 +1,5 @@
 """Training: the loss goes down, a killed run resumes exactly, configs and the CLI fail clearly."""
+import csv
 import json
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 from forcefield.cli import main as oreo
 from forcefield.io import load_potential
 from forcefield.train import Trainer, config_from_dict
+from forcefield.train.loop import cosine_lr_factor
 from tests.helpers import TINY_TRAIN_CFG, tiny_train_config
 
 _cfg = tiny_train_config
@@ -24,6 +26,21 @@ def test_training_lowers_the_error(tmp_path):
         assert (tmp_path / "run" / name).is_file(), name
     meta = load_potential(tmp_path / "run" / "best.pt").metadata
     assert len(meta["train_frame_ids"]) == 24 and meta["molecule"] == "ethanol"
+
+
+def test_training_with_the_cosine_schedule_ends_at_its_floor(tmp_path):
+    """optim.lr_schedule cosine: 6 epochs of 6 steps, the rate of each epoch's last step read from metrics.csv
+    follows lr * cosine_lr_factor down to lr_min (no plateau cut, no stop on the floor), and the error falls."""
+    trainer = Trainer(_cfg(lr_schedule="cosine", lr_min=5e-5, lr_patience=0), tmp_path / "run", progress=False,
+                      log=lambda s: None)
+    before = trainer.validate()["forces_mae_meV_per_A"]
+    metrics = trainer.fit()
+    assert trainer.step == 36 and metrics["stop_reason"] == "all 6 epochs done"
+    with open(tmp_path / "run" / "metrics.csv") as fh:
+        rates = [float(row["lr"]) for row in csv.DictReader(fh)]
+    assert rates == pytest.approx([5e-3 * cosine_lr_factor(6 * e - 1, 2, 36, 1e-2) for e in range(1, 7)])
+    assert rates[-1] < 1e-4                                     # close to lr_min = 5e-5 at the last step
+    assert trainer.validate()["forces_mae_meV_per_A"] < before
 
 
 @pytest.mark.slow
