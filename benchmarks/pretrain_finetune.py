@@ -53,6 +53,7 @@ from forcefield.pretrain.finetune import FinetuneOptions, finetune_forcefield  #
 from forcefield.pretrain.property import PropertyConfig, finetune_property  # noqa: E402
 from forcefield.pretrain.trainer import Pretrainer, pretrain_config_from_dict  # noqa: E402
 from forcefield.train import Trainer, config_from_dict  # noqa: E402
+from forcefield.train.loop import LR_SCHEDULES  # noqa: E402
 
 CONFIGS = ROOT / "examples" / "configs"
 QM9_TEST_MINUTES = 5.0        # wall minutes kept after a QM9 run's budget for its test (10,831 molecules)
@@ -913,7 +914,7 @@ def main(argv=None) -> int:
     p.add_argument("--qm9-epoch-steps", type=int, default=QM9_EPOCH_STEPS,
                    help="steps between validations of a QM9 run with --qm9-steps (a pass of the 110,000 training "
                         "molecules is 3,438 steps of 32)")
-    p.add_argument("--qm9-schedule", choices=["plateau", "cosine"], default="plateau",
+    p.add_argument("--qm9-schedule", choices=LR_SCHEDULES, default="plateau",
                    help="learning-rate schedule of QM9 runs: plateau (cut after stalled validations) or cosine "
                         "(down to the floor over the run's steps, so that equal budgets end on settled models)")
     p.add_argument("--qm9-minutes", type=float, help="wall-clock cap per QM9 run (default: --finetune-minutes)")
