@@ -18,10 +18,10 @@ them, every 45 minutes and when the runner ends, so that a piece cut short loses
 checkpoints, trajectories and logs stay in ``runs/campaign/<job>/``.
 
 The runner keeps ``--slots`` jobs running (default: cores / threads per job; a grid job with ``workers: K`` may
-fill up to K of them, its further processes only on slots every job's first process has left free), each pinned to its threads and
-started with ``nice`` so that interactive work goes first, prints a progress line every ``--every`` seconds,
-and at the end writes ``benchmarks/results/campaign/``: ``campaign.md`` (a table per group of jobs),
-``campaign.json``, and ``learning_curves.png`` (validation force MAE against cumulative CPU-hours).
+fill up to K of them, its further processes only on slots every job's first process has left free), each pinned
+to its threads and started with ``nice`` so that interactive work goes first, prints a progress line every
+``--every`` seconds, and at the end writes ``benchmarks/results/campaign/``: ``campaign.md`` (a table per group of
+jobs), ``campaign.json``, and ``learning_curves.png`` (validation force MAE against cumulative CPU-hours).
 """
 import argparse
 import csv
@@ -478,8 +478,8 @@ def stop_marked_jobs(running: List["Slot"], jobs: List[Dict]) -> List["Slot"]:
 
 
 def worker_file(job: Dict, worker: int, name: str) -> Path:
-    """A runner's file of one of a job's processes: ``runs/campaign/<job>/<name>`` for its first, ``<stem>.w<k><suffix>``
-    for a grid job's further workers (``campaign.w2.log``, ``running.w2.pid``)."""
+    """A runner's file of one of a job's processes: ``runs/campaign/<job>/<name>`` for its first,
+    ``<stem>.w<k><suffix>`` for a grid job's further workers (``campaign.w2.log``, ``running.w2.pid``)."""
     path = RUNS_DIR / job["name"] / name
     return path if worker == 1 else path.with_name(f"{path.stem}.w{worker}{path.suffix}")
 
@@ -1083,7 +1083,6 @@ def grid_cells_here(job: Dict) -> Dict[str, List[Dict]]:
     finished (not failed) whose folder below ``runs/campaign/<job>/finetune/`` still has its ``best.pt`` (a grid
     runs over many clones; the models of earlier pieces are gone, their rows stay). Each: the state's row plus
     ``run_dir``."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
     cell_dir = sibling("pretrain_finetune").cell_dir
     path = state_path(job)
     cells: Dict[str, List[Dict]] = {}

@@ -312,18 +312,18 @@ def run_property(prop: str, method: str, pretrained: Optional[Path], args, smoke
     state_file = qm9_run_state(args, prop, method)
     resume = (out / "last.pt").is_file() or (state_file is not None and state_file.is_file())
     log(f"[qm9 {prop} {method}] " + ("resuming" if resume else "starting"))
-    pc: Dict[str, Any] = {"property": prop, "layer_decay": args.layer_decay}
+    pc: Dict[str, Any] = {"property": prop, "layer_decay": args.layer_decay, "lr_schedule": args.qm9_schedule}
     if smoke:
         pc.update(smoke["property"])
     elif getattr(args, "qm9_steps", None):
         # equal optimiser steps: whole epochs of --qm9-epoch-steps, all of them taken (no early stop)
         epochs = -(-args.qm9_steps // args.qm9_epoch_steps)
         pc.update(epochs=epochs, epoch_steps=args.qm9_epoch_steps, early_stop_patience=epochs + 1,
-                  data_dir=args.data_dir, threads=args.threads, lr_schedule=getattr(args, "qm9_schedule", "plateau"))
+                  data_dir=args.data_dir, threads=args.threads)
     else:
         pc.update(epochs=args.qm9_epochs, max_minutes=args.qm9_minutes or args.finetune_minutes,
                   max_cpu_minutes=args.qm9_cpu_minutes or args.finetune_cpu_minutes,
-                  data_dir=args.data_dir, threads=args.threads, lr_schedule=getattr(args, "qm9_schedule", "plateau"))
+                  data_dir=args.data_dir, threads=args.threads)
         if resume:         # the budgets are the run's, not each invocation's: what a killed invocation used counts
             used = budget_used_minutes(out)
             for key in ("max_minutes", "max_cpu_minutes"):
@@ -681,8 +681,7 @@ def grid_settings(args, backbones: Dict[str, Path]) -> Dict[str, Any]:
                     **({"steps": args.qm9_steps, "epoch_steps": args.qm9_epoch_steps} if args.qm9_steps else
                        {"epochs": args.qm9_epochs, "cpu_minutes": args.qm9_cpu_minutes}),
                     # recorded only when not the default, so that grids from before the option keep their settings
-                    **({"schedule": args.qm9_schedule} if getattr(args, "qm9_schedule", "plateau") != "plateau"
-                       else {})},
+                    **({"schedule": args.qm9_schedule} if args.qm9_schedule != "plateau" else {})},
             "md": {"ps": args.md_ps, "replicas": args.md_replicas}}
 
 
@@ -791,7 +790,8 @@ class GridState:
             old = json.loads(self.path.read_text())
             if old.get("settings") != self.settings:
                 raise SystemExit(f"--state {self.path}: its cells were run with other settings "
-                                 f"({old.get('settings')}); use the same backbones and budgets, or another --state file")
+                                 f"({old.get('settings')}); use the same backbones and budgets, or another "
+                                 f"--state file")
             self.data = old
 
     def _find(self, table: str, key: Dict[str, Any]) -> Optional[Dict]:

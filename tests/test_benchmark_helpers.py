@@ -310,7 +310,8 @@ def test_the_grids_compile_flag_compiles_et_runs_only_and_leaves_the_cells_compa
     args = {c: p.argparse.Namespace(compile=c, finetune_minutes=None, finetune_cpu_minutes=None, finetune_epochs=None,
                                     finetune_steps=100, cell_deadline_minutes=None, device="cpu", data_dir=None,
                                     threads=1, hidden=16, layers=2, heads=None, layer_decay=None, qm9_epochs=300,
-                                    qm9_cpu_minutes=None, qm9_train_size=None, qm9_steps=None, md_ps=0.0, md_replicas=1)
+                                    qm9_cpu_minutes=None, qm9_train_size=None, qm9_steps=None, qm9_schedule="plateau",
+                                    md_ps=0.0, md_replicas=1)
             for c in (False, True)}
     methods = ("scratch", "et-oro", "et-oreo", "3d-emgp", "denoise", "scratch-egnn", "3d-emgp-egnn")
     compiled = {m: p.finetune_config("ethanol", 50, args[True], None, {}, 1, m)["optim"].get("compile", False)
@@ -367,7 +368,8 @@ def test_a_resumed_qm9_run_gets_what_is_left_of_its_budget(tmp_path, monkeypatch
     args = pretrain_finetune.argparse.Namespace(out=str(tmp_path), layer_decay=None, qm9_epochs=10, qm9_minutes=None,
                                                 finetune_minutes=None, qm9_cpu_minutes=60.0, finetune_cpu_minutes=None,
                                                 data_dir=None, threads=1, qm9_train_size=None, hidden=16, layers=2,
-                                                heads=None, no_progress=True, cell_deadline_minutes=None)
+                                                heads=None, no_progress=True, cell_deadline_minutes=None,
+                                                qm9_schedule="plateau")
     pretrain_finetune.run_property("gap", "scratch", None, args, None, lambda *a: None)
     assert seen["cpu"] == pytest.approx(40.0)
 
@@ -382,7 +384,7 @@ def test_compile_reaches_the_et_property_runs_only(tmp_path, monkeypatch):
         args = pretrain_finetune.argparse.Namespace(
             out=str(tmp_path / str(flag)), layer_decay=None, qm9_epochs=10, qm9_minutes=None, finetune_minutes=None,
             qm9_cpu_minutes=60.0, finetune_cpu_minutes=None, data_dir=None, threads=1, qm9_train_size=None, hidden=16,
-            layers=2, heads=None, no_progress=True, cell_deadline_minutes=None, compile=flag)
+            layers=2, heads=None, no_progress=True, cell_deadline_minutes=None, compile=flag, qm9_schedule="plateau")
         for method in ("scratch", "scratch-egnn"):
             pretrain_finetune.run_property("gap", method, None, args, None, lambda *a: None)
         assert seen == {"scratch": flag, "scratch-egnn": False}
@@ -538,7 +540,7 @@ def test_a_resumed_qm9_run_that_spends_its_own_wall_budget_is_recorded(tmp_path,
     args = p.argparse.Namespace(out=str(tmp_path), layer_decay=None, qm9_epochs=10, qm9_minutes=60.0,
                                 finetune_minutes=None, qm9_cpu_minutes=None, finetune_cpu_minutes=None, data_dir=None,
                                 threads=1, qm9_train_size=None, hidden=16, layers=2, heads=None, no_progress=True,
-                                cell_deadline_minutes=25.0)
+                                cell_deadline_minutes=25.0, qm9_schedule="plateau")
     assert p.run_property("gap", "scratch", None, args, None, lambda *a: None)["test_mae"] == 3.0
     assert seen["max_minutes"] == pytest.approx(10.0)
 

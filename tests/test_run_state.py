@@ -413,15 +413,22 @@ def test_campaign_ends_a_running_job_that_the_job_file_marks_stopped(tmp_path):
             p.wait()
 
 
-def test_campaign_runner_gives_the_slot_of_a_job_marked_stopped_to_the_next_one(tmp_path, monkeypatch):
-    import threading
+def runner_on_jobs(tmp_path, monkeypatch, jobs: str):
+    """The campaign module, its job file replaced by ``jobs:`` + ``jobs`` (YAML lines), no job state, a fast tick."""
     campaign = import_campaign()
     job_file = tmp_path / "campaign.yaml"
-    md = "{name: %s, kind: md, molecule: ethanol%s}"
-    job_file.write_text("jobs:\n  - " + md % ("first", "") + "\n  - " + md % ("second", "") + "\n")
+    job_file.write_text("jobs:\n" + jobs)
     monkeypatch.setattr(campaign, "CAMPAIGN_YAML", job_file)
     monkeypatch.setattr(campaign, "read_state", lambda job: None)
     monkeypatch.setattr(campaign, "POLL_SECONDS", 0.2)
+    return campaign, job_file
+
+
+def test_campaign_runner_gives_the_slot_of_a_job_marked_stopped_to_the_next_one(tmp_path, monkeypatch):
+    import threading
+    md = "{name: %s, kind: md, molecule: ethanol%s}"
+    campaign, job_file = runner_on_jobs(tmp_path, monkeypatch,
+                                        "  - " + md % ("first", "") + "\n  - " + md % ("second", "") + "\n")
     started = []
 
     def launch(job, minutes, nice, worker=1):
@@ -442,17 +449,6 @@ def test_campaign_runner_gives_the_slot_of_a_job_marked_stopped_to_the_next_one(
     campaign.run(campaign.read_jobs(job_file), minutes=10, slots=1, every=60, names=["first", "second"])
     edit.join()
     assert started == ["first", "second"] and time.time() - t0 < 30      # ended early, not after its 60 s
-
-
-def runner_on_jobs(tmp_path, monkeypatch, jobs: str):
-    """The campaign module, its job file replaced by ``jobs:`` + ``jobs`` (YAML lines), no job state, a fast tick."""
-    campaign = import_campaign()
-    job_file = tmp_path / "campaign.yaml"
-    job_file.write_text("jobs:\n" + jobs)
-    monkeypatch.setattr(campaign, "CAMPAIGN_YAML", job_file)
-    monkeypatch.setattr(campaign, "read_state", lambda job: None)
-    monkeypatch.setattr(campaign, "POLL_SECONDS", 0.2)
-    return campaign, job_file
 
 
 def test_a_grid_job_with_workers_takes_the_slots_no_other_job_can_use(tmp_path, monkeypatch):
@@ -872,13 +868,8 @@ def test_a_grid_jobs_progress_line_says_its_runs_and_the_one_it_is_on(tmp_path, 
 def test_campaign_runner_says_when_a_slot_stays_idle(tmp_path, monkeypatch, capsys):
     """A job of --jobs that ends early (e.g. its learning rate reached its floor) leaves its slot idle when no
     other listed job can run: the runner says so once, with what to do."""
-    campaign = import_campaign()
-    job_file = tmp_path / "campaign.yaml"
     md = "{name: %s, kind: md, molecule: ethanol}"
-    job_file.write_text("jobs:\n  - " + md % "long" + "\n  - " + md % "short" + "\n")
-    monkeypatch.setattr(campaign, "CAMPAIGN_YAML", job_file)
-    monkeypatch.setattr(campaign, "read_state", lambda job: None)
-    monkeypatch.setattr(campaign, "POLL_SECONDS", 0.2)
+    campaign, job_file = runner_on_jobs(tmp_path, monkeypatch, "  - " + md % "long" + "\n  - " + md % "short" + "\n")
     monkeypatch.setattr(campaign, "FILL_EVERY_S", 0.2)
 
     def launch(job, minutes, nice, worker=1):
