@@ -245,8 +245,6 @@ def finetune_config(molecule: str, size: int, args, smoke, model: Dict, seed: in
         optim["val_every"] = max(1, round(STEP_SCHEDULE["val_every_steps"] / per_epoch))
         optim["lr_patience"] = max(1, round(STEP_SCHEDULE["lr_patience_steps"] / (optim["val_every"] * per_epoch)))
         optim["lr_min"] = STEP_SCHEDULE["lr_min"]
-    if args.cell_deadline_minutes is not None:      # this invocation's time left (--max-minutes), not a budget
-        optim["max_minutes"] = min(optim.get("max_minutes") or math.inf, args.cell_deadline_minutes)
     optim["device"] = args.device
     if args.data_dir:
         data["data_dir"] = args.data_dir
@@ -284,13 +282,15 @@ def run_finetune(molecule: str, size: int, method: str, pretrained: Optional[Pat
             torch.manual_seed(cfg.optim.seed)
             pot = fitted_potential(model, splits.train, splits.val)
             return Trainer(cfg, out, splits=splits, init_model=pot, progress=not args.no_progress,
-                           log=log).fit(resume=resume)
+                           log=log).fit(resume=resume, pause_minutes=args.cell_deadline_minutes)
         d["model"].setdefault("num_heads", 8)
-        return Trainer(config_from_dict(d), out, progress=not args.no_progress, log=log).fit(resume=resume)
+        return Trainer(config_from_dict(d), out, progress=not args.no_progress,
+                       log=log).fit(resume=resume, pause_minutes=args.cell_deadline_minutes)
     d = finetune_config(molecule, size, args, smoke, {}, seed, method)
     d.pop("model")
     return finetune_forcefield(pretrained, config_from_dict(d), out, FinetuneOptions(layer_decay=args.layer_decay),
-                               resume=resume, progress=not args.no_progress, log=log)
+                               resume=resume, progress=not args.no_progress, log=log,
+                               pause_minutes=args.cell_deadline_minutes)
 
 
 def validation_curve(out: Path, y: str = "val_mae_meV", max_points: int = 60) -> List[List[float]]:
@@ -331,24 +331,20 @@ def run_property(prop: str, method: str, pretrained: Optional[Path], args, smoke
                     pc[key] = max(pc[key] - used[key], 1e-3)
     if getattr(args, "compile", False) and backbone_name(method) == "et":
         pc["compile"] = True                            # the same steps, faster: a speed setting, as in fine-tuning
-    own_left = pc.get("max_minutes")                    # the run's own wall budget, what is left of it
-    if not smoke:
-        if args.cell_deadline_minutes is not None:      # this invocation's time left, not a budget
-            pc["max_minutes"] = min(pc.get("max_minutes") or math.inf, args.cell_deadline_minutes)
-        if args.qm9_train_size:
-            pc["train_size"] = args.qm9_train_size
+    if not smoke and args.qm9_train_size:
+        pc["train_size"] = args.qm9_train_size
     if method in SCRATCH:
         model = (smoke["egnn_model"] if SCRATCH[method] == "egnn" else smoke["model"]) if smoke else \
             resized_model(yaml.safe_load((CONFIGS / (METHOD_CONFIGS["3d-emgp-egnn"] if SCRATCH[method] == "egnn"
                                                      else METHOD_CONFIGS["et-oreo"])).read_text())["model"], args)
         pc["model"] = model
         pretrained = None
+    # this invocation's time left is a deadline, not a budget: the run pauses there untested, for a later invocation
     metrics = finetune_property(pretrained, PropertyConfig.from_dict(pc), out, resume=has_run(out, state_file),
-                                progress=not args.no_progress, log=log, state_file=state_file)
-    if (args.cell_deadline_minutes is not None and args.cell_deadline_minutes < (own_left or math.inf)
-            and str(metrics.get("stop_reason", "")).startswith("time budget")):
-        (out / "test_metrics.json").unlink(missing_ok=True)      # resumed from its last.pt by a later invocation
-        raise CutShort(f"stopped at this invocation's end before its budget ({metrics['stop_reason'].split(' (')[0]})")
+                                progress=not args.no_progress, log=log, state_file=state_file,
+                                pause_minutes=None if smoke else args.cell_deadline_minutes)
+    if metrics.get("paused"):
+        raise CutShort(f"{metrics['stop_reason'].split(' (')[0]}, before its budget")
     return {**metrics, "curve": validation_curve(out)}
 
 
@@ -1065,13 +1061,8 @@ def main(argv=None) -> int:
 
     def finetune_row(mol, size, m, seed) -> Dict:
         r = run_finetune(mol, size, m, pretrained.get(m), args, smoke, log, seed)
-        capped = args.cell_deadline_minutes is not None and args.cell_deadline_minutes < (args.finetune_minutes or math.inf)
-        if capped and str(r.get("stop_reason", "")).startswith("time budget"):
-            # its test_metrics.json would pass for a finished run: gone, so that a later invocation in this folder
-            # resumes the run from its last.pt instead of finding it "done" and cutting it again
-            (Path(args.out) / "finetune" / cell_dir(mol, size, m, seed) / "test_metrics.json").unlink(missing_ok=True)
-            raise CutShort(f"stopped at this invocation's end ({r['stop_reason'].split(' (')[0]}) before its "
-                           f"{args.finetune_steps} steps")
+        if r.get("paused"):        # untested, no test_metrics.json: a later invocation resumes it from its last.pt
+            raise CutShort(f"{r['stop_reason'].split(' (')[0]}, before its {args.finetune_steps} steps")
         if args.max_minutes is not None:                 # the MD gets what is left of the piece, and no more
             args.md_deadline_minutes = max(0.1, minutes_left())
         return {**r, **run_md(mol, size, m, args, log, seed)} if args.md_ps else r

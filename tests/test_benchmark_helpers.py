@@ -244,20 +244,19 @@ def test_grid_shards_merge_into_one_state_and_a_run_cut_by_the_deadline_is_not_a
     with pytest.raises(ValueError, match="other settings"):
         pretrain_finetune.merge_grid_states(base, [{**shards[0], "settings": {}}], 0.5)
 
-    # the invocation's deadline caps a step-budgeted run; one it cut is left for later, not recorded
+    # the invocation's deadline pauses a step-budgeted run; one it paused is left for later, not recorded
+    deadlines = []
+
     def cut_finetune(mol, size, method, pretrained, args, smoke, log, seed=1):
-        out = Path(args.out) / "finetune" / pretrain_finetune.cell_dir(mol, size, method, seed)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "test_metrics.json").write_text("{}")          # as Trainer.fit writes it when its time is up
-        return {"forces_mae_meV_per_A": 1.0, "stop_reason": "time budget of 3 min reached (continue with --resume)"}
+        deadlines.append(args.cell_deadline_minutes)
+        return {"paused": True, "stop_reason": "paused at this invocation's deadline of 3 min (continue with --resume)",
+                "epochs": 2, "steps": 14}
     monkeypatch.setattr(pretrain_finetune, "run_finetune", cut_finetune)
     state = tmp_path / "cut.json"
     assert pretrain_finetune.main(common + ["--out", str(tmp_path / "cut"), "--state", str(state),
                                             "--max-minutes", "60"]) == 0
     cut = json.loads(state.read_text())
-    assert cut["forcefield"] == [] and not cut["complete"]
-    # and it is not "done" in that folder for the next invocation, which resumes it from its last.pt
-    assert not list((tmp_path / "cut" / "finetune").rglob("test_metrics.json"))
+    assert cut["forcefield"] == [] and not cut["complete"] and deadlines and all(0 < d < 60 for d in deadlines)
 
     # so does the MD of a fine-tuned model: paused at the piece's end (run_one gives None), the run is not recorded
     monkeypatch.setattr(pretrain_finetune, "run_finetune", fake_finetune)
@@ -504,16 +503,16 @@ def test_a_qm9_run_cut_by_the_pieces_end_is_not_recorded_and_a_resumed_one_needs
     p = pretrain_finetune
     seen = {}
 
-    def cut(pretrained, cfg, out, **k):
-        seen["max_minutes"] = cfg.max_minutes
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "test_metrics.json").write_text("{}")
-        return {"test_mae": 1.0, "stop_reason": "time budget of 20 min reached (continue with --resume)"}
+    def cut(pretrained, cfg, out, pause_minutes=None, **k):
+        seen.update(max_cpu_minutes=cfg.max_cpu_minutes, pause_minutes=pause_minutes)
+        return {"paused": True, "epochs": 1, "steps": 1000,
+                "stop_reason": "paused at this invocation's deadline of 20 min (continue with --resume)"}
     monkeypatch.setattr(p, "finetune_property", cut)
     common = ["--methods", "scratch", "--molecules", "--properties", "gap", "--no-progress", "--hidden", "16",
               "--layers", "2", "--qm9-cpu-minutes", "60", "--state", str(tmp_path / "q.json"), "--out", str(tmp_path)]
     assert p.main(common + ["--max-minutes", "90"]) == 0
-    assert seen["max_minutes"] <= 90 - p.QM9_TEST_MINUTES
+    # the run's own budget is its 60 CPU minutes; the piece's end is a deadline that pauses it
+    assert seen["max_cpu_minutes"] == 60 and 0 < seen["pause_minutes"] <= 90 - p.QM9_TEST_MINUTES
     assert json.loads((tmp_path / "q.json").read_text())["qm9"] == [] and not (tmp_path / "qm9" / "gap" / "scratch"
                                                                                / "test_metrics.json").exists()
     # it used 50 of its 60 CPU minutes: 10 + the test's minutes are enough to start it again
@@ -529,8 +528,8 @@ def test_a_resumed_qm9_run_that_spends_its_own_wall_budget_is_recorded(tmp_path,
     p = pretrain_finetune
     seen = {}
 
-    def ends(pretrained, cfg, out, **k):
-        seen["max_minutes"] = cfg.max_minutes
+    def ends(pretrained, cfg, out, pause_minutes=None, **k):
+        seen.update(max_minutes=cfg.max_minutes, pause_minutes=pause_minutes)
         return {"test_mae": 3.0, "stop_reason": "time budget of 10 min reached (continue with --resume)"}
     monkeypatch.setattr(p, "finetune_property", ends)
     monkeypatch.setattr(p, "validation_curve", lambda out: [])
@@ -542,7 +541,7 @@ def test_a_resumed_qm9_run_that_spends_its_own_wall_budget_is_recorded(tmp_path,
                                 threads=1, qm9_train_size=None, hidden=16, layers=2, heads=None, no_progress=True,
                                 cell_deadline_minutes=25.0, qm9_schedule="plateau")
     assert p.run_property("gap", "scratch", None, args, None, lambda *a: None)["test_mae"] == 3.0
-    assert seen["max_minutes"] == pytest.approx(10.0)
+    assert seen["max_minutes"] == pytest.approx(10.0) and seen["pause_minutes"] == 25.0
 
 
 def test_qm9_runs_with_a_step_budget_go_on_from_their_committed_state_in_later_pieces(tmp_path, monkeypatch):
@@ -554,14 +553,15 @@ def test_qm9_runs_with_a_step_budget_go_on_from_their_committed_state_in_later_p
     calls = []
     monkeypatch.setattr(p, "validation_curve", lambda out: [[1.0, 5.0]])
 
-    def train(pretrained, cfg, out, resume=False, state_file=None, **k):
+    def train(pretrained, cfg, out, resume=False, state_file=None, pause_minutes=None, **k):
         calls.append({"epochs": cfg.epochs, "epoch_steps": cfg.epoch_steps, "patience": cfg.early_stop_patience,
                       "resume": resume, "state_file": state_file, "max_minutes": cfg.max_minutes,
-                      "cpu": cfg.max_cpu_minutes})
+                      "cpu": cfg.max_cpu_minutes, "pause": pause_minutes})
         Path(state_file).parent.mkdir(parents=True, exist_ok=True)
-        if len(calls) == 1:                                   # the first piece ends at step 1,000 of 2,500
+        if len(calls) == 1:                                   # the first piece pauses at step 1,000 of 2,500
             torch.save({"step": 1000}, state_file)
-            return {"test_mae": 9.0, "stop_reason": "time budget of 14 min reached (continue with --resume)"}
+            return {"paused": True, "stop_reason": "paused at this invocation's deadline of 14 min (continue with "
+                                                   "--resume)", "epochs": 1, "steps": 1000}
         return {"test_mae": 4.0, "stop_reason": "all 3 epochs done", "train_minutes": 50.0}
     monkeypatch.setattr(p, "finetune_property", train)
     state = tmp_path / "q.json"
@@ -574,7 +574,8 @@ def test_qm9_runs_with_a_step_budget_go_on_from_their_committed_state_in_later_p
     run_state = tmp_path / "q.runs" / "qm9-gap-scratch.pt"
     assert calls[0]["state_file"] == run_state and run_state.is_file()
     assert calls[0]["epochs"] == 3 and calls[0]["epoch_steps"] == 1000 and calls[0]["patience"] == 4
-    assert calls[0]["cpu"] is None and calls[0]["max_minutes"] <= 21 - p.QM9_TEST_MINUTES
+    assert calls[0]["cpu"] is None and calls[0]["max_minutes"] is None
+    assert calls[0]["pause"] <= 21 - p.QM9_TEST_MINUTES                     # a deadline, not the run's budget
     assert json.loads(state.read_text())["qm9"] == []                       # cut: not recorded
     assert json.loads(state.read_text())["settings"]["qm9"] == {"train_size": None, "steps": 2500,
                                                                 "epoch_steps": 1000}

@@ -330,13 +330,14 @@ def test_the_cosine_factor_rises_over_the_warmup_then_falls_to_its_floor_at_the_
 @pytest.mark.skipif(not QM9_DB.is_file(), reason="SchNetPack QM9 test database not found")
 def test_property_training_with_the_cosine_schedule_follows_it_and_resumes_exactly(tmp_path):
     """lr_schedule cosine: each step's rate is lr * cosine_lr_factor(step) over the run's epochs x epoch_steps (no
-    plateau cuts), the lr floor does not end the run early, and a run cut by its time budget and resumed takes the
-    same steps as one that was not (the rate depends on the step alone)."""
-    def make(out, max_minutes=None, schedule="cosine"):
+    plateau cuts), the lr floor does not end the run early, and a run paused at an invocation's deadline (as a
+    campaign piece's end pauses it: untested) and resumed takes the same steps as one that was not (the rate depends
+    on the step alone)."""
+    def make(out, schedule="cosine"):
         cfg = PropertyConfig(property="gap", source=str(QM9_DB), split="random", train_size=8, val_size=4,
                              test_size=4, epochs=3, epoch_steps=3, batch_size=4, lr=1e-3, lr_min=1e-5,
                              lr_warmup_steps=1, lr_schedule=schedule, lr_patience=0, lr_factor=0.1,
-                             max_minutes=max_minutes, dtype="float64",
+                             dtype="float64",
                              model={"name": "et", "hidden": 16, "num_layers": 1, "num_heads": 2, "num_rbf": 8,
                                     "cutoff": 4.0})
         return PropertyTrainer(cfg, out, progress=False, log=lambda s: None)
@@ -348,7 +349,8 @@ def test_property_training_with_the_cosine_schedule_follows_it_and_resumes_exact
     # each epoch's row has the rate of its last step (patience 0 would have cut a plateau schedule every epoch)
     assert [float(r["lr"]) for r in rows] == pytest.approx([1e-3 * cosine_lr_factor(s, 1, 9, 1e-2)
                                                             for s in (2, 5, 8)])
-    make(tmp_path / "b", max_minutes=1e-9).fit()                  # stops after its first epoch (time budget)
+    paused = make(tmp_path / "b").fit(pause_minutes=1e-9)          # pauses after its first epoch
+    assert paused["paused"] and paused["steps"] == 3 and not (tmp_path / "b" / "test_metrics.json").exists()
     resumed = make(tmp_path / "b")
     resumed.fit(resume=True)
     assert resumed.step == 9

@@ -203,6 +203,36 @@ def test_val_every_validates_every_nth_epoch_and_the_last(tmp_path):
     assert m["stop_reason"].startswith("time budget") and cut.epoch == 1 and (tmp_path / "cut" / "best.pt").is_file()
 
 
+
+def test_a_run_paused_at_its_deadline_is_not_tested_and_resumes_as_if_it_never_paused(tmp_path):
+    """fit(pause_minutes=...): a campaign piece's end is a deadline, not the run's budget. The run pauses after the
+    epoch that passes it: its checkpoint written, no validation between validations, no test and no
+    test_metrics.json (a grid would take the folder for a finished run); resumed, it validates, follows its schedule
+    and ends exactly as the run that never paused."""
+    def make(out):
+        return Trainer(_cfg(epochs=4, val_every=2), out, progress=False, log=lambda s: None)
+    straight = make(tmp_path / "a")
+    done = straight.fit()
+    paused = make(tmp_path / "b")
+    calls, real = [], paused.validate
+    paused.validate = lambda: calls.append(paused.epoch) or real()
+    m = paused.fit(pause_minutes=1e-9)
+    assert m["paused"] and m["epochs"] == 1 and m["steps"] == paused.step > 0 and calls == []
+    assert m["stop_reason"].startswith("paused at this invocation's deadline")
+    assert (tmp_path / "b" / "last.pt").is_file() and not (tmp_path / "b" / "test_metrics.json").exists()
+    resumed = make(tmp_path / "b")
+    again = resumed.fit(resume=True)
+    assert again["stop_reason"] == done["stop_reason"] == "all 4 epochs done"
+    assert again["forces_mae_meV_per_A"] == done["forces_mae_meV_per_A"]
+    for (k, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), k
+
+    def curve(run):
+        with open(tmp_path / run / "metrics.csv") as fh:
+            return [{k: v for k, v in r.items() if not k.endswith(("minutes", "hours", "seconds", "_s"))}
+                    for r in csv.DictReader(fh)]
+    assert curve("b") == curve("a") and [int(r["epoch"]) for r in curve("a")] == [2, 4]
+
 def test_force_errors_by_element_add_up_to_the_total():
     from forcefield.data.conformations import ConformationSet
     from forcefield.evaluate import error_metrics

@@ -122,10 +122,12 @@ class FinetuneTrainer(Trainer):
 
 def finetune_forcefield(pretrained: Union[str, Path], config: Config, out: Union[str, Path],
                         options: Optional[FinetuneOptions] = None, resume: bool = False, progress: bool = True,
-                        log: Callable[[str], None] = print, state_file: Optional[Path] = None) -> Dict[str, Any]:
+                        log: Callable[[str], None] = print, state_file: Optional[Path] = None,
+                        pause_minutes: Optional[float] = None) -> Dict[str, Any]:
     """Fine-tune on the frames ``config.data`` describes (e.g. rMD17 aspirin, ``train_size`` frames); returns the
     test metrics (``test_metrics.json``). ``--resume`` continues the fine-tuning run in ``out``; ``state_file``
-    keeps its compact run state (see :class:`~forcefield.train.trainer.Trainer`)."""
+    keeps its compact run state (see :class:`~forcefield.train.trainer.Trainer`); ``pause_minutes``: this
+    invocation's deadline (see :meth:`~forcefield.train.loop.EpochTrainer.fit`)."""
     from ..train.datasets import build_splits
     options = options or FinetuneOptions()
     pot, info = load_pretrained(pretrained)
@@ -138,6 +140,6 @@ def finetune_forcefield(pretrained: Union[str, Path], config: Config, out: Union
         f"{info.get('steps', '?')} pretraining steps)")
     trainer = FinetuneTrainer(config, out, splits=splits, init_model=model, options=options, progress=progress,
                               log=log, state_file=state_file)
-    return trainer.fit(resume=resume)
+    return trainer.fit(resume=resume, pause_minutes=pause_minutes)
 
 

@@ -346,7 +346,8 @@ class PropertyTrainer(EpochTrainer):
 
 def finetune_property(pretrained: Optional[Union[str, Path]], cfg: PropertyConfig, out: Union[str, Path],
                       resume: bool = False, progress: bool = True, log: Callable[[str], None] = print,
-                      state_file: Optional[Path] = None) -> Dict[str, Any]:
-    """Train a QM9 property model (from ``pretrained``'s backbone, or from scratch when None)."""
+                      state_file: Optional[Path] = None, pause_minutes: Optional[float] = None) -> Dict[str, Any]:
+    """Train a QM9 property model (from ``pretrained``'s backbone, or from scratch when None); ``pause_minutes``:
+    this invocation's deadline (see :meth:`~forcefield.train.loop.EpochTrainer.fit`)."""
     return PropertyTrainer(cfg, out, pretrained=pretrained, progress=progress, log=log,
-                           state_file=state_file).fit(resume=resume)
+                           state_file=state_file).fit(resume=resume, pause_minutes=pause_minutes)

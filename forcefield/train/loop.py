@@ -485,7 +485,13 @@ class EpochTrainer(TrainingRun):
                                  self.step, o.lr_warmup_steps, self.seconds_this_invocation(),
                                  o.max_minutes, self.cpu_seconds_this_invocation(), o.max_cpu_minutes)
 
-    def fit(self, resume: bool = False) -> Dict[str, Any]:
+    def fit(self, resume: bool = False, pause_minutes: Optional[float] = None) -> Dict[str, Any]:
+        """Train to the end of the run and test it (``test_metrics.json``); ``resume`` continues the run in the folder.
+        ``pause_minutes``: the wall minutes this invocation may take, a deadline and not the run's budget (a campaign
+        piece's end): once an epoch ends past it the run pauses, its checkpoint written and no test run, and ``fit``
+        returns ``{"paused": True, "stop_reason": ..., "epochs": ..., "steps": ...}`` for a later ``resume`` to go on
+        from, which then trains as the uninterrupted run would have (no extra validation at the pause). A budget
+        (``max_minutes``, ``max_cpu_minutes``) ends the run instead, tested."""
         o = self.opts
         self.begin(resume)
         if self.resumed_from_runstate:
@@ -516,8 +522,17 @@ class EpochTrainer(TrainingRun):
                 if not scored:              # a run never ends on epochs no validation has seen
                     self.score_epoch(loss)
                 break
+            if pause_minutes is not None and self.seconds_this_invocation() > 60 * pause_minutes:
+                return self.pause(pause_minutes)
         else:
             self.stop_reason = f"all {o.epochs} epochs done"
         self.log(self.stop_reason)
         self.plot_learning_curve()
         return self.test()
+
+    def pause(self, minutes: float) -> Dict[str, Any]:
+        """End this invocation at its deadline: the epoch's checkpoint is written already; no test."""
+        self.stop_reason = f"paused at this invocation's deadline of {minutes:g} min (continue with --resume)"
+        self.log(self.stop_reason)
+        self.plot_learning_curve()
+        return {"paused": True, "stop_reason": self.stop_reason, "epochs": self.epoch, "steps": self.step}
