@@ -290,6 +290,7 @@ def test_epochs_of_a_fixed_number_of_steps_walk_a_stream_of_seeded_passes():
     def batches(epoch, epoch_steps):
         run = types.SimpleNamespace(opts=types.SimpleNamespace(seed=7, batch_size=bs, epoch_steps=epoch_steps),
                                     epoch=epoch, n_train=lambda: n)
+        run.steps_per_pass = lambda: EpochTrainer.steps_per_pass(run)
         return EpochTrainer.epoch_batches(run)
     whole = [b for e in range(2) for b in batches(e, None)]
     assert [len(b) for b in whole] == [4, 4, 2, 4, 4, 2]

@@ -392,9 +392,12 @@ class EpochTrainer(TrainingRun):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ the loop
+    def steps_per_pass(self) -> int:
+        """Batches in one pass over the training set (the last one short when the batch size does not divide it)."""
+        return -(-self.n_train() // self.opts.batch_size)
+
     def steps_per_epoch(self) -> int:
-        o = self.opts
-        return int(getattr(o, "epoch_steps", None) or 0) or -(-self.n_train() // o.batch_size)
+        return int(getattr(self.opts, "epoch_steps", None) or 0) or self.steps_per_pass()
 
     def set_step_lr(self) -> None:
         """Each group's rate for the step about to be taken: the warm-up (then the plateau schedule's cuts), or the
@@ -423,7 +426,7 @@ class EpochTrainer(TrainingRun):
         size = int(getattr(o, "epoch_steps", None) or 0)
         if size <= 0:
             return one_pass(self.epoch)
-        per_pass = -(-n // o.batch_size)
+        per_pass = self.steps_per_pass()
         first, out, passes = self.epoch * size, [], {}
         for g in range(first, first + size):
             p, k = divmod(g, per_pass)
