@@ -654,8 +654,9 @@ def _run(running: List[Slot], minutes: float, slots: int, every: float, names: O
          nice: int, commit_every: Optional[float] = None) -> None:
     deadline = time.time() + 60 * minutes
     next_commit = time.time() + 60 * commit_every if commit_every else math.inf
-    tried = set()
+    tried = set()         # (job name, worker) started in this invocation: once each, not restarted in a loop
     relaunched = set()    # MD jobs given a second start in this invocation (their DFT check after the trajectory)
+    restart = set()       # ... whose second start is still to come
     said = set()
     last_print = 0.0
     next_fill = 0.0
@@ -704,7 +705,7 @@ def _run(running: List[Slot], minutes: float, slots: int, every: float, names: O
                 elif (rc == 0 and not s.stopping and s.job.get("kind") == "md" and s.job["name"] not in relaunched
                       and md_simulated(read_state(s.job) or {"step": 0, "n_steps": 1, "running": 1})):
                     # its trajectory just ended: the DFT check along it is the job's next piece, in this invocation
-                    tried.discard(s.job["name"])
+                    restart.add((s.job["name"], s.worker))
                     relaunched.add(s.job["name"])
         left = (deadline - now) / 60
         if left < -GRACE_MINUTES and running:
@@ -728,14 +729,15 @@ def _run(running: List[Slot], minutes: float, slots: int, every: float, names: O
             for job, worker in candidates:
                 if len(running) >= slots:
                     break
-                key = job["name"] if worker == 1 else (job["name"], worker)
-                if (job["name"], worker) in busy or key in tried:
+                key = (job["name"], worker)
+                if key in busy or (key in tried and key not in restart):
                     continue
+                restart.discard(key)
                 try:
                     state = read_state(job)
                     if finished(job, state):
                         continue
-                    ran_here = [a for a in job["after"] if a in tried]   # its model ships after this run (--ship)
+                    ran_here = [a for a in job["after"] if (a, 1) in tried]  # its model ships after this run (--ship)
                     wait = waits_for(job, listed) or (f"waits for {', '.join(ran_here)}, which ran in this "
                                                        f"invocation" if ran_here else "")
                     if wait:
@@ -746,9 +748,9 @@ def _run(running: List[Slot], minutes: float, slots: int, every: float, names: O
                     if budget is not None:
                         spent = 0.0 if state is None else state["cpu_hours"] - float(job.get("init_cpu_hours") or 0)
                         job_left = min(left, 60 * (budget - spent))
-                    tried.add(key)   # once per invocation: a job that stops early is not restarted in a loop
+                    tried.add(key)
                     running.append(launch(job, job_left, nice, worker))
-                    busy.add((job["name"], worker))
+                    busy.add(key)
                 except (Exception, SystemExit) as exc:      # one job's problem is not every job's
                     tried.add(key)
                     say_once(("failed", key), f"{job['name']} not started: {exc}")

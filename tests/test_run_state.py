@@ -777,6 +777,28 @@ def test_an_md_job_whose_trajectory_ends_gets_its_dft_check_in_the_same_invocati
     assert launches == ["md-x", "md-x"]               # the simulation piece, then its DFT check; not a third time
 
 
+
+def test_a_job_after_one_that_ran_in_this_invocation_waits_for_the_next(tmp_path, monkeypatch, capsys):
+    """after: [a]: a job whose prerequisite finished in this invocation does not start in it (its model ships
+    between invocations, with --ship), even with a slot free; one whose prerequisite finished earlier starts."""
+    jobs = "  - {name: a, kind: md, molecule: ethanol}\n  - {name: b, kind: md, molecule: ethanol, after: [a]}\n"
+    campaign, job_file = runner_on_jobs(tmp_path, monkeypatch, jobs)
+    monkeypatch.setattr(campaign, "FILL_EVERY_S", 0.1)
+    checked = {"step": 10, "n_steps": 10, "ps": 1.0, "ps_done": 1.0, "running": 5, "replicas": 5, "sampled": 0,
+               "dft_done": 0, "cpu_hours": 0.1}
+    launches = []
+    monkeypatch.setattr(campaign, "read_state", lambda job: {**checked, "step": 5} if job["name"] == "a" and not
+                        launches else checked if job["name"] == "a" else None)
+
+    def launch(job, minutes, nice, worker=1):
+        launches.append(job["name"])
+        return campaign.Slot(job, subprocess.Popen([sys.executable, "-c", "pass"]), tmp_path / "log", time.time())
+    monkeypatch.setattr(campaign, "launch", launch)
+    campaign.run(campaign.read_jobs(job_file), minutes=20, slots=2, every=60, names=None)
+    assert launches == ["a"] and "b waits for a, which ran in this invocation" in capsys.readouterr().out
+    campaign.run(campaign.read_jobs(job_file), minutes=20, slots=2, every=60, names=None)     # the next invocation
+    assert launches == ["a", "b"]
+
 def test_a_resume_with_another_model_or_data_config_is_refused(tmp_path):
     """Weights trained at one cutoff (or on other labels) are not continued under another config; optim
     settings may change on a resume (lr, budgets)."""
