@@ -513,6 +513,28 @@ def qm9_ratio_lines(qm9: List[Dict], methods: List[str]) -> List[str]:
     return lines
 
 
+
+QM9_SETTLING_VALIDATIONS = 5     # a QM9 run's curve has settled where its last so many validations agree
+
+
+def qm9_settling_lines(qm9: List[Dict], methods: List[str], last: int = QM9_SETTLING_VALIDATIONS) -> List[str]:
+    """Whether the QM9 runs can rank the methods: each run's validation MAE at its end and its range (max - min) over
+    its last ``last`` validations, the run-to-run wobble that a difference between methods has to beat (a run at a
+    high learning rate moves by more than the methods differ; one at the end of a decaying schedule has settled)."""
+    cells: Dict[str, Dict[str, str]] = {}
+    for r in qm9:
+        curve = [y for _, y in r.get("curve") or []]
+        if r.get("failed") or len(curve) < last:
+            continue
+        tail = curve[-last:]
+        cells.setdefault(r["property"], {})[r["method"]] = f"{tail[-1]:.1f} ({max(tail) - min(tail):.1f})"
+    if not cells:
+        return []
+    return (["", f"Validation MAE at the end of each run, and in brackets its range over the last {last} validations "
+             f"(meV): a difference between methods smaller than that range does not rank them:", "",
+             "| property | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+            + [f"| {prop} | " + " | ".join(row.get(m, "–") for m in methods) + " |" for prop, row in cells.items()])
+
 def write_report(out: Path, results: List[Dict], qm9: List[Dict], methods: List[str],
                  notes: Optional[List[str]] = None) -> None:
     (out / "results.json").write_text(json.dumps({"forcefield": results, "qm9": qm9}, indent=2, default=str))
@@ -568,7 +590,7 @@ def write_report(out: Path, results: List[Dict], qm9: List[Dict], methods: List[
             qt.setdefault(r["property"], {})[r["method"]] = r["test_mae"]
         for prop, row in qt.items():
             lines.append(f"| {prop} | " + " | ".join("%.1f" % row[m] if m in row else "–" for m in methods) + " |")
-        lines += qm9_ratio_lines(qm9, methods)
+        lines += qm9_ratio_lines(qm9, methods) + qm9_settling_lines(qm9, methods)
     lines += [""] + [f"- {n}" for n in notes or []]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot_qm9_curves(out, qm9, methods)

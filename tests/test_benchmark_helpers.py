@@ -186,6 +186,20 @@ def test_the_qm9_report_gives_each_backbone_over_scratch_per_property(tmp_path):
     assert "ratios" not in (tmp_path / "results.md").read_text()
 
 
+def test_the_qm9_report_shows_how_far_each_runs_curve_still_moves(tmp_path):
+    """Each QM9 run's validation MAE at its end and its range over the last five validations: the wobble a
+    difference between methods must beat to rank them; none for a run with fewer validations."""
+    curve = [[float(k), y] for k, y in enumerate([200.0, 120.0, 90.0, 84.0, 79.5, 82.0, 78.25])]
+    q = [{"property": "gap", "method": "scratch", "test_mae": 80.0, "curve": curve},
+         {"property": "gap", "method": "et-oro", "test_mae": 75.0, "curve": curve[:4]}]
+    pretrain_finetune.write_report(tmp_path, [], q, ["scratch", "et-oro"])
+    text = (tmp_path / "results.md").read_text()
+    assert "range over the last 5 validations" in text
+    assert "| gap | 78.2 (11.8) | – |" in text                       # 90.0 - 78.25 over the last five
+    pretrain_finetune.write_report(tmp_path, [], q[1:], ["scratch", "et-oro"])
+    assert "range over the last" not in (tmp_path / "results.md").read_text()
+
+
 def test_the_grid_runs_seed_by_seed_when_asked_and_the_runs_are_the_same_either_way():
     """--order seeds: every molecule's first seed, sizes in the order given, before any second seed; the same runs
     as molecule by molecule (so a state recorded in one order is complete in the other)."""
