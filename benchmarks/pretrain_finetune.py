@@ -514,25 +514,35 @@ def qm9_ratio_lines(qm9: List[Dict], methods: List[str]) -> List[str]:
 
 
 
-QM9_SETTLING_VALIDATIONS = 5     # a QM9 run's curve has settled where its last so many validations agree
+QM9_SETTLING_VALIDATIONS = 5     # a QM9 run's noise is read from its last so many validations
+
+
+def curve_scatter(values: Sequence[float]) -> float:
+    """The scatter of a learning curve's points about the straight line fitted through them (RMS residual, n - 2
+    degrees of freedom): the noise of a curve that wobbles at a constant rate, and little for one that still falls
+    smoothly (as at the end of a decaying schedule), where the spread of the points would count the fall too."""
+    y = np.asarray(values, dtype=float)
+    x = np.arange(len(y), dtype=float)
+    residual = y - np.polyval(np.polyfit(x, y, 1), x)
+    return float(np.sqrt((residual ** 2).sum() / (len(y) - 2)))
 
 
 def qm9_settling_lines(qm9: List[Dict], methods: List[str], last: int = QM9_SETTLING_VALIDATIONS) -> List[str]:
-    """Whether the QM9 runs can rank the methods: each run's validation MAE at its end and its range (max - min) over
-    its last ``last`` validations, the run-to-run wobble that a difference between methods has to beat (a run at a
-    high learning rate moves by more than the methods differ; one at the end of a decaying schedule has settled)."""
+    """Whether the QM9 runs can rank the methods: each run's validation MAE at its end and the scatter of its last
+    ``last`` validations about their trend (:func:`curve_scatter`), the noise a difference between methods has to
+    beat (a run at a high learning rate wobbles by more than the methods differ; one at the end of a decaying
+    schedule has settled)."""
     cells: Dict[str, Dict[str, str]] = {}
     for r in qm9:
         curve = [y for _, y in r.get("curve") or []]
         if r.get("failed") or len(curve) < last:
             continue
-        tail = curve[-last:]
-        cells.setdefault(r["property"], {})[r["method"]] = f"{tail[-1]:.1f} ({max(tail) - min(tail):.1f})"
+        cells.setdefault(r["property"], {})[r["method"]] = f"{curve[-1]:.1f} ± {curve_scatter(curve[-last:]):.1f}"
     if not cells:
         return []
-    return (["", f"Validation MAE at the end of each run, and in brackets its range over the last {last} validations "
-             f"(meV): a difference between methods smaller than that range does not rank them:", "",
-             "| property | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+    return (["", f"Validation MAE at the end of each run ± the scatter of its last {last} validations about their "
+             f"trend (meV; RMS about a fitted line): a difference between methods within that scatter does not rank "
+             f"them:", "", "| property | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
             + [f"| {prop} | " + " | ".join(row.get(m, "–") for m in methods) + " |" for prop, row in cells.items()])
 
 def write_report(out: Path, results: List[Dict], qm9: List[Dict], methods: List[str],

@@ -186,18 +186,22 @@ def test_the_qm9_report_gives_each_backbone_over_scratch_per_property(tmp_path):
     assert "ratios" not in (tmp_path / "results.md").read_text()
 
 
-def test_the_qm9_report_shows_how_far_each_runs_curve_still_moves(tmp_path):
-    """Each QM9 run's validation MAE at its end and its range over the last five validations: the wobble a
-    difference between methods must beat to rank them; none for a run with fewer validations."""
+def test_the_qm9_report_shows_how_much_each_runs_curve_still_wobbles(tmp_path):
+    """Each QM9 run's validation MAE at its end and the scatter of its last five validations about their trend:
+    the noise a difference between methods must beat; a curve falling on a straight line has none, a zigzag's is
+    its amplitude; no entry for a run with fewer validations."""
+    assert pretrain_finetune.curve_scatter([70.0, 68.0, 66.0, 64.0, 62.0]) == pytest.approx(0.0, abs=1e-9)
+    # no trend (slope 0): residuals about the mean 70.4, 3 x 1.6^2 + 2 x 2.4^2 = 19.2, over 5 - 2 degrees of freedom
+    assert pretrain_finetune.curve_scatter([72.0, 68.0, 72.0, 68.0, 72.0]) == pytest.approx(np.sqrt(19.2 / 3))
     curve = [[float(k), y] for k, y in enumerate([200.0, 120.0, 90.0, 84.0, 79.5, 82.0, 78.25])]
     q = [{"property": "gap", "method": "scratch", "test_mae": 80.0, "curve": curve},
          {"property": "gap", "method": "et-oro", "test_mae": 75.0, "curve": curve[:4]}]
     pretrain_finetune.write_report(tmp_path, [], q, ["scratch", "et-oro"])
     text = (tmp_path / "results.md").read_text()
-    assert "range over the last 5 validations" in text
-    assert "| gap | 78.2 (11.8) | – |" in text                       # 90.0 - 78.25 over the last five
+    scatter = pretrain_finetune.curve_scatter([90.0, 84.0, 79.5, 82.0, 78.25])
+    assert "scatter of its last 5 validations" in text and f"| gap | 78.2 ± {scatter:.1f} | – |" in text
     pretrain_finetune.write_report(tmp_path, [], q[1:], ["scratch", "et-oro"])
-    assert "range over the last" not in (tmp_path / "results.md").read_text()
+    assert "scatter of its last" not in (tmp_path / "results.md").read_text()
 
 
 def test_the_grid_runs_seed_by_seed_when_asked_and_the_runs_are_the_same_either_way():
