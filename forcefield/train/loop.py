@@ -124,10 +124,15 @@ def adamw_with_plateau(groups, lr: float, weight_decay: float, factor: float, pa
     return optimizer, scheduler
 
 
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """The linear warm-up's fraction of the peak rate at optimiser step ``step`` (1 once it is over)."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
 def warmup_lr(optimizer: torch.optim.Optimizer, step: int, warmup_steps: int) -> None:
     """Linear warm-up: during the first ``warmup_steps`` steps each group's rate rises to its ``base_lr``."""
     if warmup_steps > 0 and step <= warmup_steps:
-        w = min(1.0, (step + 1) / warmup_steps)
+        w = warmup_factor(step, warmup_steps)
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * w
 
@@ -136,7 +141,7 @@ def cosine_lr_factor(step: int, warmup_steps: int, total_steps: int, floor: floa
     """The rate at optimiser step ``step`` as a fraction of the peak: a linear rise over ``warmup_steps``, then half a
     cosine from 1 down to ``floor`` at ``total_steps`` (and ``floor`` after it)."""
     if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
+        return warmup_factor(step, warmup_steps)
     progress = min(max(step - warmup_steps, 0) / max(total_steps - warmup_steps, 1), 1.0)
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
