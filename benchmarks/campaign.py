@@ -179,7 +179,7 @@ def read_state(job: Dict) -> Optional[Dict]:
     if not path.is_file():
         return None
     if job.get("kind") == "grid":
-        return grid_summary(json.loads(path.read_text()))
+        return grid_summary(json.loads(path.read_text()), job)
     import torch
     rs = torch.load(path, map_location="cpu", weights_only=False)
     if job.get("kind", "train") == "md":
@@ -197,9 +197,12 @@ def read_state(job: Dict) -> Optional[Dict]:
             "lr": rs["optimizer"]["param_groups"][0]["lr"], "total_steps": rs.get("total_steps")}
 
 
-def grid_summary(g: Dict) -> Dict:
-    """A grid job's state (its JSON) as the runner needs it: CPU-hours, complete, runs done."""
-    return {"cpu_hours": float(g.get("cpu_hours") or 0.0), "complete": bool(g.get("complete")),
+def grid_summary(g: Dict, job: Dict) -> Dict:
+    """A grid job's state (its JSON) as the runner needs it: CPU-hours, runs done, and complete: every run the job's
+    arguments make is recorded (a grid given another seed after it finished is incomplete again)."""
+    pretrain_finetune = sibling("pretrain_finetune")
+    runs = pretrain_finetune.grid_runs_of(job.get("args") or [])
+    return {"cpu_hours": float(g.get("cpu_hours") or 0.0), "complete": pretrain_finetune.all_recorded(g, runs),
             "cells": len(g.get("forcefield") or []) + len(g.get("qm9") or [])}
 
 
@@ -877,7 +880,7 @@ def grid_tables(jobs: List[Dict]) -> List[str]:
     lines = ["## Fine-tune grids", "", "| job | runs done | CPU-h | status | tables |", "|---|---:|---:|---|---|"]
     for job in jobs:
         g = json.loads(state_path(job).read_text()) if state_path(job).is_file() else None
-        st = None if g is None else grid_summary(g)
+        st = None if g is None else grid_summary(g, job)
         going = runs_in_progress(job)
         status = finished(job, st) or ("running" if st or going else "not started")
         if going:

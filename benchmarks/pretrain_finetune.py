@@ -7,7 +7,7 @@ acid with 50, 200 and 950 training frames, and on QM9 HOMO, LUMO and gap. Writes
 
     OUT/pretrain/<method>/            pretraining runs (last.pt, pretrained.pt, metrics.csv)
     OUT/finetune/<mol>/<n>/<method>/  fine-tuning runs (test_metrics.json, metrics.csv, learning_curve.png)
-    OUT/qm9/<property>/<method>/      property runs (test_metrics.json)
+    OUT/qm9/<property>/<method>/      property runs (test_metrics.json; ``<method>-s<seed>`` for seeds after the first)
     OUT/md/<mol>/<n>/<method>/        MD of each fine-tuned model (with --md-ps)
     OUT/results.json, OUT/results.md  force MAE (meV/Å) and QM9 MAE (meV) tables
     OUT/learning_curves.png           test force MAE against the number of training frames, per molecule
@@ -19,7 +19,8 @@ Every run is resumable and finished runs are skipped, so the script can be kille
 
 As a grid that adds up across fresh clones (the campaign's fine-tune grid): ``--backbone METHOD=FILE`` takes
 pretrained backbones made elsewhere (the campaign's pretraining jobs) instead of pretraining, ``--seeds 50:3
-200:3`` repeats the small sizes with other seeds (data draw and initialisation), ``--finetune-cpu-minutes`` gives
+200:3`` repeats the small sizes with other seeds (data draw and initialisation; ``--qm9-seeds homo:2`` a QM9 property:
+initialisation and batch order), ``--finetune-cpu-minutes`` gives
 every run the same CPU time (immune to other jobs on the machine), ``--state FILE`` records every finished cell
 in a small JSON that is committed (cells in it are never run again; an interrupted cell restarts), and
 ``--max-minutes`` starts no cell that would not finish in this invocation::
@@ -82,6 +83,17 @@ FINETUNE_OPTIM = {"epochs": 3000, "batch_size": 8, "lr": 4e-4, "lr_warmup_steps"
 #: epoch) get one schedule: a validation about every 50 steps (whole epochs), a cut after about 250 steps without
 #: improvement; the model kept is the best on validation, as always
 STEP_SCHEDULE = {"val_every_steps": 50, "lr_patience_steps": 250, "lr_min": 1e-7}
+
+
+#: what tells a grid's runs apart, by table (a row of its state holds these keys and the run's results)
+RUN_KEYS = {"forcefield": ("molecule", "size", "method", "seed"), "qm9": ("property", "method", "seed")}
+#: a key's value where a row lacks it: QM9 rows recorded before --qm9-seeds are seed 1
+KEY_DEFAULTS = {"seed": 1}
+
+
+def run_key(table: str, row: Dict[str, Any]) -> tuple:
+    """The run a row (or a key) is, as a tuple of ``RUN_KEYS[table]``: equal for the same run whenever recorded."""
+    return tuple(row.get(k, KEY_DEFAULTS.get(k)) for k in RUN_KEYS[table])
 
 
 def smoke_settings(data_dir: Path) -> Dict[str, Any]:
@@ -304,15 +316,23 @@ def validation_curve(out: Path, y: str = "val_mae_meV", max_points: int = 60) ->
     return pts[::step] + ([pts[-1]] if pts and (len(pts) - 1) % step else [])
 
 
-def run_property(prop: str, method: str, pretrained: Optional[Path], args, smoke, log) -> Dict:
-    out = Path(args.out) / "qm9" / prop / method
+def qm9_dir(prop: str, method: str, seed: int = 1) -> str:
+    """``<property>/<method>`` (seed 1) or ``<property>/<method>-s<seed>``, below ``qm9/``."""
+    return f"{prop}/{method}" + (f"-s{seed}" if seed != 1 else "")
+
+
+def run_property(prop: str, method: str, pretrained: Optional[Path], args, smoke, log, seed: int = 1) -> Dict:
+    out = Path(args.out) / "qm9" / qm9_dir(prop, method, seed)
     claim_cell_folder(out, args, log)
     if _done(out):
         return {**json.loads((out / "test_metrics.json").read_text()), "curve": validation_curve(out)}
-    state_file = qm9_run_state(args, prop, method)
+    state_file = qm9_run_state(args, prop, method, seed)
     resume = (out / "last.pt").is_file() or (state_file is not None and state_file.is_file())
-    log(f"[qm9 {prop} {method}] " + ("resuming" if resume else "starting"))
-    pc: Dict[str, Any] = {"property": prop, "layer_decay": args.layer_decay, "lr_schedule": args.qm9_schedule}
+    log(f"[qm9 {prop} {method}" + (f" seed {seed}" if seed != 1 else "") + "] "
+        + ("resuming" if resume else "starting"))
+    # the seed: the head's (and a scratch backbone's) initialisation and the batch order; the split is fixed
+    pc: Dict[str, Any] = {"property": prop, "layer_decay": args.layer_decay, "lr_schedule": args.qm9_schedule,
+                          "seed": seed}
     if smoke:
         pc.update(smoke["property"])
     elif getattr(args, "qm9_steps", None):
@@ -353,13 +373,13 @@ def run_states_folder(state: Path) -> Path:
     return state.with_name(state.stem + ".runs")
 
 
-def qm9_run_state(args, prop: str, method: str) -> Optional[Path]:
+def qm9_run_state(args, prop: str, method: str, seed: int = 1) -> Optional[Path]:
     """With ``--state`` and ``--qm9-steps``: the compact run state of an unfinished QM9 run, beside the grid's JSON
-    (``<state>.runs/qm9-<property>-<method>.pt``, committed with it), so that the run goes on in a later piece on a
-    fresh clone; removed once the run is recorded."""
+    (``<state>.runs/qm9-<property>-<method>.pt``, ``...-<method>-s<seed>.pt`` after the first seed; committed with
+    it), so that the run goes on in a later piece on a fresh clone; removed once the run is recorded."""
     if not getattr(args, "state", None) or not getattr(args, "qm9_steps", None):
         return None
-    return run_states_folder(Path(args.state)) / f"qm9-{prop}-{method}.pt"
+    return run_states_folder(Path(args.state)) / f"qm9-{qm9_dir(prop, method, seed).replace('/', '-')}.pt"
 
 
 def steps_in(path: Path) -> int:
@@ -418,12 +438,10 @@ def merged_results(path: Path, results: List[Dict], qm9: List[Dict]):
     if not path.is_file():
         raise FileNotFoundError(f"--merge: no results file {path}")
     old = json.loads(path.read_text())
-    def key(r):
-        return r["molecule"], r["size"], r["method"], r.get("seed", 1)
-    have = {key(r) for r in results}
-    have_q = {(r["property"], r["method"]) for r in qm9}
-    results = [r for r in old.get("forcefield", []) if key(r) not in have] + results
-    qm9 = [r for r in old.get("qm9", []) if (r["property"], r["method"]) not in have_q] + qm9
+    have = {run_key("forcefield", r) for r in results}
+    have_q = {run_key("qm9", r) for r in qm9}
+    results = [r for r in old.get("forcefield", []) if run_key("forcefield", r) not in have] + results
+    qm9 = [r for r in old.get("qm9", []) if run_key("qm9", r) not in have_q] + qm9
     return results, qm9
 
 
@@ -490,28 +508,41 @@ def ratio_lines(results: List[Dict], methods: List[str]) -> List[str]:
 
 
 def qm9_ratio_lines(qm9: List[Dict], methods: List[str]) -> List[str]:
-    """A table of QM9 test MAE ratios: each pretrained method over scratch, and ET-OREO over ET-ORO, per property
-    (one run each), with the geometric mean over the properties both have; nothing before a pair has a property."""
-    mae = {(r["property"], r["method"]): float(r["test_mae"]) for r in qm9 if not r.get("failed")}
-    pairs = ratio_pairs(methods)
-    props = list(dict.fromkeys(p for p, _ in mae))
-    cols = [(num, den) for num, den in pairs if any((p, num) in mae and (p, den) in mae for p in props)]
+    """A table of QM9 test MAE ratios, seed-paired: each pretrained method over scratch, and ET-OREO over ET-ORO, per
+    property (the ratio of the means over the seeds both ran, with how many seeds the first method won where there
+    are several), with the geometric mean over the properties both have; nothing before a pair has a property."""
+    mae = {run_key("qm9", r): float(r["test_mae"]) for r in qm9 if not r.get("failed")}
+    props = list(dict.fromkeys(k[0] for k in mae))
+
+    def ratio(prop: str, num: str, den: str) -> Optional[tuple]:
+        seeds = sorted(k[2] for k in mae if k[:2] == (prop, num) and (prop, den, k[2]) in mae)
+        if not seeds:
+            return None
+        a = np.array([mae[(prop, num, s)] for s in seeds])
+        b = np.array([mae[(prop, den, s)] for s in seeds])
+        return float(a.mean() / b.mean()), int((a < b).sum()), len(seeds)
+
+    cols = [(num, den) for num, den in ratio_pairs(methods) if any(ratio(p, num, den) for p in props)]
     if not cols:
         return []
-    lines = ["", "Test MAE ratios (below 1: the first method is better; one run each):", "",
+    several = any(len({k[2] for k in mae if k[0] == p}) > 1 for p in props)
+    lines = ["", "Test MAE ratios (below 1: the first method is better; " +
+             ("the ratio of the means over the seeds both ran, in brackets the seeds the first won):" if several
+              else "one run each):"), "",
              "| property | " + " | ".join(f"{n} / {d}" for n, d in cols) + " |", "|---|" + "---:|" * len(cols)]
     for prop in props:
-        lines.append(f"| {prop} | " + " | ".join(f"{mae[(prop, n)] / mae[(prop, d)]:.2f}"
-                                                 if (prop, n) in mae and (prop, d) in mae else "–"
-                                                 for n, d in cols) + " |")
+        cells = []
+        for n, d in cols:
+            r = ratio(prop, n, d)
+            cells.append("–" if r is None else f"{r[0]:.2f}" + (f" ({r[1]}/{r[2]})" if r[2] > 1 else ""))
+        lines.append(f"| {prop} | " + " | ".join(cells) + " |")
     if len(props) > 1:
         geo = []
         for n, d in cols:
-            logs = [math.log(mae[(p, n)] / mae[(p, d)]) for p in props if (p, n) in mae and (p, d) in mae]
+            logs = [math.log(r[0]) for r in (ratio(p, n, d) for p in props) if r]
             geo.append(f"{math.exp(float(np.mean(logs))):.2f} ({len(logs)})")
         lines.append("| geometric mean (properties) | " + " | ".join(geo) + " |")
     return lines
-
 
 
 QM9_SETTLING_VALIDATIONS = 5     # a QM9 run's noise is read from its last so many validations
@@ -532,18 +563,24 @@ def qm9_settling_lines(qm9: List[Dict], methods: List[str], last: int = QM9_SETT
     ``last`` validations about their trend (:func:`curve_scatter`), the noise a difference between methods has to
     beat (a run at a high learning rate wobbles by more than the methods differ; one at the end of a decaying
     schedule has settled)."""
-    cells: Dict[str, Dict[str, str]] = {}
+    cells: Dict[tuple, Dict[str, str]] = {}
     for r in qm9:
         curve = [y for _, y in r.get("curve") or []]
         if r.get("failed") or len(curve) < last:
             continue
-        cells.setdefault(r["property"], {})[r["method"]] = f"{curve[-1]:.1f} ± {curve_scatter(curve[-last:]):.1f}"
+        prop, method, seed = run_key("qm9", r)
+        cells.setdefault((prop, seed), {})[method] = f"{curve[-1]:.1f} ± {curve_scatter(curve[-last:]):.1f}"
     if not cells:
         return []
-    return (["", f"Validation MAE at the end of each run ± the scatter of its last {last} validations about their "
-             f"trend (meV; RMS about a fitted line): a difference between methods within that scatter does not rank "
-             f"them:", "", "| property | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
-            + [f"| {prop} | " + " | ".join(row.get(m, "–") for m in methods) + " |" for prop, row in cells.items()])
+    props = list(dict.fromkeys(prop for prop, _ in cells))
+    rows = []
+    for prop, seed in sorted(cells, key=lambda k: (props.index(k[0]), k[1])):      # a property's seeds together
+        label = prop + (f" (seed {seed})" if seed != 1 else "")
+        rows.append(f"| {label} | " + " | ".join(cells[prop, seed].get(m, "–") for m in methods) + " |")
+    return ["", f"Validation MAE at the end of each run ± the scatter of its last {last} validations about their "
+            f"trend (meV; RMS about a fitted line): a difference between methods within that scatter does not rank "
+            f"them:", "", "| property | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)] + rows
+
 
 def write_report(out: Path, results: List[Dict], qm9: List[Dict], methods: List[str],
                  notes: Optional[List[str]] = None) -> None:
@@ -591,15 +628,23 @@ def write_report(out: Path, results: List[Dict], qm9: List[Dict], methods: List[
     qm9 = [r for r in qm9 if not r.get("failed")]
     if failed_q:
         lines += ["", "QM9 runs that failed (recorded, not run again): " + "; ".join(
-            f"{r['property']} {r['method']}: {r['failed']}" for r in failed_q)]
+            f"{r['property']} {r['method']}" + (f" seed {r['seed']}" if r.get("seed", 1) != 1 else "")
+            + f": {r['failed']}" for r in failed_q)]
     if qm9:
         lines += ["", "## QM9 test MAE (meV)", "", "| property | " + " | ".join(methods) + " |",
                   "|---|" + "---:|" * len(methods)]
-        qt: Dict[str, Dict[str, float]] = {}
+        qt: Dict[str, Dict[str, List[float]]] = {}
         for r in qm9:
-            qt.setdefault(r["property"], {})[r["method"]] = r["test_mae"]
+            qt.setdefault(r["property"], {}).setdefault(r["method"], []).append(float(r["test_mae"]))
         for prop, row in qt.items():
-            lines.append(f"| {prop} | " + " | ".join("%.1f" % row[m] if m in row else "–" for m in methods) + " |")
+            best = min(float(np.mean(v)) for v in row.values())
+            bold = len(row) > 1 and any(len(v) > 1 for v in row.values())     # a ranking worth marking
+            lines.append(f"| {prop} | " + " | ".join(
+                mean_std(row[m], bold=bold and float(np.mean(row[m])) == best) if m in row else "–"
+                for m in methods) + " |")
+        if any(len(v) > 1 for row in qt.values() for v in row.values()):
+            lines += ["", "mean ± standard deviation over seeds (their number in brackets) where a run has several; "
+                          "a seed is the initialisation and batch order, on the same split"]
         lines += qm9_ratio_lines(qm9, methods) + qm9_settling_lines(qm9, methods)
     lines += [""] + [f"- {n}" for n in notes or []]
     (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -655,11 +700,13 @@ def plot_qm9_curves(out: Path, qm9: List[Dict], methods: List[str]) -> None:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(props), figsize=(4.2 * len(props), 3.6), squeeze=False)
     for ax, prop in zip(axes[0], props):
-        for m in methods:
+        for k, m in enumerate(methods):
             for r in qm9:
                 if r["property"] == prop and r["method"] == m and r.get("curve"):
                     x, y = zip(*r["curve"])
-                    ax.plot(x, y, label=m)
+                    seed = r.get("seed", 1)          # one colour per method, a dash per later seed
+                    ax.plot(x, y, color=f"C{k}", linestyle="-" if seed == 1 else (0, (1 + seed, 2)),
+                            label=m if seed == 1 else f"{m} (seed {seed})")
         ax.set_yscale("log")
         ax.set_title(f"QM9 {prop}")
         ax.set_xlabel("CPU-minutes")
@@ -694,6 +741,50 @@ def parse_seeds(specs: List[str], parser) -> Dict[int, int]:
             parser.error(f"--seeds takes SIZE:N (e.g. 50:3), got '{spec}'")
         out[int(size)] = int(n)
     return out
+
+
+def parse_qm9_seeds(specs: List[str], properties: Sequence[str], parser) -> Dict[str, int]:
+    out = {}
+    for spec in specs:
+        prop, _, n = spec.partition(":")
+        if not (n.isdigit() and int(n) >= 1):
+            parser.error(f"--qm9-seeds takes PROPERTY:N (e.g. homo:2), got '{spec}'")
+        if prop not in properties:
+            parser.error(f"--qm9-seeds {spec}: '{prop}' is not one of --properties "
+                         f"({', '.join(properties) or 'none'})")
+        out[prop] = int(n)
+    return out
+
+
+def qm9_runs(properties: Sequence[str], methods: Sequence[str], seeds: Dict[str, int]) -> List[Dict[str, Any]]:
+    """The QM9 runs of a grid, in the order they are run: property by property, within one seed by seed (every
+    method of a seed before the next seed)."""
+    return [{"property": prop, "method": m, "seed": seed}
+            for prop in properties for seed in range(1, seeds.get(prop, 1) + 1) for m in methods]
+
+
+def planned_runs(args, parser) -> Dict[str, List[Dict[str, Any]]]:
+    """Every run of a grid (its arguments, the smoke ones applied), by table, as the keys of its rows, in the
+    order they are run."""
+    return {"forcefield": finetune_runs(args.molecules, args.sizes, args.methods, parse_seeds(args.seeds, parser),
+                                        args.order),
+            "qm9": qm9_runs(args.properties, args.methods, parse_qm9_seeds(args.qm9_seeds, args.properties, parser))}
+
+
+def grid_runs_of(argv: Sequence[str]) -> Dict[str, List[Dict[str, Any]]]:
+    """The runs a grid with these arguments (a campaign job's) holds once complete: a grid whose runs grew (another
+    seed) is incomplete again, whatever its state says."""
+    parser = build_parser()
+    args = parser.parse_args([str(a) for a in argv])
+    if args.smoke:
+        apply_smoke(args)
+    return planned_runs(args, parser)
+
+
+def all_recorded(data: Dict[str, Any], runs: Dict[str, List[Dict[str, Any]]]) -> bool:
+    """Whether a grid's state (``data``: its rows by table) holds every run of ``runs``."""
+    have = {table: {run_key(table, r) for r in data.get(table) or []} for table in RUN_KEYS}
+    return all(run_key(table, k) in have[table] for table, keys in runs.items() for k in keys)
 
 
 def grid_settings(args, backbones: Dict[str, Path]) -> Dict[str, Any]:
@@ -751,14 +842,13 @@ def merge_grid_states(into: Dict[str, Any], shards: List[Dict[str, Any]], base_c
     """``into`` with the cells of ``shards``, grid states that each began with ``base_cpu_hours`` (copies of one
     state, run side by side with --shard): every finished cell once, and the CPU-hours each shard added. Never
     complete (the next invocation over every cell says)."""
-    keys = {"forcefield": ("molecule", "size", "method", "seed"), "qm9": ("property", "method")}
     out = json.loads(json.dumps(into))
     for sh in shards:
         if sh.get("settings") != out.get("settings"):
             raise ValueError("a shard ran with other settings (backbones, budgets) than the grid it is merged into")
-        for table, key in keys.items():
-            have = {tuple(r.get(k) for k in key) for r in out[table]}
-            out[table] += [r for r in sh[table] if tuple(r.get(k) for k in key) not in have]
+        for table in RUN_KEYS:
+            have = {run_key(table, r) for r in out[table]}
+            out[table] += [r for r in sh[table] if run_key(table, r) not in have]
         out["cpu_hours"] = float(out.get("cpu_hours") or 0.0) + float(sh.get("cpu_hours") or 0.0) - base_cpu_hours
     out["complete"] = False
     return out
@@ -823,10 +913,8 @@ class GridState:
             self.data = old
 
     def _find(self, table: str, key: Dict[str, Any]) -> Optional[Dict]:
-        for r in self.data[table]:
-            if all(r.get(k) == v for k, v in key.items()):
-                return r
-        return None
+        want = run_key(table, key)
+        return next((r for r in self.data[table] if run_key(table, r) == want), None)
 
     def row(self, table: str, key: Dict[str, Any]) -> Optional[Dict]:
         """The recorded row of a run (by any worker), else None."""
@@ -876,8 +964,7 @@ class GridState:
         worker (None: never, as for a shard, whose state holds its own runs only); returns whether it is."""
         with self._locked():
             self._refresh()
-            self.data["complete"] = runs is not None and all(self._find(t, k) is not None
-                                                             for t, keys in runs.items() for k in keys)
+            self.data["complete"] = runs is not None and all_recorded(self.data, runs)
             self._write()
         return self.data["complete"]
 
@@ -888,7 +975,7 @@ class GridState:
 
 
 # ---------------------------------------------------------------------------- main
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/pretrain_benchmark")
     p.add_argument("--smoke", action="store_true", help="tiny corpus, model and grid (a CPU check)")
@@ -947,6 +1034,9 @@ def main(argv=None) -> int:
                         "(down to the floor over the run's steps, so that equal budgets end on settled models)")
     p.add_argument("--qm9-minutes", type=float, help="wall-clock cap per QM9 run (default: --finetune-minutes)")
     p.add_argument("--qm9-train-size", type=int, help="default: the whole QM9 train split")
+    p.add_argument("--qm9-seeds", nargs="*", default=[], metavar="PROPERTY:N",
+                   help="N seeds (1..N: the initialisation and the batch order; the split is fixed) for a QM9 property "
+                        "(default 1 each): how far the methods' differences stand above a run's seed")
     p.add_argument("--md-ps", type=float, default=0.0,
                    help="MD stability of every fine-tuned model: ps per replica (0 skips; MDsim uses 300)")
     p.add_argument("--md-replicas", type=int, default=5)
@@ -964,6 +1054,20 @@ def main(argv=None) -> int:
                         "molecule no recorded run on this device has timed yet (later ones take the longest such time)")
     p.add_argument("--data-dir", default=os.environ.get("OREO_DATA_DIR"))
     p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def apply_smoke(args) -> Dict[str, Any]:
+    """``--smoke``: the tiny settings, and the grid's molecules, sizes and properties set to theirs."""
+    args.data_dir = args.data_dir or str(ROOT.parent / "shared" / "data")
+    smoke = smoke_settings(Path(args.data_dir))
+    args.molecules, args.sizes = smoke["molecules"], smoke["sizes"]
+    args.properties = [q for q in args.properties if q in smoke["properties"]] or smoke["properties"]
+    return smoke
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     args.cell_deadline_minutes = args.md_deadline_minutes = None
     shard = parse_shard(args.shard, p)
@@ -972,15 +1076,10 @@ def main(argv=None) -> int:
         p.error(f"unknown methods {unknown}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    smoke = None
-    if args.smoke:
-        args.data_dir = args.data_dir or str(ROOT.parent / "shared" / "data")
-        smoke = smoke_settings(Path(args.data_dir))
-        args.molecules, args.sizes = smoke["molecules"], smoke["sizes"]
-        args.properties = [q for q in args.properties if q in smoke["properties"]] or smoke["properties"]
+    smoke = apply_smoke(args) if args.smoke else None
     log = print
     backbones = parse_backbones(args.backbone, args.methods, p)
-    seeds = parse_seeds(args.seeds, p)
+    runs = planned_runs(args, p)
     pretrained = {m: backbones.get(m) or run_pretrain(m, args, smoke, log) for m in args.methods
                   if m in METHOD_CONFIGS}
     settings = grid_settings(args, backbones)
@@ -998,7 +1097,6 @@ def main(argv=None) -> int:
 
     left = elsewhere = 0
     index = -1
-    grid_runs: Dict[str, List[Dict[str, Any]]] = {"forcefield": [], "qm9": []}   # the keys of every run, by table
 
     def minutes_left() -> float:
         return args.max_minutes - (time.time() - started) / 60
@@ -1014,14 +1112,16 @@ def main(argv=None) -> int:
             # (its training minutes, summed over the pieces it ran in, and its test)
             took = [float(r.get("train_minutes") or r["wall_minutes"]) for r in rows
                     if r.get("device") == args.device and r.get("wall_minutes") and not r.get("failed")]
-            run_state = qm9_run_state(args, key["property"], key["method"])
-            done = qm9_steps_done(Path(args.out) / "qm9" / key["property"] / key["method"], run_state)
+            run_state = qm9_run_state(args, key["property"], key["method"], key["seed"])
+            done = qm9_steps_done(Path(args.out) / "qm9" / qm9_dir(key["property"], key["method"], key["seed"]),
+                                  run_state)
             need = (max(took) if took else QM9_FIRST_RUN_MINUTES) * max(0.0, 1.0 - done / args.qm9_steps)
             if run_state is not None:
                 need = min(need, QM9_MIN_PIECE_MINUTES)
             return need + QM9_TEST_MINUTES
         if table == "qm9":
-            used = budget_used_minutes(Path(args.out) / "qm9" / key["property"] / key["method"])["max_cpu_minutes"]
+            run_dir = Path(args.out) / "qm9" / qm9_dir(key["property"], key["method"], key["seed"])
+            used = budget_used_minutes(run_dir)["max_cpu_minutes"]
             return max(run_minutes["qm9"] - used, 0.0) + QM9_TEST_MINUTES
         if not args.finetune_steps:
             return run_minutes["forcefield"]
@@ -1049,7 +1149,6 @@ def main(argv=None) -> int:
         index += 1
         if shard and index % shard[1] != shard[0]:
             return None
-        grid_runs[table].append(key)
         row = grid.row(table, key) if grid else None
         if row is not None:
             return row
@@ -1100,24 +1199,23 @@ def main(argv=None) -> int:
         return {**r, **run_md(mol, size, m, args, log, seed)} if args.md_ps else r
 
     results, qm9 = [], []
-    for key in finetune_runs(args.molecules, args.sizes, args.methods, seeds, args.order):
+    for key in runs["forcefield"]:
         row = cell("forcefield", key, lambda k=key: finetune_row(k["molecule"], k["size"], k["method"], k["seed"]))
         if row is not None:
             results.append(row)
             write_report(out, results, [], args.methods)
-    for prop in args.properties:
-        for m in args.methods:
-            row = cell("qm9", {"property": prop, "method": m},
-                       lambda: run_property(prop, m, pretrained.get(m), args, smoke, log))
-            if row is not None:
-                qm9.append(row)
-                run_state = qm9_run_state(args, prop, m)       # set with --state only: the row is recorded
-                if run_state is not None:
-                    run_state.unlink(missing_ok=True)          # nothing left to go on from
+    for key in runs["qm9"]:
+        row = cell("qm9", key, lambda k=key: run_property(k["property"], k["method"], pretrained.get(k["method"]),
+                                                          args, smoke, log, k["seed"]))
+        if row is not None:
+            qm9.append(row)
+            run_state = qm9_run_state(args, key["property"], key["method"], key["seed"])   # --state only
+            if run_state is not None:
+                run_state.unlink(missing_ok=True)          # the row is recorded: nothing left to go on from
     if grid:
         # complete when every run is recorded, by this process or another worker; a shard's state holds only its
         # own runs (merged afterwards), so it never is
-        grid.finish(None if shard else grid_runs)
+        grid.finish(None if shard else runs)
     if left:
         log(f"{left} run(s) left for a later invocation (--max-minutes {args.max_minutes:g})")
     if elsewhere:

@@ -204,6 +204,70 @@ def test_the_qm9_report_shows_how_much_each_runs_curve_still_wobbles(tmp_path):
     assert "scatter of its last" not in (tmp_path / "results.md").read_text()
 
 
+def test_qm9_seeds_add_runs_to_a_grid_whose_rows_from_before_count_as_seed_one(tmp_path, monkeypatch, capsys):
+    """--qm9-seeds gap:2 on a grid recorded before the option (rows without a seed): those rows are seed 1 and never
+    run again; only seed 2 runs, with the seed in its run, folder and run-state name; the grid's runs and whether
+    its state holds them all are the same for the campaign (grid_runs_of) as for the grid; bad specs are errors."""
+    p = pretrain_finetune
+    ran = []
+
+    def fake(prop, method, pretrained, args, smoke, log, seed=1):
+        ran.append((prop, method, seed))
+        return {"test_mae": 10.0 * seed, "curve": []}
+    monkeypatch.setattr(p, "run_property", fake)
+    state = tmp_path / "q.json"
+    common = ["--methods", "scratch", "--molecules", "--properties", "homo", "gap", "--no-progress", "--hidden",
+              "16", "--layers", "2", "--qm9-steps", "2000", "--state", str(state), "--out", str(tmp_path / "runs")]
+    assert p.main(common) == 0 and ran == [("homo", "scratch", 1), ("gap", "scratch", 1)]
+    old = json.loads(state.read_text())
+    for row in old["qm9"]:
+        del row["seed"]                                       # as a grid from before --qm9-seeds recorded it
+    state.write_text(json.dumps(old))
+    seeded = common + ["--qm9-seeds", "gap:2"]
+    assert not p.all_recorded(old, p.grid_runs_of(seeded)) and p.all_recorded(old, p.grid_runs_of(common))
+    assert p.main(seeded) == 0 and ran[2:] == [("gap", "scratch", 2)]
+    new = json.loads(state.read_text())
+    assert new["complete"] and p.all_recorded(new, p.grid_runs_of(seeded))
+    assert "| gap | 15.0 ± 7.1 (2) |" in (tmp_path / "runs" / "results.md").read_text()
+    args = p.argparse.Namespace(state=str(state), qm9_steps=2000)
+    assert p.qm9_run_state(args, "gap", "et-oro", 2).name == "qm9-gap-et-oro-s2.pt"
+    assert p.qm9_run_state(args, "gap", "et-oro").name == "qm9-gap-et-oro.pt"      # seed 1's name is the old one
+    assert p.qm9_dir("gap", "et-oro", 2) == "gap/et-oro-s2" and p.qm9_dir("gap", "et-oro") == "gap/et-oro"
+    for bad, why in ((["--qm9-seeds", "lumo:2"], "not one of --properties"), (["--qm9-seeds", "gap"], "PROPERTY:N")):
+        with pytest.raises(SystemExit):
+            p.grid_runs_of(common + bad)
+        assert why in capsys.readouterr().err
+
+
+def test_a_qm9_run_of_another_seed_trains_with_that_seed_in_its_own_folder(tmp_path, monkeypatch):
+    """The seed reaches the property run (initialisation and batch order), whose folder is <method>-s<seed>."""
+    p = pretrain_finetune
+    seen = {}
+    monkeypatch.setattr(p, "finetune_property",
+                        lambda pre, cfg, out, **k: seen.update({out.name: cfg.seed}) or {"test_mae": 1.0})
+    monkeypatch.setattr(p, "validation_curve", lambda out: [])
+    args = p.argparse.Namespace(out=str(tmp_path), layer_decay=None, qm9_steps=2000, qm9_epoch_steps=1000,
+                                qm9_schedule="cosine", qm9_train_size=None, data_dir=None, threads=1, hidden=16,
+                                layers=2, heads=None, no_progress=True, cell_deadline_minutes=None)
+    for seed in (1, 2):
+        p.run_property("gap", "scratch", None, args, None, lambda *a: None, seed)
+    assert seen == {"scratch": 1, "scratch-s2": 2}
+
+
+def test_the_qm9_report_with_seeds_pairs_them_and_labels_each_runs_settling(tmp_path):
+    """Two seeds of a property: mean ± std per method (the best bold), ratios of the seed-paired means with the seeds
+    the first method won, a settling row per seed, and a plot line per run."""
+    curve = [[float(k), 60.0 - 0.1 * k] for k in range(6)]
+    q = [{"property": "lumo", "method": m, "test_mae": mae, "curve": curve, **({"seed": s} if s > 1 else {})}
+         for m, s, mae in (("scratch", 1, 58.0), ("et-oreo", 1, 53.0), ("scratch", 2, 56.0), ("et-oreo", 2, 57.0))]
+    pretrain_finetune.write_report(tmp_path, [], q, ["scratch", "et-oreo"])
+    text = (tmp_path / "results.md").read_text()
+    assert "| lumo | 57.0 ± 1.4 (2) | **55.0 ± 2.8 (2)** |" in text
+    assert f"| lumo | {55.0 / 57.0:.2f} (1/2) |" in text and "seeds the first won" in text
+    assert "| lumo | 59.5 ± 0.0 | 59.5 ± 0.0 |" in text and "| lumo (seed 2) | 59.5 ± 0.0 | 59.5 ± 0.0 |" in text
+    assert (tmp_path / "qm9_curves.png").stat().st_size > 0
+
+
 def test_the_grid_runs_seed_by_seed_when_asked_and_the_runs_are_the_same_either_way():
     """--order seeds: every molecule's first seed, sizes in the order given, before any second seed; the same runs
     as molecule by molecule (so a state recorded in one order is complete in the other)."""

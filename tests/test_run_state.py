@@ -327,10 +327,21 @@ def test_campaign_grid_job_waits_for_its_backbones_then_continues_its_state(tmp_
     assert cmd[cmd.index("--state") + 1] == str(tmp_path / "state" / f"{grid['name']}.json")
     assert f"et-oro={tmp_path / 'models' / 'pretrain-et-oro.pt'}" in cmd and "45.00" in cmd
     (tmp_path / "state").mkdir()
+    # complete is read from the job's runs, not the state's flag: three rows of a bigger grid are not all of it
     (tmp_path / "state" / f"{grid['name']}.json").write_text(json.dumps(
         {"forcefield": [{"molecule": "ethanol"}] * 3, "qm9": [], "complete": True, "cpu_hours": 0.7}))
     st = campaign.read_state(grid)
-    assert st == {"cpu_hours": 0.7, "complete": True, "cells": 3} and campaign.finished(grid, st) == "all 3 runs done"
+    assert st == {"cpu_hours": 0.7, "complete": False, "cells": 3} and campaign.finished(grid, st) == ""
+    small = {**grid, "args": ["--methods", "scratch", "--molecules", "ethanol", "--sizes", "50", "--properties",
+                              "gap"]}
+    rows = {"forcefield": [{"molecule": "ethanol", "size": 50, "method": "scratch", "seed": 1}],
+            "qm9": [{"property": "gap", "method": "scratch"}], "complete": False, "cpu_hours": 0.7}
+    (tmp_path / "state" / f"{grid['name']}.json").write_text(json.dumps(rows))
+    st = campaign.read_state(small)
+    assert st == {"cpu_hours": 0.7, "complete": True, "cells": 2} and campaign.finished(small, st) == "all 2 runs done"
+    # another seed of gap in the job's arguments: the same state is no longer all of it
+    assert campaign.finished(small, campaign.read_state({**small, "args": small["args"] + ["--qm9-seeds",
+                                                                                            "gap:2"]})) == ""
     bad = tmp_path / "c.yaml"
     bad.write_text("jobs:\n  - {name: g, kind: grid, args: [--sizes, 50], molecule: ethanol}\n")
     with pytest.raises(SystemExit, match="grid job 1 needs"):
