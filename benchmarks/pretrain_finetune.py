@@ -712,7 +712,8 @@ def plot_qm9_curves(out: Path, qm9: List[Dict], methods: List[str]) -> None:
         ax.set_xlabel("CPU-minutes")
         ax.set_ylabel("validation MAE (meV)")
         ax.grid(alpha=0.3, which="both")
-    axes[0][0].legend(fontsize=8)
+        if ax is axes[0][0] or any(r["property"] == prop and r.get("seed", 1) != 1 for r in qm9):
+            ax.legend(fontsize=8)                    # the first panel's, and each with a later seed's lines
     fig.tight_layout()
     fig.savefig(out / "qm9_curves.png", dpi=110)
     plt.close(fig)
