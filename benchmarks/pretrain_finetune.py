@@ -266,9 +266,14 @@ def finetune_config(molecule: str, size: int, args, smoke, model: Dict, seed: in
     return {"data": data, "model": m, "optim": optim}
 
 
+def seeded(name: str, seed: int) -> str:
+    """A run's folder name: ``name`` for seed 1 (grids from before seeds keep theirs), ``name-s<seed>`` after it."""
+    return name + (f"-s{seed}" if seed != 1 else "")
+
+
 def cell_dir(molecule: str, size: int, method: str, seed: int = 1) -> str:
     """``<mol>/<n>/<method>`` (seed 1) or ``<mol>/<n>/<method>-s<seed>``, below ``finetune/`` and ``md/``."""
-    return f"{molecule}/{size}/{method}" + (f"-s{seed}" if seed != 1 else "")
+    return seeded(f"{molecule}/{size}/{method}", seed)
 
 
 def run_finetune(molecule: str, size: int, method: str, pretrained: Optional[Path], args, smoke, log,
@@ -318,11 +323,16 @@ def validation_curve(out: Path, y: str = "val_mae_meV", max_points: int = 60) ->
 
 def qm9_dir(prop: str, method: str, seed: int = 1) -> str:
     """``<property>/<method>`` (seed 1) or ``<property>/<method>-s<seed>``, below ``qm9/``."""
-    return f"{prop}/{method}" + (f"-s{seed}" if seed != 1 else "")
+    return seeded(f"{prop}/{method}", seed)
+
+
+def qm9_out(args, prop: str, method: str, seed: int = 1) -> Path:
+    """A QM9 run's folder: ``OUT/qm9/`` and its :func:`qm9_dir`."""
+    return Path(args.out) / "qm9" / qm9_dir(prop, method, seed)
 
 
 def run_property(prop: str, method: str, pretrained: Optional[Path], args, smoke, log, seed: int = 1) -> Dict:
-    out = Path(args.out) / "qm9" / qm9_dir(prop, method, seed)
+    out = qm9_out(args, prop, method, seed)
     claim_cell_folder(out, args, log)
     if _done(out):
         return {**json.loads((out / "test_metrics.json").read_text()), "curve": validation_curve(out)}
@@ -472,11 +482,27 @@ def ratio_pairs(methods: List[str]) -> List[tuple]:
     return pairs
 
 
+def paired_ratio(mae: Dict[tuple, float], num: tuple, den: tuple) -> Optional[tuple]:
+    """Two runs' errors over the seeds both have (``mae`` keyed by a run's key, its seed last; ``num`` and ``den``
+    those keys without the seed): (the ratio of their means, the seeds ``num`` won, the seeds), None without one."""
+    seeds = sorted(k[-1] for k in mae if k[:-1] == num and den + (k[-1],) in mae)
+    if not seeds:
+        return None
+    a = np.array([mae[num + (s,)] for s in seeds])
+    b = np.array([mae[den + (s,)] for s in seeds])
+    return float(a.mean() / b.mean()), int((a < b).sum()), len(seeds)
+
+
+def ratio_cell(r: tuple) -> str:
+    """A :func:`paired_ratio` as a table cell: ``0.93``, with ``(won/seeds)`` where there are several seeds."""
+    return f"{r[0]:.2f}" + (f" ({r[1]}/{r[2]})" if r[2] > 1 else "")
+
+
 def ratio_lines(results: List[Dict], methods: List[str]) -> List[str]:
     """Tables of test force MAE ratios, seed-paired (a seed is the same training frames in every method): each
     pretrained method against scratch, and ET-OREO against ET-ORO; a cell is the ratio of the means over the seeds
     both have, with how many seeds the method won; the last column the geometric mean over molecules."""
-    by: Dict[tuple, float] = {(r["molecule"], r["size"], r["method"], r.get("seed", 1)): r["forces_mae_meV_per_A"]
+    by: Dict[tuple, float] = {run_key("forcefield", r): r["forces_mae_meV_per_A"]
                               for r in results if not r.get("failed")}
     pairs = ratio_pairs(methods)
     mols = sorted({k[0] for k in by})
@@ -486,15 +512,12 @@ def ratio_lines(results: List[Dict], methods: List[str]) -> List[str]:
         for size in sorted({k[1] for k in by}):
             cells, logs = [], []
             for mol in mols:
-                seeds = sorted(k[3] for k in by if k[:3] == (mol, size, num) and (mol, size, den, k[3]) in by)
-                if not seeds:
+                r = paired_ratio(by, (mol, size, num), (mol, size, den))
+                if r is None:
                     cells.append("–")
                     continue
-                a = np.array([by[(mol, size, num, s)] for s in seeds])
-                b = np.array([by[(mol, size, den, s)] for s in seeds])
-                ratio = float(a.mean() / b.mean())
-                logs.append(math.log(ratio))
-                cells.append(f"{ratio:.2f}" + (f" ({int((a < b).sum())}/{len(seeds)})" if len(seeds) > 1 else ""))
+                logs.append(math.log(r[0]))
+                cells.append(ratio_cell(r))
             if logs:
                 goal = f" (goal ≤ {GOAL_RATIO[size]:g})" if den == "scratch" and size in GOAL_RATIO else ""
                 rows.append(f"| {size} | " + " | ".join(cells) + f" | {math.exp(np.mean(logs)):.2f}{goal} |")
@@ -515,12 +538,7 @@ def qm9_ratio_lines(qm9: List[Dict], methods: List[str]) -> List[str]:
     props = list(dict.fromkeys(k[0] for k in mae))
 
     def ratio(prop: str, num: str, den: str) -> Optional[tuple]:
-        seeds = sorted(k[2] for k in mae if k[:2] == (prop, num) and (prop, den, k[2]) in mae)
-        if not seeds:
-            return None
-        a = np.array([mae[(prop, num, s)] for s in seeds])
-        b = np.array([mae[(prop, den, s)] for s in seeds])
-        return float(a.mean() / b.mean()), int((a < b).sum()), len(seeds)
+        return paired_ratio(mae, (prop, num), (prop, den))
 
     cols = [(num, den) for num, den in ratio_pairs(methods) if any(ratio(p, num, den) for p in props)]
     if not cols:
@@ -534,7 +552,7 @@ def qm9_ratio_lines(qm9: List[Dict], methods: List[str]) -> List[str]:
         cells = []
         for n, d in cols:
             r = ratio(prop, n, d)
-            cells.append("–" if r is None else f"{r[0]:.2f}" + (f" ({r[1]}/{r[2]})" if r[2] > 1 else ""))
+            cells.append("–" if r is None else ratio_cell(r))
         lines.append(f"| {prop} | " + " | ".join(cells) + " |")
     if len(props) > 1:
         geo = []
@@ -1114,15 +1132,14 @@ def main(argv=None) -> int:
             took = [float(r.get("train_minutes") or r["wall_minutes"]) for r in rows
                     if r.get("device") == args.device and r.get("wall_minutes") and not r.get("failed")]
             run_state = qm9_run_state(args, key["property"], key["method"], key["seed"])
-            done = qm9_steps_done(Path(args.out) / "qm9" / qm9_dir(key["property"], key["method"], key["seed"]),
+            done = qm9_steps_done(qm9_out(args, key["property"], key["method"], key["seed"]),
                                   run_state)
             need = (max(took) if took else QM9_FIRST_RUN_MINUTES) * max(0.0, 1.0 - done / args.qm9_steps)
             if run_state is not None:
                 need = min(need, QM9_MIN_PIECE_MINUTES)
             return need + QM9_TEST_MINUTES
         if table == "qm9":
-            run_dir = Path(args.out) / "qm9" / qm9_dir(key["property"], key["method"], key["seed"])
-            used = budget_used_minutes(run_dir)["max_cpu_minutes"]
+            used = budget_used_minutes(qm9_out(args, key["property"], key["method"], key["seed"]))["max_cpu_minutes"]
             return max(run_minutes["qm9"] - used, 0.0) + QM9_TEST_MINUTES
         if not args.finetune_steps:
             return run_minutes["forcefield"]
